@@ -1,0 +1,24 @@
+# `make test` and `make demo` work on a fresh clone: each creates .venv when missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo install clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
+
+demo: $(STAMP)
+	$(PY) launch/deepunlearn.py --config=configs/quickstart.py --workdir=runs/quickstart
+
+clean:
+	rm -rf $(VENV) runs
