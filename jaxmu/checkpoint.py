@@ -1,0 +1,173 @@
+"""Orbax save/restore of stacked states (pytrees whose leaves carry a leading model axis).
+
+A checkpoint is a directory ``<path>/`` holding ``state/`` (an orbax ``StandardCheckpointer``
+checkpoint) and ``metadata.json`` (the caller's metadata plus the shape and dtype of every leaf,
+by path). It is built under a temp name beside ``path`` and renamed into place, so a reader
+never sees a partial checkpoint and saving over an existing one works. Typed PRNG keys
+(``jax.random.key``) are stored as their ``key_data`` and re-wrapped with the impl of ``like``.
+
+Example::
+
+    checkpoint.save(wd.path("models/original"), states, {"epochs": 30})
+    states = checkpoint.restore(wd.path("models/original"), like=abstract_states)
+
+    ckpts = TrainingCheckpoints(wd.path("ckpt/original"), keep=2)
+    start = 0 if (last := ckpts.latest()) is None else last + 1
+    if last is not None:
+        states = ckpts.restore(last, like=states)
+    for epoch in range(start, epochs):
+        states = train_epoch(states)
+        ckpts.save(epoch, states)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jaxmu.stages import publish_dir
+
+__all__ = ["save", "restore", "read_metadata", "TrainingCheckpoints"]
+
+_STATE, _META = "state", "metadata.json"
+
+
+def _is_typed_key(x: Any) -> bool:
+    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _key_str(k: Any) -> str:
+    for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey / FlattenedIndexKey
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def _stored(x: Any) -> jax.ShapeDtypeStruct:
+    """Shape and dtype stored for leaf ``x`` (the key data of a typed PRNG key)."""
+    if _is_typed_key(x):
+        return jax.eval_shape(jax.random.key_data, x)
+    dtype = x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
+    return jax.ShapeDtypeStruct(np.shape(x), dtype)
+
+
+def _signature(tree: Any) -> dict[str, dict]:
+    """``{"a/b/0": {"shape": [...], "dtype": "float32"}}`` of the leaves as stored on disk."""
+    sig = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        leaf = _stored(leaf)
+        sig["/".join(_key_str(k) for k in path)] = {"shape": list(leaf.shape),
+                                                    "dtype": str(leaf.dtype)}
+    return sig
+
+
+def save(path: str | os.PathLike, tree: Any, metadata: dict | None = None) -> None:
+    """Saves ``tree`` (and JSON ``metadata``) atomically to directory ``path``, replacing it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        stored = jax.tree.map(lambda x: jax.random.key_data(x) if _is_typed_key(x) else x, tree)
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(tmp / _STATE, stored)
+            ckptr.wait_until_finished()
+        meta = {"metadata": metadata or {}, "leaves": _signature(tree)}
+        (tmp / _META).write_text(json.dumps(meta, indent=1))
+        publish_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _read(path: Path) -> dict:
+    try:
+        return json.loads((Path(path) / _META).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no checkpoint at {path}") from None
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The metadata dict saved with the checkpoint at ``path``."""
+    return _read(Path(path))["metadata"]
+
+
+def restore(path: str | os.PathLike, like: Any) -> Any:
+    """Restores the checkpoint at ``path`` into the structure, shapes and dtypes of ``like``.
+
+    ``like`` may be concrete or abstract (``jax.ShapeDtypeStruct`` leaves). Raises ValueError
+    when the checkpoint was written for another model or state (leaf paths or shapes differ);
+    dtypes are cast to those of ``like``.
+    """
+    path = Path(path)
+    saved = {p: tuple(leaf["shape"]) for p, leaf in _read(path)["leaves"].items()}
+    wanted = {p: tuple(leaf["shape"]) for p, leaf in _signature(like).items()}
+    if saved != wanted:
+        diffs = [f"{p}: checkpoint {saved.get(p, 'absent')}, expected {wanted.get(p, 'absent')}"
+                 for p in sorted(set(saved) | set(wanted)) if saved.get(p) != wanted.get(p)]
+        raise ValueError(
+            f"checkpoint {path} was written for another model/state: {len(diffs)} leaves differ "
+            f"in path or shape, first: " + "; ".join(diffs[:5]))
+
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    def abstract(x):
+        sharding = getattr(x, "sharding", None)
+        if _is_typed_key(x) or not isinstance(sharding, jax.sharding.Sharding):
+            sharding = default
+        data = _stored(x)
+        return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=sharding)
+
+    with ocp.StandardCheckpointer() as ckptr:
+        restored = ckptr.restore(path / _STATE, jax.tree.map(abstract, like))
+    return jax.tree.map(
+        lambda x, r: jax.random.wrap_key_data(r, dtype=x.dtype)
+        if _is_typed_key(x) else r, like, restored)
+
+
+class TrainingCheckpoints:
+    """Periodic checkpoints of a training loop: ``<dir>/<epoch>/``, keeping the last ``keep``.
+
+    Every checkpoint is published by :func:`save` (temp dir + rename), so an epoch listed by
+    :meth:`latest` is always complete; a crash mid-save leaves only a hidden temp dir, removed by
+    the next save.
+    """
+
+    def __init__(self, directory: str | os.PathLike, keep: int = 2):
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        self.dir, self.keep = Path(directory), keep
+
+    def path(self, epoch: int) -> Path:
+        return self.dir / f"{epoch:08d}"
+
+    def epochs(self) -> list[int]:
+        """Epochs with a complete checkpoint, ascending."""
+        if not self.dir.exists():
+            return []
+        return sorted(int(p.name) for p in self.dir.iterdir() if re.fullmatch(r"\d{8}", p.name))
+
+    def latest(self) -> int | None:
+        epochs = self.epochs()
+        return epochs[-1] if epochs else None
+
+    def save(self, epoch: int, tree: Any, metadata: dict | None = None) -> None:
+        save(self.path(epoch), tree, metadata)
+        for old in self.epochs()[:-self.keep]:
+            shutil.rmtree(self.path(old))
+        for stale in self.dir.glob(".*.tmp-*"):  # left by a crashed save
+            shutil.rmtree(stale, ignore_errors=True)
+
+    def restore(self, epoch: int, like: Any) -> Any:
+        return restore(self.path(epoch), like)
+
+    def metadata(self, epoch: int) -> dict:
+        return read_metadata(self.path(epoch))
