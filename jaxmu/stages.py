@@ -150,7 +150,7 @@ class Stage:
             self.reason = "config changed"
         elif changed := [d for d, h in self.dep_hashes.items() if manifest["deps"].get(d) != h]:
             self.reason = f"input '{changed[0]}' changed"
-        elif manifest["hash"] != self.hash or set(manifest["deps"]) != set(self.dep_hashes):
+        elif manifest["hash"] != self.hash:  # a dep was removed
             self.reason = "inputs changed"
         elif not all(self.workdir.path(o).exists() for o in self.outputs):
             self.reason = "outputs missing"

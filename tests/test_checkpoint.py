@@ -8,7 +8,7 @@ import pytest
 from flax import linen as nn
 from flax import struct
 
-from jaxmu import checkpoint
+from jaxmu import checkpoint, stages
 
 
 @struct.dataclass
@@ -124,3 +124,14 @@ def test_training_checkpoints_ignore_crashed_save(tmp_path, monkeypatch):
     ckpts.save(1, {"w": jnp.ones((2,))})
     assert ckpts.latest() == 1
     assert sorted(p.name for p in ckpts.dir.iterdir()) == ["00000000", "00000001"]
+
+
+def test_checkpoint_as_stage_output(tmp_path):
+    wd, tree = stages.Workdir(tmp_path), {"w": jnp.arange(6.0).reshape(2, 3)}
+    for _ in range(2):
+        with wd.stage("train", config={"n": 1}, outputs=("models/original",)) as st:
+            if not st.done:
+                checkpoint.save(st.tmp / "models/original", tree, {"n": 1})
+                st.commit()
+    assert st.reason is None
+    _assert_identical(checkpoint.restore(wd.path("models/original"), tree), tree)
