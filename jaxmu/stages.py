@@ -146,7 +146,7 @@ class Stage:
         manifest = self.workdir.manifest(self.name)
         if manifest is None:
             self.reason = "new"
-        elif manifest.get("config_hash") != self.config_hash:
+        elif manifest["config_hash"] != self.config_hash:
             self.reason = "config changed"
         elif changed := [d for d, h in self.dep_hashes.items() if manifest["deps"].get(d) != h]:
             self.reason = f"input '{changed[0]}' changed"
