@@ -1,0 +1,168 @@
+"""How a stack of N models runs: one vmapped program, a loop of per-model programs, or sharded.
+
+Every stacked function in jaxmu is written for *one* model, as a pure function
+``fn(model_state, *per_model_args, *shared_args)``. A `Strategy` turns it into a function over
+the whole stack:
+
+- ``vmap``: one compiled program over the model axis (the target on accelerators).
+- ``loop``: one jitted program per model call, models run in turn (measured faster for conv nets
+  on CPU, where vmapped convolutions become slow grouped convolutions).
+- ``sharded``: the vmapped program with the model axis split over all local devices
+  (``NamedSharding(mesh, P("models"))``); no traffic between devices. A stack whose size does not
+  divide the device count is padded with copies of its first model, dropped again on the way out.
+
+States live in a strategy's *internal* form while a loop runs (a list of per-model pytrees for
+``loop``, a padded sharded pytree for ``sharded``) so nothing is restacked per step;
+`Strategy.enter` and `Strategy.exit` convert from and to the ordinary stacked pytree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+NAMES = ("auto", "vmap", "loop", "sharded")
+
+
+def resolve(name: str) -> str:
+  """Maps ``auto`` to a concrete strategy for this backend; validates the name."""
+  if name not in NAMES:
+    raise ValueError(f"unknown parallel strategy {name!r}; choose one of {NAMES}")
+  if name != "auto":
+    return name
+  if jax.default_backend() == "cpu":
+    return "loop"
+  return "sharded" if jax.local_device_count() > 1 else "vmap"
+
+
+def stack_trees(trees: Sequence[Any]) -> Any:
+  """Stacks a list of same-structured pytrees along a new leading model axis."""
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def unstack_tree(tree: Any, num: int | None = None) -> list[Any]:
+  """Splits a stacked pytree into a list of per-model pytrees."""
+  num = num_models(tree) if num is None else num
+  return [jax.tree.map(lambda x, i=i: x[i], tree) for i in range(num)]
+
+
+def num_models(tree: Any) -> int:
+  """Size of the leading model axis of a stacked pytree."""
+  return int(jax.tree.leaves(tree)[0].shape[0])
+
+
+def slice_models(tree: Any, start: int, stop: int) -> Any:
+  return jax.tree.map(lambda x: x[start:stop], tree)
+
+
+def concat_models(trees: Sequence[Any]) -> Any:
+  return jax.tree.map(lambda *xs: jnp.concatenate(xs), *trees)
+
+
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+  """A concrete execution strategy (see module docstring)."""
+
+  name: str
+
+  @staticmethod
+  def create(name: str) -> "Strategy":
+    return Strategy(resolve(name))
+
+  # -- state conversion -------------------------------------------------------------------
+  def enter(self, stacked: Any) -> Any:
+    """Stacked pytree -> this strategy's internal form."""
+    if self.name == "loop":
+      return unstack_tree(stacked)
+    if self.name == "sharded":
+      return self._shard(stacked)
+    return stacked
+
+  def exit(self, internal: Any, num: int) -> Any:
+    """Internal form -> stacked pytree of ``num`` models."""
+    if self.name == "loop":
+      return stack_trees(internal)
+    if self.name == "sharded":
+      return slice_models(internal, 0, num)
+    return internal
+
+  def enter_args(self, stacked: Any) -> Any:
+    """Per-model arguments (stacked arrays) -> internal form (same rules as states)."""
+    return self.enter(stacked)
+
+  # -- compiling --------------------------------------------------------------------------
+  def compile(self, fn: Callable, num_per_model: int, donate_state: bool = True) -> Callable:
+    """Stacked version of ``fn(state, *per_model_args, *shared_args) -> (state, out)``.
+
+    ``num_per_model`` is the number of per-model positional arguments *after* the state. The
+    returned callable takes the state and per-model arguments in internal form and the shared
+    arguments as they are; it returns the new internal state and the stacked outputs.
+    """
+    donate = (0,) if donate_state else ()
+    if self.name == "loop":
+      jitted = jax.jit(fn, donate_argnums=donate)
+
+      def run_loop(state, *args):
+        per_model, shared = args[:num_per_model], args[num_per_model:]
+        results = [jitted(s, *(a[m] for a in per_model), *shared) for m, s in enumerate(state)]
+        states = [r[0] for r in results]
+        return states, stack_trees([r[1] for r in results])
+
+      return run_loop
+    in_axes = (0,) + (0,) * num_per_model
+    vmapped = lambda state, *args: jax.vmap(  # noqa: E731
+        fn, in_axes=in_axes + (None,) * (len(args) - num_per_model))(state, *args)
+    return jax.jit(vmapped, donate_argnums=donate)
+
+  def map(self, fn: Callable, num_per_model: int) -> Callable:
+    """Stacked version of a stateless ``fn(*per_model_args, *shared_args) -> out``.
+
+    Per-model arguments are ordinary stacked pytrees here (no internal form); returns stacked out.
+    """
+    if self.name == "loop":
+      jitted = jax.jit(fn)
+
+      def run_loop(*args):
+        per_model, shared = args[:num_per_model], args[num_per_model:]
+        n = num_models(per_model[0])
+        return stack_trees([
+            jitted(*(jax.tree.map(lambda x, m=m: x[m], a) for a in per_model), *shared)
+            for m in range(n)])
+
+      return run_loop
+
+    @jax.jit
+    def run_vmap(*args):
+      axes = (0,) * num_per_model + (None,) * (len(args) - num_per_model)
+      return jax.vmap(fn, in_axes=axes)(*args)
+
+    if self.name == "sharded":
+      def run_sharded(*args):
+        per_model, shared = args[:num_per_model], args[num_per_model:]
+        n = num_models(per_model[0])
+        out = run_vmap(*(self._shard(a) for a in per_model), *shared)
+        return slice_models(out, 0, n)
+      return run_sharded
+    return run_vmap
+
+  # -- sharding helpers -------------------------------------------------------------------
+  @functools.cached_property
+  def _mesh(self) -> Mesh:
+    return Mesh(np.array(jax.local_devices()), ("models",))
+
+  def _shard(self, stacked: Any) -> Any:
+    """Pads the model axis to a multiple of the device count and shards it."""
+    devices = len(jax.local_devices())
+    n = num_models(stacked)
+    pad = (-n) % devices
+    if pad:
+      stacked = jax.tree.map(
+          lambda x: jnp.concatenate([x, jnp.repeat(x[:1], pad, axis=0)]), stacked)
+    sharding = NamedSharding(self._mesh, P("models"))
+    return jax.device_put(stacked, sharding)

@@ -1,0 +1,430 @@
+"""The functional training core: a stack of N models trained as one unit.
+
+Every leaf of a `TrainState` carries a leading model axis of size N. Each model of a stack has its
+own index set into one dataset that lives on the device (`DeviceData`), its own PRNG stream
+(``fold_in(key, model_id)``) for shuffling, augmentation and stochastic depth, and its own
+hyper-parameters (learning rate, weight decay, momentum are per-model arrays in the state, so
+stacks that differ only in them share one compiled program).
+
+Reference recipes (deepunlearn-spec 3, iam-spec 6.2): cross-entropy; SGD with momentum and
+*coupled* weight decay (``add_decayed_weights`` before ``sgd``, PyTorch's ``weight_decay``) or Adam
+with coupled L2; cosine schedule ``lr0 * (1 + cos(pi t / T_max)) / 2`` stepped per epoch (PyTorch's
+``CosineAnnealingLR`` stepped once an epoch) or per step; on-device random crop + flip.
+
+Batches follow PyTorch's ``drop_last=False``: an index set of n samples gives ceil(n / B) steps
+per epoch, the last one partial. A partial batch is padded with index -1; padded samples carry
+zero weight in the loss and are masked out of BatchNorm statistics (models take ``mask=``), so a
+partial batch behaves as a smaller batch. A model with fewer steps than its stack-mates sees
+all-padding steps, which change nothing (no update, no momentum, no BatchNorm statistics, no step
+count). Hence a model trained inside a stack equals the same model trained alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from jaxmu import checkpoint, parallel
+from jaxmu.data import augment as augment_lib
+
+HPARAMS = ("learning_rate", "weight_decay", "momentum")
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+  """The static part of a training recipe: one compiled program per recipe.
+
+  Per-model numbers (learning rate, weight decay, momentum) are not here but in `TrainState`.
+  """
+
+  batch_size: int = 256
+  optimizer: str = "sgd"  # sgd | adam (both with coupled L2 weight decay)
+  schedule: str = "cosine"  # cosine | constant
+  schedule_unit: str = "epoch"  # epoch | step
+  t_max: int = 0  # cosine period in schedule units; 0 = the length of the fit
+  augment: str = "crop_flip"  # crop_flip | flip | none
+  mean: tuple[float, ...] = (0.0,)
+  std: tuple[float, ...] = (1.0,)
+  bn_train: bool = True  # BatchNorm in train mode (batch statistics, updated) while updating
+
+  def __post_init__(self):
+    _check_choice("optimizer", self.optimizer, ("sgd", "adam"))
+    _check_choice("schedule", self.schedule, ("cosine", "constant"))
+    _check_choice("schedule_unit", self.schedule_unit, ("epoch", "step"))
+    _check_choice("augment", self.augment, ("crop_flip", "flip", "none"))
+    if self.batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+def _check_choice(field: str, value: str, allowed: Sequence[str]) -> None:
+  if value not in allowed:
+    raise ValueError(f"{field}={value!r} is not one of {tuple(allowed)}")
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Training state of a stack of models; every leaf has a leading model axis."""
+
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  step: jax.Array  # int32: number of real (non-padding) updates done
+  hparams: dict[str, jax.Array]  # float32 learning_rate, weight_decay, momentum
+
+  @property
+  def variables(self) -> dict[str, Any]:
+    return as_variables(self.params, self.batch_stats)
+
+
+def as_variables(params: Any, batch_stats: Any) -> dict[str, Any]:
+  """Flax variables dict; models without BatchNorm have no ``batch_stats`` collection."""
+  return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
+
+
+class DeviceData(NamedTuple):
+  """A whole dataset on the device: uint8 inputs (NHWC or [N, D]) and int32 labels."""
+
+  inputs: jax.Array
+  labels: jax.Array
+
+  @staticmethod
+  def create(dataset) -> "DeviceData":
+    return DeviceData(jnp.asarray(dataset.inputs), jnp.asarray(dataset.labels, jnp.int32))
+
+
+class FitResult(NamedTuple):
+  state: TrainState  # after the last epoch
+  best: dict[str, Any] | None  # per model, the variables with the best validation accuracy
+  best_accuracy: np.ndarray | None  # [N]
+  history: list[dict[str, Any]]  # per epoch: per-model numpy metrics
+
+
+# --------------------------------------------------------------------------------------------
+# Optimiser, schedule, inputs
+# --------------------------------------------------------------------------------------------
+
+
+def optimizer(recipe: Recipe, hparams: Mapping[str, jax.Array], learning_rate) -> optax.GradientTransformation:
+  """SGD (momentum, dampening 0) or Adam (0.9, 0.999, 1e-8), both with coupled L2 decay."""
+  decay = optax.add_decayed_weights(hparams["weight_decay"])
+  if recipe.optimizer == "sgd":
+    return optax.chain(decay, optax.sgd(learning_rate, momentum=hparams["momentum"]))
+  return optax.chain(decay, optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8),
+                     optax.scale(-learning_rate))
+
+
+def schedule_factor(recipe: Recipe, epoch, step, t_max):
+  """Multiplier of the base learning rate at (epoch, step): cosine annealing to 0 or 1."""
+  if recipe.schedule == "constant":
+    return jnp.float32(1.0)
+  t = epoch if recipe.schedule_unit == "epoch" else step
+  return 0.5 * (1.0 + jnp.cos(jnp.pi * t / t_max))
+
+
+# --------------------------------------------------------------------------------------------
+# State creation
+# --------------------------------------------------------------------------------------------
+
+
+def init_variables(model, keys: jax.Array, input_shape: Sequence[int]) -> dict[str, Any]:
+  """One initialisation per key, stacked: ``keys`` has shape [N] (typed keys)."""
+  dummy = jnp.zeros((1, *input_shape), jnp.float32)
+  init = lambda k: model.init({"params": k}, dummy, train=False)  # noqa: E731
+  return jax.jit(jax.vmap(init))(keys)
+
+
+def create_state(variables: Mapping[str, Any], recipe: Recipe, **hparams) -> TrainState:
+  """A fresh stacked train state (zero momentum) from stacked variables.
+
+  ``hparams``: learning_rate, weight_decay, momentum, each a float (same for every model) or a
+  sequence of N floats (one per model).
+  """
+  unknown = set(hparams) - set(HPARAMS)
+  if unknown:
+    raise ValueError(f"unknown hyper-parameters {sorted(unknown)}; known: {HPARAMS}")
+  params = variables["params"]
+  n = parallel.num_models(params)
+  values = {"learning_rate": 0.1, "weight_decay": 5e-4, "momentum": 0.9, **hparams}
+  per_model = {}
+  for name, value in values.items():
+    arr = jnp.broadcast_to(jnp.asarray(value, jnp.float32), (n,))
+    per_model[name] = arr
+  tx = optimizer(recipe, {k: 0.0 for k in HPARAMS}, 0.0)
+  return TrainState(
+      params=params,
+      batch_stats=variables.get("batch_stats", {}),
+      opt_state=jax.vmap(tx.init)(params),
+      step=jnp.zeros((n,), jnp.int32),
+      hparams=per_model,
+  )
+
+
+def pad_index_sets(index_sets: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
+  """A list of N index arrays (any sizes) -> int32 [N, L] padded at the end with -1."""
+  if isinstance(index_sets, np.ndarray) and index_sets.ndim == 2:
+    return index_sets.astype(np.int32)
+  sets = [np.asarray(s).reshape(-1) for s in index_sets]
+  if not sets:
+    raise ValueError("need at least one index set")
+  out = np.full((len(sets), max(len(s) for s in sets)), -1, np.int32)
+  for m, s in enumerate(sets):
+    if len(s) and (s.min() < 0):
+      raise ValueError(f"index set {m} has negative indices")
+    out[m, :len(s)] = s
+  return out
+
+
+# --------------------------------------------------------------------------------------------
+# Per-model pure functions
+# --------------------------------------------------------------------------------------------
+
+
+def epoch_order(index_set: jax.Array, key: jax.Array, batch_size: int) -> jax.Array:
+  """A random permutation of the valid (>= 0) entries, padded with -1 to whole batches.
+
+  Random keys are drawn for every slot, so the permutation of a model's n valid indices does not
+  depend on how long its padded row is (threefry draws are prefix-stable).
+  """
+  valid = index_set >= 0
+  u = jnp.where(valid, jax.random.uniform(key, index_set.shape), 2.0)
+  order = index_set[jnp.argsort(u)]
+  steps = -(-index_set.shape[0] // batch_size)
+  return jnp.pad(order, (0, steps * batch_size - order.shape[0]), constant_values=-1)
+
+
+def train_step(model, recipe: Recipe, state: TrainState, order: jax.Array, key: jax.Array,
+               inputs: jax.Array, labels: jax.Array, step_index, epoch, t_max):
+  """One SGD step of one model on batch ``step_index`` of its epoch ``order``.
+
+  Returns the new state and ``loss_sum``, ``correct``, ``count`` over the real samples.
+  """
+  idx = jax.lax.dynamic_slice(order, (step_index * recipe.batch_size,), (recipe.batch_size,))
+  valid = idx >= 0
+  safe = jnp.where(valid, idx, 0)
+  aug_key, drop_key = jax.random.split(jax.random.fold_in(key, step_index))
+  x = augment_lib.normalize(augment_lib.augment(aug_key, inputs[safe], recipe.augment),
+                              recipe.mean, recipe.std)
+  y = labels[safe]
+  weight = valid.astype(jnp.float32)
+  count = weight.sum()
+
+  def loss_fn(params):
+    variables = as_variables(params, state.batch_stats)
+    if recipe.bn_train and state.batch_stats:
+      logits, updates = model.apply(variables, x, train=True, mask=valid,
+                                    rngs={"droppath": drop_key}, mutable=["batch_stats"])
+      batch_stats = updates["batch_stats"]
+    else:
+      logits = model.apply(variables, x, train=recipe.bn_train, mask=valid,
+                           rngs={"droppath": drop_key})
+      batch_stats = state.batch_stats
+    per_sample = optax.softmax_cross_entropy_with_integer_labels(logits, y) * weight
+    return per_sample.sum() / jnp.maximum(count, 1.0), (logits, batch_stats, per_sample.sum())
+
+  grads, (logits, batch_stats, loss_sum) = jax.grad(loss_fn, has_aux=True)(state.params)
+  lr = state.hparams["learning_rate"] * schedule_factor(recipe, epoch, state.step, t_max)
+  updates, opt_state = optimizer(recipe, state.hparams, lr).update(
+      grads, state.opt_state, state.params)
+  new = state.replace(params=optax.apply_updates(state.params, updates), batch_stats=batch_stats,
+                      opt_state=opt_state, step=state.step + 1)
+  any_valid = count > 0
+  new = jax.tree.map(lambda a, b: jnp.where(any_valid, a, b), new, state)
+  correct = ((jnp.argmax(logits, -1) == y) * weight).sum()
+  return new, {"loss_sum": loss_sum, "correct": correct, "count": count}
+
+
+def _logits(model, recipe: Recipe, variables, inputs: jax.Array, batch: jax.Array):
+  return model.apply(variables, augment_lib.normalize(inputs[batch], recipe.mean, recipe.std),
+                     train=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Stack-level drivers
+# --------------------------------------------------------------------------------------------
+
+
+def model_keys(key: jax.Array, model_ids: Sequence[int]) -> jax.Array:
+  """Each model's own PRNG stream: ``fold_in(key, model_id)``."""
+  return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(model_ids, jnp.uint32))
+
+
+def predict(model, variables: Mapping[str, Any], data: DeviceData, indices: np.ndarray,
+            recipe: Recipe, strategy: str = "auto", batch_size: int = 1024) -> np.ndarray:
+  """Per-model per-sample logits [N, len(indices), C] (eval-mode BatchNorm, no augmentation)."""
+  strat = parallel.Strategy.create(strategy)
+  indices = np.asarray(indices, np.int32)
+  fn = strat.map(lambda v, inputs, batch: _logits(model, recipe, v, inputs, batch), 1)
+  out = []
+  for start in range(0, len(indices), batch_size):
+    batch = indices[start:start + batch_size]
+    real = len(batch)
+    batch = np.pad(batch, (0, batch_size - real)) if len(indices) > batch_size else batch
+    out.append(np.asarray(fn(variables, data.inputs, jnp.asarray(batch)))[:, :real])
+  return np.concatenate(out, axis=1)
+
+
+def evaluate(model, variables: Mapping[str, Any], data: DeviceData, index_sets, recipe: Recipe,
+             strategy: str = "auto", batch_size: int = 1024) -> dict[str, np.ndarray]:
+  """Accuracy and mean loss of each model on its own index set.
+
+  ``index_sets``: one array shared by all models, or one per model (list or padded [N, L]).
+  Returns ``accuracy`` [N], ``loss`` [N], and ``per_sample_loss`` [N, L] (NaN at padding).
+  """
+  n = parallel.num_models(variables["params"])
+  shared = np.ndim(index_sets) == 1 and not isinstance(index_sets, (list, tuple))
+  sets = pad_index_sets([index_sets] * n if shared else index_sets)
+  union, inverse = np.unique(sets[sets >= 0], return_inverse=True)
+  logits = predict(model, variables, data, union, recipe, strategy, batch_size)
+  labels = np.asarray(data.labels)[union]
+  log_probs = logits - _logsumexp(logits)
+  loss = -np.take_along_axis(log_probs, labels[None, :, None], -1)[..., 0]
+  correct = logits.argmax(-1) == labels
+  position = np.full(sets.shape, -1)
+  position[sets >= 0] = inverse
+  valid = sets >= 0
+  rows = np.arange(n)[:, None]
+  per_sample = np.where(valid, loss[rows, np.maximum(position, 0)], np.nan)
+  hits = np.where(valid, correct[rows, np.maximum(position, 0)], False)
+  counts = np.maximum(valid.sum(1), 1)
+  return {"accuracy": hits.sum(1) / counts, "loss": np.nansum(per_sample, 1) / counts,
+          "per_sample_loss": per_sample}
+
+
+def _logsumexp(x: np.ndarray) -> np.ndarray:
+  m = x.max(-1, keepdims=True)
+  return m + np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+def fit(model, state: TrainState, data: DeviceData, index_sets, recipe: Recipe, epochs: int,
+        key: jax.Array, *, model_ids: Sequence[int] | None = None, strategy: str = "auto",
+        val_sets=None, checkpoints=None, checkpoint_every: int = 1,
+        on_epoch: Callable[[int, dict[str, np.ndarray]], None] | None = None,
+        max_models_per_program: int | None = None, progress: bool | str = True) -> FitResult:
+  """Trains every model of a stack for ``epochs`` epochs on its own index set.
+
+  Args:
+    state: stacked `TrainState` of N models (fresh from `create_state`, or trained: continued).
+    index_sets: N index arrays into ``data`` (list of arrays of any sizes, or padded [N, L]).
+    key: the run's key; model m uses ``fold_in(key, model_ids[m])`` (default ids 0..N-1).
+    val_sets: if given (shared array or one per model), each epoch evaluates validation accuracy
+      and `FitResult.best` keeps, per model, the variables of its best epoch (first best wins).
+    checkpoints: a `jaxmu.checkpoint.TrainingCheckpoints`; every ``checkpoint_every`` epochs the
+      whole fit state is saved, and a fit started again resumes from the latest one and ends
+      with the same numbers as an uninterrupted run.
+    on_epoch: called with (epoch, metrics) after each epoch; metrics are per-model arrays.
+    max_models_per_program: train the stack in chunks of at most this many models.
+  """
+  index_sets = pad_index_sets(index_sets)
+  n = parallel.num_models(state.params)
+  if index_sets.shape[0] != n:
+    raise ValueError(f"{index_sets.shape[0]} index sets for a stack of {n} models")
+  model_ids = np.arange(n) if model_ids is None else np.asarray(model_ids)
+  chunk = max_models_per_program or n
+  if chunk < n:
+    parts = []
+    for c, start in enumerate(range(0, n, chunk)):
+      stop = min(start + chunk, n)
+      sub_val = val_sets if val_sets is None or np.ndim(val_sets) == 1 else val_sets[start:stop]
+      parts.append(fit(
+          model, jax.tree.map(lambda x: x[start:stop], state), data, index_sets[start:stop],
+          recipe, epochs, key, model_ids=model_ids[start:stop], strategy=strategy,
+          val_sets=sub_val, checkpoints=checkpoints and checkpoint.TrainingCheckpoints(
+              checkpoints.dir / f"chunk{c}", checkpoints.keep),
+          checkpoint_every=checkpoint_every, on_epoch=on_epoch, progress=progress))
+    return _merge_results(parts)
+  return _fit_stack(model, state, data, index_sets, recipe, epochs, key, model_ids, strategy,
+                    val_sets, checkpoints, checkpoint_every, on_epoch, progress)
+
+
+def _merge_results(parts: Sequence[FitResult]) -> FitResult:
+  state = parallel.concat_models([p.state for p in parts])
+  has_best = parts[0].best is not None
+  history = [
+      {k: np.concatenate([p.history[e][k] for p in parts]) if np.ndim(v) else v
+       for k, v in parts[0].history[e].items()}
+      for e in range(len(parts[0].history))]
+  return FitResult(
+      state=state,
+      best=parallel.concat_models([p.best for p in parts]) if has_best else None,
+      best_accuracy=np.concatenate([p.best_accuracy for p in parts]) if has_best else None,
+      history=history)
+
+
+def _fit_stack(model, state, data, index_sets, recipe, epochs, key, model_ids, strategy, val_sets,
+               checkpoints, checkpoint_every, on_epoch, progress) -> FitResult:
+  strat = parallel.Strategy.create(strategy)
+  n = index_sets.shape[0]
+  keys = model_keys(key, model_ids)
+  steps = -(-index_sets.shape[1] // recipe.batch_size)
+  t_max = recipe.t_max or (epochs if recipe.schedule_unit == "epoch" else epochs * steps)
+  state = jax.tree.map(jnp.copy, state)  # steps donate their state; the caller keeps theirs
+  best, best_acc, history, start = None, None, [], 0
+  if val_sets is not None:
+    best, best_acc = jax.tree.map(jnp.copy, state.variables), np.full((n,), -np.inf)
+  if checkpoints is not None and checkpoints.latest() is not None:
+    start = checkpoints.latest()
+    saved = checkpoints.restore(start, {"state": state, "best": best, "best_acc": best_acc})
+    state, best, best_acc = saved["state"], saved["best"], saved["best_acc"]
+    history = [{k: np.asarray(v) for k, v in record.items()}
+               for record in checkpoints.metadata(start)["history"]]
+
+  orders_fn = jax.jit(jax.vmap(lambda s, k: epoch_order(s, k, recipe.batch_size)))
+  step_fn = strat.compile(
+      lambda st, order, k, inputs, labels, s, epoch, tm: train_step(
+          model, recipe, st, order, k, inputs, labels, s, epoch, tm), num_per_model=2)
+  index_dev = jnp.asarray(index_sets)
+  bar = tqdm(range(start, epochs), desc=progress if isinstance(progress, str) else "train",
+             disable=not progress, initial=start, total=epochs, leave=False)
+  for epoch in bar:
+    epoch_keys = jax.vmap(lambda k: jax.random.fold_in(k, epoch))(keys)
+    orders = orders_fn(index_dev, jax.vmap(lambda k: jax.random.fold_in(k, 0))(epoch_keys))
+    step_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(epoch_keys)
+    internal = strat.enter(state)
+    orders_in, step_keys_in = strat.enter_args(orders), strat.enter_args(step_keys)
+    totals = []
+    for s in range(steps):
+      internal, metrics = step_fn(internal, orders_in, step_keys_in, data.inputs, data.labels,
+                                  jnp.int32(s), jnp.float32(epoch), jnp.float32(t_max))
+      totals.append(metrics)
+    state = strat.exit(internal, n)
+    summed = jax.device_get(jax.tree.map(lambda *m: sum(m), *totals))
+    count = np.maximum(summed["count"][:n], 1)
+    record = {"epoch": epoch + 1, "loss": summed["loss_sum"][:n] / count,
+              "accuracy": summed["correct"][:n] / count,
+              "learning_rate": np.asarray(state.hparams["learning_rate"]) * float(
+                  schedule_factor(recipe, epoch, 0, t_max))}
+    if val_sets is not None:
+      val = evaluate(model, state.variables, data, val_sets, recipe, strategy)["accuracy"]
+      improved = val > best_acc
+      best = _select_models(improved, state.variables, best)
+      best_acc = np.where(improved, val, best_acc)
+      record["val_accuracy"] = val
+    history.append(record)
+    if on_epoch is not None:
+      on_epoch(epoch + 1, record)
+    bar.set_postfix(loss=f"{record['loss'].mean():.3f}", acc=f"{record['accuracy'].mean():.3f}")
+    done = epoch + 1
+    if checkpoints is not None and (done % checkpoint_every == 0 or done == epochs):
+      checkpoints.save(done, {"state": state, "best": best, "best_acc": best_acc},
+                       metadata={"history": _jsonable(history)})
+  bar.close()
+  return FitResult(state, best, best_acc, history)
+
+
+def _select_models(take_new: np.ndarray, new: Any, old: Any) -> Any:
+  """Per model, the new tree where ``take_new[m]`` else the old one."""
+  mask = jnp.asarray(take_new)
+  return jax.tree.map(
+      lambda a, b: jnp.where(mask.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old)
+
+
+def _jsonable(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  return [{k: np.asarray(v).tolist() for k, v in r.items()} for r in history]
