@@ -1,5 +1,7 @@
 """Tests of jaxmu.data: every offline source, recipes, and on-device augmentation."""
 
+import hashlib
+
 import jax
 import numpy as np
 import pytest
@@ -107,6 +109,18 @@ def test_tfds_sources_through_mock_data(mock_tfds, name, shape, classes):
     assert ds.inputs.shape == (12, *shape) and ds.inputs.dtype == np.uint8
     assert (ds.num_train, ds.num_test, ds.num_classes) == (6, 6, classes)
     assert ds.labels.dtype == np.int32 and ds.labels.max() < classes
+
+
+@pytest.mark.parametrize("name", ["mnist", "cifar10"])
+def test_tfds_restores_original_file_order(mock_tfds, name):
+    """tfds stores records sorted by md5(split + str(index)); load() undoes that permutation."""
+    ds = data.load(name, image_size=None, channels=None)
+    for split, offset in (("train", 0), ("test", 6)):
+        raw = tfds.data_source(name, split=split, download=False)
+        original = np.argsort([hashlib.md5(f"{split}{i}".encode()).hexdigest() for i in range(6)])
+        for record, example in enumerate(original):  # record j holds original example original[j]
+            np.testing.assert_array_equal(ds.inputs[offset + example], raw[record]["image"])
+            assert ds.labels[offset + example] == raw[record]["label"]
 
 
 def test_mnist_resize_matches_native(mock_tfds):

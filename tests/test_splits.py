@@ -154,6 +154,8 @@ def test_save_load_roundtrip_and_fingerprint_mismatch(tmp_path):
     (lambda: splits.iam(1000, 100, shadow_size=400, forget_size=601), r"forget_size must lie in \[1, 600\]"),
     (lambda: splits.iam(1000, 100, shadow_size=400, forget_size=50), r"fixed_forget must lie in \[0, 50\]"),
     (lambda: splits.iam(1000, 100, shadow_size=400, forget="one_class"), "needs labels"),
+    (lambda: splits.iam(1000, 100, shadow_size=400, forget="class_percentage", class_ratio=2.0),
+     r"class_ratio must lie in \(0, 1\]"),
     (lambda: splits.iam_shadows(np.arange(100), 1, shadow_fix=81), r"shadow_fix must lie in \[0, 80\]"),
 ])
 def test_bad_inputs_name_parameter_and_range(call, parameter):

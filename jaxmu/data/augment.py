@@ -39,13 +39,13 @@ def random_crop_flip(key, images, pad: int = 4, crop: bool = True, flip: bool = 
     `RandomHorizontalFlip()` per sample, for a batch [B, H, W, C] of any dtype. Deterministic in
     `key`. The crop is a `dynamic_slice` of the padded batch under `vmap` (a gather).
     """
-    b, h, w, _ = images.shape
+    b, h, w, c = images.shape
     key_crop, key_flip = jax.random.split(key)
     if crop:
         offsets = jax.random.randint(key_crop, (b, 2), 0, 2 * pad + 1)
         padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-        images = jax.vmap(lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, im.shape[-1])))(
-            padded, offsets)
+        crop_one = lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, c))
+        images = jax.vmap(crop_one)(padded, offsets)
     if flip:
         flips = jax.random.bernoulli(key_flip, 0.5, (b,))
         images = jnp.where(flips[:, None, None, None], images[:, :, ::-1], images)

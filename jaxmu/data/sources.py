@@ -142,32 +142,42 @@ def _synthetic(data_dir=None, num_train=64, num_test=16, shape=(8, 8, 1), num_cl
     return _dataset("synthetic", inputs, rng.integers(0, num_classes, n), num_classes, num_train)
 
 
-_TFDS = {  # name -> (label key, num_classes, default image_size, default channels)
-    "mnist": ("label", 10, 32, 3),
-    "fashion_mnist": ("label", 10, 32, 3),
-    "cifar10": ("label", 10, None, None),
-    "cifar100": ("label", 100, None, None),  # fine labels
+_TFDS = {  # name -> (num_classes, default load options: the reference's model input)
+    "mnist": (10, dict(image_size=32, channels=3)),
+    "fashion_mnist": (10, dict(image_size=32, channels=3)),
+    "cifar10": (10, {}),
+    "cifar100": (100, {}),  # tfds "label" is the fine label
 }
 
 
-def _read_records(source, chunk=4096) -> list:
+def _read_native(source, split, chunk=4096) -> tuple[np.ndarray, np.ndarray]:
+    """All (images, labels) of a tfds split, in the order of the original files.
+
+    tfds stores the examples of these datasets sorted by md5(split name + str(original index))
+    (`tfds.core.hashing`, stable across tfds versions); record j is therefore original example
+    `argsort(hashes)[j]`. (Check: CIFAR-10's first train record is "train_16399", as in the tfds
+    catalog.)
+    """
     n = len(source)
-    return [r for s in range(0, n, chunk) for r in source.__getitems__(list(range(s, min(n, s + chunk))))]
+    chunks = (list(range(s, min(n, s + chunk))) for s in range(0, n, chunk))
+    records = [record for keys in chunks for record in source.__getitems__(keys)]
+    hashes = [int(hashlib.md5(f"{split}{i}".encode()).hexdigest(), 16) for i in range(n)]
+    native = np.empty(n, np.int64)
+    native[np.argsort(hashes)] = np.arange(n)  # native[i] = record position of example i
+    return (np.stack([records[j]["image"] for j in native]),
+            np.array([records[j]["label"] for j in native]))
 
 
-def _tfds(name, data_dir=None, image_size="default", channels="default") -> Dataset:
+def _tfds(name, data_dir=None, image_size=None, channels=None) -> Dataset:
     """MNIST, Fashion-MNIST, CIFAR-10/100 from a prepared tensorflow-datasets folder.
 
     Reads with `tfds.data_source(download=False)` (no TensorFlow needed); never downloads. MNIST and
     Fashion-MNIST become 32x32x3 by default like the reference (deepunlearn-spec 1.1/1.2: PIL
     bilinear `Resize((32, 32))` + RGB replication); pass `image_size=None, channels=None` to keep
-    28x28x1. CIFAR-100 uses the fine labels. tfds's train/test splits are the official ones in
-    their native order (the same files torchvision reads).
+    28x28x1. CIFAR-100 uses the fine labels. The official train/test parts keep the order of the
+    original files, which torchvision reads too, so reference split files index the same examples.
     """
     import tensorflow_datasets as tfds
-    label_key, num_classes, default_size, default_channels = _TFDS[name]
-    image_size = default_size if image_size == "default" else image_size
-    channels = default_channels if channels == "default" else channels
     parts = []
     for split in ("train", "test"):
         try:
@@ -179,11 +189,10 @@ def _tfds(name, data_dir=None, image_size="default", channels="default") -> Data
                 f"{data_dir or '~/tensorflow_datasets'}: run `python launch/prepare_data.py "
                 f"--dataset={name}{flag}` on a machine with internet (needs `pip install "
                 f"'jaxmu[tfds]'`). tfds said: {e}") from e
-        records = _read_records(source)
-        parts.append((np.stack([r["image"] for r in records]), np.array([r[label_key] for r in records])))
+        parts.append(_read_native(source, split))
     (x_train, y_train), (x_test, y_test) = parts
     inputs = _reshape(np.concatenate([x_train, x_test]), image_size, channels)
-    return _dataset(name, inputs, np.concatenate([y_train, y_test]), num_classes, len(y_train))
+    return _dataset(name, inputs, np.concatenate([y_train, y_test]), _TFDS[name][0], len(y_train))
 
 
 def _utkface(data_dir=None, path=None, image_size=224) -> Dataset:
@@ -224,7 +233,8 @@ def _cinic10(data_dir=None, path=None) -> Dataset:
         folder = root / split
         unknown = {d.name for d in folder.iterdir() if d.is_dir()} - set(classes)
         if unknown:
-            raise ValueError(f"cinic10: classes {sorted(unknown)} in {folder} are not in {root / 'train'}")
+            raise ValueError(f"cinic10: classes {sorted(unknown)} in {folder} are not in "
+                             f"{root / 'train'}")
         files = [(f, c) for c, name in enumerate(classes) for f in sorted((folder / name).glob("*.png"))]
         return [f for f, _ in files], [c for _, c in files]
 
@@ -248,9 +258,13 @@ def _purchase100(data_dir=None, path=None) -> Dataset:
         if not found:
             raise FileNotFoundError(f"purchase100: neither purchase.npy nor dataset_purchase in {where}")
         where = found[0]
-    rows = np.load(where) if where.suffix == ".npy" else np.loadtxt(where, delimiter=",", dtype=np.int64)
+    if where.suffix == ".npy":
+        rows = np.load(where)
+    else:
+        rows = np.loadtxt(where, delimiter=",", dtype=np.int64)
     if rows.ndim != 2 or rows.shape[1] != 601:
-        raise ValueError(f"purchase100: expected rows of 601 values (label, 600 features), got shape {rows.shape}")
+        raise ValueError(f"purchase100: expected rows of 601 values (label, 600 features), "
+                         f"got shape {rows.shape}")
     labels, features = rows[:, 0].astype(np.int64) - 1, rows[:, 1:]
     if labels.min() < 0 or labels.max() >= 100 or not np.isin(features, (0, 1)).all():
         raise ValueError("purchase100: labels must lie in 1..100 and features in {0, 1}")
@@ -264,7 +278,8 @@ def _npz(data_dir=None, path=None, num_classes=None) -> Dataset:
     with np.load(where) as z:
         missing = {"x", "y"} - set(z.files)
         if missing:
-            raise ValueError(f"npz: {where} lacks arrays {sorted(missing)} (needs x, y, optional num_train)")
+            raise ValueError(f"npz: {where} lacks arrays {sorted(missing)} "
+                             "(needs x, y, optional num_train)")
         x, y = z["x"], z["y"]
         num_train = int(z["num_train"]) if "num_train" in z.files else len(y)
     if x.dtype != np.uint8 or x.ndim not in (2, 3, 4):
@@ -281,7 +296,7 @@ def _npz(data_dir=None, path=None, num_classes=None) -> Dataset:
 _SOURCES = {
     "digits": _digits,
     "synthetic": _synthetic,
-    **{name: functools.partial(_tfds, name) for name in _TFDS},
+    **{name: functools.partial(_tfds, name, **options) for name, (_, options) in _TFDS.items()},
     "utkface": _utkface,
     "cinic10": _cinic10,
     "purchase100": _purchase100,

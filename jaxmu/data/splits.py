@@ -142,12 +142,14 @@ def iam(num_train: int, num_test: int, shadow_size: int, seed: int = 42, forget:
         flags = np.zeros(n, bool)
         flags[shuffled[n - forget_size:]] = True
     elif forget in ("class_percentage", "one_class"):
+        _check_ratio("class_ratio", class_ratio, closed_right=True)
         if labels is None:
             raise ValueError(f"forget={forget!r} needs labels=")
         ratio = class_ratio if forget == "class_percentage" else 1.0
         flags = np.isin(pool, class_forget(labels, pool, forget_class, ratio)["forget"])
     else:
-        raise ValueError(f"forget must be one of set_random, class_percentage, one_class, got {forget!r}")
+        raise ValueError("forget must be one of set_random, class_percentage, one_class, "
+                         f"got {forget!r}")
 
     held = held_out[np.random.default_rng([seed, 1]).permutation(len(held_out))]
     n_test = (len(held) + 1) // 2
@@ -185,7 +187,8 @@ def lira(num_train: int, num_splits: int = 64, num_forget_draws: int = 10, schem
     _check_ratio("val_ratio", val_ratio)
     _check_ratio("forget_ratio", forget_ratio)
     if num_splits < 1 or num_forget_draws < 1:
-        raise ValueError(f"num_splits and num_forget_draws must be >= 1, got {num_splits}, {num_forget_draws}")
+        raise ValueError(f"num_splits and num_forget_draws must be >= 1, got {num_splits}, "
+                         f"{num_forget_draws}")
     n_val = int(num_train * val_ratio)
     _check_count("int(num_train * val_ratio)", n_val, 1, num_train - 2)
     perm = np.random.default_rng(seed).permutation(num_train)
@@ -197,7 +200,8 @@ def lira(num_train: int, num_splits: int = 64, num_forget_draws: int = 10, schem
             p = np.random.default_rng(s).permutation(dev)
             ins.append(p[:len(dev) // 2])
             outs.append(p[len(dev) // 2:])
-        draws = [[np.random.default_rng(f).permutation(in_s) for f in range(num_forget_draws)] for in_s in ins]
+        draws = [[np.random.default_rng(f).permutation(in_s) for f in range(num_forget_draws)]
+                 for in_s in ins]
     elif scheme == "balanced":
         if num_splits % 2:
             raise ValueError(f"num_splits must be even for scheme='balanced', got {num_splits}")
@@ -228,7 +232,8 @@ def save(path, splits: dict[str, np.ndarray], dataset) -> None:
         raise ValueError(f"split name {_FINGERPRINT!r} is reserved")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
-        np.savez(f, **{k: np.asarray(v) for k, v in splits.items()}, **{_FINGERPRINT: dataset.fingerprint})
+        np.savez(f, **{k: np.asarray(v) for k, v in splits.items()},
+                 **{_FINGERPRINT: dataset.fingerprint})
     os.replace(tmp, path)
 
 
@@ -237,6 +242,6 @@ def load(path, dataset) -> dict[str, np.ndarray]:
     with np.load(path) as z:
         found = str(z[_FINGERPRINT])
         if found != dataset.fingerprint:
-            raise ValueError(f"split file {path} belongs to another dataset: its fingerprint is {found}, "
-                             f"dataset {dataset.name!r} has {dataset.fingerprint}")
+            raise ValueError(f"split file {path} belongs to another dataset: its fingerprint is "
+                             f"{found}, dataset {dataset.name!r} has {dataset.fingerprint}")
         return {k: z[k] for k in z.files if k != _FINGERPRINT}
