@@ -93,12 +93,11 @@ def _reshape(images: np.ndarray, image_size: int | None, channels: int | None) -
 
 
 def _read_image(path: pathlib.Path, image_size: int | None) -> np.ndarray:
+    """One image file as RGB uint8 HxWx3, resized to image_size (PIL bilinear) when given."""
     from PIL import Image
     with Image.open(path) as im:
-        im = im.convert("RGB")
-        if image_size and im.size != (image_size, image_size):
-            im = im.resize((image_size, image_size), Image.BILINEAR)
-        return np.asarray(im)
+        image = np.asarray(im.convert("RGB"))
+    return _resize(image, image_size) if image_size and image.shape[:2] != (image_size,) * 2 else image
 
 
 def _path(data_dir, path, name) -> pathlib.Path:
