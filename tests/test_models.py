@@ -390,12 +390,14 @@ def test_tinyvit_param_groups():
     assert mask["stage1_block0"]["local_conv"]["c"]["kernel"]
     assert not mask["stage1_block0"]["attn"]["qkv"]["kernel"]
     selected = models.paths_mask(params, models.last_blocks(params, 1))
-    assert selected["head"]["kernel"] and not selected["norm_head"]["scale"] and not selected["stage2_merge"]["conv1"]["c"]["kernel"]
+    assert selected["head"]["kernel"] and selected["stage3_block1"]["attn"]["attention_biases"]
+    assert not selected["norm_head"]["scale"] and not selected["stage2_merge"]["conv1"]["c"]["kernel"]
 
 
 def test_conv_kernel_mask_on_stacked_params():
     cnn = models.get("small_cnn", 10)
-    stacked = jax.eval_shape(jax.vmap(lambda k: models.init(cnn, k, (8, 8, 1))), jax.random.split(jax.random.key(0), 3))
+    keys = jax.random.split(jax.random.key(0), 3)
+    stacked = jax.eval_shape(jax.vmap(lambda k: models.init(cnn, k, (8, 8, 1))), keys)
     mask = models.conv_kernel_mask(stacked["params"])
     assert mask["stem_conv"]["kernel"] and mask["layer1_0"]["conv"]["kernel"] and not mask["fc"]["kernel"]
     assert [g for g, _ in models.param_groups(stacked["params"])] == ["stem", "layer1.0", "head"]
