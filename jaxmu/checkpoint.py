@@ -72,7 +72,7 @@ def _signature(tree: Any) -> dict[str, dict]:
 
 def save(path: str | os.PathLike, tree: Any, metadata: dict | None = None) -> None:
     """Saves ``tree`` (and JSON ``metadata``) atomically to directory ``path``, replacing it."""
-    path = Path(path)
+    path = Path(path).absolute()  # orbax needs absolute paths
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     try:
@@ -107,7 +107,7 @@ def restore(path: str | os.PathLike, like: Any) -> Any:
     when the checkpoint was written for another model or state (leaf paths or shapes differ);
     dtypes are cast to those of ``like``.
     """
-    path = Path(path)
+    path = Path(path).absolute()
     saved = {p: tuple(leaf["shape"]) for p, leaf in _read(path)["leaves"].items()}
     wanted = {p: tuple(leaf["shape"]) for p, leaf in _signature(like).items()}
     if saved != wanted:

@@ -22,7 +22,7 @@ count). Hence a model trained inside a stack equals the same model trained alone
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import flax
@@ -241,9 +241,30 @@ def train_step(model, recipe: Recipe, state: TrainState, order: jax.Array, key: 
   return new, {"loss_sum": loss_sum, "correct": correct, "count": count}
 
 
-def _logits(model, recipe: Recipe, variables, inputs: jax.Array, batch: jax.Array):
+def logits(model, recipe: Recipe, variables, inputs: jax.Array, batch: jax.Array) -> jax.Array:
+  """Eval-mode logits of one model on ``inputs[batch]`` (no augmentation)."""
   return model.apply(variables, augment_lib.normalize(inputs[batch], recipe.mean, recipe.std),
                      train=False)
+
+
+# Compiled programs are cached per (model, recipe, strategy): fits that differ only in
+# per-model numbers (learning rate, weight decay, data) reuse them.
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_step(model, recipe: Recipe, strategy: str) -> Callable:
+  return parallel.Strategy(strategy).compile(
+      functools.partial(train_step, model, recipe), num_per_model=2)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_orders(batch_size: int) -> Callable:
+  return jax.jit(jax.vmap(lambda s, k: epoch_order(s, k, batch_size)))
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_logits(model, recipe: Recipe, strategy: str) -> Callable:
+  return parallel.Strategy(strategy).map(functools.partial(logits, model, recipe), 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,9 +280,8 @@ def model_keys(key: jax.Array, model_ids: Sequence[int]) -> jax.Array:
 def predict(model, variables: Mapping[str, Any], data: DeviceData, indices: np.ndarray,
             recipe: Recipe, strategy: str = "auto", batch_size: int = 1024) -> np.ndarray:
   """Per-model per-sample logits [N, len(indices), C] (eval-mode BatchNorm, no augmentation)."""
-  strat = parallel.Strategy.create(strategy)
   indices = np.asarray(indices, np.int32)
-  fn = strat.map(lambda v, inputs, batch: _logits(model, recipe, v, inputs, batch), 1)
+  fn = _compiled_logits(model, recipe, parallel.resolve(strategy))
   out = []
   for start in range(0, len(indices), batch_size):
     batch = indices[start:start + batch_size]
@@ -279,8 +299,7 @@ def evaluate(model, variables: Mapping[str, Any], data: DeviceData, index_sets, 
   Returns ``accuracy`` [N], ``loss`` [N], and ``per_sample_loss`` [N, L] (NaN at padding).
   """
   n = parallel.num_models(variables["params"])
-  shared = np.ndim(index_sets) == 1 and not isinstance(index_sets, (list, tuple))
-  sets = pad_index_sets([index_sets] * n if shared else index_sets)
+  sets = pad_index_sets([index_sets] * n if _is_shared(index_sets) else index_sets)
   union, inverse = np.unique(sets[sets >= 0], return_inverse=True)
   logits = predict(model, variables, data, union, recipe, strategy, batch_size)
   labels = np.asarray(data.labels)[union]
@@ -296,6 +315,11 @@ def evaluate(model, variables: Mapping[str, Any], data: DeviceData, index_sets, 
   counts = np.maximum(valid.sum(1), 1)
   return {"accuracy": hits.sum(1) / counts, "loss": np.nansum(per_sample, 1) / counts,
           "per_sample_loss": per_sample}
+
+
+def _is_shared(index_sets) -> bool:
+  """One index array for every model (vs. a list of arrays or a padded [N, L] array)."""
+  return isinstance(index_sets, np.ndarray) and index_sets.ndim == 1
 
 
 def _logsumexp(x: np.ndarray) -> np.ndarray:
@@ -332,7 +356,7 @@ def fit(model, state: TrainState, data: DeviceData, index_sets, recipe: Recipe, 
     parts = []
     for c, start in enumerate(range(0, n, chunk)):
       stop = min(start + chunk, n)
-      sub_val = val_sets if val_sets is None or np.ndim(val_sets) == 1 else val_sets[start:stop]
+      sub_val = val_sets if val_sets is None or _is_shared(val_sets) else val_sets[start:stop]
       parts.append(fit(
           model, jax.tree.map(lambda x: x[start:stop], state), data, index_sets[start:stop],
           recipe, epochs, key, model_ids=model_ids[start:stop], strategy=strategy,
@@ -376,10 +400,8 @@ def _fit_stack(model, state, data, index_sets, recipe, epochs, key, model_ids, s
     history = [{k: np.asarray(v) for k, v in record.items()}
                for record in checkpoints.metadata(start)["history"]]
 
-  orders_fn = jax.jit(jax.vmap(lambda s, k: epoch_order(s, k, recipe.batch_size)))
-  step_fn = strat.compile(
-      lambda st, order, k, inputs, labels, s, epoch, tm: train_step(
-          model, recipe, st, order, k, inputs, labels, s, epoch, tm), num_per_model=2)
+  orders_fn = _compiled_orders(recipe.batch_size)
+  step_fn = _compiled_step(model, recipe, strat.name)
   index_dev = jnp.asarray(index_sets)
   bar = tqdm(range(start, epochs), desc=progress if isinstance(progress, str) else "train",
              disable=not progress, initial=start, total=epochs, leave=False)

@@ -1,7 +1,7 @@
 """Model registry and parameter-tree helpers.
 
 ``get(name, num_classes, **kw)`` builds a Flax Linen module used as
-``model.apply(variables, x, train=bool[, rngs={"droppath": key}][, mutable=["batch_stats"]])``
+``model.apply(variables, x, train=bool[, mask=valid][, rngs={"droppath": key}][, mutable=["batch_stats"]])``
 on float32 NHWC images (or [B, D] features for the MLP), already normalised.
 
 Every architecture names its top-level modules ``stem*`` / ``patch_embed`` (the stem),

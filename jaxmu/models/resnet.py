@@ -64,10 +64,21 @@ def conv(features: int, kernel: int, stride: int, padding: int, kernel_init: Ini
                    feature_group_count=groups, use_bias=False, kernel_init=kernel_init, name=name)
 
 
-def batch_norm(train: bool, name: str | None = None, scale_init: Initializer = nn.initializers.ones) -> nn.BatchNorm:
+class BatchNorm(nn.BatchNorm):
+    """``nn.BatchNorm`` whose ``mask`` is per sample ([B] bool): masked-out samples (the padding of
+    a partial batch) take no part in the batch statistics, so a padded batch behaves exactly as
+    the smaller real batch (PyTorch's ``drop_last=False`` last batch)."""
+
+    def __call__(self, x, mask=None):
+        if mask is not None:
+            mask = mask.reshape(mask.shape + (1,) * (x.ndim - 1))
+        return super().__call__(x, mask=mask)
+
+
+def batch_norm(train: bool, name: str | None = None, scale_init: Initializer = nn.initializers.ones) -> BatchNorm:
     """``torch.nn.BatchNorm2d`` defaults: eps 1e-5, momentum 0.1 (Flax 0.9)."""
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                        use_fast_variance=False, scale_init=scale_init, name=name)
+    return BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                     use_fast_variance=False, scale_init=scale_init, name=name)
 
 
 class BasicBlock(nn.Module):
@@ -78,12 +89,12 @@ class BasicBlock(nn.Module):
     expansion = 1
 
     @nn.compact
-    def __call__(self, x, train: bool):
+    def __call__(self, x, train: bool, mask=None):
         out = conv(self.planes, 3, self.stride, 1, self.kernel_init, "conv1")(x)
-        out = nn.relu(batch_norm(train, "bn1")(out))
+        out = nn.relu(batch_norm(train, "bn1")(out, mask))
         out = conv(self.planes, 3, 1, 1, self.kernel_init, "conv2")(out)
-        out = batch_norm(train, "bn2")(out)
-        return nn.relu(out + shortcut(self, x, train))
+        out = batch_norm(train, "bn2")(out, mask)
+        return nn.relu(out + shortcut(self, x, train, mask))
 
 
 class Bottleneck(nn.Module):
@@ -94,23 +105,23 @@ class Bottleneck(nn.Module):
     expansion = 4
 
     @nn.compact
-    def __call__(self, x, train: bool):
+    def __call__(self, x, train: bool, mask=None):
         out = conv(self.planes, 1, 1, 0, self.kernel_init, "conv1")(x)
-        out = nn.relu(batch_norm(train, "bn1")(out))
+        out = nn.relu(batch_norm(train, "bn1")(out, mask))
         out = conv(self.planes, 3, self.stride, 1, self.kernel_init, "conv2")(out)
-        out = nn.relu(batch_norm(train, "bn2")(out))
+        out = nn.relu(batch_norm(train, "bn2")(out, mask))
         out = conv(self.planes * 4, 1, 1, 0, self.kernel_init, "conv3")(out)
-        out = batch_norm(train, "bn3")(out)
-        return nn.relu(out + shortcut(self, x, train))
+        out = batch_norm(train, "bn3")(out, mask)
+        return nn.relu(out + shortcut(self, x, train, mask))
 
 
-def shortcut(block: BasicBlock | Bottleneck, x, train: bool):
+def shortcut(block: BasicBlock | Bottleneck, x, train: bool, mask=None):
     """Identity, or 1x1 conv(stride) + BN when the stride or the width changes (inside ``block``)."""
     out_ch = block.planes * block.expansion
     if block.stride == 1 and x.shape[-1] == out_ch:
         return x
     x = conv(out_ch, 1, block.stride, 0, block.kernel_init, "downsample_0")(x)
-    return batch_norm(train, "downsample_1")(x)
+    return batch_norm(train, "downsample_1")(x, mask)
 
 
 class ResNet(nn.Module):
@@ -122,19 +133,19 @@ class ResNet(nn.Module):
     conv_init: str | None = None  # None: torchvision for the imagenet stem, pytorch_default for cifar
 
     @nn.compact
-    def __call__(self, x, train: bool):
+    def __call__(self, x, train: bool, mask=None):
         kernel_init = CONV_INITS[self.conv_init or {"imagenet": "torchvision", "cifar": "pytorch_default"}[self.stem]]
         if self.stem == "imagenet":
             x = conv(64, 7, 2, 3, kernel_init, "stem_conv")(x)
-            x = nn.relu(batch_norm(train, "stem_bn")(x))
+            x = nn.relu(batch_norm(train, "stem_bn")(x, mask))
             x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))  # pads with -inf
         else:
             x = conv(64, 3, 1, 1, kernel_init, "stem_conv")(x)
-            x = nn.relu(batch_norm(train, "stem_bn")(x))
+            x = nn.relu(batch_norm(train, "stem_bn")(x, mask))
         for i, blocks in enumerate(self.stage_sizes):
             for j in range(blocks):
                 stride = 2 if i > 0 and j == 0 else 1
-                x = self.block(64 * 2 ** i, stride, kernel_init, name=f"layer{i + 1}_{j}")(x, train)
+                x = self.block(64 * 2 ** i, stride, kernel_init, name=f"layer{i + 1}_{j}")(x, train, mask)
         x = jnp.mean(x, axis=(1, 2))
         return torch_dense(self.num_classes, x.shape[-1], "fc")(x)
 

@@ -24,10 +24,10 @@ class SmallCNN(nn.Module):
     width: int = 32
 
     @nn.compact
-    def __call__(self, x, train: bool):
+    def __call__(self, x, train: bool, mask=None):
         x = conv(self.width, 3, 1, 1, torch_default_kernel_init, "stem_conv")(x)
-        x = nn.relu(batch_norm(train, "stem_bn")(x))
-        x = ConvBNReLU(2 * self.width, stride=2, name="layer1_0")(x, train)
+        x = nn.relu(batch_norm(train, "stem_bn")(x, mask))
+        x = ConvBNReLU(2 * self.width, stride=2, name="layer1_0")(x, train, mask)
         x = jnp.mean(x, axis=(1, 2))
         return torch_dense(self.num_classes, x.shape[-1], "fc")(x)
 
@@ -37,9 +37,9 @@ class ConvBNReLU(nn.Module):
     stride: int = 1
 
     @nn.compact
-    def __call__(self, x, train: bool):
+    def __call__(self, x, train: bool, mask=None):
         x = conv(self.features, 3, self.stride, 1, torch_default_kernel_init, "conv")(x)
-        return nn.relu(batch_norm(train, "bn")(x))
+        return nn.relu(batch_norm(train, "bn")(x, mask))
 
 
 class PurchaseMLP(nn.Module):
@@ -48,8 +48,8 @@ class PurchaseMLP(nn.Module):
     num_features: int = 600
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
-        del train  # no train-mode behaviour
+    def __call__(self, x, train: bool = False, mask=None):
+        del train, mask  # no train-mode behaviour
         if x.shape[-1] != self.num_features:
             raise ValueError(f"purchase_mlp expects {self.num_features} features, got {x.shape}")
         names = ("stem_dense", "layer1_0", "layer2_0", "layer3_0")

@@ -73,19 +73,19 @@ class Conv2dBN(nn.Module):
     bn_weight_init: float = 1.0
 
     @nn.compact
-    def __call__(self, x, train: bool):
+    def __call__(self, x, train: bool, mask=None):
         x = conv(self.features, self.kernel, self.stride, self.padding, torch_default_kernel_init,
                  "c", self.groups)(x)
-        return batch_norm(train, "bn", nn.initializers.constant(self.bn_weight_init))(x)
+        return batch_norm(train, "bn", nn.initializers.constant(self.bn_weight_init))(x, mask)
 
 
 class PatchEmbed(nn.Module):
     dim: int
 
     @nn.compact
-    def __call__(self, x, train: bool):
-        x = gelu(Conv2dBN(self.dim // 2, 3, 2, 1, name="conv1")(x, train))
-        return Conv2dBN(self.dim, 3, 2, 1, name="conv2")(x, train)
+    def __call__(self, x, train: bool, mask=None):
+        x = gelu(Conv2dBN(self.dim // 2, 3, 2, 1, name="conv1")(x, train, mask))
+        return Conv2dBN(self.dim, 3, 2, 1, name="conv2")(x, train, mask)
 
 
 class MBConv(nn.Module):
@@ -94,11 +94,11 @@ class MBConv(nn.Module):
     expand_ratio: int = 4
 
     @nn.compact
-    def __call__(self, x, train: bool):
+    def __call__(self, x, train: bool, mask=None):
         hidden = self.dim * self.expand_ratio
-        y = gelu(Conv2dBN(hidden, name="conv1")(x, train))
-        y = gelu(Conv2dBN(hidden, 3, 1, 1, groups=hidden, name="conv2")(y, train))
-        y = Conv2dBN(self.dim, bn_weight_init=0.0, name="conv3")(y, train)
+        y = gelu(Conv2dBN(hidden, name="conv1")(x, train, mask))
+        y = gelu(Conv2dBN(hidden, 3, 1, 1, groups=hidden, name="conv2")(y, train, mask))
+        y = Conv2dBN(self.dim, bn_weight_init=0.0, name="conv3")(y, train, mask)
         return gelu(x + drop_path(self, y, self.drop_path_rate, train))
 
 
@@ -106,10 +106,10 @@ class PatchMerging(nn.Module):
     out_dim: int
 
     @nn.compact
-    def __call__(self, x, train: bool):
-        x = gelu(Conv2dBN(self.out_dim, name="conv1")(x, train))
-        x = gelu(Conv2dBN(self.out_dim, 3, 2, 1, groups=self.out_dim, name="conv2")(x, train))
-        return Conv2dBN(self.out_dim, name="conv3")(x, train)
+    def __call__(self, x, train: bool, mask=None):
+        x = gelu(Conv2dBN(self.out_dim, name="conv1")(x, train, mask))
+        x = gelu(Conv2dBN(self.out_dim, 3, 2, 1, groups=self.out_dim, name="conv2")(x, train, mask))
+        return Conv2dBN(self.out_dim, name="conv3")(x, train, mask)
 
 
 def relative_bias_index(window: int) -> np.ndarray:
@@ -156,7 +156,7 @@ class TinyViTBlock(nn.Module):
     drop_path_rate: float
 
     @nn.compact
-    def __call__(self, x, train: bool):
+    def __call__(self, x, train: bool, mask=None):
         b, h, w, c = x.shape
         win = self.window
         pad_h, pad_w = -h % win, -w % win
@@ -166,7 +166,7 @@ class TinyViTBlock(nn.Module):
         y = Attention(self.dim, self.heads, win, name="attn")(y)
         y = y.reshape(b, nh, nw, win, win, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, nh * win, nw * win, c)
         x = x + drop_path(self, y[:, :h, :w], self.drop_path_rate, train)
-        x = Conv2dBN(self.dim, 3, 1, 1, groups=self.dim, name="local_conv")(x, train)
+        x = Conv2dBN(self.dim, 3, 1, 1, groups=self.dim, name="local_conv")(x, train, mask)
         return x + drop_path(self, Mlp(self.dim, name="mlp")(x), self.drop_path_rate, train)
 
 
@@ -180,21 +180,21 @@ class TinyViT(nn.Module):
     window_sizes: Sequence[int] = (7, 7, 14, 7)
 
     @nn.compact
-    def __call__(self, x, train: bool):
+    def __call__(self, x, train: bool, mask=None):
         if x.shape[1:3] != (self.img_size, self.img_size):
             raise ValueError(f"TinyViT built for img_size={self.img_size}, got input {x.shape}")
         rates = np.linspace(0.0, self.drop_path_rate, sum(self.depths)).tolist()
-        x = PatchEmbed(self.embed_dims[0], name="patch_embed")(x, train)
+        x = PatchEmbed(self.embed_dims[0], name="patch_embed")(x, train, mask)
         for i, (dim, depth) in enumerate(zip(self.embed_dims, self.depths)):
             for j in range(depth):
                 rate = rates[sum(self.depths[:i]) + j]
                 if i == 0:
-                    x = MBConv(dim, rate, name=f"stage0_block{j}")(x, train)
+                    x = MBConv(dim, rate, name=f"stage0_block{j}")(x, train, mask)
                 else:
                     x = TinyViTBlock(dim, self.num_heads[i], self.window_sizes[i], rate,
-                                     name=f"stage{i}_block{j}")(x, train)
+                                     name=f"stage{i}_block{j}")(x, train, mask)
             if i + 1 < len(self.embed_dims):
-                x = PatchMerging(self.embed_dims[i + 1], name=f"stage{i}_merge")(x, train)
+                x = PatchMerging(self.embed_dims[i + 1], name=f"stage{i}_merge")(x, train, mask)
         x = layer_norm("norm_head")(jnp.mean(x, axis=(1, 2)))
         return dense(self.num_classes, "head")(x)
 

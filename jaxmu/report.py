@@ -1,0 +1,75 @@
+"""Results a person reads: CSV tables and Markdown reports (mean and std over seeds)."""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections import defaultdict
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from jaxmu.stages import atomic_write
+
+
+def write_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> None:
+  """One row per mapping; columns in first-seen order."""
+  columns = list(dict.fromkeys(k for row in rows for k in row))
+  with atomic_write(path, "w") as f:
+    writer = csv.DictWriter(f, columns)
+    writer.writeheader()
+    writer.writerows(rows)
+
+
+def read_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
+  """Rows of a CSV written by `write_csv`; numeric cells become floats."""
+  with open(path, newline="") as f:
+    return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _number(text: str) -> Any:
+  try:
+    return float(text)
+  except ValueError:
+    return text
+
+
+def summarize(rows: Sequence[Mapping[str, Any]], by: str = "method") -> list[dict[str, Any]]:
+  """Mean and (population) std over seeds of every numeric column, per value of ``by``."""
+  groups: dict[Any, list[Mapping[str, Any]]] = defaultdict(list)
+  for row in rows:
+    groups[row[by]].append(row)
+  metrics = [k for k, v in rows[0].items() if k not in (by, "seed") and isinstance(v, float)]
+  out = []
+  for name, members in groups.items():
+    summary = {by: name, "seeds": len(members)}
+    for metric in metrics:
+      values = np.asarray([m[metric] for m in members], np.float64)
+      summary[f"{metric}_mean"], summary[f"{metric}_std"] = values.mean(), values.std()
+    out.append(summary)
+  return out
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], by: str = "method") -> str:
+  """Markdown table with one "mean ± std" cell per metric."""
+  summary = summarize(rows, by)
+  metrics = [k[:-5] for k in summary[0] if k.endswith("_mean")]
+  lines = ["| " + " | ".join([by, "seeds", *metrics]) + " |",
+           "|" + "---|" * (len(metrics) + 2)]
+  for s in summary:
+    cells = [f"{s[m + '_mean']:.4f} ± {s[m + '_std']:.4f}" for m in metrics]
+    lines.append("| " + " | ".join([str(s[by]), str(s["seeds"]), *cells]) + " |")
+  return "\n".join(lines)
+
+
+def reference_report(title: str, rows: Sequence[Mapping[str, Any]],
+                     times: Mapping[str, Any]) -> str:
+  """The report of the reference models: accuracy per split, mean ± std over seeds."""
+  return "\n".join([
+      f"# {title}", "",
+      "Accuracy of the original (retain + forget) and retrained (retain only) models on each "
+      "split, mean ± std over seeds.", "",
+      markdown_table(rows), "",
+      f"Training: {times['models']} models as one stack, {times['epochs']} epochs, "
+      f"{times['stack_seconds']:.1f} s wall time ({times['seconds_per_model']:.2f} s per model).",
+      ""])
