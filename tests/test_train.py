@@ -246,3 +246,19 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
   assert a.files == b.files
   for name in a.files:
     np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_masked_batchnorm_equals_the_smaller_real_batch():
+  """A partial batch padded to full size behaves exactly as the unpadded batch."""
+  model = models.get("small_cnn", 10, width=8)
+  variables = train.init_variables(model, jax.random.split(jax.random.key(0), 1), (8, 8, 1))
+  variables = jax.tree.map(lambda a: a[0], variables)
+  x = jax.random.normal(jax.random.key(1), (12, 8, 8, 1))
+  real = 7
+  valid = jnp.arange(12) < real
+  padded_x = jnp.where(valid[:, None, None, None], x, 100.0)  # garbage in the padding
+  out_pad, upd_pad = model.apply(variables, padded_x, train=True, mask=valid,
+                                 mutable=["batch_stats"])
+  out_real, upd_real = model.apply(variables, x[:real], train=True, mutable=["batch_stats"])
+  np.testing.assert_allclose(out_pad[:real], out_real, atol=1e-5)
+  _assert_trees_equal(upd_pad, upd_real, atol=1e-6)
