@@ -34,13 +34,14 @@ def get_config(arg: str | None = None):
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = dataset
   c.dataset.data_dir = ""  # "" = the source's default (tfds: ~/tensorflow_datasets)
-  c.dataset.options = ml_collections.ConfigDict(
-      DATA_OPTIONS.get(dataset, {}) if model != "small_cnn" else {})
+  data_options = DATA_OPTIONS.get(dataset, {}) if model != "small_cnn" else {}
+  c.dataset.options = ml_collections.ConfigDict(data_options)
 
   c.model = ml_collections.ConfigDict()
   c.model.name = model
   c.model.options = ml_collections.ConfigDict(
-      {"img_size": recipe.image_size or 32} if model == "tinyvit_11m" else {})
+      {"img_size": data_options.get("image_size", recipe.image_size or 32)}
+      if model == "tinyvit_11m" else {})
 
   c.data = ml_collections.ConfigDict()  # normalisation and augmentation of the recipe
   c.data.mean = tuple(recipe.mean)

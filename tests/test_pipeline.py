@@ -89,3 +89,19 @@ def test_config_typo_exits_nonzero_with_clear_message(tmp_path):
   assert 'Did you mean "train"' in out.stderr
   assert "Traceback" not in out.stderr
   assert not (tmp_path / "stages").exists()
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "fashion_mnist", "cifar10", "cifar100", "utkface",
+                                     "digits"])
+def test_every_dataset_model_pair_has_a_reference_config(dataset):
+  from configs import deepunlearn as configs
+  from jaxmu import models
+  for model in ("resnet18", "tinyvit_11m"):
+    config = configs.get_config(f"dataset={dataset},model={model}")
+    assert config.train.learning_rate == 0.1 and config.train.momentum == 0.9
+    assert config.train.weight_decay == 5e-4
+    assert config.train.epochs == {"cifar10": 182, "cifar100": 182, "digits": 30}.get(dataset, 50)
+    assert config.train.batch_size == (128 if dataset == "utkface" else 256)
+    models.get(model, 10, **config.model.options.to_dict())  # builds
+  with pytest.raises(ValueError, match="unknown config arguments"):
+    configs.get_config(f"dataset={dataset},modle=resnet18")
