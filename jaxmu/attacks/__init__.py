@@ -1,0 +1,8 @@
+"""Attacks never train: per-sample signals of models (arrays) in, scores and ROC metrics out.
+
+Submodules: `signals` (per-sample signals from logits), `iam` (IAM score, BinUI, ScoreUI),
+`metrics` (ROC metrics and DeepUnlearn's benchmark metrics). Other attack modules add their own
+import line below.
+"""
+
+from jaxmu.attacks import signals
