@@ -6,3 +6,4 @@ import line below.
 """
 
 from jaxmu.attacks import signals
+from jaxmu.attacks import iam, metrics

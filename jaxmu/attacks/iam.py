@@ -1,0 +1,195 @@
+"""IAM: Interpolated Approximate Measurement of sample-level unlearning (iam-spec 3, 9.2).
+
+`iam_score` turns per-sample signals (the vision IAM uses ``signals.normalized_gumbel`` of the
+true-class probability) of the audited model, a fitting reference and K shadow OUT models into an
+unlearning score per sample (high = unlearned). `bin_ui` and `score_ui` evaluate such scores
+against ground truth; `iam_off_constant` is IAM-Off's fitting reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.stats
+from jax.scipy.special import betainc
+
+from jaxmu.attacks import metrics
+
+DISTS = ("gumbel", "norm", "ecdf", "kde", "beta")
+SCALE_FLOOR = 1e-10  # replaces zero sigma / bandwidth (the reference divides by them)
+EULER_GAMMA = 0.5772  # the reference's truncated Euler-Mascheroni constant
+_CHUNK_ELEMENTS = 2**20  # per-chunk intermediate size (floats) of the sample loop
+
+
+def check_finite(**arrays):
+  """Raises ValueError naming any concrete array that holds NaN or infinity (tracers pass)."""
+  for name, x in arrays.items():
+    if not isinstance(x, jax.core.Tracer) and not np.all(np.isfinite(np.asarray(x))):
+      raise ValueError(f"{name} contains NaN or infinite values")
+
+
+def iam_score(target, fit, shadows, num_interp=100, dist="gumbel", fix_variance=True,
+              chunk_size=None):
+  """IAM unlearning score per sample, exactly iam-spec 3.2/3.3 (``interpolate_appro``).
+
+  Args:
+    target: [N] signal of the audited (unlearned) model on the N query samples.
+    fit: the fitting reference: [N] signal of the original model (IAM-On) or a scalar
+      (IAM-Off, see `iam_off_constant`).
+    shadows: [K, N] signals of K >= 1 shadow OUT models on the same samples.
+    num_interp: A >= 2 interpolation steps alpha_a = a / (A - 1); the alpha = 1 step is dropped.
+    dist: reference distribution fitted at each step: "gumbel" (method of moments with the
+      reference's gamma = 0.5772), "norm", "ecdf", "kde" (Gaussian kernel, bandwidth sigma) or
+      "beta" (method of moments).
+    fix_variance: True pools sigma over all K shadows and all N samples (ddof 0), the reference
+      default; this makes the score depend on the query batch (iam-spec 3.3). False uses the
+      per-sample std over shadows. K = 1 forces True, as in the reference.
+    chunk_size: samples per step of the loop over samples (default: about 2**20 intermediate
+      values per step), so memory is O(K N + chunk K A), never O(K A N).
+
+  Returns:
+    [N] scores 1 - sum_a alpha_{a+1} F[a] / sum_a alpha_{a+1} (the reference's off-by-one
+    weights), in [0, 1].
+
+  Deviations: a zero sigma or kde bandwidth is floored at 1e-10 (the reference divides by zero for
+  gumbel/kde with pooled variance and adds 1e-30 for norm); beta's zero variance is likewise floored
+  at 1e-10 rather than replaced only when exactly 0. The pooled sigma is computed from the centred
+  second moments of shadows and fit (the interpolation is linear in alpha) instead of materialising
+  the [K, A, N] array; equal up to rounding.
+  """
+  target, shadows, fit = jnp.asarray(target), jnp.asarray(shadows), jnp.asarray(fit)
+  if target.ndim != 1:
+    raise ValueError(f"target must have shape [N]; got {target.shape}")
+  if shadows.ndim != 2 or shadows.shape[1] != target.shape[0]:
+    raise ValueError(f"shadows must have shape [K, N] = [K, {target.shape[0]}]; got {shadows.shape}")
+  if shadows.shape[0] == 0:
+    raise ValueError("need at least one shadow model (K = 0)")
+  if fit.shape not in ((), target.shape):
+    raise ValueError(f"fit must be a scalar (IAM-Off) or shape {target.shape} (IAM-On); got {fit.shape}")
+  if dist not in DISTS:
+    raise ValueError(f"unknown dist {dist!r}; choose one of {DISTS}")
+  if not isinstance(num_interp, int) or num_interp < 2:
+    raise ValueError(f"num_interp must be an integer >= 2; got {num_interp!r}")
+  check_finite(target=target, fit=fit, shadows=shadows)
+  k = shadows.shape[0]
+  if chunk_size is None:
+    per_sample = (num_interp - 1) * (k if dist in ("ecdf", "kde") else 1)
+    chunk_size = max(1, _CHUNK_ELEMENTS // per_sample)
+  return _iam_score(target, fit, shadows, num_interp=num_interp, dist=dist,
+                    fix_variance=fix_variance or k == 1, chunk_size=min(chunk_size, target.shape[0]))
+
+
+def _pooled_sigma(fit, shadows, alphas):
+  """std over (k, j) of I[k, a, j] = (1 - alpha_a) shadows[k, j] + alpha_a fit[j], per a."""
+  xc = shadows - shadows.mean()
+  s_xx = jnp.mean(xc**2)
+  if fit.ndim == 0:  # IAM-Off: the constant adds no spread
+    s_yy = s_xy = 0.0
+  else:
+    yc = fit - fit.mean()
+    s_yy = jnp.mean(yc**2)
+    s_xy = jnp.mean(xc.mean(0) * yc)
+  b = 1.0 - alphas
+  return jnp.sqrt(jnp.maximum(b * b * s_xx + alphas**2 * s_yy + 2 * alphas * b * s_xy, 0.0))
+
+
+def _phi(x):
+  return 0.5 * jax.lax.erfc(-x / math.sqrt(2.0))
+
+
+@functools.partial(jax.jit, static_argnames=("num_interp", "dist", "fix_variance", "chunk_size"))
+def _iam_score(target, fit, shadows, *, num_interp, dist, fix_variance, chunk_size):
+  dtype = jnp.result_type(float, target, fit, shadows)
+  target, fit, shadows = target.astype(dtype), fit.astype(dtype), shadows.astype(dtype)
+  all_alphas = jnp.linspace(0.0, 1.0, num_interp, dtype=dtype)
+  alphas, weights = all_alphas[:-1], all_alphas[1:]
+  pooled = _pooled_sigma(fit, shadows, alphas) if fix_variance else None
+
+  def one_sample(x):
+    s, y, sh = x  # scalars s, y (target and fit), sh: [K]
+    mean_sh = sh.mean()
+    mu = mean_sh + alphas * (y - mean_sh)  # [A-1], = mean_k I[k, a]
+    sigma = pooled if fix_variance else (1.0 - alphas) * jnp.sqrt(jnp.mean((sh - mean_sh) ** 2))
+    scale = jnp.maximum(sigma, SCALE_FLOOR)
+    if dist == "gumbel":
+      beta = math.sqrt(6.0) * scale / math.pi
+      f = jnp.exp(-jnp.exp(-(s - mu + EULER_GAMMA * beta) / beta))
+    elif dist == "norm":
+      f = _phi((s - mu) / scale)
+    elif dist == "beta":
+      m = jnp.clip(mu, 1e-10, 1 - 1e-10)
+      t = jnp.maximum(m * (1 - m) / jnp.maximum(sigma**2, 1e-10) - 1, 1e-10)
+      f = betainc(jnp.maximum(m * t, 1e-10), jnp.maximum((1 - m) * t, 1e-10), jnp.clip(s, 0.0, 1.0))
+    else:
+      interp = sh[:, None] + alphas[None, :] * (y - sh[:, None])  # [K, A-1]
+      if dist == "ecdf":
+        f = jnp.mean(interp <= s, axis=0, dtype=dtype)
+      else:  # kde
+        f = jnp.mean(_phi((s - interp) / scale), axis=0)
+    return 1.0 - jnp.dot(weights, f) / weights.sum()
+
+  fit_n = jnp.broadcast_to(fit, target.shape)
+  return jax.lax.map(one_sample, (target, fit_n, shadows.T), batch_size=chunk_size)
+
+
+def iam_off_constant(shadow_train_signals: Sequence) -> jax.Array:
+  """IAM-Off's fitting constant c (iam-spec 3.1): the mean over shadows of each shadow's mean
+  signal on its *own* training samples (one 1-D array per shadow, lengths may differ)."""
+  if len(shadow_train_signals) == 0:
+    raise ValueError("need the training-set signals of at least one shadow model")
+  means = []
+  for k, s in enumerate(shadow_train_signals):
+    s = jnp.asarray(s)
+    if s.ndim != 1 or s.shape[0] == 0:
+      raise ValueError(f"shadow {k}: expected a non-empty 1-D signal array; got shape {s.shape}")
+    check_finite(**{f"shadow {k} signals": s})
+    means.append(s.mean())
+  return jnp.mean(jnp.stack(means))
+
+
+def bin_ui(unlearn_scores, forgotten, **roc_kwargs):
+  """BinUI (iam-spec 3.4, 9.1): ROC metrics of telling retained from forgotten samples.
+
+  As the reference's ``auc_extended(1 - flags, 1 - score)``: positives are *retained* samples
+  (``forgotten == 0``), scored by membership 1 - unlearn_score. ``roc_kwargs`` go to
+  `metrics.roc_metrics`. Also returns the mean and std (ddof 0) of the unlearning score over
+  forgotten and retained samples, as the reference logs.
+  """
+  scores, forgotten = np.asarray(unlearn_scores, np.float64), np.asarray(forgotten)
+  out = metrics.roc_metrics(1 - forgotten, 1.0 - scores, **roc_kwargs)
+  for name, mask in (("forgotten", forgotten == 1), ("retained", forgotten == 0)):
+    out[f"score_{name}_mean"] = float(scores[mask].mean())
+    out[f"score_{name}_std"] = float(scores[mask].std())
+  return out
+
+
+def score_ui(unlearn_scores, degree):
+  """ScoreUI (iam-spec 7.5, 9.2): agreement of membership with a ground-truth degree.
+
+  Membership 1 - unlearn_score is min-max normalised over the whole array (all samples and
+  checkpoints of one run), then compared with ``degree`` (broadcast to the scores' shape, e.g.
+  b / 20 per checkpoint column): Spearman (the headline), Pearson and MSE over all flattened pairs.
+  Deviation: the reference's histogram KL divergence is not computed.
+  """
+  scores = np.asarray(unlearn_scores, np.float64)
+  try:
+    degree = np.broadcast_to(np.asarray(degree, np.float64), scores.shape)
+  except ValueError:
+    raise ValueError(f"degree of shape {np.shape(degree)} does not broadcast to scores {scores.shape}") from None
+  check_finite(unlearn_scores=scores, degree=degree)
+  member = 1.0 - scores.ravel()
+  span = member.max() - member.min()
+  if span == 0 or np.ptp(degree) == 0:
+    raise ValueError("ScoreUI needs non-constant scores and degrees")
+  member = (member - member.min()) / span
+  deg = degree.ravel()
+  return {
+      "spearman": float(scipy.stats.spearmanr(member, deg).statistic),
+      "pearson": float(scipy.stats.pearsonr(member, deg).statistic),
+      "mse": float(np.mean((member - deg) ** 2)),
+  }
