@@ -1,0 +1,7 @@
+"""Unlearning methods: ``METHODS[name].run(ctx, hparams, key) -> UnlearnResult``.
+
+Each method module registers itself on import; see `jaxmu.unlearn.base` for the shared parts.
+"""
+
+from jaxmu.unlearn.base import (METHODS, Context, Method, UnlearnResult, get)  # noqa: F401
+from jaxmu.unlearn import finetune, reference  # noqa: F401  (registration)

@@ -1,0 +1,499 @@
+"""What every unlearning method shares: the context, the method record, the stack engine.
+
+A method unlearns a whole *stack* of models at once (each model a seed with its own original
+weights and its own retain/forget/val index sets). It is written as pure per-model step functions
+(``step(carry, orders, key, hp, inputs, labels, step_index, epoch, lr_factor)``) that `run_epochs`
+drives over epochs for the whole stack under the context's execution strategy (vmap, loop or
+sharded; see `jaxmu.parallel`). Continuous hyper-parameters are per-model float32 arrays (one
+compiled program serves many trials); discrete ones (epochs, batch sizes) are Python ints.
+
+Structural edits (freeze, re-initialise, mask, transpose, prune, add noise) are pytree operations
+on params selected by path (`jaxmu.models.param_groups`, `last_blocks`, `conv_kernel_mask`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from jaxmu import parallel, train
+from jaxmu.data import augment as augment_lib
+
+SOURCES = ("retain", "forget", "val")
+
+
+# --------------------------------------------------------------------------------------------
+# Context, result, method record, registry
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Context:
+  """Everything a method may read. Index sets are int32 [N, L] padded with -1 (one row a model).
+
+  ``originals`` and ``inits`` are stacked variables ({"params", "batch_stats"}) of the N original
+  models and of their initialisations (the retrained reference starts from ``inits``).
+  """
+
+  model: Any
+  recipe: train.Recipe  # normalisation, the training augmentation, the original batch size
+  data: train.DeviceData
+  originals: Mapping[str, Any]
+  inits: Mapping[str, Any]
+  retain: np.ndarray
+  forget: np.ndarray
+  val: np.ndarray
+  model_ids: tuple[int, ...]  # each model's PRNG stream: fold_in(key, model_id)
+  num_classes: int
+  input_shape: tuple[int, ...]
+  strategy: str = "auto"
+  train_epochs: int = 0  # epochs of the original training (retrain, epoch budgets)
+  train_hparams: Mapping[str, float] = dataclasses.field(default_factory=dict)
+
+  @staticmethod
+  def create(model, recipe, data, originals, inits, retain, forget, val, model_ids, num_classes,
+             strategy="auto", train_epochs=0, train_hparams=None) -> "Context":
+    """Builds a context; index sets may be one array shared by all models or one per model."""
+    n = parallel.num_models(originals["params"])
+    sets = {name: _per_model(s, n, name) for name, s in
+            (("retain", retain), ("forget", forget), ("val", val))}
+    if len(model_ids) != n:
+      raise ValueError(f"{len(model_ids)} model ids for a stack of {n} models")
+    data = data if isinstance(data, train.DeviceData) else train.DeviceData.create(data)
+    return Context(model, recipe, data, originals, inits, **sets, model_ids=tuple(model_ids),
+                   num_classes=num_classes, input_shape=tuple(data.inputs.shape[1:]),
+                   strategy=strategy, train_epochs=train_epochs,
+                   train_hparams=dict(train_hparams or {}))
+
+  @property
+  def num_models(self) -> int:
+    return self.retain.shape[0]
+
+  def keys(self, key: jax.Array) -> jax.Array:
+    return train.model_keys(key, self.model_ids)
+
+  def index_sets(self, source: str) -> np.ndarray:
+    if source not in SOURCES:
+      raise ValueError(f"unknown data source {source!r}; one of {SOURCES}")
+    return getattr(self, source)
+
+
+def _per_model(sets, n: int, name: str) -> np.ndarray:
+  if isinstance(sets, np.ndarray) and sets.ndim == 1:
+    sets = [sets] * n
+  padded = train.pad_index_sets(sets)
+  if padded.shape[0] != n:
+    raise ValueError(f"{padded.shape[0]} {name} index sets for a stack of {n} models")
+  return padded
+
+
+class UnlearnResult(NamedTuple):
+  states: dict[str, Any]  # stacked variables of the unlearned models
+  seconds: float  # wall time of the unlearning, compilation excluded
+  compile_seconds: float
+
+
+# Reference hyper-parameter types and their Optuna suggestions (deepunlearn-spec 4.2, HP_OPTUNA).
+def _suggest(trial, name: str, kind: str, e_max: int):
+  if kind in ("learning_rate", "weight_decay"):
+    return trial.suggest_float(name, 1e-5, 1e-1, log=True)
+  if kind == "momentum":
+    return trial.suggest_float(name, 0.9, 0.9)
+  if kind == "num_epochs":
+    return trial.suggest_int(name, 1, e_max)
+  if kind == "num_epochs_float":
+    return trial.suggest_float(name, 1, e_max)
+  if kind == "batch_size":
+    return trial.suggest_categorical(name, (64, 128, 256))
+  if kind in ("normal_sigma", "float"):
+    return trial.suggest_float(name, 0.0, 1.0)
+  if kind == "temperature":
+    return trial.suggest_float(name, 0.0, 5.0)
+  if kind == "eta_min":
+    return trial.suggest_float(name, 1e-6, 1e-1, log=True)
+  if kind in ("num_layers", "training_epoch_factor"):
+    return trial.suggest_int(name, 1, 10)
+  raise ValueError(f"unknown hyper-parameter type {kind!r}")
+
+
+HP_TYPES = ("learning_rate", "weight_decay", "momentum", "num_epochs", "num_epochs_float",
+            "batch_size", "normal_sigma", "float", "temperature", "eta_min", "num_layers",
+            "training_epoch_factor")
+# The reference's COMMON5 (deepunlearn-spec 4.2).
+COMMON5 = {"learning_rate": "learning_rate", "momentum": "momentum",
+           "weight_decay": "weight_decay", "batch_size": "batch_size", "num_epochs": "num_epochs"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """An unlearning method: data (name, defaults, search space) plus a pure stack function.
+
+  ``unlearn(ctx, hp, key) -> stacked variables`` does the work; `run` wraps it with defaults,
+  validation and timing. ``space`` maps a hyper-parameter name to its reference type
+  (`HP_TYPES`); `suggest` turns it into Optuna calls with exactly the reference ranges.
+  """
+
+  name: str
+  paper_name: str
+  reference: str  # the spec section it follows
+  defaults: Mapping[str, Any]
+  space: Mapping[str, str]
+  uses: tuple[str, ...]  # data sources it reads
+  unlearn: Callable[[Context, ml_collections.ConfigDict, jax.Array], dict]
+  aliases: tuple[str, ...] = ()
+
+  def hparams(self, overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
+    """The defaults updated with ``overrides``; an unknown name is an error naming the known."""
+    hp = ml_collections.ConfigDict(dict(self.defaults), type_safe=False)  # per-model lists
+    for name, value in dict(overrides or {}).items():
+      if name not in hp:
+        raise ValueError(f"method {self.name!r} has no hyper-parameter {name!r}; "
+                         f"known: {sorted(hp.keys())}")
+      hp[name] = value
+    return hp
+
+  def suggest(self, trial, e_max: int) -> dict[str, Any]:
+    """One hyper-parameter set from the reference search space (``e_max``: epoch budget)."""
+    return {name: _suggest(trial, name, kind, e_max) for name, kind in self.space.items()}
+
+  def run(self, ctx: Context, hparams: Mapping[str, Any] | None = None,
+          key: jax.Array | None = None) -> UnlearnResult:
+    hp = self.hparams(hparams)
+    key = jax.random.key(0) if key is None else key
+    with CompileClock() as clock:
+      start = time.perf_counter()
+      states = jax.block_until_ready(self.unlearn(ctx, hp, key))
+      wall = time.perf_counter() - start
+    return UnlearnResult(states, max(wall - clock.seconds, 0.0), clock.seconds)
+
+
+METHODS: dict[str, Method] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register(method: Method) -> Method:
+  for name in (method.name, *method.aliases):
+    if name in METHODS or name in _ALIASES:
+      raise ValueError(f"method name {name!r} registered twice")
+  METHODS[method.name] = method
+  _ALIASES.update({alias: method.name for alias in method.aliases})
+  return method
+
+
+def get(name: str) -> Method:
+  """The method called ``name`` (or a reference alias such as ``kgltop5``)."""
+  canonical = _ALIASES.get(name, name)
+  if canonical not in METHODS:
+    raise ValueError(f"unknown unlearning method {name!r}; known: {', '.join(sorted(METHODS))} "
+                     f"(aliases: {', '.join(sorted(_ALIASES))})")
+  return METHODS[canonical]
+
+
+class CompileClock:
+  """Context manager summing the seconds JAX spends tracing, lowering and compiling inside it."""
+
+  EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
+            "/jax/core/compile/jaxpr_to_mlir_module_duration",
+            "/jax/core/compile/backend_compile_duration")
+
+  def __init__(self):
+    self.seconds = 0.0
+
+  def _listen(self, event: str, duration: float, **kwargs) -> None:
+    del kwargs
+    if event in self.EVENTS:
+      self.seconds += duration
+
+  def __enter__(self) -> "CompileClock":
+    jax.monitoring.register_event_duration_secs_listener(self._listen)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    jax.monitoring.unregister_event_duration_listener(self._listen)
+
+
+# --------------------------------------------------------------------------------------------
+# Hyper-parameters and param-tree helpers
+# --------------------------------------------------------------------------------------------
+
+
+def per_model(hp: Mapping[str, Any], names: Sequence[str], n: int) -> dict[str, jax.Array]:
+  """Continuous hyper-parameters as float32 [N] arrays (a scalar is shared by all models)."""
+  out = {}
+  for name in names:
+    value = np.asarray(hp[name], np.float32)
+    if value.ndim not in (0, 1) or (value.ndim == 1 and value.shape[0] != n):
+      raise ValueError(f"hyper-parameter {name!r} must be a scalar or {n} values, got {value.shape}")
+    out[name] = jnp.broadcast_to(jnp.asarray(value), (n,))
+  return out
+
+
+def select(mask: Any, new: Any, old: Any) -> Any:
+  """Leafwise ``where(mask, new, old)`` over trees (mask leaves broadcast)."""
+  return jax.tree.map(lambda m, a, b: jnp.where(m, a, b), mask, new, old)
+
+
+def tree_zeros_like(tree: Any) -> Any:
+  return jax.tree.map(jnp.zeros_like, tree)
+
+
+def copy_tree(tree: Any) -> Any:
+  """A copy whose buffers can be donated without touching ``tree``."""
+  return jax.tree.map(jnp.copy, tree)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-model step primitives (pure; used inside jitted steps)
+# --------------------------------------------------------------------------------------------
+
+
+def batch(order: jax.Array, step_index, batch_size: int, cycle: bool = False) -> jax.Array:
+  """Batch ``step_index`` of an epoch order (-1 = padding). ``cycle`` wraps around the model's
+  own number of batches (``itertools.cycle`` over a shorter loader)."""
+  if cycle:
+    steps = jnp.maximum(-(-(order >= 0).sum() // batch_size), 1)
+    step_index = step_index % steps
+  return jax.lax.dynamic_slice(order, (step_index * batch_size,), (batch_size,))
+
+
+def inputs(recipe: train.Recipe, images: jax.Array, labels: jax.Array, idx: jax.Array,
+           key: jax.Array | None = None):
+  """Normalised inputs, labels and validity of a batch of indices (augmented when ``key``)."""
+  valid = idx >= 0
+  safe = jnp.where(valid, idx, 0)
+  raw = images[safe]
+  if key is not None:
+    raw = augment_lib.augment(key, raw, recipe.augment)
+  return augment_lib.normalize(raw, recipe.mean, recipe.std), labels[safe], valid
+
+
+def forward(model, params, batch_stats, x, valid, *, training: bool, key: jax.Array | None = None):
+  """Logits and the BatchNorm statistics, updated in train mode (``training``; also enables
+  stochastic depth with ``key``), unchanged in eval mode."""
+  variables = train.as_variables(params, batch_stats)
+  rngs = {"droppath": key} if key is not None else {}
+  if training and batch_stats:
+    logits, updates = model.apply(variables, x, train=True, mask=valid, rngs=rngs,
+                                  mutable=["batch_stats"])
+    return logits, updates["batch_stats"]
+  return model.apply(variables, x, train=training, mask=valid, rngs=rngs), batch_stats
+
+
+def masked_mean(values: jax.Array, valid: jax.Array) -> jax.Array:
+  return (values * valid).sum() / jnp.maximum(valid.sum(), 1)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def optimizer(kind: str, learning_rate, weight_decay, momentum) -> optax.GradientTransformation:
+  """PyTorch SGD / Adam with coupled L2 (deepunlearn-spec 4.2), as the training core's."""
+  return train.optimizer(train.Recipe(optimizer=kind),
+                         {"weight_decay": weight_decay, "momentum": momentum}, learning_rate)
+
+
+def init_opt(kind: str, params: Any) -> Any:
+  return optimizer(kind, 0.0, 0.0, 0.0).init(params)
+
+
+def sgd_update(kind: str, params, opt_state, grads, learning_rate, weight_decay, momentum,
+               trainable: Any = None, grad_scale: Any = None):
+  """One optimiser step. ``trainable`` (bool tree): other params get no update at all, as
+  PyTorch skips parameters without gradients. ``grad_scale``: multiplies the gradients first."""
+  if grad_scale is not None:
+    grads = jax.tree.map(jnp.multiply, grads, grad_scale)
+  updates, new_opt = optimizer(kind, learning_rate, weight_decay, momentum).update(
+      grads, opt_state, params)
+  if trainable is not None:
+    updates = jax.tree.map(lambda u, t: jnp.where(t, u, 0.0), updates, trainable)
+  return optax.apply_updates(params, updates), new_opt
+
+
+def keep_if_empty(valid: jax.Array, new: Any, old: Any) -> Any:
+  """An all-padding batch changes nothing."""
+  return jax.tree.map(lambda a, b: jnp.where(valid.any(), a, b), new, old)
+
+
+# --------------------------------------------------------------------------------------------
+# The stack engine
+# --------------------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class TrainCarry:
+  """The usual per-model carry: weights, BatchNorm statistics, optimiser state."""
+
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+  @property
+  def variables(self) -> dict[str, Any]:
+    return train.as_variables(self.params, self.batch_stats)
+
+  @staticmethod
+  def create(variables: Mapping[str, Any], optimizer_kind: str = "sgd") -> "TrainCarry":
+    params = copy_tree(variables["params"])
+    return TrainCarry(params, copy_tree(variables.get("batch_stats", {})),
+                      jax.vmap(functools.partial(init_opt, optimizer_kind))(params))
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(step: Callable, statics: tuple, strategy: str) -> Callable:
+  return parallel.Strategy(strategy).compile(functools.partial(step, *statics), num_per_model=3)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_orders(batch_size: int, shuffle: bool) -> Callable:
+  if shuffle:
+    return jax.jit(jax.vmap(lambda s, k: train.epoch_order(s, k, batch_size)))
+
+  def ordered(index_set, key):
+    del key
+    steps = -(-index_set.shape[0] // batch_size)
+    return jnp.pad(index_set, (0, steps * batch_size - index_set.shape[0]), constant_values=-1)
+
+  return jax.jit(jax.vmap(ordered))
+
+
+def steps_per_epoch(index_sets: np.ndarray, batch_size: int) -> int:
+  """Batches in an epoch over the longest index set of the stack (ceil, drop_last=False)."""
+  return max(math.ceil(int(index_sets.shape[1]) / batch_size), 1)
+
+
+def run_epochs(ctx: Context, step: Callable, statics: tuple, carry: Any, sources: Mapping[str, tuple[np.ndarray, int, bool]],
+               hp: Mapping[str, jax.Array], key: jax.Array, epochs: int, *, first_epoch: int = 0,
+               lr_factor: Callable[[int], float] = lambda epoch: 1.0,
+               num_steps: int | None = None) -> Any:
+  """Runs ``step`` over the whole stack for ``epochs`` epochs; returns the stacked carry.
+
+  Args:
+    step: a module-level pure function ``step(*statics, carry, orders, key, hp, images, labels,
+      step_index, epoch, lr_factor) -> (carry, metrics)`` for one model; ``orders`` maps each
+      source name to the model's epoch order (slice it with `batch`); ``key`` is the model's key
+      for this epoch (fold in the step index).
+    statics: hashable arguments bound first (model, recipe, static options): the compiled
+      program is cached per (step, statics, strategy), so runs that differ only in per-model
+      numbers reuse it.
+    sources: name -> (index sets [N, L], batch size, shuffle). Steps per epoch follow the first
+      source unless ``num_steps`` is given.
+    hp: per-model float32 [N] hyper-parameters (see `per_model`).
+    key: the run's key; model m uses fold_in(key, model_id), then the epoch number.
+    lr_factor: host-side learning-rate multiplier per epoch (0-based epoch index).
+  """
+  strat = parallel.Strategy.create(ctx.strategy)
+  compiled = _compiled(step, statics, strat.name)
+  n = ctx.num_models
+  keys = ctx.keys(key)
+  first = next(iter(sources))
+  steps = num_steps or steps_per_epoch(sources[first][0], sources[first][1])
+  for epoch in range(first_epoch, first_epoch + epochs):
+    epoch_keys = jax.vmap(lambda k: jax.random.fold_in(k, epoch))(keys)
+    orders = {}
+    for i, (name, (sets, size, shuffle)) in enumerate(sources.items()):
+      order_keys = jax.vmap(lambda k, i=i: jax.random.fold_in(k, 1000 + i))(epoch_keys)
+      orders[name] = _compiled_orders(size, shuffle)(jnp.asarray(sets), order_keys)
+    internal = strat.enter(carry)
+    args = [strat.enter_args(a) for a in (orders, epoch_keys, dict(hp))]
+    factor = jnp.float32(lr_factor(epoch))
+    for s in range(steps):
+      internal, _ = compiled(internal, *args, ctx.data.inputs, ctx.data.labels, jnp.int32(s),
+                             jnp.int32(epoch), factor)
+    carry = strat.exit(internal, n)
+  return carry
+
+
+def stack_map(ctx: Context, fn: Callable, statics: tuple, *per_model_args, shared=()) -> Any:
+  """``fn(*statics, *per_model, *shared)`` for every model of the stack (no carry)."""
+  return _compiled_map(fn, statics, parallel.resolve(ctx.strategy), len(per_model_args))(
+      *per_model_args, *shared)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_map(fn: Callable, statics: tuple, strategy: str, num_per_model: int) -> Callable:
+  return parallel.Strategy(strategy).map(functools.partial(fn, *statics), num_per_model)
+
+
+# --------------------------------------------------------------------------------------------
+# Fine-tuning, the phase most methods share
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneSpec:
+  """Static options of a cross-entropy fine-tuning phase (hashable: part of the program key)."""
+
+  batch_size: int = 256
+  optimizer: str = "sgd"
+  bn_train: bool = True  # BatchNorm in train mode while updating
+  augment: bool = False  # the training augmentation (EU-k) or plain inputs
+  proximal: bool = False  # + (prox_weight / 2) ||theta - anchor||^2 over trainable params
+  source: str = "retain"
+
+
+def finetune_step(model, recipe, spec: FinetuneSpec, carry, orders, key, hp, images, labels,
+                  step_index, epoch, lr_factor):
+  """One cross-entropy step; ``carry`` = (TrainCarry, extras) with extras holding ``trainable``
+  (bool tree or None), ``grad_scale`` (tree or None) and ``anchor`` (params or None)."""
+  del epoch
+  state, extras = carry
+  idx = batch(orders[spec.source], step_index, spec.batch_size)
+  step_key = jax.random.fold_in(key, step_index)
+  aug_key, drop_key = jax.random.split(step_key)
+  x, y, valid = inputs(recipe, images, labels, idx, aug_key if spec.augment else None)
+
+  def loss_fn(params):
+    logits, batch_stats = forward(model, params, state.batch_stats, x, valid,
+                                  training=spec.bn_train, key=drop_key)
+    loss = masked_mean(cross_entropy(logits, y), valid)
+    if spec.proximal:
+      sq = jax.tree.map(lambda p, a, t: jnp.sum(jnp.where(t, (p - a) ** 2, 0.0)),
+                        params, extras["anchor"], extras["trainable"])
+      loss = loss + hp["prox_weight"] / 2 * sum(jax.tree.leaves(sq))
+    return loss, batch_stats
+
+  grads, batch_stats = jax.grad(loss_fn, has_aux=True)(state.params)
+  params, opt_state = sgd_update(
+      spec.optimizer, state.params, state.opt_state, grads, hp["learning_rate"] * lr_factor,
+      hp["weight_decay"], hp["momentum"], extras.get("trainable"), extras.get("grad_scale"))
+  new = TrainCarry(params, batch_stats, opt_state)
+  return (keep_if_empty(valid, new, state), extras), {}
+
+
+def finetune(ctx: Context, variables: Mapping[str, Any], hp: Mapping[str, Any], key: jax.Array,
+             spec: FinetuneSpec, epochs: int, *, lr_factor: Callable[[int], float] = lambda e: 1.0,
+             trainable: Any = None, grad_scale: Any = None, anchor: Any = None) -> dict[str, Any]:
+  """Cross-entropy training of every model on its ``spec.source`` set; returns variables.
+
+  ``hp`` holds learning_rate, weight_decay, momentum (and prox_weight when ``spec.proximal``),
+  each a scalar or one value per model. ``trainable``, ``grad_scale`` and ``anchor`` are stacked
+  trees like the params (see `finetune_step`).
+  """
+  names = ("learning_rate", "weight_decay", "momentum") + (("prox_weight",) if spec.proximal else ())
+  extras = {"trainable": trainable, "grad_scale": grad_scale, "anchor": anchor}
+  carry = (TrainCarry.create(variables, spec.optimizer), extras)
+  sources = {spec.source: (ctx.index_sets(spec.source), spec.batch_size, True)}
+  carry = run_epochs(ctx, finetune_step, (ctx.model, ctx.recipe, spec), carry, sources,
+                     per_model(hp, names, ctx.num_models), key, epochs, lr_factor=lr_factor)
+  return carry[0].variables
+
+
+def cosine(epochs: int) -> Callable[[int], float]:
+  """PyTorch ``CosineAnnealingLR(T_max=epochs)`` stepped once an epoch: factor in epoch e."""
+  return lambda e: 0.5 * (1 + math.cos(math.pi * e / epochs))
+
+
+def stacked(tree: Any, n: int) -> Any:
+  """A per-model tree (e.g. a mask) repeated along a new leading model axis."""
+  return jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *jnp.shape(x))), tree)

@@ -1,0 +1,44 @@
+"""Shared fixtures: a tiny trained stack to unlearn (2 small CNNs on digits)."""
+
+import jax
+import numpy as np
+import pytest
+
+from jaxmu import data as data_lib
+from jaxmu import models, train, unlearn
+
+
+def make_context(model_name="small_cnn", num_models=2, strategy="loop", image_size=None,
+                 train_epochs=3, **model_kw):
+  """Digits (8x8x1, or image_size x image_size x 3), `num_models` originals trained briefly on
+  retain + forget; retain/forget/val differ per model so per-model handling is exercised."""
+  options = {"image_size": image_size, "channels": 3} if image_size else {}
+  ds = data_lib.load("digits", **options)
+  model = models.get(model_name, ds.num_classes, **({"width": 8} if model_name == "small_cnn"
+                                                     else {}) | model_kw)
+  recipe = train.Recipe(batch_size=64, augment="flip", mean=(0.3054,), std=(0.3760,))
+  data = train.DeviceData.create(ds)
+  rng = np.random.default_rng(0)
+  perm = rng.permutation(1437)
+  retain = [perm[:600], perm[:560]]
+  forget = [perm[600:660], perm[560:660]]
+  val = [perm[1000:1200], perm[1000:1150]]
+  retain, forget, val = retain[:num_models], forget[:num_models], val[:num_models]
+  if num_models > 2:
+    raise ValueError("make_context builds at most 2 models")
+  inits = train.init_variables(model, jax.random.split(jax.random.key(0), num_models),
+                               ds.inputs.shape[1:])
+  state = train.create_state(inits, recipe, learning_rate=0.05)
+  originals = train.fit(model, state, data, [np.concatenate([r, f]) for r, f in zip(retain, forget)],
+                        recipe, train_epochs, jax.random.key(1), strategy=strategy,
+                        progress=False).state.variables
+  return unlearn.Context.create(model, recipe, data, originals, inits, retain, forget, val,
+                                model_ids=tuple(range(num_models)), num_classes=ds.num_classes,
+                                strategy=strategy, train_epochs=train_epochs,
+                                train_hparams={"learning_rate": 0.05})
+
+
+@pytest.fixture(scope="session")
+def tiny_ctx():
+  """Two small CNNs on 8x8 digits, trained 3 epochs; strategy loop."""
+  return make_context()
