@@ -14,6 +14,7 @@ on CPU use configs/quickstart.py.
 import ml_collections
 
 from jaxmu import data as data_lib
+from jaxmu import unlearn
 
 EPOCHS = {"mnist": 50, "fashion_mnist": 50, "cifar10": 182, "cifar100": 182, "utkface": 50,
           "digits": 30}
@@ -65,10 +66,16 @@ def get_config(arg: str | None = None):
   c.train.schedule_unit = "epoch"
   c.train.data_seed = 123  # the shuffling/augmentation stream (the reference: setup_seed(123))
 
+  # Unlearning: every method of the registry with the reference defaults (deepunlearn-spec 4).
+  c.methods = tuple(m for m in unlearn.METHODS if m not in ("original", "retrain"))
+  c.unlearn = ml_collections.ConfigDict(
+      {m: dict(unlearn.METHODS[m].defaults) for m in c.methods})
+  c.unlearn_seed = 123
+
   c.parallel = ml_collections.ConfigDict()
   c.parallel.strategy = "auto"  # auto | vmap | loop | sharded
   c.parallel.max_models_per_program = 0  # 0 = the whole stack in one program
 
   c.checkpoint_every = 10  # epochs
-  c.stop_after = ""  # a stage name: splits, init, train, evaluate, report
+  c.stop_after = ""  # a stage name: splits, init, train, unlearn, evaluate, report
   return c

@@ -39,13 +39,15 @@ def summarize(rows: Sequence[Mapping[str, Any]], by: str = "method") -> list[dic
   groups: dict[Any, list[Mapping[str, Any]]] = defaultdict(list)
   for row in rows:
     groups[row[by]].append(row)
-  metrics = [k for k, v in rows[0].items() if k not in (by, "seed") and isinstance(v, float)]
+  metrics = list(dict.fromkeys(k for row in rows for k, v in row.items()
+                               if k not in (by, "seed") and isinstance(v, float)))
   out = []
   for name, members in groups.items():
     summary = {by: name, "seeds": len(members)}
     for metric in metrics:
-      values = np.asarray([m[metric] for m in members], np.float64)
-      summary[f"{metric}_mean"], summary[f"{metric}_std"] = values.mean(), values.std()
+      values = np.asarray([m[metric] for m in members if isinstance(m.get(metric), float)])
+      summary[f"{metric}_mean"] = values.mean() if len(values) else np.nan
+      summary[f"{metric}_std"] = values.std() if len(values) else np.nan
     out.append(summary)
   return out
 
@@ -57,18 +59,20 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], by: str = "method") -> str
   lines = ["| " + " | ".join([by, "seeds", *metrics]) + " |",
            "|" + "---|" * (len(metrics) + 2)]
   for s in summary:
-    cells = [f"{s[m + '_mean']:.4f} ± {s[m + '_std']:.4f}" for m in metrics]
+    cells = [f"{s[m + '_mean']:.4f} ± {s[m + '_std']:.4f}" if np.isfinite(s[m + "_mean"])
+             else "—" for m in metrics]
     lines.append("| " + " | ".join([str(s[by]), str(s["seeds"]), *cells]) + " |")
   return "\n".join(lines)
 
 
-def reference_report(title: str, rows: Sequence[Mapping[str, Any]],
+def benchmark_report(title: str, rows: Sequence[Mapping[str, Any]],
                      times: Mapping[str, Any]) -> str:
   """The report of the reference models: accuracy per split, mean ± std over seeds."""
   return "\n".join([
       f"# {title}", "",
-      "Accuracy of the original (retain + forget) and retrained (retain only) models on each "
-      "split, mean ± std over seeds.", "",
+      "Accuracy on each split of the original (retain + forget), retrained (retain only) and "
+      "unlearned models, mean ± std over seeds; `seconds`: unlearning time per model "
+      "(compilation excluded).", "",
       markdown_table(rows), "",
       f"Training: {times['models']} models as one stack, {times['epochs']} epochs, "
       f"{times['stack_seconds']:.1f} s wall time ({times['seconds_per_model']:.2f} s per model).",

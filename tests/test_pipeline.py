@@ -20,6 +20,8 @@ def _tiny_config():
   config.seeds = (0, 1)
   config.train.epochs = 2
   config.checkpoint_every = 1
+  config.methods = ("finetune",)
+  config.unlearn.finetune.num_epochs = 1
   return config
 
 
@@ -33,24 +35,35 @@ def test_pipeline_runs_skips_and_reruns_what_changed(tmp_path):
   assert path == tmp_path / "report.md"
   rows = report.read_csv(tmp_path / "results.csv")
   assert [(r["method"], r["seed"]) for r in rows] == [
-      ("original", 0), ("original", 1), ("retrain", 0), ("retrain", 1)]
+      ("original", 0), ("original", 1), ("retrain", 0), ("retrain", 1), ("finetune", 0),
+      ("finetune", 1)]
+  assert rows[-1]["seconds"] > 0
   for row in rows:
     for split in deepunlearn.SPLITS:
       assert 0.0 <= row[f"{split}_acc"] <= 1.0
   text = path.read_text()
-  assert "| original | 2 |" in text and "| retrain | 2 |" in text
+  assert "| original | 2 |" in text and "| retrain | 2 |" in text and "| finetune | 2 |" in text
   assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2  # one line per epoch
   assert not (tmp_path / "checkpoints" / "train").exists()  # removed once the stage is done
 
-  before = {s: _manifest(tmp_path, s)["finished"] for s in deepunlearn.STAGES}
+  stage_names = [s.stem for s in (tmp_path / "stages").glob("*.json")]
+  assert "unlearn_finetune" in stage_names
+  before = {s: _manifest(tmp_path, s)["finished"] for s in stage_names}
   deepunlearn.run(config, tmp_path)
-  assert {s: _manifest(tmp_path, s)["finished"] for s in deepunlearn.STAGES} == before
+  assert {s: _manifest(tmp_path, s)["finished"] for s in stage_names} == before
 
   config.train.epochs = 3
   deepunlearn.run(config, tmp_path)
   assert _manifest(tmp_path, "splits")["finished"] == before["splits"]
   assert _manifest(tmp_path, "train")["reason"] == "config changed"
+  assert _manifest(tmp_path, "unlearn_finetune")["reason"] == "input 'train' changed"
   assert _manifest(tmp_path, "evaluate")["reason"] == "input 'train' changed"
+
+  config.unlearn.finetune.learning_rate = 0.01  # only that method and what reads it rerun
+  before = {s: _manifest(tmp_path, s)["finished"] for s in stage_names}
+  deepunlearn.run(config, tmp_path)
+  assert _manifest(tmp_path, "train")["finished"] == before["train"]
+  assert _manifest(tmp_path, "unlearn_finetune")["reason"] == "config changed"
 
 
 def test_stop_after_and_bad_stage(tmp_path):

@@ -8,8 +8,11 @@ Stages (``config.stop_after`` names the last one to run):
 3. ``train``: per seed an *original* model (retain + forget) and a *retrained* model (retain
    only), all 2 x len(seeds) of them trained as one stack; periodic checkpoints let a killed run
    resume with the same numbers (``models/original``, ``models/retrain``, ``times.json``).
-4. ``evaluate``: accuracy of every model on retain / forget / val / test (``results.csv``).
-5. ``report``: mean and std over seeds (``report.md``).
+4. ``unlearn``: every method of ``config.methods`` with its hyper-parameters
+   ``config.unlearn.<method>`` on the stack of originals, one resumable stage per method
+   (``unlearned/<method>``, with its run time, compilation excluded).
+5. ``evaluate``: accuracy of every model on retain / forget / val / test (``results.csv``).
+6. ``report``: mean and std over seeds (``report.md``).
 """
 
 from __future__ import annotations
@@ -17,17 +20,18 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import zlib
 from pathlib import Path
 
 import jax
 import ml_collections
 import numpy as np
 
-from jaxmu import checkpoint, models, report, stages, train
+from jaxmu import checkpoint, models, report, stages, train, unlearn
 from jaxmu import data as data_lib
 from jaxmu.data import splits as splits_lib
 
-STAGES = ("splits", "init", "train", "evaluate", "report")
+STAGES = ("splits", "init", "train", "unlearn", "evaluate", "report")
 GROUPS = ("original", "retrain")
 SPLITS = ("retain", "forget", "val", "test")
 
@@ -98,21 +102,42 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
   if finished("train"):
     return wd.path("models")
 
-  with wd.stage("evaluate", config={"splits": SPLITS}, deps=("train",),
+  methods = tuple(unlearn.get(m).name for m in config.methods)
+  ctx = None
+  for method in methods:
+    hparams = config.unlearn[method].to_dict() if method in config.unlearn else {}
+    with wd.stage(f"unlearn_{method}", config={"hparams": hparams, "seed": config.unlearn_seed,
+                                               "parallel": config.parallel},
+                  deps=("train",), outputs=(f"unlearned/{method}",)) as st:
+      if not st.done:
+        ctx = ctx or _context(config, wd, model, dataset, parts, seeds, like)
+        key = jax.random.fold_in(jax.random.key(config.unlearn_seed), zlib.crc32(method.encode()))
+        result = unlearn.get(method).run(ctx, hparams, key)
+        checkpoint.save(st.tmp / "unlearned" / method, jax.device_get(result.states),
+                        metadata={"seconds": result.seconds,
+                                  "compile_seconds": result.compile_seconds,
+                                  "models": len(seeds), "hparams": hparams})
+        st.commit()
+  if finished("unlearn"):
+    return wd.path("unlearned")
+
+  with wd.stage("evaluate", config={"splits": SPLITS},
+                deps=("train",) + tuple(f"unlearn_{m}" for m in methods),
                 outputs=("results.csv",)) as st:
     if not st.done:
-      rows = _evaluate(config, wd, model, dataset, parts, seeds, like)
+      rows = _evaluate(config, wd, model, dataset, parts, seeds, like, methods)
       report.write_csv(st.tmp / "results.csv", rows)
       st.commit()
   if finished("evaluate"):
     return wd.path("results.csv")
 
-  with wd.stage("report", deps=("evaluate",), outputs=("report.md",)) as st:
+  with wd.stage("report", config={"methods": methods}, deps=("evaluate",),
+                outputs=("report.md",)) as st:
     if not st.done:
       rows = report.read_csv(wd.path("results.csv"))
       times = json.loads(wd.path("times.json").read_text())
-      title = f"DeepUnlearn reference models: {config.dataset.name} / {config.model.name}"
-      (st.tmp / "report.md").write_text(report.reference_report(title, rows, times))
+      title = f"DeepUnlearn: {config.dataset.name} / {config.model.name}"
+      (st.tmp / "report.md").write_text(report.benchmark_report(title, rows, times))
       st.commit()
   return wd.path("report.md")
 
@@ -153,15 +178,31 @@ def _train_reference_models(config, wd, st, model, dataset, parts, seeds, like) 
   (st.tmp / "times.json").write_text(json.dumps(times, indent=1))
 
 
-def _evaluate(config, wd, model, dataset, parts, seeds, like) -> list[dict]:
+def _context(config, wd, model, dataset, parts, seeds, like) -> unlearn.Context:
+  return unlearn.Context.create(
+      model, recipe_from_config(config), train.DeviceData.create(dataset),
+      checkpoint.restore(wd.path("models/original"), like),
+      checkpoint.restore(wd.path("models/init"), like),
+      parts["retain"], parts["forget"], parts["val"], model_ids=seeds,
+      num_classes=dataset.num_classes, strategy=config.parallel.strategy,
+      train_epochs=config.train.epochs,
+      train_hparams={k: config.train[k] for k in ("learning_rate", "momentum", "weight_decay")})
+
+
+def _evaluate(config, wd, model, dataset, parts, seeds, like, methods) -> list[dict]:
   recipe = recipe_from_config(config)
   data = train.DeviceData.create(dataset)
+  groups = [(g, wd.path("models", g)) for g in GROUPS]
+  groups += [(m, wd.path("unlearned", m)) for m in methods]
   rows = []
-  for group in GROUPS:
-    variables = checkpoint.restore(wd.path("models", group), like)
+  for group, path in groups:
+    variables = checkpoint.restore(path, like)
+    seconds = checkpoint.read_metadata(path).get("seconds") if group in methods else None
     acc = {name: train.evaluate(model, variables, data, parts[name], recipe,
                                 config.parallel.strategy)["accuracy"] for name in SPLITS}
     for m, seed in enumerate(seeds):
-      rows.append({"method": group, "seed": seed,
-                   **{f"{name}_acc": float(acc[name][m]) for name in SPLITS}})
+      row = {"method": group, "seed": seed, **{f"{name}_acc": float(acc[name][m]) for name in SPLITS}}
+      if seconds is not None:
+        row["seconds"] = seconds / len(seeds)  # the stack's time, shared equally
+      rows.append(row)
   return rows
