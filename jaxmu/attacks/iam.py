@@ -54,7 +54,7 @@ def iam_score(target, fit, shadows, num_interp=100, dist="gumbel", fix_variance=
 
   Returns:
     [N] scores 1 - sum_a alpha_{a+1} F[a] / sum_a alpha_{a+1} (the reference's off-by-one
-    weights), in [0, 1].
+    weights), clipped to [0, 1] against rounding.
 
   Deviations: a zero sigma or kde bandwidth is floored at 1e-10 (the reference divides by zero for
   gumbel/kde with pooled variance and adds 1e-30 for norm); beta's zero variance is likewise floored
@@ -80,20 +80,17 @@ def iam_score(target, fit, shadows, num_interp=100, dist="gumbel", fix_variance=
   if chunk_size is None:
     per_sample = (num_interp - 1) * (k if dist in ("ecdf", "kde") else 1)
     chunk_size = max(1, _CHUNK_ELEMENTS // per_sample)
-  return _iam_score(target, fit, shadows, num_interp=num_interp, dist=dist,
-                    fix_variance=fix_variance or k == 1, chunk_size=min(chunk_size, target.shape[0]))
+  # IAM-Off's constant is broadcast (it adds no spread to sigma); fix_variance is traced: On, Off
+  # and both variance modes share one compiled program per dist and shape.
+  return _iam_score(target, jnp.broadcast_to(fit, target.shape), shadows,
+                    jnp.asarray(bool(fix_variance) or k == 1), num_interp=num_interp, dist=dist,
+                    chunk_size=min(chunk_size, target.shape[0]))
 
 
 def _pooled_sigma(fit, shadows, alphas):
   """std over (k, j) of I[k, a, j] = (1 - alpha_a) shadows[k, j] + alpha_a fit[j], per a."""
-  xc = shadows - shadows.mean()
-  s_xx = jnp.mean(xc**2)
-  if fit.ndim == 0:  # IAM-Off: the constant adds no spread
-    s_yy = s_xy = 0.0
-  else:
-    yc = fit - fit.mean()
-    s_yy = jnp.mean(yc**2)
-    s_xy = jnp.mean(xc.mean(0) * yc)
+  xc, yc = shadows - shadows.mean(), fit - fit.mean()
+  s_xx, s_yy, s_xy = jnp.mean(xc**2), jnp.mean(yc**2), jnp.mean(xc.mean(0) * yc)
   b = 1.0 - alphas
   return jnp.sqrt(jnp.maximum(b * b * s_xx + alphas**2 * s_yy + 2 * alphas * b * s_xy, 0.0))
 
@@ -102,19 +99,19 @@ def _phi(x):
   return 0.5 * jax.lax.erfc(-x / math.sqrt(2.0))
 
 
-@functools.partial(jax.jit, static_argnames=("num_interp", "dist", "fix_variance", "chunk_size"))
-def _iam_score(target, fit, shadows, *, num_interp, dist, fix_variance, chunk_size):
+@functools.partial(jax.jit, static_argnames=("num_interp", "dist", "chunk_size"))
+def _iam_score(target, fit, shadows, fix_variance, *, num_interp, dist, chunk_size):
   dtype = jnp.result_type(float, target, fit, shadows)
   target, fit, shadows = target.astype(dtype), fit.astype(dtype), shadows.astype(dtype)
   all_alphas = jnp.linspace(0.0, 1.0, num_interp, dtype=dtype)
   alphas, weights = all_alphas[:-1], all_alphas[1:]
-  pooled = _pooled_sigma(fit, shadows, alphas) if fix_variance else None
+  pooled = _pooled_sigma(fit, shadows, alphas)
 
   def one_sample(x):
     s, y, sh = x  # scalars s, y (target and fit), sh: [K]
     mean_sh = sh.mean()
     mu = mean_sh + alphas * (y - mean_sh)  # [A-1], = mean_k I[k, a]
-    sigma = pooled if fix_variance else (1.0 - alphas) * jnp.sqrt(jnp.mean((sh - mean_sh) ** 2))
+    sigma = jnp.where(fix_variance, pooled, (1.0 - alphas) * jnp.sqrt(jnp.mean((sh - mean_sh) ** 2)))
     scale = jnp.maximum(sigma, SCALE_FLOOR)
     if dist == "gumbel":
       beta = math.sqrt(6.0) * scale / math.pi
@@ -131,10 +128,15 @@ def _iam_score(target, fit, shadows, *, num_interp, dist, fix_variance, chunk_si
         f = jnp.mean(interp <= s, axis=0, dtype=dtype)
       else:  # kde
         f = jnp.mean(_phi((s - interp) / scale), axis=0)
-    return 1.0 - jnp.dot(weights, f) / weights.sum()
+    return jnp.clip(1.0 - jnp.dot(weights, f) / weights.sum(), 0.0, 1.0)
 
-  fit_n = jnp.broadcast_to(fit, target.shape)
-  return jax.lax.map(one_sample, (target, fit_n, shadows.T), batch_size=chunk_size)
+  # Loop over zero-padded chunks of samples, each chunk vectorised.
+  n = target.shape[0]
+  num_chunks = -(-n // chunk_size)
+  xs = (target, fit, shadows.T)
+  xs = tuple(jnp.pad(x, [(0, num_chunks * chunk_size - n)] + [(0, 0)] * (x.ndim - 1))
+             .reshape(num_chunks, chunk_size, *x.shape[1:]) for x in xs)
+  return jax.lax.map(jax.vmap(one_sample), xs).reshape(-1)[:n]
 
 
 def iam_off_constant(shadow_train_signals: Sequence) -> jax.Array:
