@@ -51,9 +51,10 @@ def roc_metrics(labels, scores, levels=LEVELS, num_bootstrap=200, confidence=0.9
     ``np.interp`` on the curve), ``curve`` ({"fpr", "tpr", "thresholds"} arrays, for log-log
     plots) and, with bootstrap, ``auc_ci`` ((low, high)) and ``tpr_at_fpr_ci`` ({level: (low, high)}).
 
-  Deviation: the reference interpolates TNR at FNR after ``np.argsort(fnr)`` (unstable on ties);
-  here along the curve in order of increasing FNR, which is the same wherever FNR has no ties and
-  mirrors the TPR at FPR definition.
+  Deviation: the reference interpolates TNR at FNR after ``np.argsort(fnr)``, whose order among
+  equal FNRs (every horizontal step of the curve) is unspecified; here along the curve in order of
+  increasing FNR, so TNR at FNR is exactly TPR at FPR of the mirrored task (labels and scores
+  negated), as the reference computes TPR at FPR.
   """
   labels, scores = _binary_labels_and_scores(labels, scores)
   levels = np.asarray(levels, np.float64)
