@@ -18,19 +18,12 @@ import numpy as np
 import scipy.stats
 from jax.scipy.special import betainc
 
-from jaxmu.attacks import metrics
+from jaxmu.attacks import _checks, metrics
 
 DISTS = ("gumbel", "norm", "ecdf", "kde", "beta")
 SCALE_FLOOR = 1e-10  # replaces zero sigma / bandwidth (the reference divides by them)
 EULER_GAMMA = 0.5772  # the reference's truncated Euler-Mascheroni constant
 _CHUNK_ELEMENTS = 2**20  # per-chunk intermediate size (floats) of the sample loop
-
-
-def check_finite(**arrays):
-  """Raises ValueError naming any concrete array that holds NaN or infinity (tracers pass)."""
-  for name, x in arrays.items():
-    if not isinstance(x, jax.core.Tracer) and not np.all(np.isfinite(np.asarray(x))):
-      raise ValueError(f"{name} contains NaN or infinite values")
 
 
 def iam_score(target, fit, shadows, num_interp=100, dist="gumbel", fix_variance=True,
@@ -62,20 +55,15 @@ def iam_score(target, fit, shadows, num_interp=100, dist="gumbel", fix_variance=
   second moments of shadows and fit (the interpolation is linear in alpha) instead of materialising
   the [K, A, N] array; equal up to rounding.
   """
-  target, shadows, fit = jnp.asarray(target), jnp.asarray(shadows), jnp.asarray(fit)
-  if target.ndim != 1:
-    raise ValueError(f"target must have shape [N]; got {target.shape}")
-  if shadows.ndim != 2 or shadows.shape[1] != target.shape[0]:
-    raise ValueError(f"shadows must have shape [K, N] = [K, {target.shape[0]}]; got {shadows.shape}")
-  if shadows.shape[0] == 0:
-    raise ValueError("need at least one shadow model (K = 0)")
+  target = _checks.signal(target, "target", 1)
+  shadows = _checks.shadows(shadows, target.shape[0])
+  fit = _checks.signal(fit, "fit", np.ndim(fit))
   if fit.shape not in ((), target.shape):
     raise ValueError(f"fit must be a scalar (IAM-Off) or shape {target.shape} (IAM-On); got {fit.shape}")
   if dist not in DISTS:
     raise ValueError(f"unknown dist {dist!r}; choose one of {DISTS}")
   if not isinstance(num_interp, int) or num_interp < 2:
     raise ValueError(f"num_interp must be an integer >= 2; got {num_interp!r}")
-  check_finite(target=target, fit=fit, shadows=shadows)
   k = shadows.shape[0]
   if chunk_size is None:
     per_sample = (num_interp - 1) * (k if dist in ("ecdf", "kde") else 1)
@@ -146,11 +134,7 @@ def iam_off_constant(shadow_train_signals: Sequence) -> jax.Array:
     raise ValueError("need the training-set signals of at least one shadow model")
   means = []
   for k, s in enumerate(shadow_train_signals):
-    s = jnp.asarray(s)
-    if s.ndim != 1 or s.shape[0] == 0:
-      raise ValueError(f"shadow {k}: expected a non-empty 1-D signal array; got shape {s.shape}")
-    check_finite(**{f"shadow {k} signals": s})
-    means.append(s.mean())
+    means.append(_checks.signal(s, f"shadow {k}'s training signals", 1).mean())
   return jnp.mean(jnp.stack(means))
 
 
@@ -183,7 +167,8 @@ def score_ui(unlearn_scores, degree):
     degree = np.broadcast_to(np.asarray(degree, np.float64), scores.shape)
   except ValueError:
     raise ValueError(f"degree of shape {np.shape(degree)} does not broadcast to scores {scores.shape}") from None
-  check_finite(unlearn_scores=scores, degree=degree)
+  if not (np.isfinite(scores).all() and np.isfinite(degree).all()):
+    raise ValueError("unlearn_scores or degree contain NaN or infinite values")
   member = 1.0 - scores.ravel()
   span = member.max() - member.min()
   if span == 0 or np.ptp(degree) == 0:
