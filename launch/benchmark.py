@@ -1,4 +1,5 @@
-"""Measures training throughput of stacks of models, per strategy; prints and writes JSON.
+"""Measures training throughput of stacks of models, per strategy, or (``configs/bench.py:attacks``)
+the time of attack scoring; prints and writes JSON.
 
     python launch/benchmark.py --config=configs/bench.py --out=runs/bench.json
 
@@ -68,12 +69,52 @@ def measure(model_name, num_models, strategy, config) -> dict:
           "images_per_s": round(model_steps * config.batch_size, 1)}
 
 
+def measure_attacks(config) -> list[dict]:
+  """Seconds per attack scoring call on random signals: first call (with compilation) and the
+  median of ``repeats`` later calls."""
+  import jax
+  import numpy as np
+
+  from jaxmu.attacks import iam, lira
+
+  c = config.attacks
+  rng = np.random.default_rng(0)
+  n = c.num_samples
+
+  def timed(fn, **row):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(c.repeats):
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      times.append(time.perf_counter() - start)
+    return row | {"num_samples": n, "first_call_seconds": round(first, 3),
+                  "seconds": round(float(np.median(times)), 4)}
+
+  target, fit = rng.random(n, np.float32), rng.random(n, np.float32)
+  shadows = rng.random((c.iam_shadows, n), np.float32)
+  rows = [timed(lambda: iam.iam_score(target, fit, shadows, c.num_interp, dist),
+                attack=f"iam_{dist}", num_shadows=c.iam_shadows, num_interp=c.num_interp)
+          for dist in c.iam_dists]
+  lira_shadows = rng.normal(size=(c.lira_shadows, n)).astype(np.float32)
+  in_mask = rng.random((c.lira_shadows, n)) < 0.5
+  rows.append(timed(lambda: lira.carlini_lira_online(target, lira_shadows, in_mask),
+                    attack="carlini_lira_online", num_shadows=c.lira_shadows))
+  return rows
+
+
 def main(argv):
   del argv
   import jax
   config = _CONFIG.value
   rows = []
-  for model_name in config.models:
+  if config.section == "attacks":
+    rows = measure_attacks(config)
+    for row in rows:
+      print(json.dumps(row), flush=True)
+  for model_name in config.models if config.section == "training" else ():
     for n in config.num_models:
       for strategy in config.strategies:
         row = measure(model_name, n, strategy, config)
