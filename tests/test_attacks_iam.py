@@ -83,8 +83,10 @@ def test_default_chunking_bounds_memory():
   per_chunk = iam._CHUNK_ELEMENTS
   assert per_chunk // (99 * 128) * 99 * 128 * 4 <= 4 * 2**20
   target, fit, shadows = _signals(False, n=500, k=128)
-  lowered = jax.jit(lambda t, f, s: iam.iam_score(t, f, s, dist="kde")).lower(target, fit, shadows)
-  text = lowered.as_text()
+  chunk = iam._CHUNK_ELEMENTS // (99 * 128)
+  text = iam._iam_score.lower(target, fit, shadows, True, num_interp=100, dist="kde",
+                              chunk_size=chunk).as_text()
+  assert f"128x99x{chunk}" in text or f"{chunk}x128x99" in text  # one chunk's [K, A] terms
   assert "128x99x500" not in text  # the full [K, A, N] array never appears
   assert "while" in text  # a loop over sample chunks
 

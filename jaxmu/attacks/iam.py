@@ -49,6 +49,9 @@ def iam_score(target, fit, shadows, num_interp=100, dist="gumbel", fix_variance=
     [N] scores 1 - sum_a alpha_{a+1} F[a] / sum_a alpha_{a+1} (the reference's off-by-one
     weights), clipped to [0, 1] against rounding.
 
+  Inputs are validated eagerly (shapes, K >= 1, no NaN), so call it outside ``jax.jit``; the
+  computation itself is one jitted program per dist, A and shape.
+
   Deviations: a zero sigma or kde bandwidth is floored at 1e-10 (the reference divides by zero for
   gumbel/kde with pooled variance and adds 1e-30 for norm); beta's zero variance is likewise floored
   at 1e-10 rather than replaced only when exactly 0. The pooled sigma is computed from the centred
