@@ -7,3 +7,4 @@ import line below.
 
 from jaxmu.attacks import signals
 from jaxmu.attacks import iam, metrics
+from jaxmu.attacks import baselines, lira, mia, rmia  # noqa: F401
