@@ -1,0 +1,535 @@
+"""The NeurIPS'23 Kaggle-derived DeepUnlearn methods, part 1: FCS, MSG, CFW, CT.
+
+(PRMQ, KDE and RNI are in `jaxmu.unlearn.kaggle_reset`.) Every method unlearns the whole stack at
+once: per-model decisions (MSG's random probe subset and per-kernel smallest-gradient masks, CFW's
+class weights, FCS's per-model schedule length) are made inside the stack with `base.stack_map`
+or inside the per-model steps, never by looping over models.
+
+Shared here: the per-step loss engine `loss_step` (one pure step whose static `LossSpec` picks the
+loss: CE, CFW's weighted CE, PRMQ's entropy matching, KDE's distillation) and the structural
+helpers (conv-kernel transpose, stem confuser, PyTorch default resets).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxmu import train
+from jaxmu.models import resnet
+from jaxmu.unlearn import base
+
+NO_LIMIT = 2.0 ** 30  # "max_steps" of a phase that runs whole epochs
+
+
+# --------------------------------------------------------------------------------------------
+# Tree helpers (per model, no leading axis)
+# --------------------------------------------------------------------------------------------
+
+
+def leaf_paths(tree: Any) -> list[tuple[str, ...]]:
+  return [tuple(k.key for k in p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def is_conv_kernel(path: tuple[str, ...], leaf) -> bool:
+  """A conv kernel of ONE model: a leaf named ``kernel`` with 4 dims [kh, kw, in/groups, out]."""
+  return path[-1] == "kernel" and jnp.ndim(leaf) == 4
+
+
+def map_with_path(fn: Callable, tree: Any, *rest: Any) -> Any:
+  return jax.tree_util.tree_map_with_path(
+      lambda p, *xs: fn(tuple(k.key for k in p), *xs), tree, *rest)
+
+
+def torch_default_draw(key: jax.Array, path: tuple[str, ...], shape, fan_in: int) -> jax.Array:
+  """PyTorch's ``reset_parameters`` of Conv2d/Linear: kaiming_uniform(a=sqrt5) for the weight and
+  U(+-1/sqrt(fan_in)) for the bias, i.e. both U(+-1/sqrt(fan_in))."""
+  del path
+  bound = 1.0 / math.sqrt(fan_in)
+  return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+
+
+def reset_modules(params: Any, modules: tuple[str, ...], key: jax.Array) -> Any:
+  """PyTorch-default re-initialisation of the top-level ``modules`` (conv/linear: kernel, bias)
+  of one model; fan_in = prod(kernel.shape[:-1]) (in/groups * kh * kw, or in_features)."""
+  def reset(path, leaf):
+    if path[0] not in modules:
+      return leaf
+    kernel = params[path[0]]["kernel"]
+    fan_in = int(np.prod(kernel.shape[:-1]))
+    index = leaf_paths(params).index(path)
+    return torch_default_draw(jax.random.fold_in(key, index), path, leaf.shape, fan_in)
+  return map_with_path(reset, params)
+
+
+def transpose_conv_kernels(params: Any) -> Any:
+  """CT's structural edit on ONE model: every conv kernel [kh, kw, in, out] -> [kw, kh, in, out]
+  (PyTorch ``weight.swapaxes(2, 3)`` on [out, in, kh, kw]); 1x1 kernels are unchanged."""
+  return map_with_path(
+      lambda p, x: jnp.swapaxes(x, 0, 1) if is_conv_kernel(p, x) else x, params)
+
+
+def confuse(params: Any, std, key: jax.Array) -> Any:
+  """CFW's ``vision_confuser`` on ONE model: w <- N(w, std^2) for every top-level module whose
+  name contains "conv" and that has a kernel (ResNet/small CNN: ``stem_conv`` only; TinyViT: none,
+  as in the reference, deepunlearn-spec 10.20)."""
+  out = dict(params)
+  for i, name in enumerate(sorted(params)):
+    if "conv" in name and "kernel" in params[name]:
+      kernel = params[name]["kernel"]
+      noise = jax.random.normal(jax.random.fold_in(key, i), kernel.shape, kernel.dtype)
+      out[name] = {**params[name], "kernel": kernel + std * noise}
+  return out
+
+
+def class_counts(index_set: jax.Array, labels: jax.Array, num_classes: int) -> jax.Array:
+  """Per-class counts (float32 [C]) of the valid (>= 0) entries of one model's index set."""
+  valid = index_set >= 0
+  y = labels[jnp.where(valid, index_set, 0)]
+  return jnp.zeros(num_classes, jnp.float32).at[y].add(valid.astype(jnp.float32))
+
+
+# --------------------------------------------------------------------------------------------
+# The loss engine: one step, the loss picked by a static spec
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+  """Static options of a `loss_step` phase (hashable: part of the compiled program's key)."""
+
+  loss: str  # "ce" | "cfw" | "prmq" | "kde_warmup" | "kde_retain"
+  batch_size: int
+  source: str = "retain"
+
+
+def _kl_t(student, teacher, temperature):
+  """PyTorch ``kl_div(log_softmax(s/T), softmax(t/T))`` per sample (sum over classes)."""
+  p = jax.nn.softmax(teacher / temperature)
+  return jnp.sum(jax.scipy.special.xlogy(p, p) - p * jax.nn.log_softmax(student / temperature), -1)
+
+
+def _entropy(logits):
+  return -jnp.sum(jax.nn.softmax(logits) * jax.nn.log_softmax(logits), -1)
+
+
+def _loss(kind: str, logits, y, valid, teacher, hp):
+  ce = base.cross_entropy(logits, y)
+  if kind == "ce":
+    return base.masked_mean(ce, valid)
+  if kind == "cfw":  # the batch-mean CE rescaled by the batch-mean class weight (reference)
+    w = hp["class_weights"][y]
+    return base.masked_mean(ce, valid) * base.masked_mean(w, valid)
+  if kind == "prmq":  # weighted CE (sum w l / sum w) + MSE of the entropies vs the teacher
+    w = jnp.where(valid, hp["class_weights"][y], 0.0)
+    weighted = jnp.sum(w * ce) / jnp.maximum(jnp.sum(w), 1e-30)
+    return weighted + base.masked_mean((_entropy(logits) - _entropy(teacher)) ** 2, valid)
+  t = hp["temperature"]
+  kl = base.masked_mean(_kl_t(logits, teacher, t), valid)
+  if kind == "kde_warmup":
+    return kl
+  if kind == "kde_retain":
+    soft = -jnp.sum(jax.nn.softmax(teacher / t) * jax.nn.log_softmax(logits / t), -1)
+    return base.masked_mean(soft, valid) + base.masked_mean(ce, valid) + kl
+  raise ValueError(f"unknown loss {kind!r}")
+
+
+def loss_step(model, recipe, spec: LossSpec, carry, orders, key, hp, images, labels, step_index,
+              epoch, lr_factor):
+  """One SGD step of one model on batch ``step_index`` of its ``spec.source`` order, BatchNorm in
+  train mode, plain inputs. ``carry`` = (TrainCarry, extras); extras may hold ``teacher``
+  variables (run in eval mode). ``hp``: learning_rate, weight_decay, momentum, max_steps (the
+  model's step budget counted across epochs: PRMQ) and what the loss reads."""
+  state, extras = carry
+  order = orders[spec.source]
+  idx = base.batch(order, step_index, spec.batch_size)
+  x, y, valid = base.inputs(recipe, images, labels, idx)
+  per_epoch = jnp.maximum(-(-(order >= 0).sum() // spec.batch_size), 1)
+  active = valid.any() & (epoch * per_epoch + step_index < hp["max_steps"])
+  teacher = None
+  if "teacher" in extras:
+    t_vars = extras["teacher"]
+    teacher, _ = base.forward(model, t_vars["params"], t_vars.get("batch_stats", {}), x, valid,
+                              training=False)
+    teacher = jax.lax.stop_gradient(teacher)
+
+  def loss_fn(params):
+    logits, batch_stats = base.forward(model, params, state.batch_stats, x, valid, training=True,
+                                       key=jax.random.fold_in(key, step_index))
+    return _loss(spec.loss, logits, y, valid, teacher, hp), batch_stats
+
+  grads, batch_stats = jax.grad(loss_fn, has_aux=True)(state.params)
+  params, opt_state = base.sgd_update("sgd", state.params, state.opt_state, grads,
+                                      hp["learning_rate"] * lr_factor, hp["weight_decay"],
+                                      hp["momentum"])
+  new = base.TrainCarry(params, batch_stats, opt_state)
+  return (base.keep_if_empty(active[None], new, state), extras), {}
+
+
+def run_loss(ctx: base.Context, variables, hp: dict, key, spec: LossSpec, epochs: int, *,
+             extras: dict | None = None, shuffle: bool = True, lr_factor=lambda e: 1.0,
+             first_epoch: int = 0, state: base.TrainCarry | None = None) -> base.TrainCarry:
+  """`loss_step` over ``epochs`` epochs for the stack; a fresh SGD state unless ``state``.
+  ``hp`` values: scalars, [N] per-model numbers or [N, ...] arrays (class weights)."""
+  n = ctx.num_models
+  hp = {"max_steps": NO_LIMIT, **hp}
+  hp = {k: (jnp.broadcast_to(jnp.asarray(v, jnp.float32), (n,)) if np.ndim(v) <= 1 else
+            jnp.asarray(v, jnp.float32)) for k, v in hp.items()}
+  state = state if state is not None else base.TrainCarry.create(variables)
+  sources = {spec.source: (ctx.index_sets(spec.source), spec.batch_size, shuffle)}
+  carry = base.run_epochs(ctx, loss_step, (ctx.model, ctx.recipe, spec), (state, extras or {}),
+                          sources, hp, key, epochs, first_epoch=first_epoch, lr_factor=lr_factor)
+  return carry[0]
+
+
+def sgd_hp(hp, prefix: str = "") -> dict:
+  return {name: hp[prefix + name] for name in ("learning_rate", "weight_decay", "momentum")}
+
+
+# --------------------------------------------------------------------------------------------
+# FCS (kgltop1)
+# --------------------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class FcsCarry:
+  """Weights, BN statistics and FCS's three SGD states (own momentum buffers on all params)."""
+
+  params: Any
+  batch_stats: Any
+  opt: Any  # stage 1 (optimizer.*)
+  opt_r: Any  # retain round
+  opt_f: Any  # forget round (per-step cosine)
+
+
+def fcs_forget_lr(base_lr, eta_min, t, t_max):
+  """``CosineAnnealingLR(T_max, eta_min)`` after ``t`` scheduler steps (closed form)."""
+  return eta_min + (base_lr - eta_min) * (1 + jnp.cos(jnp.pi * t / t_max)) / 2
+
+
+def _fcs_uniform_step(model, recipe, batch_size, carry, orders, key, hp, images, labels,
+                      step_index, epoch, lr_factor):
+  """Stage 1: KL(U || softmax f(x)) (batchmean) on a forget batch; step ``opt``."""
+  del epoch, lr_factor
+  x, _, valid = base.inputs(recipe, images, labels, base.batch(orders["forget"], step_index,
+                                                               batch_size))
+
+  def loss_fn(params):
+    logits, bs = base.forward(model, params, carry.batch_stats, x, valid, training=True,
+                              key=jax.random.fold_in(key, step_index))
+    c = logits.shape[-1]
+    kl = jnp.sum((jnp.log(1.0 / c) - jax.nn.log_softmax(logits)) / c, -1)
+    return base.masked_mean(kl, valid), bs
+
+  grads, bs = jax.grad(loss_fn, has_aux=True)(carry.params)
+  params, opt = base.sgd_update("sgd", carry.params, carry.opt, grads, hp["learning_rate"],
+                                hp["weight_decay"], hp["momentum"])
+  return base.keep_if_empty(valid, carry.replace(params=params, batch_stats=bs, opt=opt), carry), {}
+
+
+def _fcs_forget_step(model, recipe, batch_size, carry, orders, key, hp, images, labels,
+                     step_index, epoch, lr_factor):
+  """Forget round: zip(forget, second shuffled retain order); contrastive loss
+  mean_ij(-log_softmax_j(f(x_f) stopgrad(f(x_r))^T / T)); step ``opt_f`` at the per-step cosine lr."""
+  del lr_factor
+  forget, retain = orders["forget"], orders["retain"]
+  steps_f = jnp.maximum(-(-(forget >= 0).sum() // batch_size), 1)
+  steps_r = -(-(retain >= 0).sum() // batch_size)
+  xf, _, vf = base.inputs(recipe, images, labels, base.batch(forget, step_index, batch_size))
+  xr, _, vr = base.inputs(recipe, images, labels, base.batch(retain, step_index, batch_size))
+  active = vf.any() & (step_index < steps_r)  # zip stops at the shorter loader
+  kf, kr = jax.random.split(jax.random.fold_in(key, step_index))
+
+  def loss_fn(params):
+    lf, bs = base.forward(model, params, carry.batch_stats, xf, vf, training=True, key=kf)
+    lr_, bs = base.forward(model, params, bs, xr, vr, training=True, key=kr)
+    s = lf @ jax.lax.stop_gradient(lr_).T / hp["temperature"]
+    s = jnp.where(vr[None, :], s, -1e30)
+    pair = vf[:, None] & vr[None, :]
+    loss = -jnp.sum(jnp.where(pair, jax.nn.log_softmax(s, -1), 0.0)) / jnp.maximum(pair.sum(), 1)
+    return loss, bs
+
+  grads, bs = jax.grad(loss_fn, has_aux=True)(carry.params)
+  t = epoch * jnp.minimum(steps_f, steps_r) + step_index  # scheduler steps taken so far
+  lr = fcs_forget_lr(hp["forget_learning_rate"], hp["eta_min"], t, steps_f * hp["num_epochs"])
+  params, opt_f = base.sgd_update("sgd", carry.params, carry.opt_f, grads, lr,
+                                  hp["forget_weight_decay"], hp["forget_momentum"])
+  new = carry.replace(params=params, batch_stats=bs, opt_f=opt_f)
+  return base.keep_if_empty(active[None], new, carry), {}
+
+
+def _fcs_retain_step(model, recipe, batch_size, carry, orders, key, hp, images, labels,
+                     step_index, epoch, lr_factor):
+  """Retain round: CE on a retain batch; step ``opt_r`` (lr = retain lr x batch_size / 64)."""
+  del epoch, lr_factor
+  x, y, valid = base.inputs(recipe, images, labels, base.batch(orders["retain"], step_index,
+                                                               batch_size))
+
+  def loss_fn(params):
+    logits, bs = base.forward(model, params, carry.batch_stats, x, valid, training=True,
+                              key=jax.random.fold_in(key, step_index))
+    return base.masked_mean(base.cross_entropy(logits, y), valid), bs
+
+  grads, bs = jax.grad(loss_fn, has_aux=True)(carry.params)
+  params, opt_r = base.sgd_update("sgd", carry.params, carry.opt_r, grads,
+                                  hp["retain_learning_rate"] * batch_size / 64,
+                                  hp["retain_weight_decay"], hp["retain_momentum"])
+  return base.keep_if_empty(valid, carry.replace(params=params, batch_stats=bs, opt_r=opt_r),
+                            carry), {}
+
+
+_FCS_FLOATS = ("learning_rate", "momentum", "weight_decay", "retain_learning_rate",
+               "retain_momentum", "retain_weight_decay", "forget_learning_rate",
+               "forget_momentum", "forget_weight_decay", "temperature", "eta_min", "num_epochs")
+
+
+def _fcs(ctx: base.Context, hp, key) -> dict:
+  """FCS (deepunlearn-spec 4.14, reference ``kgltop1``), BatchNorm in train mode throughout.
+
+  Stage 1: one shuffled pass over the forget set pulling the softmax to uniform (KL(U||p),
+  batchmean) with ``optimizer.*``. Stage 2, ``num_epochs`` times: a forget round over
+  zip(forget, a second shuffled retain order) with the contrastive loss, stepping the forget
+  optimiser at ``CosineAnnealingLR(T_max = len(forget_loader) * num_epochs, eta_min)`` per step
+  (each model counts its own forget batches); then a retain round (CE, lr x batch_size/64). The
+  three SGD optimisers keep their own momentum buffers over all parameters (deepunlearn-spec
+  10.25, kept as the reference). Inputs are not augmented; the forget forward runs before the
+  retain forward (both update BN statistics), as in the reference.
+  """
+  n, bs, epochs = ctx.num_models, hp.batch_size, hp.num_epochs
+  floats = base.per_model(hp, _FCS_FLOATS, n)
+  params = base.copy_tree(ctx.originals["params"])
+  opt = jax.vmap(lambda p: base.init_opt("sgd", p))(params)
+  carry = FcsCarry(params, base.copy_tree(ctx.originals.get("batch_stats", {})), opt,
+                   base.copy_tree(opt), base.copy_tree(opt))
+  statics = (ctx.model, ctx.recipe, bs)
+  carry = base.run_epochs(ctx, _fcs_uniform_step, statics, carry,
+                          {"forget": (ctx.forget, bs, True)}, floats,
+                          jax.random.fold_in(key, 0), 1)
+  for ep in range(epochs):
+    carry = base.run_epochs(ctx, _fcs_forget_step, statics, carry,
+                            {"forget": (ctx.forget, bs, True), "retain": (ctx.retain, bs, True)},
+                            floats, jax.random.fold_in(key, 1), 1, first_epoch=ep)
+    carry = base.run_epochs(ctx, _fcs_retain_step, statics, carry,
+                            {"retain": (ctx.retain, bs, True)}, floats,
+                            jax.random.fold_in(key, 2), 1, first_epoch=ep)
+  return train.as_variables(carry.params, carry.batch_stats)
+
+
+FCS = base.register(base.Method(
+    name="fcs", paper_name="FCS", reference="deepunlearn-spec 4.14 (kgltop1)",
+    defaults={"num_epochs": 8, "batch_size": 256, "temperature": 1.15, "eta_min": 1e-6,
+              "learning_rate": 5e-3, "momentum": 0.9, "weight_decay": 0.0,
+              "retain_learning_rate": 1e-3, "retain_momentum": 0.9, "retain_weight_decay": 1e-2,
+              "forget_learning_rate": 3e-4, "forget_momentum": 0.9, "forget_weight_decay": 0.0},
+    space={"retain_learning_rate": "learning_rate", "retain_momentum": "momentum",
+           "retain_weight_decay": "weight_decay", "forget_learning_rate": "learning_rate",
+           "forget_momentum": "momentum", "forget_weight_decay": "weight_decay",
+           "temperature": "temperature", "eta_min": "eta_min", **base.COMMON5},
+    uses=("retain", "forget"), unlearn=_fcs, aliases=("kgltop1",)))
+
+
+# --------------------------------------------------------------------------------------------
+# MSG (kgltop2): Masked Small Gradients
+# --------------------------------------------------------------------------------------------
+
+
+def msg_triangle(epochs: int) -> Callable[[int], float]:
+  """``LinearAnnealingLR(A = (E+1)//2, T = E+1)`` stepped per epoch: factor in epoch e (0-based)
+  is k/A for k = e+1 <= A, else (T-k)/(T-A)."""
+  a, t = (epochs + 1) // 2, epochs + 1
+  return lambda e: (e + 1) / a if e + 1 <= a else (t - e - 1) / (t - a)
+
+
+def _probe_subset(retain, forget, key):
+  """A random subset of the model's retain set with |forget| entries (``randperm[:|forget|]``),
+  padded with -1 to the forget width."""
+  perm = train.epoch_order(retain, key, 1)
+  width = forget.shape[0]
+  perm = jnp.pad(perm, (0, max(width - perm.shape[0], 0)), constant_values=-1)[:width]
+  return jnp.where(jnp.arange(width) < (forget >= 0).sum(), perm, -1)
+
+
+def _probe_step(model, recipe, batch_size, source, carry, orders, key, hp, images, labels,
+                step_index, epoch, lr_factor):
+  """Accumulates ``sign * grad CE`` of one batch in train mode (BN statistics updated, no step)."""
+  del epoch, lr_factor
+  x, y, valid = base.inputs(recipe, images, labels, base.batch(orders[source], step_index,
+                                                               batch_size))
+
+  def loss_fn(params):
+    logits, bs = base.forward(model, params, carry["batch_stats"], x, valid, training=True,
+                              key=jax.random.fold_in(key, step_index))
+    return hp["sign"] * base.masked_mean(base.cross_entropy(logits, y), valid), bs
+
+  g, bs = jax.grad(loss_fn, has_aux=True)(carry["params"])
+  new = {"params": carry["params"], "batch_stats": bs,
+         "grads": jax.tree.map(jnp.add, carry["grads"], g)}
+  return base.keep_if_empty(valid, new, carry), {}
+
+
+def leaf_sizes(params) -> np.ndarray:
+  """Number of entries of each leaf of ONE model (leaf order of `leaf_paths`)."""
+  return np.array([int(np.prod(np.shape(x))) for x in jax.tree.leaves(params)], np.float64)
+
+
+def msg_counts(params, rate) -> np.ndarray:
+  """round(rate * numel) per leaf (Python/NumPy round half to even, in float64 as the reference),
+  for a scalar rate ([L]) or one rate per model ([N, L]); ``params`` is one model's tree."""
+  return np.round(np.asarray(rate, np.float64)[..., None] * leaf_sizes(params)).astype(np.int32)
+
+
+def msg_reinit(params, grads, counts, key):
+  """MSG's structural edit on ONE model: for every conv kernel, the ``counts[leaf]`` (=
+  round(init_rate * numel), `msg_counts`) entries with the smallest |grad| are redrawn from
+  kaiming_normal(fan_out, relu); returns (params, grad_scale) with grad_scale 1.0 on those entries
+  and 0.1 on the rest of the kernel (1.0 for every non-conv leaf). Ties: lower flat index first."""
+  paths = leaf_paths(params)
+
+  def edit(path, p, g):
+    if not is_conv_kernel(path, p):
+      return p, jnp.ones((), jnp.float32)
+    i = paths.index(path)
+    flat = jnp.abs(g).reshape(-1)
+    ranks = jnp.zeros(flat.size, jnp.int32).at[jnp.argsort(flat)].set(
+        jnp.arange(flat.size, dtype=jnp.int32))
+    mask = (ranks < counts[i]).reshape(p.shape)
+    fresh = resnet.torchvision_conv_init(jax.random.fold_in(key, i), p.shape)
+    return jnp.where(mask, fresh, p), jnp.where(mask, 1.0, 0.1).astype(jnp.float32)
+
+  pairs = map_with_path(edit, params, grads)
+  new = jax.tree.map(lambda x: x[0], pairs, is_leaf=lambda x: isinstance(x, tuple))
+  scale = jax.tree.map(lambda x: x[1], pairs, is_leaf=lambda x: isinstance(x, tuple))
+  return new, scale
+
+
+def _msg(ctx: base.Context, hp, key) -> dict:
+  """MSG (deepunlearn-spec 4.15, reference ``kgltop2``).
+
+  1. Gradient probe in train mode (BN statistics updated, stochastic depth on): per model a
+     random retain subset of |forget| samples (batches of 64, shuffled) accumulates grad CE,
+     then the forget set (``batch_size``, shuffled) accumulates grad(-CE).
+  2. Every conv kernel: the round(init_rate * numel) smallest-|g| entries are re-drawn from
+     kaiming_normal(fan_out, relu); their gradient is kept (x1.0), the rest of the kernel's
+     gradient is scaled by 0.1 (weight decay and momentum act normally). Linear/BN/LN untouched.
+  3. Fine-tune on the retain set (``batch_size``, shuffled, plain inputs, BN train mode) with the
+     triangle ``LinearAnnealingLR`` per epoch.
+  The per-kernel counts round(init_rate * numel) are computed on the host in float64 (one row
+  per model), the selection and re-draw per model inside the stack.
+  """
+  n = ctx.num_models
+  keys = ctx.keys(jax.random.fold_in(key, 0))
+  subset = base.stack_map(ctx, _probe_subset, (), jnp.asarray(ctx.retain),
+                          jnp.asarray(ctx.forget), keys)
+  carry = {"params": base.copy_tree(ctx.originals["params"]),
+           "batch_stats": base.copy_tree(ctx.originals.get("batch_stats", {})),
+           "grads": base.tree_zeros_like(ctx.originals["params"])}
+  # One program for both passes when batch_size = 64 (the source is named "probe" in both).
+  for i, (sets, size, sign) in enumerate(((subset, 64, 1.0), (ctx.forget, hp.batch_size, -1.0))):
+    carry = base.run_epochs(ctx, _probe_step, (ctx.model, ctx.recipe, size, "probe"), carry,
+                            {"probe": (sets, size, True)}, {"sign": jnp.full(n, sign)},
+                            jax.random.fold_in(key, 1 + i), 1)
+  one = jax.tree.map(lambda x: x[0], ctx.originals["params"])
+  counts = msg_counts(one, np.broadcast_to(np.asarray(hp.init_rate, np.float64), (n,)))
+  params, scale = base.stack_map(ctx, msg_reinit, (), carry["params"], carry["grads"],
+                                 jnp.asarray(counts), ctx.keys(jax.random.fold_in(key, 3)))
+  variables = train.as_variables(params, carry["batch_stats"])
+  return base.finetune(ctx, variables, hp, jax.random.fold_in(key, 4),
+                       base.FinetuneSpec(batch_size=hp.batch_size), hp.num_epochs,
+                       lr_factor=msg_triangle(hp.num_epochs), grad_scale=scale)
+
+
+MSG = base.register(base.Method(
+    name="msg", paper_name="MSG", reference="deepunlearn-spec 4.15 (kgltop2, Masked Small Gradients)",
+    defaults={"num_epochs": 5, "batch_size": 64, "init_rate": 0.3, "learning_rate": 1e-3,
+              "momentum": 0.9, "weight_decay": 5e-4},
+    space={"init_rate": "float", **base.COMMON5},
+    uses=("retain", "forget"), unlearn=_msg, aliases=("kgltop2",)))
+
+
+# --------------------------------------------------------------------------------------------
+# CFW (kgltop3)
+# --------------------------------------------------------------------------------------------
+
+
+def balanced_class_weights(num_classes, index_set, labels):
+  """sklearn ``compute_class_weight("balanced")`` over one model's retain labels:
+  w_c = n / (C_present * n_c) (absent classes: 0, they never occur in a retain batch)."""
+  counts = class_counts(index_set, labels, num_classes)
+  present = (counts > 0).sum()
+  return jnp.where(counts > 0, counts.sum() / (present * jnp.maximum(counts, 1)), 0.0)
+
+
+def _confuse_stack(ctx, params, std, key):
+  return base.stack_map(ctx, confuse, (), params, jnp.broadcast_to(std, (ctx.num_models,)),
+                        ctx.keys(key))
+
+
+def _cfw(ctx: base.Context, hp, key) -> dict:
+  """CFW (deepunlearn-spec 4.16, reference ``kgltop3``).
+
+  Confuser N(w, start_std^2) on the stem conv (the reference's "top-level child whose name
+  contains conv": ResNet ``conv1`` = our ``stem_conv``; TinyViT has none, so the confuser is a
+  no-op there, as in the reference, deepunlearn-spec 10.20); balanced class weights from each
+  model's retain labels; per retain batch loss = CE_mean x mean_batch(w_y) (the reference's
+  scalar rescaling, kept); SGD with ``CosineAnnealingLR(T_max = num_epochs)`` per epoch, BN in
+  train mode; after the training of epoch index E-2 the confuser again with final_std (never
+  for E = 1). ``class_weight`` is unused, as in the reference.
+  """
+  n, epochs = ctx.num_models, hp.num_epochs
+  stds = base.per_model(hp, ("start_confuser_std", "final_confuser_std"), n)
+  params = _confuse_stack(ctx, ctx.originals["params"], stds["start_confuser_std"],
+                          jax.random.fold_in(key, 0))
+  weights = base.stack_map(ctx, balanced_class_weights, (ctx.num_classes,),
+                           jnp.asarray(ctx.retain), shared=(ctx.data.labels,))
+  floats = {**base.per_model(hp, ("learning_rate", "weight_decay", "momentum"), n),
+            "class_weights": weights}
+  spec = LossSpec("cfw", hp.batch_size)
+  state = base.TrainCarry.create(train.as_variables(params, ctx.originals.get("batch_stats", {})))
+  first = epochs - 1 if epochs >= 2 else epochs
+  train_key = jax.random.fold_in(key, 1)
+  state = run_loss(ctx, None, floats, train_key, spec, first, lr_factor=base.cosine(epochs),
+                   state=state)
+  if epochs >= 2:
+    state = state.replace(params=_confuse_stack(ctx, state.params, stds["final_confuser_std"],
+                                                jax.random.fold_in(key, 2)))
+    state = run_loss(ctx, None, floats, train_key, spec, 1, lr_factor=base.cosine(epochs),
+                     first_epoch=epochs - 1, state=state)
+  return state.variables
+
+
+CFW = base.register(base.Method(
+    name="cfw", paper_name="CFW", reference="deepunlearn-spec 4.16 (kgltop3)",
+    defaults={"num_epochs": 4, "batch_size": 64, "learning_rate": 7e-4, "momentum": 0.9,
+              "weight_decay": 5e-4, "start_confuser_std": 0.6, "final_confuser_std": 0.005,
+              "class_weight": 0.05},
+    space={"start_confuser_std": "normal_sigma", "final_confuser_std": "normal_sigma",
+           **base.COMMON5},
+    uses=("retain",), unlearn=_cfw, aliases=("kgltop3",)))
+
+
+# --------------------------------------------------------------------------------------------
+# CT (kgltop5): Convolution Transpose
+# --------------------------------------------------------------------------------------------
+
+
+def _ct(ctx: base.Context, hp, key) -> dict:
+  """CT (deepunlearn-spec 4.18, reference ``kgltop5``): every conv kernel's spatial axes swapped
+  (JAX [kh, kw, in, out] -> [kw, kh, in, out]; 7x7 stem, 3x3 and depthwise convs; 1x1 unchanged),
+  then fine-tuning on the retain set (plain inputs, BN train mode, SGD, per-epoch cosine)."""
+  params = base.stack_map(ctx, transpose_conv_kernels, (), ctx.originals["params"])
+  variables = train.as_variables(params, base.copy_tree(ctx.originals.get("batch_stats", {})))
+  return base.finetune(ctx, variables, hp, key, base.FinetuneSpec(batch_size=hp.batch_size),
+                       hp.num_epochs, lr_factor=base.cosine(hp.num_epochs))
+
+
+CT = base.register(base.Method(
+    name="ct", paper_name="CT", reference="deepunlearn-spec 4.18 (kgltop5, Convolution Transpose)",
+    defaults={"num_epochs": 3, "batch_size": 64, "learning_rate": 1e-3, "momentum": 0.9,
+              "weight_decay": 5e-4},
+    space=base.COMMON5, uses=("retain",), unlearn=_ct, aliases=("kgltop5",)))
