@@ -4,4 +4,4 @@ Each method module registers itself on import; see `jaxmu.unlearn.base` for the 
 """
 
 from jaxmu.unlearn.base import (METHODS, Context, Method, UnlearnResult, get)  # noqa: F401
-from jaxmu.unlearn import ascent, blocks, distill, finetune, iam_lcodec, iam_methods, reference, relabel, second_order  # noqa: F401  (registration)
+from jaxmu.unlearn import ascent, blocks, distill, finetune, iam_lcodec, iam_methods, kaggle, kaggle_reset, reference, relabel, second_order  # noqa: F401  (registration)
