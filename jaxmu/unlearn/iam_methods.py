@@ -242,7 +242,7 @@ def _importance_step(model, recipe, spec: _LoaderSpec, source: str, carry, order
                                         step_index)
   grads, stats = jax.grad(
       lambda p: _ce(model, p, stats, x, y, valid, spec.bn_train, drop_key), has_aux=True)(params)
-  factor = jnp.minimum(1.0, 1.0 / (optax.global_norm(grads) + 1e-6))
+  factor = jnp.minimum(1.0, 1.0 / (optax.tree.norm(grads) + 1e-6))
   total = jax.tree.map(lambda t, g: t + (g * factor) ** 2, total, grads)
   return base.keep_if_empty(valid, (params, stats, total, count + 1), carry), {}
 
