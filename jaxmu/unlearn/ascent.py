@@ -122,7 +122,8 @@ def _neggrad_plus(ctx: base.Context, hp, key) -> dict:
   params = ctx.originals["params"]
   trainable = None
   if faithful:
-    trainable = jax.tree.map(jnp.logical_not, relabel.attention_bias_mask(params))
+    trainable = jax.tree.map(lambda frozen, x: jnp.full(x.shape[:1], not frozen),
+                             relabel.attention_bias_mask(params), params)  # [N] per leaf
   extras = {"anchor": base.copy_tree(params), "trainable": trainable}
   carry = (base.TrainCarry.create(ctx.originals), extras)
   sources = {"retain": (ctx.retain, hp.batch_size, True),

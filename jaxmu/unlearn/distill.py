@@ -200,8 +200,8 @@ def pick(choice: jax.Array, snapshots: dict, final) -> dict:
 
 
 def scrub(ctx: base.Context, hp, key) -> tuple[dict, dict]:
-  """SCRUB over the stack; returns (variables, info with per-epoch forget errors [E+1, N], the
-  final forget-val error [N] and the chosen index [N])."""
+  """SCRUB over the stack; returns (variables, info): per-epoch forget errors [E+1, N], the final
+  forget-val error [N], the chosen index [N] and the final (epoch-E) students."""
   epochs, msteps = int(hp.sgda_num_epochs), int(hp.msteps)
   names = ("gamma", "alpha", "kd_T", "sgda_learning_rate", "sgda_weight_decay", "sgda_momentum")
   hps = base.per_model(hp, names, ctx.num_models)
@@ -232,7 +232,7 @@ def scrub(ctx: base.Context, hp, key) -> tuple[dict, dict]:
   target = error(ctx, final, forget_val_sets(ctx))
   choice = select_checkpoint(errors, target, bool(hp.faithful))
   return pick(choice, snapshots, final), {"errors": errors, "target": target,
-                                          "choice": np.asarray(choice)}
+                                          "choice": np.asarray(choice), "final": final}
 
 
 def _scrub(ctx: base.Context, hp, key) -> dict:
