@@ -79,9 +79,9 @@ def vit_ctx():
   ds = data_lib.load("digits", image_size=32, channels=3)
   model = models.get("tinyvit_11m", ds.num_classes, img_size=32)
   inits = train.init_variables(model, jax.random.split(jax.random.key(0), 1), ds.inputs.shape[1:])
-  leaves, tree = jax.tree.flatten(inits["params"])
-  noise = [0.05 * jax.random.normal(jax.random.key(i), x.shape) for i, x in enumerate(leaves)]
-  originals = {**inits, "params": jax.tree.unflatten(tree, [x + z for x, z in zip(leaves, noise)])}
+  rng = np.random.default_rng(0)
+  originals = {**inits, "params": jax.tree.map(
+      lambda x: x + np.float32(0.05) * rng.standard_normal(x.shape, np.float32), inits["params"])}
   return base.Context.create(model, train.Recipe(batch_size=8, augment="crop_flip"), ds,
                              originals, inits, np.arange(8), np.arange(8, 12), np.arange(12, 16),
                              model_ids=(0,), num_classes=ds.num_classes)
