@@ -119,7 +119,8 @@ def test_eu_k_reinitialises_exactly_the_last_blocks_and_head_on_tinyvit(vit_ctx)
         module not in bn_modules and path[-2].startswith("norm")):  # LayerNorms, biases kept
       np.testing.assert_array_equal(value, before, err_msg=str(path))
     elif module in bn_modules:
-      np.testing.assert_array_equal(value, np.ones_like(value) if path[-1] == "scale" else 0 * value)
+      want = np.ones_like(value) if path[-1] == "scale" else np.zeros_like(value)
+      np.testing.assert_array_equal(value, want)
       checked.add("bn")
     elif path[-1] == "bias":
       np.testing.assert_array_equal(value, 0 * value)
