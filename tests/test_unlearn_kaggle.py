@@ -12,8 +12,8 @@ import optuna
 import pytest
 from sklearn.utils.class_weight import compute_class_weight
 
-from conftest import make_context
-from jaxmu import models, unlearn
+from jaxmu import data as data_lib
+from jaxmu import models, train, unlearn
 from jaxmu.unlearn import base, kaggle, kaggle_reset
 
 KAGGLE = ("fcs", "msg", "cfw", "prmq", "ct", "kde", "rni")
@@ -33,25 +33,35 @@ def _np(tree):
   return jax.tree.map(np.asarray, tree)
 
 
+def _unflat(flat, like):
+  return jax.tree.unflatten(jax.tree.structure(like), [flat["/".join(p)] for p in kaggle.leaf_paths(like)])
+
+
 def _flat(tree):
   return {"/".join(p): np.asarray(x) for p, x in zip(kaggle.leaf_paths(tree), jax.tree.leaves(tree))}
 
 
-def _small(ctx, retain=64, forget=16, val=16):
-  """The context restricted to a few samples per model (one batch of 64)."""
-  return dataclasses.replace(ctx, retain=ctx.retain[:, :retain], forget=ctx.forget[:, :forget],
-                             val=ctx.val[:, :val])
+def _arch_ctx(model_name, **model_kw):
+  """One untrained `model_name` on 32x32 digits (originals = inits: no training to compile),
+  with one batch of 64 retain, 16 forget and 16 val samples."""
+  ds = data_lib.load("digits", image_size=32, channels=3)
+  model = models.get(model_name, ds.num_classes, **model_kw)
+  recipe = train.Recipe(batch_size=64, augment="flip", mean=(0.3054,), std=(0.3760,))
+  inits = train.init_variables(model, jax.random.split(jax.random.key(0), 1), ds.inputs.shape[1:])
+  perm = np.random.default_rng(0).permutation(len(ds.labels))
+  return unlearn.Context.create(model, recipe, train.DeviceData.create(ds), inits, inits,
+                                perm[:64], perm[64:80], perm[80:96], model_ids=(0,),
+                                num_classes=ds.num_classes, strategy="loop")
 
 
 @pytest.fixture(scope="module")
 def resnet_ctx():
-  return _small(make_context("resnet18", num_models=1, image_size=32, train_epochs=0))
+  return _arch_ctx("resnet18")
 
 
 @pytest.fixture(scope="module")
 def vit_ctx():
-  return _small(make_context("tinyvit_11m", num_models=1, image_size=32, train_epochs=0,
-                             img_size=32))
+  return _arch_ctx("tinyvit_11m", img_size=32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,6 +211,25 @@ def test_msg_reinit_smallest_gradients_and_grad_mask():
   np.testing.assert_allclose(delta, expected, rtol=1e-4, atol=1e-3)
 
 
+def test_msg_probe_is_retain_grad_minus_forget_grad(tiny_ctx):
+  ctx = dataclasses.replace(tiny_ctx, forget=tiny_ctx.forget[:, :50])  # one batch per pass
+  subset = np.stack([tiny_ctx.retain[0][:50], tiny_ctx.retain[1][:50]])
+  grads, _ = kaggle.msg_probe(ctx, jnp.asarray(subset), 64, jax.random.key(0))
+  images, labels = ctx.data.inputs, ctx.data.labels
+  for m in range(2):
+    variables = jax.tree.map(lambda x: x[m], ctx.originals)
+
+    def ce(params, idx):  # train-mode BN, mean CE over the batch
+      x, y, valid = base.inputs(ctx.recipe, images, labels, jnp.asarray(idx))
+      logits, _ = base.forward(ctx.model, params, variables["batch_stats"], x, valid, training=True)
+      return base.masked_mean(base.cross_entropy(logits, y), valid)
+
+    expect = jax.tree.map(lambda a, b: a - b, jax.grad(ce)(variables["params"], subset[m]),
+                          jax.grad(ce)(variables["params"], ctx.forget[m]))
+    for a, b in zip(jax.tree.leaves(jax.tree.map(lambda x: x[m], grads)), jax.tree.leaves(expect)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_msg_end_to_end_redraws_round_rate_entries_per_model(tiny_ctx):
   rate = [0.3, 0.55]
   out = unlearn.get("msg").run(tiny_ctx, {"num_epochs": 1, "init_rate": rate, **ZERO_LR},
@@ -272,7 +301,7 @@ def test_prmq_prunes_the_global_fraction_then_redraws_kernels(tiny_ctx):
     else:
       np.testing.assert_array_equal(pruned[name], orig)
   redrawn = _flat(jax.jit(kaggle_reset.prmq_reinit)(
-      jax.tree.map(jnp.asarray, kaggle_reset.prmq_prune(params, count)), jax.random.key(0)))
+      jax.tree.map(jnp.asarray, _unflat(pruned, params)), jax.random.key(0)))
   for name in prunable:
     was_zero = pruned[name] == 0
     if name.endswith("bias"):

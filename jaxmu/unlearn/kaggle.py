@@ -5,9 +5,11 @@ once: per-model decisions (MSG's random probe subset and per-kernel smallest-gra
 class weights, FCS's per-model schedule length) are made inside the stack with `base.stack_map`
 or inside the per-model steps, never by looping over models.
 
-Shared here: the per-step loss engine `loss_step` (one pure step whose static `LossSpec` picks the
-loss: CE, CFW's weighted CE, PRMQ's entropy matching, KDE's distillation) and the structural
-helpers (conv-kernel transpose, stem confuser, PyTorch default resets).
+Shared here: the per-step loss engine `loss_step` (one pure step whose static `LossSpec` picks
+CFW's rescaled CE or a teacher "distill" mixture whose per-model coefficients give PRMQ's and
+KDE's losses, so they share one compiled program), `masked_finetune` (the fine-tuning program CT,
+MSG and RNI share) and the structural helpers (conv-kernel transpose, stem confuser, PyTorch
+default resets).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from jaxmu import train
 from jaxmu.models import resnet
@@ -96,17 +99,29 @@ def class_counts(index_set: jax.Array, labels: jax.Array, num_classes: int) -> j
 
 
 # --------------------------------------------------------------------------------------------
-# The loss engine: one step, the loss picked by a static spec
+# The loss engine: one step, the loss picked by a static spec and per-model coefficients
 # --------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
 class LossSpec:
-  """Static options of a `loss_step` phase (hashable: part of the compiled program's key)."""
+  """Static options of a `loss_step` phase (hashable: part of the compiled program's key).
 
-  loss: str  # "ce" | "cfw" | "prmq" | "kde_warmup" | "kde_retain"
+  ``loss``: "cfw" (CFW's rescaled CE, no teacher) or "distill" (a mixture with an eval-mode
+  teacher, `DISTILL_TERMS`; PRMQ and both KDE phases share its one compiled program).
+  """
+
+  loss: str
   batch_size: int
-  source: str = "retain"
+
+
+# Coefficients of the "distill" mixture (per-model hp, 0 = term off):
+#   c_ce      CE_mean x mean_batch(class_weights[y])
+#   c_wce     sum_i w_yi CE_i / sum_i w_yi (PyTorch's CE with ``weight=``)
+#   c_entropy mean_i (H(softmax s_i) - H(softmax t_i))^2
+#   c_kl      KL(softmax(t/T) || softmax(s/T)), batchmean, no T^2
+#   c_soft    mean_i sum_c -softmax(t_i/T)_c log_softmax(s_i/T)_c
+DISTILL_TERMS = ("c_ce", "c_wce", "c_entropy", "c_kl", "c_soft")
 
 
 def _kl_t(student, teacher, temperature):
@@ -121,33 +136,33 @@ def _entropy(logits):
 
 def _loss(kind: str, logits, y, valid, teacher, hp):
   ce = base.cross_entropy(logits, y)
-  if kind == "ce":
-    return base.masked_mean(ce, valid)
+  w = hp["class_weights"][y]
+  rescaled = base.masked_mean(ce, valid) * base.masked_mean(w, valid)
   if kind == "cfw":  # the batch-mean CE rescaled by the batch-mean class weight (reference)
-    w = hp["class_weights"][y]
-    return base.masked_mean(ce, valid) * base.masked_mean(w, valid)
-  if kind == "prmq":  # weighted CE (sum w l / sum w) + MSE of the entropies vs the teacher
-    w = jnp.where(valid, hp["class_weights"][y], 0.0)
-    weighted = jnp.sum(w * ce) / jnp.maximum(jnp.sum(w), 1e-30)
-    return weighted + base.masked_mean((_entropy(logits) - _entropy(teacher)) ** 2, valid)
+    return rescaled
+  if kind != "distill":
+    raise ValueError(f"unknown loss {kind!r}")
   t = hp["temperature"]
-  kl = base.masked_mean(_kl_t(logits, teacher, t), valid)
-  if kind == "kde_warmup":
-    return kl
-  if kind == "kde_retain":
-    soft = -jnp.sum(jax.nn.softmax(teacher / t) * jax.nn.log_softmax(logits / t), -1)
-    return base.masked_mean(soft, valid) + base.masked_mean(ce, valid) + kl
-  raise ValueError(f"unknown loss {kind!r}")
+  wv = jnp.where(valid, w, 0.0)
+  terms = {
+      "c_ce": rescaled,
+      "c_wce": jnp.sum(wv * ce) / jnp.maximum(jnp.sum(wv), 1e-30),
+      "c_entropy": base.masked_mean((_entropy(logits) - _entropy(teacher)) ** 2, valid),
+      "c_kl": base.masked_mean(_kl_t(logits, teacher, t), valid),
+      "c_soft": base.masked_mean(-jnp.sum(jax.nn.softmax(teacher / t)
+                                          * jax.nn.log_softmax(logits / t), -1), valid),
+  }
+  return sum(jnp.where(hp[c] != 0, hp[c] * terms[c], 0.0) for c in DISTILL_TERMS)
 
 
 def loss_step(model, recipe, spec: LossSpec, carry, orders, key, hp, images, labels, step_index,
               epoch, lr_factor):
-  """One SGD step of one model on batch ``step_index`` of its ``spec.source`` order, BatchNorm in
+  """One SGD step of one model on batch ``step_index`` of its ``"data"`` order, BatchNorm in
   train mode, plain inputs. ``carry`` = (TrainCarry, extras); extras may hold ``teacher``
   variables (run in eval mode). ``hp``: learning_rate, weight_decay, momentum, max_steps (the
-  model's step budget counted across epochs: PRMQ) and what the loss reads."""
+  model's step budget counted across epochs: PRMQ), class_weights [C] and what the loss reads."""
   state, extras = carry
-  order = orders[spec.source]
+  order = orders["data"]
   idx = base.batch(order, step_index, spec.batch_size)
   x, y, valid = base.inputs(recipe, images, labels, idx)
   per_epoch = jnp.maximum(-(-(order >= 0).sum() // spec.batch_size), 1)
@@ -173,19 +188,42 @@ def loss_step(model, recipe, spec: LossSpec, carry, orders, key, hp, images, lab
 
 
 def run_loss(ctx: base.Context, variables, hp: dict, key, spec: LossSpec, epochs: int, *,
-             extras: dict | None = None, shuffle: bool = True, lr_factor=lambda e: 1.0,
-             first_epoch: int = 0, state: base.TrainCarry | None = None) -> base.TrainCarry:
-  """`loss_step` over ``epochs`` epochs for the stack; a fresh SGD state unless ``state``.
-  ``hp`` values: scalars, [N] per-model numbers or [N, ...] arrays (class weights)."""
+             source: str = "retain", extras: dict | None = None, shuffle: bool = True,
+             lr_factor=lambda e: 1.0, first_epoch: int = 0,
+             state: base.TrainCarry | None = None) -> base.TrainCarry:
+  """`loss_step` over ``epochs`` epochs of ``source`` for the stack; a fresh SGD state unless
+  ``state``. ``hp`` values: scalars, [N] per-model numbers or [N, C] class weights; missing
+  distill coefficients are 0, missing class weights 1, temperature 1, max_steps unlimited."""
   n = ctx.num_models
-  hp = {"max_steps": NO_LIMIT, **hp}
+  hp = {"max_steps": NO_LIMIT, "temperature": 1.0, "class_weights": np.ones((n, ctx.num_classes)),
+        **({c: 0.0 for c in DISTILL_TERMS} if spec.loss == "distill" else {}), **hp}
   hp = {k: (jnp.broadcast_to(jnp.asarray(v, jnp.float32), (n,)) if np.ndim(v) <= 1 else
             jnp.asarray(v, jnp.float32)) for k, v in hp.items()}
   state = state if state is not None else base.TrainCarry.create(variables)
-  sources = {spec.source: (ctx.index_sets(spec.source), spec.batch_size, shuffle)}
+  sources = {"data": (ctx.index_sets(source), spec.batch_size, shuffle)}
   carry = base.run_epochs(ctx, loss_step, (ctx.model, ctx.recipe, spec), (state, extras or {}),
                           sources, hp, key, epochs, first_epoch=first_epoch, lr_factor=lr_factor)
   return carry[0]
+
+
+def unit_grad_scale(params: Any) -> Any:
+  """Ones shaped like MSG's gradient mask (per conv kernel a full array, elsewhere a scalar)."""
+  return map_with_path(lambda p, x: jnp.ones(x.shape if is_conv_kernel(p, x) else (), jnp.float32),
+                       params)
+
+
+def masked_finetune(ctx: base.Context, variables, hp, key, batch_size: int, epochs: int, *,
+                    lr_factor=lambda e: 1.0, trainable=None, grad_scale=None) -> dict:
+  """`base.finetune` (retain, plain inputs, BN train mode) with an always-present ``trainable``
+  (per-leaf per-model bools; default all True) and ``grad_scale`` (default `unit_grad_scale`),
+  so CT, MSG and RNI run one compiled fine-tuning program per (model, batch size)."""
+  n = ctx.num_models
+  if trainable is None:
+    trainable = jax.tree.map(lambda _: jnp.ones(n, bool), variables["params"])
+  if grad_scale is None:
+    grad_scale = base.stacked(unit_grad_scale(jax.tree.map(lambda x: x[0], variables["params"])), n)
+  return base.finetune(ctx, variables, hp, key, base.FinetuneSpec(batch_size=batch_size), epochs,
+                       lr_factor=lr_factor, trainable=trainable, grad_scale=grad_scale)
 
 
 def sgd_hp(hp, prefix: str = "") -> dict:
@@ -355,22 +393,26 @@ def _probe_subset(retain, forget, key):
   return jnp.where(jnp.arange(width) < (forget >= 0).sum(), perm, -1)
 
 
-def _probe_step(model, recipe, batch_size, source, carry, orders, key, hp, images, labels,
-                step_index, epoch, lr_factor):
-  """Accumulates ``sign * grad CE`` of one batch in train mode (BN statistics updated, no step)."""
-  del epoch, lr_factor
-  x, y, valid = base.inputs(recipe, images, labels, base.batch(orders[source], step_index,
-                                                               batch_size))
-
-  def loss_fn(params):
-    logits, bs = base.forward(model, params, carry["batch_stats"], x, valid, training=True,
-                              key=jax.random.fold_in(key, step_index))
-    return hp["sign"] * base.masked_mean(base.cross_entropy(logits, y), valid), bs
-
-  g, bs = jax.grad(loss_fn, has_aux=True)(carry["params"])
-  new = {"params": carry["params"], "batch_stats": bs,
-         "grads": jax.tree.map(jnp.add, carry["grads"], g)}
-  return base.keep_if_empty(valid, new, carry), {}
+def msg_probe(ctx: base.Context, subset, batch_size: int, key):
+  """MSG's gradient probe for the stack: sum_b grad CE over the retain ``subset`` (batches of 64)
+  minus sum_b grad CE over the forget set (``batch_size``), train mode; returns (grads, the BN
+  statistics after the probe's forward passes). Run through the shared fine-tuning program
+  (`masked_finetune`'s) as an SGD pass with lr 0, no decay and momentum 1, whose momentum buffer
+  is then exactly the accumulated gradient (gradient scale -1 on the forget pass)."""
+  n = ctx.num_models
+  params = ctx.originals["params"]
+  hp = {"learning_rate": jnp.zeros(n), "weight_decay": jnp.zeros(n), "momentum": jnp.ones(n)}
+  state = base.TrainCarry.create(ctx.originals)
+  for i, (sets, size, sign) in enumerate(((subset, 64, 1.0), (ctx.forget, batch_size, -1.0))):
+    extras = {"trainable": jax.tree.map(lambda _: jnp.ones(n, bool), params),
+              "grad_scale": jax.tree.map(lambda x: sign * x, base.stacked(
+                  unit_grad_scale(jax.tree.map(lambda x: x[0], params)), n)),
+              "anchor": None}
+    state, _ = base.run_epochs(ctx, base.finetune_step,
+                               (ctx.model, ctx.recipe, base.FinetuneSpec(batch_size=size)),
+                               (state, extras), {"retain": (sets, size, True)}, hp,
+                               jax.random.fold_in(key, i), 1)
+  return optax.tree_utils.tree_get(state.opt_state, "trace"), state.batch_stats
 
 
 def leaf_sizes(params) -> np.ndarray:
@@ -426,22 +468,14 @@ def _msg(ctx: base.Context, hp, key) -> dict:
   keys = ctx.keys(jax.random.fold_in(key, 0))
   subset = base.stack_map(ctx, _probe_subset, (), jnp.asarray(ctx.retain),
                           jnp.asarray(ctx.forget), keys)
-  carry = {"params": base.copy_tree(ctx.originals["params"]),
-           "batch_stats": base.copy_tree(ctx.originals.get("batch_stats", {})),
-           "grads": base.tree_zeros_like(ctx.originals["params"])}
-  # One program for both passes when batch_size = 64 (the source is named "probe" in both).
-  for i, (sets, size, sign) in enumerate(((subset, 64, 1.0), (ctx.forget, hp.batch_size, -1.0))):
-    carry = base.run_epochs(ctx, _probe_step, (ctx.model, ctx.recipe, size, "probe"), carry,
-                            {"probe": (sets, size, True)}, {"sign": jnp.full(n, sign)},
-                            jax.random.fold_in(key, 1 + i), 1)
+  grads, batch_stats = msg_probe(ctx, subset, hp.batch_size, jax.random.fold_in(key, 1))
   one = jax.tree.map(lambda x: x[0], ctx.originals["params"])
   counts = msg_counts(one, np.broadcast_to(np.asarray(hp.init_rate, np.float64), (n,)))
-  params, scale = base.stack_map(ctx, msg_reinit, (), carry["params"], carry["grads"],
+  params, scale = base.stack_map(ctx, msg_reinit, (), ctx.originals["params"], grads,
                                  jnp.asarray(counts), ctx.keys(jax.random.fold_in(key, 3)))
-  variables = train.as_variables(params, carry["batch_stats"])
-  return base.finetune(ctx, variables, hp, jax.random.fold_in(key, 4),
-                       base.FinetuneSpec(batch_size=hp.batch_size), hp.num_epochs,
-                       lr_factor=msg_triangle(hp.num_epochs), grad_scale=scale)
+  variables = train.as_variables(params, batch_stats)
+  return masked_finetune(ctx, variables, hp, jax.random.fold_in(key, 4), hp.batch_size,
+                         hp.num_epochs, lr_factor=msg_triangle(hp.num_epochs), grad_scale=scale)
 
 
 MSG = base.register(base.Method(
@@ -524,8 +558,8 @@ def _ct(ctx: base.Context, hp, key) -> dict:
   then fine-tuning on the retain set (plain inputs, BN train mode, SGD, per-epoch cosine)."""
   params = base.stack_map(ctx, transpose_conv_kernels, (), ctx.originals["params"])
   variables = train.as_variables(params, base.copy_tree(ctx.originals.get("batch_stats", {})))
-  return base.finetune(ctx, variables, hp, key, base.FinetuneSpec(batch_size=hp.batch_size),
-                       hp.num_epochs, lr_factor=base.cosine(hp.num_epochs))
+  return masked_finetune(ctx, variables, hp, key, hp.batch_size, hp.num_epochs,
+                         lr_factor=base.cosine(hp.num_epochs))
 
 
 CT = base.register(base.Method(

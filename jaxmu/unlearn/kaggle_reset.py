@@ -129,8 +129,8 @@ def _prmq(ctx: base.Context, hp, key) -> dict:
   floats = {**base.per_model(hp, ("learning_rate", "weight_decay", "momentum"), n),
             "class_weights": weights, "max_steps": steps.astype(np.float32)}
   variables = train.as_variables(params, base.copy_tree(ctx.originals.get("batch_stats", {})))
-  state = kaggle.run_loss(ctx, variables, floats, jax.random.fold_in(key, 1),
-                          kaggle.LossSpec("prmq", bs), epochs,
+  state = kaggle.run_loss(ctx, variables, {**floats, "c_wce": 1.0, "c_entropy": 1.0},
+                          jax.random.fold_in(key, 1), kaggle.LossSpec("distill", bs), epochs,
                           extras={"teacher": base.copy_tree(ctx.originals)})
   return fp16_round_trip(state.variables)
 
@@ -178,18 +178,18 @@ def _kde(ctx: base.Context, hp, key) -> dict:
   variables = train.as_variables(params, base.copy_tree(ctx.originals.get("batch_stats", {})))
   temperature = base.per_model(hp, ("temperature",), n)
   warm = {**base.per_model(hp, ("learning_rate", "weight_decay", "momentum"), n), **temperature}
-  source = "val" if hp.faithful else "retain"
-  state = kaggle.run_loss(ctx, variables, warm, jax.random.fold_in(key, 1),
-                          kaggle.LossSpec("kde_warmup", bs, source), hp.num_epochs,
-                          extras={"teacher": base.copy_tree(ctx.originals)},
-                          shuffle=not hp.faithful)
+  spec = kaggle.LossSpec("distill", bs)
+  state = kaggle.run_loss(ctx, variables, {**warm, "c_kl": 1.0}, jax.random.fold_in(key, 1), spec,
+                          hp.num_epochs, source="val" if hp.faithful else "retain",
+                          shuffle=not hp.faithful, extras={"teacher": base.copy_tree(ctx.originals)})
   retain = {name: v for name, v in zip(
       ("learning_rate", "weight_decay", "momentum"),
       base.per_model(hp, ("retain_learning_rate", "retain_weight_decay", "retain_momentum"),
                      n).values())}
-  state = kaggle.run_loss(ctx, state.variables, {**retain, **temperature},
-                          jax.random.fold_in(key, 2), kaggle.LossSpec("kde_retain", bs),
-                          hp.retain_num_epochs, extras={"teacher": base.copy_tree(ctx.originals)},
+  state = kaggle.run_loss(ctx, state.variables,
+                          {**retain, **temperature, "c_soft": 1.0, "c_ce": 1.0, "c_kl": 1.0},
+                          jax.random.fold_in(key, 2), spec, hp.retain_num_epochs,
+                          extras={"teacher": base.copy_tree(ctx.originals)},
                           lr_factor=base.cosine(hp.retain_num_epochs))
   return state.variables
 
@@ -309,7 +309,6 @@ def _rni(ctx: base.Context, hp, key) -> dict:
   already = jnp.zeros((n, len(bn)), bool)
   sgd = base.per_model(hp, ("learning_rate", "weight_decay", "momentum"), n)
   fine_sgd = base.per_model(hp, ("fine_weight_decay", "fine_momentum"), n)
-  spec = base.FinetuneSpec(batch_size=hp.batch_size)
   for ep in range(epochs):
     is_fine = ep >= epochs - fine
     window = reset <= ep < epochs - fine
@@ -323,8 +322,9 @@ def _rni(ctx: base.Context, hp, key) -> dict:
              "weight_decay": fine_sgd["fine_weight_decay"], "momentum": fine_sgd["fine_momentum"]}
     else:
       opt = sgd
-    out = base.finetune(ctx, train.as_variables(params, batch_stats), opt,
-                        jax.random.fold_in(key, 2000 + ep), spec, 1, trainable=trainable)
+    out = kaggle.masked_finetune(ctx, train.as_variables(params, batch_stats), opt,
+                                 jax.random.fold_in(key, 2000 + ep), hp.batch_size, 1,
+                                 trainable=trainable)
     params, batch_stats = out["params"], out.get("batch_stats", {})
   return train.as_variables(params, batch_stats)
 
