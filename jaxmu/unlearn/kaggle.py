@@ -426,28 +426,55 @@ def msg_counts(params, rate) -> np.ndarray:
   return np.round(np.asarray(rate, np.float64)[..., None] * leaf_sizes(params)).astype(np.int32)
 
 
+def flat_draws(key, shapes, kind: str = "normal") -> list[jax.Array]:
+  """Standard normal (or U(-1, 1)) arrays of the given shapes from ONE flat draw (one random
+  kernel to compile instead of one per leaf)."""
+  sizes = [int(np.prod(s)) for s in shapes]
+  if kind == "normal":
+    flat = jax.random.normal(key, (sum(sizes),), jnp.float32)
+  else:
+    flat = jax.random.uniform(key, (sum(sizes),), jnp.float32, -1.0, 1.0)
+  parts = jnp.split(flat, np.cumsum(sizes)[:-1]) if len(sizes) > 1 else [flat]
+  return [x.reshape(s) for x, s in zip(parts, shapes)]
+
+
 def msg_reinit(params, grads, counts, key):
   """MSG's structural edit on ONE model: for every conv kernel, the ``counts[leaf]`` (=
   round(init_rate * numel), `msg_counts`) entries with the smallest |grad| are redrawn from
   kaiming_normal(fan_out, relu); returns (params, grad_scale) with grad_scale 1.0 on those entries
-  and 0.1 on the rest of the kernel (1.0 for every non-conv leaf). Ties: lower flat index first."""
+  and 0.1 on the rest of the kernel (1.0 for every non-conv leaf). Ties: lower flat index first.
+  All kernels are ranked by one stable sort on (kernel, |grad|)."""
   paths = leaf_paths(params)
-
-  def edit(path, p, g):
-    if not is_conv_kernel(path, p):
-      return p, jnp.ones((), jnp.float32)
-    i = paths.index(path)
-    flat = jnp.abs(g).reshape(-1)
-    ranks = jnp.zeros(flat.size, jnp.int32).at[jnp.argsort(flat)].set(
-        jnp.arange(flat.size, dtype=jnp.int32))
-    mask = (ranks < counts[i]).reshape(p.shape)
-    fresh = resnet.torchvision_conv_init(jax.random.fold_in(key, i), p.shape)
-    return jnp.where(mask, fresh, p), jnp.where(mask, 1.0, 0.1).astype(jnp.float32)
-
-  pairs = map_with_path(edit, params, grads)
-  new = jax.tree.map(lambda x: x[0], pairs, is_leaf=lambda x: isinstance(x, tuple))
-  scale = jax.tree.map(lambda x: x[1], pairs, is_leaf=lambda x: isinstance(x, tuple))
-  return new, scale
+  leaves, treedef = jax.tree.flatten(params)
+  g_leaves = jax.tree.leaves(grads)
+  conv = [i for i, (p, x) in enumerate(zip(paths, leaves)) if is_conv_kernel(p, x)]
+  scale = [jnp.ones((), jnp.float32) for _ in leaves]
+  if not conv:
+    return params, jax.tree.unflatten(treedef, scale)
+  sizes = [leaves[i].size for i in conv]
+  starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int32)
+  counts = jnp.asarray(counts, jnp.int32)
+  # Per entry: its kernel's id and its kernel's [start, start + count) window in sorted order
+  # (built from the traced counts, so XLA does not constant-fold millions of entries).
+  kernel_id = jnp.concatenate([jnp.broadcast_to(j + 0 * counts[i], (n,))
+                               for j, (i, n) in enumerate(zip(conv, sizes))])
+  limit = jnp.concatenate([jnp.broadcast_to(starts[j] + counts[i], (n,))
+                           for j, (i, n) in enumerate(zip(conv, sizes))])
+  absg = jnp.concatenate([jnp.abs(g_leaves[i]).reshape(-1) for i in conv])
+  iota = jnp.arange(sum(sizes), dtype=jnp.int32)
+  _, _, order = jax.lax.sort((kernel_id, absg, iota), num_keys=2, is_stable=True)
+  rank = jnp.zeros(sum(sizes), jnp.int32).at[order].set(iota)  # position in (kernel, |g|) order
+  mask = rank < limit
+  fresh = flat_draws(key, [leaves[i].shape for i in conv])
+  start = 0
+  for j, i in enumerate(conv):
+    x = leaves[i]
+    m = mask[start:start + x.size].reshape(x.shape)
+    start += x.size
+    std = math.sqrt(2.0 / (x.shape[0] * x.shape[1] * x.shape[3]))  # fan_out = out * kh * kw
+    leaves[i] = jnp.where(m, std * fresh[j], x)
+    scale[i] = jnp.where(m, 1.0, 0.1).astype(jnp.float32)
+  return jax.tree.unflatten(treedef, leaves), jax.tree.unflatten(treedef, scale)
 
 
 def _msg(ctx: base.Context, hp, key) -> dict:

@@ -69,16 +69,14 @@ def prmq_reinit(params, key):
   """Every entry equal to 0 in a conv/linear kernel of ONE model <- U(+-sqrt(1/fan_in)),
   fan_in = in/groups * kh * kw or in_features; biases stay as they are (pruned ones stay 0)."""
   paths = kaggle.leaf_paths(params)
-
-  def redraw(path, x):
-    if path[-1] != "kernel":
-      return x
+  leaves, treedef = jax.tree.flatten(params)
+  kernels = [i for i, p in enumerate(paths) if p[-1] == "kernel"]
+  fresh = kaggle.flat_draws(key, [leaves[i].shape for i in kernels], "uniform")
+  for j, i in enumerate(kernels):
+    x = leaves[i]
     bound = 1.0 / math.sqrt(int(np.prod(x.shape[:-1])))
-    fresh = jax.random.uniform(jax.random.fold_in(key, paths.index(path)), x.shape, x.dtype,
-                               -bound, bound)
-    return jnp.where(x == 0, fresh, x)
-
-  return kaggle.map_with_path(redraw, params)
+    leaves[i] = jnp.where(x == 0, bound * fresh[j], x)
+  return jax.tree.unflatten(treedef, leaves)
 
 
 def _prune_and_reinit(params, count, key):
@@ -251,9 +249,9 @@ def rni_select(bn, fine, noise_window, params, already, noise_count, origin_nois
     chosen = jnp.arange(pick) < jnp.minimum(noise_count, pick)
     noisy = jnp.zeros(k, bool).at[shuffled].set(chosen) & ~already
     leaves, treedef = jax.tree.flatten(params)
-    leaves = [x + jnp.where(noisy[i], origin_noise, 0.0)
-              * jax.random.normal(jax.random.fold_in(k_draw, i), x.shape, x.dtype)
-              for i, x in enumerate(leaves)]
+    draws = kaggle.flat_draws(k_draw, [x.shape for x in leaves])
+    leaves = [x + jnp.where(noisy[i], origin_noise, 0.0) * z
+              for i, (x, z) in enumerate(zip(leaves, draws))]
     params = jax.tree.unflatten(treedef, leaves)
   return params, selected, already | selected
 
