@@ -87,6 +87,7 @@ def vit_ctx():
                              model_ids=(0,), num_classes=ds.num_classes)
 
 
+@pytest.mark.slow  # ResNet-18 / TinyViT compile: `make test-slow`
 def test_cf_k_on_tinyvit_faithful_freezes_attention_biases(vit_ctx):
   hp = {"num_epochs": 1, "batch_size": 8, "num_blocks": 1, "faithful": True}
   out = unlearn.get("cf_k").run(vit_ctx, hp, jax.random.key(0)).states
@@ -104,6 +105,7 @@ def test_cf_k_on_tinyvit_faithful_freezes_attention_biases(vit_ctx):
   assert changed >= 10
 
 
+@pytest.mark.slow  # ResNet-18 / TinyViT compile: `make test-slow`
 def test_eu_k_reinitialises_exactly_the_last_blocks_and_head_on_tinyvit(vit_ctx):
   """A 0-lr run leaves the re-initialised weights: init statistics, resets, untouched rest."""
   hp = {"num_epochs": 1, "batch_size": 8, "num_blocks": 1, "learning_rate": 0.0}

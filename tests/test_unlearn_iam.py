@@ -166,6 +166,7 @@ def test_boundary_expanding_moves_only_the_classifier_and_pushes_forget_away(tin
   assert (after.mean(1) < before.mean(1) - 1e-3).all(), (before.mean(1), after.mean(1))
 
 
+@pytest.mark.slow  # ResNet-18 / TinyViT compile: `make test-slow`
 def test_boundary_expanding_resnet18_cifar_stem_and_the_missing_relu():
   ctx = make_context("resnet18", num_models=1, image_size=32, train_epochs=0, stem="cifar")
   variables = jax.tree.map(lambda x: x[0], ctx.originals)

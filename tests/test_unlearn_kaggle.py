@@ -258,6 +258,7 @@ def test_cfw_class_weights_are_sklearn_balanced(tiny_ctx):
                                rtol=1e-5)
 
 
+@pytest.mark.slow  # ResNet-18 / TinyViT compile: `make test-slow`
 def test_cfw_confuser_touches_only_the_stem_conv_with_its_std(resnet_ctx):
   std = 0.3
   out = unlearn.get("cfw").run(resnet_ctx, {"num_epochs": 1, "start_confuser_std": std, **ZERO_LR},
@@ -269,6 +270,7 @@ def test_cfw_confuser_touches_only_the_stem_conv_with_its_std(resnet_ctx):
   assert diff.std() == pytest.approx(std, rel=0.05) and abs(diff.mean()) < 0.02
 
 
+@pytest.mark.slow  # ResNet-18 / TinyViT compile: `make test-slow`
 def test_cfw_confuser_is_a_noop_on_tinyvit(vit_ctx):
   params = jax.tree.map(lambda x: x[0], vit_ctx.originals["params"])
   same = kaggle.confuse(params, 0.6, jax.random.key(0))
@@ -349,6 +351,7 @@ def test_ct_transposes_every_conv_kernel_then_trains(tiny_ctx):
   _ct_check(tiny_ctx)
 
 
+@pytest.mark.slow  # ResNet-18 / TinyViT compile: `make test-slow`
 def test_ct_on_resnet18(resnet_ctx):
   _ct_check(resnet_ctx)
 
@@ -358,6 +361,7 @@ def test_ct_on_resnet18(resnet_ctx):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # ResNet-18 / TinyViT compile: `make test-slow`
 def test_kde_resets_exactly_stem_conv_and_head(resnet_ctx):
   hp = {"num_epochs": 1, "retain_num_epochs": 1, **ZERO_LR, "retain_learning_rate": 0.0}
   out = unlearn.get("kde").run(resnet_ctx, hp, jax.random.key(5)).states
@@ -461,11 +465,13 @@ def _runs(ctx, name):
   return out
 
 
+@pytest.mark.slow  # ResNet-18 / TinyViT compile: `make test-slow`
 @pytest.mark.parametrize("name", ["msg", "prmq", "rni"])
 def test_runs_on_resnet18(resnet_ctx, name):
   _runs(resnet_ctx, name)
 
 
+@pytest.mark.slow  # ResNet-18 / TinyViT compile: `make test-slow`
 def test_ct_and_msg_on_tinyvit(vit_ctx):
   _ct_check(vit_ctx)
   _runs(vit_ctx, "msg")

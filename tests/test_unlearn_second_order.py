@@ -229,6 +229,7 @@ def test_runs_on_the_tiny_stack(tiny_ctx, name, hp):
   assert not np.array_equal(out["params"]["fc"]["kernel"], before["params"]["fc"]["kernel"])
 
 
+@pytest.mark.slow  # ResNet-18 / TinyViT compile: `make test-slow`
 def test_resnet18_32px_runs_both():
   ds = data_lib.load("digits", image_size=32, channels=3)
   model = models.get("resnet18", ds.num_classes)
