@@ -8,7 +8,8 @@ from sklearn.metrics import roc_auc_score
 
 from jaxmu.attacks import lira
 
-PRECISIONS = [(False, dict(rtol=0, atol=1e-5)), (True, dict(rtol=1e-9, atol=0))]
+# float32: 1e-5 absolute, plus float32 rounding (~1 ulp) for log-densities larger than ~10.
+PRECISIONS = [(False, dict(rtol=2e-6, atol=1e-5)), (True, dict(rtol=1e-9, atol=0))]
 FLOOR = 1e-10
 
 
