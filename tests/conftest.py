@@ -42,3 +42,17 @@ def make_context(model_name="small_cnn", num_models=2, strategy="loop", image_si
 def tiny_ctx():
   """Two small CNNs on 8x8 digits, trained 3 epochs; strategy loop."""
   return make_context()
+
+
+def search_space_table(method, e_max):
+  """{name: (low, high, log, choices)} of the Optuna distributions ``method.suggest`` uses."""
+  import optuna
+  trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
+  method.suggest(trial, e_max=e_max)
+  table = {}
+  for name, dist in trial.distributions.items():
+    if isinstance(dist, optuna.distributions.CategoricalDistribution):
+      table[name] = (None, None, None, tuple(dist.choices))
+    else:
+      table[name] = (dist.low, dist.high, dist.log, None)
+  return table, trial

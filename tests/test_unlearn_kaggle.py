@@ -12,6 +12,8 @@ import optuna
 import pytest
 from sklearn.utils.class_weight import compute_class_weight
 
+from conftest import search_space_table
+
 from jaxmu import data as data_lib
 from jaxmu import models, train, unlearn
 from jaxmu.unlearn import base, kaggle, kaggle_reset
@@ -117,14 +119,7 @@ def test_search_space_defaults_and_alias(name):
   method = unlearn.get(name)
   assert unlearn.get(f"kgltop{KAGGLE.index(name) + 1}") is method
   assert dict(method.defaults) == DEFAULTS[name]
-  trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
-  method.suggest(trial, e_max=7)
-  got = {}
-  for hp, dist in trial.distributions.items():
-    if isinstance(dist, optuna.distributions.CategoricalDistribution):
-      got[hp] = (None, None, None, tuple(dist.choices))
-    else:
-      got[hp] = (dist.low, dist.high, dist.log, None)
+  got, trial = search_space_table(method, e_max=7)
   assert got == SPACES[name]
   assert isinstance(trial.distributions["num_epochs"], optuna.distributions.FloatDistribution) == (
       name == "prmq")

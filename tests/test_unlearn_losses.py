@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import optuna
+from conftest import search_space_table
 import pytest
 
 from jaxmu import models, train, unlearn
@@ -156,14 +156,7 @@ DEFAULTS = {
 def test_search_space_and_defaults_match_reference(name):
   method = unlearn.get(name)
   assert dict(method.defaults) == DEFAULTS[name]
-  trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
-  method.suggest(trial, e_max=9)
-  got = {}
-  for hp, dist in trial.distributions.items():
-    if isinstance(dist, optuna.distributions.CategoricalDistribution):
-      got[hp] = (None, None, None, tuple(dist.choices))
-    else:
-      got[hp] = (dist.low, dist.high, dist.log, None)
+  got, _ = search_space_table(method, e_max=9)
   assert got == SPACES[name]
 
 
