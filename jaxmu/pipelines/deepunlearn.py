@@ -26,6 +26,7 @@ from pathlib import Path
 import jax
 import ml_collections
 import numpy as np
+from tqdm.auto import tqdm
 
 from jaxmu import checkpoint, models, report, stages, train, unlearn
 from jaxmu import data as data_lib
@@ -104,7 +105,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
 
   methods = tuple(unlearn.get(m).name for m in config.methods)
   ctx = None
-  for method in methods:
+  bar = tqdm(methods, desc="unlearn", leave=False)
+  for method in bar:
+    bar.set_postfix_str(method)
     hparams = config.unlearn[method].to_dict() if method in config.unlearn else {}
     with wd.stage(f"unlearn_{method}", config={"hparams": hparams, "seed": config.unlearn_seed,
                                                "parallel": config.parallel},
