@@ -7,7 +7,7 @@ Trains, for each of 4 seeds, an "original" model (retain + forget) and a "retrai
 (retain only) from the same initialisation, all as one stack (about a minute on a 2-core CPU,
 compilation included; originals reach test accuracy >= 0.95, retain accuracy near 1.0), then runs
 every unlearning method of the registry with the reference defaults on the stack of originals
-(a few minutes more). Report: runs/quickstart/report.md.
+(about 4 minutes in all on a 2-core CPU). Report: runs/quickstart/report.md.
 """
 
 from configs import deepunlearn
