@@ -7,6 +7,7 @@ import numpy as np
 import optuna
 import pytest
 
+from conftest import make_context
 from jaxmu import train, unlearn
 from jaxmu.unlearn import base
 
@@ -73,3 +74,32 @@ def test_suggest_uses_reference_ranges():
   assert dist["momentum"].low == dist["momentum"].high == 0.9
   assert tuple(dist["batch_size"].choices) == (64, 128, 256)
   assert (dist["num_epochs"].low, dist["num_epochs"].high) == (1, 7)
+
+
+ARCH_RUNS = {  # methods whose code reads the architecture (modes, heads, teachers), one epoch each
+    "neggrad_plus": {"num_epochs": 1, "faithful": True},
+    "salun": {"num_epochs": 1, "faithful": True},
+    "bad_teacher": {"num_epochs": 1},
+    "scrub": {"sgda_num_epochs": 1, "msteps": 1},
+}
+
+
+@pytest.mark.slow  # ResNet-18 / TinyViT compile: `make test-slow`
+@pytest.mark.parametrize("arch", [("resnet18", {}), ("tinyvit_11m", {"img_size": 32})],
+                         ids=["resnet18", "tinyvit"])
+@pytest.mark.parametrize("name", sorted(ARCH_RUNS))
+def test_loss_based_methods_run_on_the_paper_architectures(name, arch):
+  ctx = _arch_context(*arch)
+  out = unlearn.get(name).run(ctx, ARCH_RUNS[name], jax.random.key(0)).states
+  assert jax.tree.structure(out) == jax.tree.structure(ctx.originals)
+  assert all(np.isfinite(leaf).all() for leaf in _leaves(out))
+
+
+_ARCH_CONTEXTS = {}
+
+
+def _arch_context(model_name, kw):
+  if model_name not in _ARCH_CONTEXTS:
+    _ARCH_CONTEXTS[model_name] = make_context(model_name, num_models=1, image_size=32,
+                                              train_epochs=0, **kw)
+  return _ARCH_CONTEXTS[model_name]
