@@ -4,7 +4,7 @@ unlearning: from each seed's initialisation on its retain set only, deepunlearn-
 
 from __future__ import annotations
 
-import jax
+import dataclasses
 
 from jaxmu import train
 from jaxmu.unlearn import base
@@ -19,18 +19,13 @@ def _retrain(ctx: base.Context, hp, key) -> dict:
   epochs = hp.num_epochs or ctx.train_epochs
   if epochs < 1:
     raise ValueError("retrain needs num_epochs >= 1 (or the context's train_epochs)")
-  recipe = ctx.recipe if not hp.batch_size else dataclasses_replace(ctx.recipe, hp.batch_size)
+  recipe = dataclasses.replace(ctx.recipe, batch_size=hp.batch_size or ctx.recipe.batch_size)
   defaults = {"learning_rate": 0.1, "momentum": 0.9, "weight_decay": 5e-4, **ctx.train_hparams}
   state = train.create_state(ctx.inits, recipe, **{
       name: defaults[name] for name in ("learning_rate", "momentum", "weight_decay")})
   result = train.fit(ctx.model, state, ctx.data, ctx.retain, recipe, epochs, key,
                      model_ids=ctx.model_ids, strategy=ctx.strategy, progress=False)
-  return jax.tree.map(lambda x: x, result.state.variables)
-
-
-def dataclasses_replace(recipe: train.Recipe, batch_size: int) -> train.Recipe:
-  import dataclasses
-  return dataclasses.replace(recipe, batch_size=batch_size)
+  return result.state.variables
 
 
 ORIGINAL = base.register(base.Method(
