@@ -1,0 +1,369 @@
+"""The auditor's entry point: saved outputs of models in, every attack's scores and ROC metrics out.
+
+An auditor holds the model before unlearning (``original``), the model after it (``target``), K
+shadow OUT models that never saw the query samples, and the list of deletion requests
+(``forget_mask``). `audit` scores every query sample with IAM (iam-spec 3) and the baselines of
+iam-spec 4 and, given the mask, evaluates each attack with BinUI (iam-spec 3.4, 9.1).
+
+Every score returned is an **unlearning** score (high = looks unlearned), as the IAM code's keys
+(iam-spec 4): membership scores of Carlini's LiRA are negated, RMIA's are turned into 1 - score.
+
+Two input modes:
+
+* **logits** ``[N, C]`` per model (shadows ``[K, N, C]``) with integer ``labels`` [N]: every
+  attack is available (RMIA and EMIA-P also need the ``population`` outputs, UnLeak its shadow
+  data, IAM-Off the shadows' outputs on their own training sets or the constant).
+* **per-sample signals** ``[N]`` per model (shadows ``[K, N]``), e.g. LLM losses turned into
+  p = exp(-loss): ``signal="prob"`` reads them as probabilities of the true label (IAM maps them
+  with the normalised Gumbel map, LiRA with log(p / (1 - p))); ``signal="raw"`` uses the values as
+  given (larger = fits better). The attacks that need logits (EMIA, RMIA, UnLeak) are unavailable.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, NamedTuple, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxmu.attacks import baselines, iam, lira, metrics, rmia, signals
+
+# name -> (paper name, what it needs beyond original/target/shadows)
+ATTACKS = {
+    "iam_on": ("IAM-On", ()),
+    "iam_off": ("IAM-Off", ("off",)),
+    "lira_on": ("LiRA-On", ()),
+    "lira_off": ("LiRA-Off", ()),
+    "carlini_lira_on": ("LiRA-On (Carlini)", ()),
+    "carlini_lira_off": ("LiRA-Off (Carlini)", ()),
+    "rmia_on": ("RMIA-On", ("logits", "population", "population_in")),
+    "rmia_off": ("RMIA-Off", ("logits", "population")),
+    "emia_r": ("EMIA-R", ("logits",)),
+    "emia_p": ("EMIA-P", ("logits", "population")),
+    "update": ("UpdateAtk", ()),
+    "unleak": ("UnLeak", ("logits", "unleak")),
+    "random": ("Random", ()),
+}
+# Per-dataset RMIA settings of the IAM code (iam-spec 4.1): offline a and temperature tau.
+RMIA_SETTINGS = {"cifar10": (0.33, 2.0), "cinic10": (0.33, 2.0), "cifar100": (0.6, 1.0),
+                 "purchase100": (0.2, 2.0), "texas100": (0.2, 2.0), "location": (0.2, 2.0)}
+SIGNALS = ("prob", "raw")
+
+
+class Population(NamedTuple):
+  """Outputs on the population set Z that RMIA and EMIA-P need (iam-spec 4.1).
+
+  target [Z, C] and shadows [K, Z, C] (required), labels [Z], and ``inside`` [Z, C]: the IN
+  reference on Z for RMIA-On (the IAM code's "ref_in" model trained on Z; optional).
+  """
+  target: Any
+  shadows: Any
+  labels: Any
+  inside: Any = None
+
+
+class UnleakData(NamedTuple):
+  """What UnLeak's attack model trains on (iam-spec 4.2), all on the shadow pool's P samples:
+  ``origin`` [P, C] logits of the shadow-origin model, ``shadows`` [K, P, C] logits of the
+  shadows, ``held_out`` [K, P] bool (True where sample p was not in shadow k's training set)."""
+  origin: Any
+  shadows: Any
+  held_out: Any
+
+
+class AuditResult(NamedTuple):
+  """``scores``: {attack: [N] unlearning scores}; ``metrics``: {attack: `iam.bin_ui` dict} when a
+  forget mask was given, else None."""
+  scores: dict[str, np.ndarray]
+  metrics: dict[str, dict] | None
+
+
+def _shape_error(name, got, want):
+  return ValueError(f"{name} has shape {tuple(got)}; expected {want}. Pass logits [N, C] per model "
+                    "(shadows [K, N, C]) with labels [N], or per-sample signals [N] (shadows [K, N])")
+
+
+def _check_inputs(original, target, shadows, labels):
+  """Returns (mode, arrays as float numpy) after checking that every shape agrees."""
+  original, target, shadows = (np.asarray(x) for x in (original, target, shadows))
+  if target.ndim == 2:
+    n, c = target.shape
+    if original.shape != (n, c):
+      raise _shape_error("original", original.shape, f"[N, C] = {(n, c)} like target")
+    if shadows.ndim != 3 or shadows.shape[1:] != (n, c) or shadows.shape[0] == 0:
+      raise _shape_error("shadows", shadows.shape, f"[K >= 1, N, C] = [K, {n}, {c}]")
+    if labels is None:
+      raise ValueError("labels [N] are needed to read logits; pass labels=")
+    labels = np.asarray(labels)
+    if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
+      raise ValueError(f"labels must be integers of shape ({n},); got {labels.dtype} {labels.shape}")
+    if labels.min() < 0 or labels.max() >= c:
+      raise ValueError(f"labels must lie in [0, {c}); got values in [{labels.min()}, {labels.max()}]")
+    return "logits", original, target, shadows, labels
+  if target.ndim == 1:
+    n = target.shape[0]
+    if original.shape != (n,):
+      raise _shape_error("original", original.shape, f"[N] = ({n},) like target")
+    if shadows.ndim != 2 or shadows.shape[1] != n or shadows.shape[0] == 0:
+      raise _shape_error("shadows", shadows.shape, f"[K >= 1, N] = [K, {n}]")
+    return "signal", original, target, shadows, None
+  raise _shape_error("target", target.shape, "[N, C] (logits) or [N] (signals)")
+
+
+def audit(original, target, shadows, labels=None, forget_mask=None, *, attacks=None,
+          population: Population | None = None, shadow_train: Sequence | None = None,
+          off_constant: float | None = None, unleak: UnleakData | Any = None,
+          signal: str = "prob", one_sided_lira: bool = False, rmia_a: float = 0.33,
+          temperature: float = 2.0, gamma: float = 2.0, num_interp: int = 100,
+          levels=metrics.LEVELS, num_bootstrap: int = 0, seed: int = 0) -> AuditResult:
+  """Scores every query sample with IAM and the baselines (iam-spec 3, 4); BinUI metrics (9.1).
+
+  Args:
+    original: [N, C] logits (or [N] signals) of the model before unlearning on the N queries.
+    target: the audited (unlearned) model's outputs on the same queries, same shape.
+    shadows: [K, N, C] (or [K, N]) outputs of K >= 1 shadow OUT models on the queries.
+    labels: [N] integer labels (logits mode).
+    forget_mask: [N] bool/0-1, True for deletion requests; with it, `iam.bin_ui` metrics per
+      attack (positives = retained samples, scored by 1 - unlearning score).
+    attacks: names from `ATTACKS` (default: every attack the given inputs allow); a named
+      attack whose inputs are missing is an error that says what to pass.
+    population: `Population` outputs on Z (RMIA-Off/On, EMIA-P).
+    shadow_train: IAM-Off's inputs, one (logits [T_k, C], labels [T_k]) pair per shadow: its
+      outputs on its own training samples (iam-spec 3.1). Or give ``off_constant`` directly
+      (in the IAM signal's units; required for IAM-Off in signal mode).
+    unleak: a fitted UnLeak classifier (`baselines.unleak_attack_model`) or `UnleakData`.
+    signal: signal mode only: "prob" or "raw" (module docstring).
+    one_sided_lira: IAM's LiRA-Off for class unlearning types (iam-spec 12.7): one-sided.
+    rmia_a, temperature, gamma: RMIA's offline a, taylor-soft-margin temperature and gamma
+      (`RMIA_SETTINGS` holds the IAM code's per-dataset values; default CIFAR-10).
+    num_interp: IAM's A. levels, num_bootstrap: passed to `metrics.roc_metrics`.
+    seed: the Random baseline's numpy seed and UnLeak's classifier seed.
+
+  Returns: `AuditResult`.
+
+  Follows iam-spec 3-4 through the primitives; the Carlini family (LiRA-On/Off (Carlini)) is
+  Carlini et al.'s LiRA with a pooled ("fixed") variance: offline one-sided over the OUT shadows,
+  online with the original model as the IN observation. Deviation: the IAM code has only its own
+  LiRA family; the Carlini rows are extra.
+  """
+  mode, original, target, shadows, labels = _check_inputs(original, target, shadows, labels)
+  if signal not in SIGNALS:
+    raise ValueError(f"signal must be one of {SIGNALS}; got {signal!r}")
+  n, k = target.shape[0], shadows.shape[0]
+  if forget_mask is not None:
+    forget_mask = np.asarray(forget_mask)
+    if forget_mask.shape != (n,):
+      raise ValueError(f"forget_mask has shape {forget_mask.shape}; expected ({n},)")
+    if not np.isin(forget_mask, (0, 1)).all():
+      raise ValueError("forget_mask must be bool or 0/1 (1 = deletion request)")
+  available = {"off": shadow_train is not None or off_constant is not None,
+               "logits": mode == "logits", "unleak": unleak is not None,
+               "population": population is not None,
+               "population_in": population is not None and population.inside is not None}
+  if attacks is None:
+    attacks = [a for a, (_, needs) in ATTACKS.items() if all(available[r] for r in needs)]
+  for a in attacks:
+    if a not in ATTACKS:
+      raise ValueError(f"unknown attack {a!r}; known: {', '.join(ATTACKS)}")
+    missing = [r for r in ATTACKS[a][1] if not available[r]]
+    if missing:
+      raise ValueError(f"attack {a!r} needs {_NEEDS_TEXT[missing[0]]}")
+
+  # The signals each family reads (iam-spec 2).
+  if mode == "logits":
+    gumbel = lambda z: signals.normalized_gumbel(signals.true_class_prob(z, labels))
+    phi = lambda z: signals.scaled_logit(z, labels)
+  elif signal == "prob":
+    _check_prob(original, target, shadows)
+    gumbel = signals.normalized_gumbel
+    phi = lambda p: jnp.log(jnp.clip(p, 1e-30, 1.0)) - jnp.log(jnp.clip(1.0 - p, 1e-30, 1.0))
+  else:
+    gumbel = phi = jnp.asarray
+  scores = {}
+  if "iam_on" in attacks or "iam_off" in attacks:
+    s_target, s_sh = gumbel(target), gumbel(shadows)
+    if "iam_on" in attacks:
+      scores["iam_on"] = iam.iam_score(s_target, gumbel(original), s_sh, num_interp)
+    if "iam_off" in attacks:
+      c = off_constant if off_constant is not None else _off_constant(shadow_train, mode, signal, gumbel)
+      scores["iam_off"] = iam.iam_score(s_target, c, s_sh, num_interp)
+  if any(a in attacks for a in ("lira_on", "lira_off", "carlini_lira_on", "carlini_lira_off",
+                                "update")):
+    p_target, p_original, p_sh = phi(target), phi(original), phi(shadows)
+    if "lira_on" in attacks:
+      scores["lira_on"] = lira.iam_reference_lira_online(p_target, p_original, p_sh)
+    if "lira_off" in attacks:
+      scores["lira_off"] = lira.iam_reference_lira_offline(p_target, p_sh, one_sided=one_sided_lira)
+    if "carlini_lira_on" in attacks:
+      refs = jnp.concatenate([p_sh, p_original[None]])
+      in_mask = np.zeros(refs.shape, bool)
+      in_mask[-1] = True
+      scores["carlini_lira_on"] = -lira.carlini_lira_online(p_target, refs, in_mask,
+                                                            fix_variance=True)
+    if "carlini_lira_off" in attacks:
+      scores["carlini_lira_off"] = -lira.carlini_lira_offline(p_target, p_sh, fix_variance=True,
+                                                              one_sided=True)
+    if "update" in attacks:
+      scores["update"] = baselines.update_attack(p_target, p_original, p_sh)
+  if "emia_r" in attacks:
+    z_y = lambda z: jnp.take_along_axis(jnp.asarray(z), jnp.asarray(labels)[:, None], -1)[..., 0]
+    scores["emia_r"] = baselines.emia_reference(z_y(target), jnp.stack([z_y(s) for s in shadows]))
+  if any(a in attacks for a in ("rmia_on", "rmia_off", "emia_p")):
+    pop = _check_population(population, k)
+    tsm = lambda z, y: signals.taylor_soft_margin(z, y, temperature)
+    tx, tz = tsm(target, labels), tsm(pop.target, pop.labels)
+    sx, sz = tsm(shadows, labels), tsm(pop.shadows, pop.labels)
+    if "rmia_off" in attacks:
+      scores["rmia_off"] = 1.0 - rmia.rmia_offline(tx, tz, sx, sz, rmia_a, gamma)
+    if "rmia_on" in attacks:
+      scores["rmia_on"] = 1.0 - rmia.rmia_online(tx, tz, sx, sz, tsm(original, labels),
+                                                 tsm(pop.inside, pop.labels), gamma)
+    if "emia_p" in attacks:
+      pop_z_y = np.take_along_axis(pop.target, pop.labels[:, None], -1)[:, 0]
+      z_y = np.take_along_axis(target, labels[:, None], -1)[:, 0]
+      scores["emia_p"] = baselines.emia_population(z_y, pop_z_y)
+  if "unleak" in attacks:
+    model = unleak if not isinstance(unleak, UnleakData) else unleak_model(unleak, seed)
+    scores["unleak"] = baselines.unleak_score(model, _softmax(original), _softmax(target))
+  if "random" in attacks:
+    scores["random"] = np.random.default_rng(seed).random(n)
+  scores = {a: np.asarray(scores[a], np.float64) for a in attacks}
+  if forget_mask is None:
+    return AuditResult(scores, None)
+  return AuditResult(scores, {a: iam.bin_ui(s, forget_mask.astype(np.int64), levels=levels,
+                                            num_bootstrap=num_bootstrap)
+                              for a, s in scores.items()})
+
+
+_NEEDS_TEXT = {
+    "off": "shadow_train= (each shadow's logits and labels on its own training set) or off_constant=",
+    "logits": "logits [N, C] with labels, not per-sample signals",
+    "population": "population=Population(target, shadows, labels) (outputs on the population set)",
+    "population_in": "population=Population(..., inside=) (the IN reference model on the population)",
+    "unleak": "unleak= (a fitted UnLeak model or UnleakData(origin, shadows, held_out))",
+}
+
+
+def _check_prob(*arrays):
+  for a in arrays:
+    if np.nanmin(a) < 0 or np.nanmax(a) > 1:
+      raise ValueError("signal='prob' needs probabilities in [0, 1]; use signal='raw' for other "
+                       "per-sample signals")
+
+
+def _off_constant(shadow_train, mode, signal, gumbel):
+  """IAM-Off's c from the shadows' outputs on their own training data (iam-spec 3.1)."""
+  if mode != "logits":
+    raise ValueError("in signal mode give IAM-Off's constant as off_constant=")
+  means = []
+  for k, pair in enumerate(shadow_train):
+    if len(pair) != 2:
+      raise ValueError(f"shadow_train[{k}] must be a (logits [T, C], labels [T]) pair")
+    z, y = np.asarray(pair[0]), np.asarray(pair[1])
+    if z.ndim != 2 or y.shape != z.shape[:1]:
+      raise ValueError(f"shadow_train[{k}]: logits {z.shape} and labels {y.shape} must be [T, C], [T]")
+    means.append(signals.normalized_gumbel(signals.true_class_prob(z, y)))
+  return iam.iam_off_constant(means)
+
+
+def _check_population(population, k):
+  target, shadows, labels = (np.asarray(x) for x in population[:3])
+  z = target.shape[0] if target.ndim == 2 else -1
+  if target.ndim != 2 or shadows.shape != (k, z, target.shape[1]) or labels.shape != (z,):
+    raise ValueError(f"population: target {target.shape}, shadows {shadows.shape}, labels "
+                     f"{labels.shape} must be [Z, C], [K={k}, Z, C], [Z]")
+  inside = population.inside
+  if inside is not None:
+    inside = np.asarray(inside)
+    if inside.shape != target.shape:
+      raise ValueError(f"population.inside has shape {inside.shape}; expected {target.shape}")
+  return Population(target, shadows, labels, inside)
+
+
+def _softmax(z):
+  z = np.asarray(z, np.float64)
+  e = np.exp(z - z.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def unleak_model(data: UnleakData, seed: int = 0):
+  """UnLeak's attack classifier (iam-spec 4.2) from the shadow-origin and shadow logits."""
+  origin, shadows = np.asarray(data.origin), np.asarray(data.shadows)
+  return baselines.unleak_attack_model(_softmax(origin), _softmax(shadows), data.held_out, seed)
+
+
+def summary_rows(result: AuditResult, levels=(1e-3, 1e-2, 1e-1)) -> list[dict]:
+  """One row per attack: AUC, balanced accuracy, TPR at FPR and TNR at FNR (iam-spec 13)."""
+  if result.metrics is None:
+    raise ValueError("no metrics: call audit(..., forget_mask=) to evaluate the scores")
+  rows = []
+  for a, m in result.metrics.items():
+    row = {"attack": a, "name": ATTACKS[a][0], "auc": m["auc"],
+           "balanced_accuracy": m["balanced_accuracy"]}
+    row.update({f"tpr@{lv:g}": m["tpr_at_fpr"][lv] for lv in levels})
+    row.update({f"tnr@{lv:g}": m["tnr_at_fnr"][lv] for lv in levels})
+    row.update({"score_forgotten": m["score_forgotten_mean"],
+                "score_retained": m["score_retained_mean"]})
+    rows.append(row)
+  return rows
+
+
+def load_file(path) -> dict[str, np.ndarray]:
+  """Arrays of an audit file: an .npz, or a directory of ``<key>.npy`` files (keys: `FILE_KEYS`)."""
+  import pathlib
+  path = pathlib.Path(path)
+  if path.is_dir():
+    arrays = {p.stem: np.load(p) for p in sorted(path.glob("*.npy"))}
+  elif path.suffix == ".npz" and path.exists():
+    with np.load(path) as z:
+      arrays = {k: z[k] for k in z.files}
+  else:
+    raise FileNotFoundError(f"{path}: expected an .npz file or a directory of <key>.npy files")
+  unknown = set(arrays) - set(FILE_KEYS)
+  if unknown:
+    raise ValueError(f"{path}: unknown keys {sorted(unknown)}; known: {', '.join(FILE_KEYS)}")
+  missing = [k for k in ("original", "target", "shadows") if k not in arrays]
+  if missing:
+    raise ValueError(f"{path}: missing keys {missing}; an audit file needs original, target, "
+                     "shadows (and labels for logits)")
+  return arrays
+
+
+FILE_KEYS = {
+    "original": "[N, C] logits (or [N] signals) of the model before unlearning on the queries",
+    "target": "[N, C] / [N]: the audited (unlearned) model on the same queries",
+    "shadows": "[K, N, C] / [K, N]: K shadow OUT models on the queries",
+    "labels": "[N] int: true labels (logits mode)",
+    "forget": "[N] 0/1: deletion requests (optional; enables the metrics)",
+    "population_target": "[Z, C]: the audited model on the population set (RMIA, EMIA-P)",
+    "population_shadows": "[K, Z, C]: the shadows on the population set",
+    "population_labels": "[Z] int",
+    "population_in": "[Z, C]: an IN model trained on the population set (RMIA-On)",
+    "shadow_train_logits": "[K, T, C]: each shadow on its own training samples (IAM-Off)",
+    "shadow_train_labels": "[K, T] int",
+    "off_constant": "scalar: IAM-Off's constant, instead of the two above",
+}
+
+
+def audit_file(arrays: Mapping[str, np.ndarray], **kwargs) -> AuditResult:
+  """`audit` on the arrays of `load_file`."""
+  population = None
+  if "population_target" in arrays:
+    for key in ("population_shadows", "population_labels"):
+      if key not in arrays:
+        raise ValueError(f"population_target given without {key}")
+    population = Population(arrays["population_target"], arrays["population_shadows"],
+                            arrays["population_labels"], arrays.get("population_in"))
+  shadow_train = None
+  if "shadow_train_logits" in arrays:
+    if "shadow_train_labels" not in arrays:
+      raise ValueError("shadow_train_logits given without shadow_train_labels")
+    logits, labels = arrays["shadow_train_logits"], arrays["shadow_train_labels"]
+    if logits.ndim != 3 or labels.shape != logits.shape[:2]:
+      raise ValueError(f"shadow_train_logits {logits.shape} and shadow_train_labels "
+                       f"{labels.shape} must be [K, T, C] and [K, T]")
+    shadow_train = list(zip(logits, labels))
+  off = arrays.get("off_constant")
+  return audit(arrays["original"], arrays["target"], arrays["shadows"], arrays.get("labels"),
+               arrays.get("forget"), population=population, shadow_train=shadow_train,
+               off_constant=None if off is None else float(off), **kwargs)

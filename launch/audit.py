@@ -1,0 +1,62 @@
+"""Audits saved model outputs with IAM and the baselines (`jaxmu.attacks.audit`).
+
+    python launch/audit.py --logits=x.npz --out=runs/audit
+    python launch/audit.py --logits=dir_of_npy/ --attacks=iam_on,lira_on,rmia_on
+
+The file's keys (an .npz, or a directory of <key>.npy files) are listed in
+`jaxmu.attacks.audit.FILE_KEYS` and in the README ("Auditing saved logits"). Writes
+<out>/scores.csv (one column per attack, one row per query sample; unlearning scores) and, when
+the file holds `forget`, <out>/metrics.csv and a table on stdout.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # an uninstalled jaxmu
+
+from absl import app, flags  # noqa: E402
+
+from jaxmu import cli, report  # noqa: E402
+from jaxmu.attacks.audit import (RMIA_SETTINGS, SIGNALS, audit_file, load_file,  # noqa: E402
+                                 summary_rows)
+
+_LOGITS = flags.DEFINE_string("logits", None, "An .npz file or a directory of <key>.npy files.")
+_OUT = flags.DEFINE_string("out", "runs/audit", "Output directory.")
+_ATTACKS = flags.DEFINE_list("attacks", None, "Attacks to run (default: all the file allows).")
+_SIGNAL = flags.DEFINE_enum("signal", "prob", SIGNALS, "Per-sample signal files: prob | raw.")
+_RMIA = flags.DEFINE_string("rmia_dataset", "cifar10",
+                            f"RMIA's a and temperature of: {', '.join(RMIA_SETTINGS)}.")
+_ONE_SIDED = flags.DEFINE_bool("one_sided_lira", False, "LiRA-Off one-sided (class unlearning).")
+flags.mark_flags_as_required(["logits"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _RMIA.value not in RMIA_SETTINGS:
+    raise app.UsageError(f"--rmia_dataset must be one of {', '.join(RMIA_SETTINGS)}")
+  a, temperature = RMIA_SETTINGS[_RMIA.value]
+  try:
+    result = audit_file(load_file(_LOGITS.value), attacks=_ATTACKS.value,
+                        signal=_SIGNAL.value, rmia_a=a, temperature=temperature,
+                        one_sided_lira=_ONE_SIDED.value)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  out = Path(_OUT.value)
+  out.mkdir(parents=True, exist_ok=True)
+  names = list(result.scores)
+  report.write_csv(out / "scores.csv", [dict(zip(names, row)) for row in
+                                        zip(*(result.scores[n].tolist() for n in names))])
+  if result.metrics is not None:
+    rows = summary_rows(result)
+    report.write_csv(out / "metrics.csv", rows)
+    print("| attack | AUC | balanced acc. | TPR@FPR=1e-2 | TNR@FNR=1e-2 |\n|---|---|---|---|---|")
+    for r in rows:
+      print(f"| {r['name']} | {r['auc']:.4f} | {r['balanced_accuracy']:.4f} | "
+            f"{r['tpr@0.01']:.4f} | {r['tnr@0.01']:.4f} |")
+  print(f"Done: {out}")
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=cli.parse_flags)

@@ -1,0 +1,216 @@
+"""The audit entry point on synthetic Gaussian logits against direct calls of the primitives and
+float64 NumPy; launch/audit.py on saved files, including bad ones."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.stats
+
+import jaxmu.attacks
+from jaxmu.attacks import baselines, iam, lira, metrics, rmia, signals
+from jaxmu.attacks.audit import ATTACKS, Population, UnleakData, audit_file, load_file, summary_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+N, C, K, Z, P = 120, 4, 3, 40, 50
+
+
+@pytest.fixture(scope="module")
+def inputs():
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, C, N)
+  forget = np.zeros(N, bool)
+  forget[rng.permutation(N)[:30]] = True
+  original = rng.normal(size=(N, C)) + 3 * np.eye(C)[labels]  # fits every query
+  target = rng.normal(size=(N, C)) + 3 * np.eye(C)[labels] * (~forget)[:, None]  # forgot some
+  shadows = rng.normal(size=(K, N, C))
+  pop = Population(rng.normal(size=(Z, C)), rng.normal(size=(K, Z, C)), rng.integers(0, C, Z),
+                   rng.normal(size=(Z, C)))
+  unleak = UnleakData(rng.normal(size=(P, C)), rng.normal(size=(K, P, C)), rng.random((K, P)) < 0.3)
+  shadow_train = [(rng.normal(size=(20, C)) + 2 * np.eye(C)[y], y)
+                  for y in rng.integers(0, C, (K, 20))]
+  return dict(original=original, target=target, shadows=shadows, labels=labels, forget=forget,
+              pop=pop, unleak=unleak, shadow_train=shadow_train)
+
+
+@pytest.fixture(scope="module")
+def result(inputs):
+  d = inputs
+  return jaxmu.attacks.audit(d["original"], d["target"], d["shadows"], d["labels"], d["forget"],
+                             population=d["pop"], unleak=d["unleak"],
+                             shadow_train=d["shadow_train"], rmia_a=0.6, temperature=1.0)
+
+
+def _softmax(z):
+  e = np.exp(z - z.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def test_every_attack_scored_and_evaluated(result, inputs):
+  assert set(result.scores) == set(ATTACKS)
+  for name, s in result.scores.items():
+    assert s.shape == (N,) and np.isfinite(s).all(), name
+    m = result.metrics[name]
+    # AUC of retained (positive) vs forgotten by 1 - score, independently with Mann-Whitney U.
+    retained, forgotten = 1 - s[~inputs["forget"]], 1 - s[inputs["forget"]]
+    u = scipy.stats.mannwhitneyu(retained, forgotten).statistic
+    assert m["auc"] == pytest.approx(u / (retained.size * forgotten.size), abs=1e-12), name
+  # The forgotten queries were made unfit: IAM detects them.
+  assert result.metrics["iam_on"]["auc"] > 0.9 and result.metrics["iam_off"]["auc"] > 0.9
+  rows = summary_rows(result)
+  assert [r["attack"] for r in rows] == list(result.scores)
+
+
+def test_iam_scores_equal_numpy_float64(result, inputs):
+  d = inputs
+  p = lambda z: _softmax(np.asarray(z, np.float64))[np.arange(N), d["labels"]]
+  r0, r1 = -np.log(1e-2 - np.log(1e-5)), -np.log(1e-2 - np.log(1 + 1e-5))
+  g = lambda q: (-np.log(1e-2 - np.log(1e-5 + q)) - r0) / (r1 - r0)
+  s_t, s_o = g(p(d["target"])), g(p(d["original"]))
+  s_sh = np.stack([g(p(s)) for s in d["shadows"]])
+  # iam-spec 3.3 pseudocode, materialised.
+  alphas = np.linspace(0, 1, 100)
+
+  def reference(fit):
+    interp = (s_sh[:, None, :] + alphas[None, :, None] * (fit - s_sh[:, None, :]))[:, :99]
+    mu, sigma = interp.mean(0), interp.std(axis=(0, 2))[:, None]
+    beta = np.sqrt(6) * sigma / np.pi
+    f = np.exp(-np.exp(-(s_t - mu + 0.5772 * beta) / beta))
+    return 1 - (alphas[1:, None] * f).sum(0) / alphas[1:].sum()
+
+  np.testing.assert_allclose(result.scores["iam_on"], reference(s_o), atol=2e-5)
+  c = np.mean([g(_softmax(z)[np.arange(len(y)), y]).mean() for z, y in d["shadow_train"]])
+  np.testing.assert_allclose(result.scores["iam_off"], reference(c), atol=2e-5)
+
+
+def test_baselines_equal_direct_primitive_calls(result, inputs):
+  d = inputs
+  y = d["labels"]
+  phi = lambda z: signals.scaled_logit(z, y)
+  sh_phi = phi(d["shadows"])
+  direct = {
+      "lira_on": lira.iam_reference_lira_online(phi(d["target"]), phi(d["original"]), sh_phi),
+      "lira_off": lira.iam_reference_lira_offline(phi(d["target"]), sh_phi),
+      "carlini_lira_off": -lira.carlini_lira_offline(phi(d["target"]), sh_phi, fix_variance=True,
+                                                     one_sided=True),
+      "update": baselines.update_attack(phi(d["target"]), phi(d["original"]), sh_phi),
+      "emia_r": baselines.emia_reference(d["target"][np.arange(N), y],
+                                         d["shadows"][:, np.arange(N), y]),
+  }
+  pop = d["pop"]
+  tsm = lambda z, lab: signals.taylor_soft_margin(z, lab, 1.0)
+  args = (tsm(d["target"], y), tsm(pop.target, pop.labels), tsm(d["shadows"], y),
+          tsm(pop.shadows, pop.labels))
+  direct["rmia_off"] = 1 - rmia.rmia_offline(*args, a=0.6)
+  direct["rmia_on"] = 1 - rmia.rmia_online(*args, tsm(d["original"], y), tsm(pop.inside, pop.labels))
+  direct["emia_p"] = baselines.emia_population(d["target"][np.arange(N), y],
+                                               pop.target[np.arange(Z), pop.labels])
+  model = baselines.unleak_attack_model(_softmax(d["unleak"].origin), _softmax(d["unleak"].shadows),
+                                        d["unleak"].held_out, seed=0)
+  direct["unleak"] = baselines.unleak_score(model, _softmax(d["original"]), _softmax(d["target"]))
+  for name, want in direct.items():
+    np.testing.assert_allclose(result.scores[name], np.asarray(want, np.float64), rtol=1e-6,
+                               err_msg=name)
+  # Carlini online: the original is the only IN observation.
+  refs = np.concatenate([np.asarray(sh_phi), np.asarray(phi(d["original"]))[None]])
+  in_mask = np.arange(K + 1)[:, None] == K
+  want = -lira.carlini_lira_online(phi(d["target"]), refs, np.broadcast_to(in_mask, refs.shape),
+                                   fix_variance=True)
+  np.testing.assert_allclose(result.scores["carlini_lira_on"], want, rtol=1e-6)
+  bin_ui = iam.bin_ui(result.scores["rmia_on"], d["forget"].astype(int), num_bootstrap=0)
+  assert result.metrics["rmia_on"]["auc"] == bin_ui["auc"]
+  roc = metrics.roc_metrics(1 - d["forget"], 1 - result.scores["lira_on"], num_bootstrap=0)
+  assert result.metrics["lira_on"]["tpr_at_fpr"] == roc["tpr_at_fpr"]
+
+
+def test_signal_mode_and_default_attacks(inputs):
+  d = inputs
+  p = lambda z: np.asarray(signals.true_class_prob(z, d["labels"]))
+  out = jaxmu.attacks.audit(p(d["original"]), p(d["target"]), p(d["shadows"]),
+                            forget_mask=d["forget"], off_constant=0.9)
+  assert set(out.scores) == {a for a, (_, needs) in ATTACKS.items() if set(needs) <= {"off"}}
+  full = jaxmu.attacks.audit(d["original"], d["target"], d["shadows"], d["labels"],
+                             attacks=("iam_on",))
+  np.testing.assert_allclose(out.scores["iam_on"], full.scores["iam_on"], atol=1e-6)
+  assert full.metrics is None
+  raw = jaxmu.attacks.audit(p(d["original"]), p(d["target"]), p(d["shadows"]), signal="raw",
+                            attacks=("iam_on",))
+  want = iam.iam_score(p(d["target"]), p(d["original"]), p(d["shadows"]))
+  np.testing.assert_allclose(raw.scores["iam_on"], want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(original=np.zeros((N, C + 1))), "original has shape"),
+    (dict(shadows=np.zeros((K, N - 1, C))), "shadows has shape"),
+    (dict(target=np.zeros((2, N, C))), "target has shape"),
+    (dict(labels=None), "labels"),
+    (dict(labels=np.full(N, C)), "labels must lie"),
+    (dict(forget=np.zeros(N - 1)), "forget_mask has shape"),
+])
+def test_shape_mismatches_are_clear_errors(inputs, change, match):
+  d = {**inputs, **change}
+  with pytest.raises(ValueError, match=match):
+    jaxmu.attacks.audit(d["original"], d["target"], d["shadows"], d["labels"], d["forget"],
+                        attacks=("iam_on",))
+
+
+def test_missing_inputs_and_unknown_attack(inputs):
+  d = inputs
+  args = (d["original"], d["target"], d["shadows"], d["labels"])
+  with pytest.raises(ValueError, match="population="):
+    jaxmu.attacks.audit(*args, attacks=("rmia_off",))
+  with pytest.raises(ValueError, match="shadow_train="):
+    jaxmu.attacks.audit(*args, attacks=("iam_off",))
+  with pytest.raises(ValueError, match="unknown attack 'lira'"):
+    jaxmu.attacks.audit(*args, attacks=("lira",))
+  with pytest.raises(ValueError, match="population: target"):
+    bad = d["pop"]._replace(shadows=d["pop"].shadows[:1])
+    jaxmu.attacks.audit(*args, attacks=("rmia_off",), population=bad)
+
+
+def _write(path, inputs, **extra):
+  d = inputs
+  arrays = dict(original=d["original"], target=d["target"], shadows=d["shadows"],
+                labels=d["labels"], forget=d["forget"].astype(np.int8),
+                population_target=d["pop"].target, population_shadows=d["pop"].shadows,
+                population_labels=d["pop"].labels, off_constant=np.float64(0.8))
+  arrays.update(extra)
+  np.savez(path, **{k: v for k, v in arrays.items() if v is not None})
+  return path
+
+
+def test_audit_file_matches_audit(tmp_path, inputs):
+  d = inputs
+  out = audit_file(load_file(_write(tmp_path / "x.npz", inputs)), attacks=("iam_off", "rmia_off"))
+  want = jaxmu.attacks.audit(d["original"], d["target"], d["shadows"], d["labels"], d["forget"],
+                             attacks=("iam_off", "rmia_off"), off_constant=0.8,
+                             population=d["pop"]._replace(inside=None))
+  for a in want.scores:
+    np.testing.assert_array_equal(out.scores[a], want.scores[a])
+  with pytest.raises(ValueError, match=r"missing keys \['shadows'\]"):
+    load_file(_write(tmp_path / "y.npz", inputs, shadows=None))
+  with pytest.raises(ValueError, match="unknown keys"):
+    load_file(_write(tmp_path / "z.npz", inputs, shadow=d["shadows"]))
+  with pytest.raises(FileNotFoundError, match="expected an .npz"):
+    load_file(tmp_path / "nope.npz")
+
+
+def _launch(*args):
+  return subprocess.run([sys.executable, "launch/audit.py", *args], cwd=ROOT, capture_output=True,
+                        text=True, timeout=120)
+
+
+def test_launcher_writes_tables_and_rejects_bad_files(tmp_path, inputs):
+  good = _write(tmp_path / "good.npz", inputs)
+  out = _launch(f"--logits={good}", f"--out={tmp_path / 'out'}", "--attacks=iam_on,lira_on")
+  assert out.returncode == 0, out.stderr
+  assert "IAM-On" in out.stdout and "LiRA-On" in out.stdout
+  scores = np.genfromtxt(tmp_path / "out" / "scores.csv", delimiter=",", names=True)
+  assert scores.dtype.names == ("iam_on", "lira_on") and scores.shape == (N,)
+  assert (tmp_path / "out" / "metrics.csv").exists()
+  bad = _write(tmp_path / "bad.npz", inputs, shadows=inputs["shadows"][:, :-1])
+  out = _launch(f"--logits={bad}", f"--out={tmp_path / 'out2'}")
+  assert out.returncode == 1 and "shadows has shape" in out.stderr
+  assert "Traceback" not in out.stderr
