@@ -8,3 +8,4 @@ import line below.
 from jaxmu.attacks import signals
 from jaxmu.attacks import iam, metrics
 from jaxmu.attacks import baselines, lira, mia, rmia  # noqa: F401
+from jaxmu.attacks.audit import audit  # noqa: F401,E402  (the entry point; shadows its module's name)
