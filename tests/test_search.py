@@ -1,0 +1,245 @@
+"""Hyper-parameter search: objective10, epoch budget, selection, studies (resume, failures,
+stale trials, several workers) and stack-vs-seed parity of the trial objective."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import numpy as np
+import optuna
+import pytest
+
+from jaxmu import search, unlearn
+from jaxmu.attacks import mia
+
+FT = unlearn.get("finetune")
+
+
+def _config(**overrides):
+  config = search.default_config()
+  config.update(dict(mode="tpe", trials=3, max_failed=3) | overrides)
+  return config
+
+
+def _method(name, unlearn_fn, space=None):
+  """A one-compile fine-tuning variant (1 epoch, batch 256) or another ``unlearn_fn``."""
+  return dataclasses.replace(
+      FT, name=name, defaults=dict(FT.defaults) | {"num_epochs": 1},
+      space=space or {"learning_rate": "learning_rate", "momentum": "momentum"},
+      unlearn=unlearn_fn)
+
+
+@pytest.fixture(scope="module")
+def methods():
+  """Test methods in the registry for this module: ``ft`` (cheap fine-tuning), ``nan`` (always
+  diverges), ``stop`` (interrupted at its third run, then fine-tuning again)."""
+  calls = {"stop": 0}
+
+  def stop_at_third(ctx, hp, key):
+    calls["stop"] += 1
+    if calls["stop"] == 3:
+      raise KeyboardInterrupt
+    return FT.unlearn(ctx, hp, key)
+
+  diverge = lambda ctx, hp, key: jax.tree.map(lambda x: x * np.nan, ctx.originals)
+  table = {"search_ft": _method("search_ft", FT.unlearn),
+           "search_nan": _method("search_nan", diverge),
+           "search_stop": _method("search_stop", stop_at_third)}
+  with pytest.MonkeyPatch.context() as mp:
+    for name, method in table.items():
+      mp.setitem(unlearn.METHODS, name, method)
+    yield table
+
+
+@pytest.fixture(scope="module")
+def retrained(tiny_ctx):
+  """Stand-ins for the retrained models: the originals fine-tuned one epoch at a low rate."""
+  return FT.run(tiny_ctx, {"num_epochs": 1, "learning_rate": 0.01}, jax.random.key(7)).states
+
+
+@pytest.fixture(scope="module")
+def short_study(tiny_ctx, retrained, methods, tmp_path_factory):
+  directory = tmp_path_factory.mktemp("search")
+  result = search.tune("search_ft", tiny_ctx, retrained, _config(), directory, progress=False)
+  return directory, result
+
+
+def _numpy_objectives(ctx, unlearned, retrained):
+  """objective10 from float64 NumPy softmax of each model's own eval-mode logits."""
+  images = np.asarray(ctx.data.inputs, np.float32) / 255.0
+  mean, std = np.asarray(ctx.recipe.mean), np.asarray(ctx.recipe.std)
+  labels = np.asarray(ctx.data.labels)
+  rows = []
+  for m in range(ctx.num_models):
+    def split_stats(variables, split):
+      idx = ctx.index_sets(split)[m]
+      idx = idx[idx >= 0]
+      one = jax.tree.map(lambda x: x[m], variables)
+      logits = np.asarray(ctx.model.apply(one, (images[idx] - mean) / std, train=False),
+                          np.float64)
+      shifted = logits - logits.max(1, keepdims=True)
+      log_p = shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
+      return (logits.argmax(1) == labels[idx]).mean(), -log_p[np.arange(len(idx)), labels[idx]]
+    u = {s: split_stats(unlearned, s) for s in ("retain", "forget", "val")}
+    r = {s: split_stats(retrained, s) for s in ("retain", "forget", "val")}
+    gaps = [abs(u[s][0] - r[s][0]) / 3 for s in ("retain", "forget", "val")]
+    val_mia = mia.population_mia(u["forget"][1], u["val"][1])
+    rows.append(gaps + [abs(val_mia - 0.5) / 0.5])
+  return np.array(rows)
+
+
+def test_objectives_equal_an_independent_numpy_computation(tiny_ctx):
+  unlearned, retrained = tiny_ctx.originals, tiny_ctx.inits  # trained vs chance accuracy
+  got = search.objectives(tiny_ctx, unlearned, retrained)
+  want = _numpy_objectives(tiny_ctx, unlearned, retrained)
+  assert got.shape == (2, 4) and want[:, 0].min() > 0.05  # the gaps are far from zero
+  np.testing.assert_allclose(got, want, atol=1e-6)
+  with pytest.raises(ValueError, match="retrained has 1 models, the context 2"):
+    search.objectives(tiny_ctx, unlearned, jax.tree.map(lambda x: x[:1], retrained))
+
+
+def test_epoch_budget_and_select_best():
+  assert [search.epoch_budget(e) for e in (182, 50, 91, 3, 1)] == [37, 10, 19, 1, 1]
+  assert search.epoch_budget(10, 0.5) == 5
+  with pytest.raises(ValueError, match="train_epochs >= 1"):
+    search.epoch_budget(0)
+  # norms: 0.5, sqrt(0.17) ~ 0.412, 0.4 (the winner), 0.4 again (a later tie loses)
+  table = [(0.3, 0.4, 0.0, 0.0), (0.1, 0.4, 0.0, 0.0), (0.0, 0.0, 0.4, 0.0), (0.0, 0.4, 0.0, 0.0)]
+  assert search.select_best(table) == 2
+  with pytest.raises(ValueError, match="finite"):
+    search.select_best([(0.1, np.nan, 0.0, 0.0)])
+
+
+def test_short_study_writes_the_best_and_resumes_without_new_trials(
+    tiny_ctx, retrained, short_study):
+  directory, result = short_study
+  storage = optuna.storages.JournalStorage(
+      optuna.storages.journal.JournalFileBackend(str(directory / "search_ft.journal")))
+  trials = optuna.load_study(study_name="search_ft", storage=storage).get_trials()
+  assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 3
+  norms = [np.linalg.norm(t.user_attrs["objectives"]) for t in trials]
+  for t in trials:  # TPE minimises the norm of the mean objectives
+    assert t.value == pytest.approx(np.linalg.norm(t.user_attrs["objectives"]))
+  best = trials[int(np.argmin(norms))]
+  assert result == search.load_best(directory, "search_ft")
+  assert (result.best_trial, result.best_params, result.best_values) == (
+      best.number, best.params, tuple(best.user_attrs["objectives"]))
+  assert (result.trials_complete, result.trials_failed) == (3, 0)
+  assert json.loads((directory / "search_ft.json").read_text())["mode"] == "tpe"
+
+  again = search.tune("search_ft", tiny_ctx, retrained, _config(), directory, progress=False)
+  assert again == result
+  assert len(optuna.load_study(study_name="search_ft", storage=storage).get_trials()) == 3
+  with pytest.raises(search.SearchError, match="made by another search"):
+    search.tune("search_ft", tiny_ctx, retrained, _config(epoch_fraction=1.0), directory,
+                progress=False)
+  assert search.load_best(directory, "finetune") is None
+
+
+def test_trial_objective_is_the_mean_of_one_seed_contexts(tiny_ctx, retrained, short_study):
+  directory, result = short_study
+  method = unlearn.get("search_ft")
+  key = jax.random.fold_in(jax.random.key(0), result.best_trial)  # sampler_seed 0
+  per_seed = []
+  for m in range(2):
+    one = lambda tree: jax.tree.map(lambda x: x[m:m + 1], tree)
+    alone = dataclasses.replace(tiny_ctx, originals=one(tiny_ctx.originals),
+                                retain=tiny_ctx.retain[m:m + 1], forget=tiny_ctx.forget[m:m + 1],
+                                val=tiny_ctx.val[m:m + 1], model_ids=(m,))
+    states = method.run(alone, result.best_params, key).states
+    per_seed.append(search.objectives(alone, states, one(retrained))[0])
+  np.testing.assert_allclose(result.best_values, np.mean(per_seed, 0), atol=1e-6)
+
+
+def test_interrupted_study_continues_to_exactly_the_requested_trials(
+    tiny_ctx, retrained, methods, tmp_path):
+  with pytest.raises(KeyboardInterrupt):  # the third trial is interrupted
+    search.tune("search_stop", tiny_ctx, retrained, _config(), tmp_path, progress=False)
+  assert not (tmp_path / "search_stop.json").exists()
+  result = search.tune("search_stop", tiny_ctx, retrained, _config(), tmp_path, progress=False)
+  storage = optuna.storages.JournalStorage(
+      optuna.storages.journal.JournalFileBackend(str(tmp_path / "search_stop.journal")))
+  trials = optuna.load_study(study_name="search_stop", storage=storage).get_trials()
+  states = [t.state.name for t in trials]
+  assert states == ["COMPLETE", "COMPLETE", "FAIL", "COMPLETE"]
+  assert trials[2].user_attrs["fail_reason"] == "interrupted"
+  assert [t.number for t in trials] == [0, 1, 2, 3]
+  assert (result.trials_complete, result.trials_failed) == (3, 1)
+
+
+def test_diverging_method_fails_with_reasons_and_stops_after_max_failed(
+    tiny_ctx, retrained, methods, tmp_path):
+  with pytest.raises(search.SearchError, match="'search_nan': 3 trials failed in a row"):
+    search.tune("search_nan", tiny_ctx, retrained, _config(), tmp_path, progress=False)
+  storage = optuna.storages.JournalStorage(
+      optuna.storages.journal.JournalFileBackend(str(tmp_path / "search_nan.journal")))
+  trials = optuna.load_study(study_name="search_nan", storage=storage).get_trials()
+  assert [t.state.name for t in trials] == ["FAIL"] * 3
+  for t in trials:
+    assert "non-finite weights after unlearning (models [0, 1])" in t.user_attrs["fail_reason"]
+  assert search.load_best(tmp_path, "search_nan") is None
+
+
+def _journal_study(path, mode="tpe", process=0):
+  fingerprint = {"method": "stub"}
+  return search._study(_config(mode=mode, population_size=2), Path(path), "stub", process,
+                       fingerprint)
+
+
+def _stub(trial):
+  x = trial.suggest_float("x", 0.0, 1.0)
+  return (x, 1 - x, x * x, 0.5)
+
+
+def test_stale_running_trial_of_a_dead_worker_becomes_fail(tmp_path):
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  study = _journal_study(tmp_path)
+  for host, pid in ((search._HOST, dead.pid), (search._HOST, os.getppid()),
+                    ("elsewhere", dead.pid)):
+    trial = study.ask()
+    trial.set_user_attr("host", host)
+    trial.set_user_attr("pid", pid)
+  search._optimize(study, _stub, trials=2, max_failed=3, name="stub", progress=False)
+  trials = study.get_trials()
+  assert [t.state.name for t in trials] == ["FAIL", "RUNNING", "RUNNING", "COMPLETE", "COMPLETE"]
+  reason = f"worker {search._HOST}:{dead.pid} died while running it"
+  assert trials[0].user_attrs["fail_reason"] == reason
+
+
+def test_nsga3_study_tells_the_four_objectives(tmp_path):
+  study = _journal_study(tmp_path, mode="nsga3")
+  search._optimize(study, _stub, trials=3, max_failed=3, name="stub", progress=False)
+  for t in study.get_trials():
+    assert t.values == list(_stub(optuna.trial.FixedTrial(t.params)))
+
+
+_WORKER = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {root!r})
+    sys.path.insert(0, {tests!r})
+    import test_search
+    from jaxmu import search
+    study = test_search._journal_study({path!r}, process=int(sys.argv[1]))
+    def slow_stub(trial):
+      time.sleep(0.05)
+      return test_search._stub(trial)
+    search._optimize(study, slow_stub, trials=8, max_failed=3, name="stub", progress=False)
+""")
+
+
+def test_two_workers_share_one_journal(tmp_path):
+  root = str(Path(__file__).resolve().parents[1])
+  script = _WORKER.format(root=root, tests=str(Path(__file__).parent), path=str(tmp_path))
+  workers = [subprocess.Popen([sys.executable, "-c", script, str(p)]) for p in (0, 1)]
+  assert [w.wait(timeout=120) for w in workers] == [0, 0]
+  trials = _journal_study(tmp_path).get_trials()
+  complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+  assert len(complete) >= 8 and len(complete) == len(trials)
+  assert sorted(t.number for t in trials) == list(range(len(trials)))
+  assert {t.user_attrs["pid"] for t in trials} == {w.pid for w in workers}
