@@ -24,6 +24,7 @@ import math
 import os
 import socket
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -152,7 +153,7 @@ def _trial_key(sampler_seed: int, number: int) -> jax.Array:
 
 def _trial_objectives(method: unlearn.Method, parts, params: dict, key: jax.Array) -> np.ndarray:
   """Runs ``method`` with ``params`` on each (context, retrained accuracies) part; returns the
-  [N, 4] objectives of all their models. Raises `TrialFailed` on non-finite weights or values."""
+  [N, 4] objectives of all their models. Raises `TrialFailed` on non-finite weights or losses."""
   rows = []
   for ctx, retrained_accuracy in parts:
     states = method.run(ctx, params, key).states
@@ -161,12 +162,10 @@ def _trial_objectives(method: unlearn.Method, parts, params: dict, key: jax.Arra
       raise TrialFailed(f"non-finite weights after unlearning (models "
                         f"{[ctx.model_ids[m] for m in np.flatnonzero(~finite)]})")
     try:
-      values = _objectives(_evaluations(ctx, states, ctx.recipe, ctx.strategy), retrained_accuracy)
+      rows.append(_objectives(_evaluations(ctx, states, ctx.recipe, ctx.strategy),
+                              retrained_accuracy))
     except ValueError as e:  # a non-finite loss: the MIA cannot be fitted
       raise TrialFailed(f"objectives cannot be computed: {e}") from e
-    if not np.all(np.isfinite(values)):
-      raise TrialFailed("non-finite objectives")
-    rows.append(values)
   return np.concatenate(rows)
 
 
@@ -245,7 +244,9 @@ def _sampler(config: ml_collections.ConfigDict, process: int) -> optuna.samplers
     raise ValueError(f"unknown search mode {config.mode!r}; one of {MODES}")
   seed = int(np.random.SeedSequence((config.sampler_seed, process)).generate_state(1)[0])
   if config.mode == "nsga3":
-    return optuna.samplers.NSGAIIISampler(population_size=config.population_size, seed=seed)
+    with warnings.catch_warnings():  # "experimental" since optuna 3.2
+      warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+      return optuna.samplers.NSGAIIISampler(population_size=config.population_size, seed=seed)
   return optuna.samplers.TPESampler(seed=seed)
 
 
@@ -270,9 +271,10 @@ def _study(config, directory: Path, method: str, process: int, fingerprint: dict
 def _optimize(study: optuna.Study, objective_fn: Callable[[optuna.Trial], Sequence[float]],
               trials: int, max_failed: int, name: str, progress: bool = True) -> None:
   """Asks and tells trials until the study has at least ``trials`` COMPLETE ones (counting every
-  worker's). ``objective_fn(trial)`` returns the four objectives or raises; an exception makes the
-  trial FAIL with its reason in the user attribute ``fail_reason`` (an interrupt too, which then
-  propagates); ``max_failed`` failures in a row raise `SearchError` naming ``name``."""
+  worker's). ``objective_fn(trial)`` returns the four objectives or raises; an exception or a
+  non-finite value makes the trial FAIL with its reason in the user attribute ``fail_reason``
+  (an interrupt too, which then propagates); ``max_failed`` failures in a row raise
+  `SearchError` naming ``name``."""
   _fail_stale(study)
   multi = len(study.directions) > 1
   failed_in_row = 0
@@ -288,6 +290,8 @@ def _optimize(study: optuna.Study, objective_fn: Callable[[optuna.Trial], Sequen
       trial.set_user_attr("pid_start", _process_start(os.getpid()))
       try:
         values = [float(v) for v in objective_fn(trial)]
+        if not np.all(np.isfinite(values)):
+          raise TrialFailed(f"non-finite objectives {values}")
       except Exception as e:  # noqa: BLE001  (any failure of one trial is that trial's)
         reason = f"{type(e).__name__}: {e}"
         trial.set_user_attr("fail_reason", reason)
@@ -404,7 +408,8 @@ def throughput(method: str, ctx: unlearn.Context, retrained, trials: int, stacke
   one seed at a time, on the same ``trials`` hyper-parameter sets (random sampler, seeded).
 
   Returns a JSON row: seconds (all trials, compilation included), compile_seconds (tracing
-  and compilation inside them) and the two rates, with and without compilation.
+  and compilation inside them), the two rates, with and without compilation, and the mean
+  objectives over trials and seeds (the same in both modes: a check).
   """
   spec = unlearn.get(method)
   if trials < 1:
@@ -415,15 +420,16 @@ def throughput(method: str, ctx: unlearn.Context, retrained, trials: int, stacke
                                                  for m in range(ctx.num_models)]
   parts = [(c, _retrained_accuracy(c, r)) for c, r in zip(contexts, retrained_parts)]
   study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=sampler_seed))
+  values = []
   with unlearn.base.CompileClock() as clock:
     start = time.perf_counter()
     for number in range(trials):
       params = spec.suggest(study.ask(), e_max)
-      _trial_objectives(spec, parts, params, _trial_key(sampler_seed, number))
+      values.append(_trial_objectives(spec, parts, params, _trial_key(sampler_seed, number)))
     seconds = time.perf_counter() - start
   work = trials * ctx.num_models
   return {"method": spec.name, "stacked": stacked, "seeds": ctx.num_models, "trials": trials,
           "epoch_budget": e_max, "seconds": seconds, "compile_seconds": clock.seconds,
           "trial_seeds_per_second": work / seconds,
           "trial_seeds_per_second_compiled": work / max(seconds - clock.seconds, 1e-9),
-          "backend": jax.default_backend()}
+          "mean_objectives": np.mean(values, (0, 1)).tolist(), "backend": jax.default_backend()}

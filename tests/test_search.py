@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import jax
@@ -72,16 +73,15 @@ def short_study(tiny_ctx, retrained, methods, tmp_path_factory):
 def _numpy_objectives(ctx, unlearned, retrained):
   """objective10 from float64 NumPy softmax of each model's own eval-mode logits."""
   images = np.asarray(ctx.data.inputs, np.float32) / 255.0
-  mean, std = np.asarray(ctx.recipe.mean), np.asarray(ctx.recipe.std)
+  inputs = (images - np.asarray(ctx.recipe.mean)) / np.asarray(ctx.recipe.std)
   labels = np.asarray(ctx.data.labels)
+  apply = jax.jit(lambda variables: ctx.model.apply(variables, inputs, train=False))
   rows = []
   for m in range(ctx.num_models):
     def split_stats(variables, split):
       idx = ctx.index_sets(split)[m]
       idx = idx[idx >= 0]
-      one = jax.tree.map(lambda x: x[m], variables)
-      logits = np.asarray(ctx.model.apply(one, (images[idx] - mean) / std, train=False),
-                          np.float64)
+      logits = np.asarray(apply(jax.tree.map(lambda x: x[m], variables)), np.float64)[idx]
       shifted = logits - logits.max(1, keepdims=True)
       log_p = shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
       return (logits.argmax(1) == labels[idx]).mean(), -log_p[np.arange(len(idx)), labels[idx]]
@@ -156,6 +156,16 @@ def test_trial_objective_is_the_mean_of_one_seed_contexts(tiny_ctx, retrained, s
   np.testing.assert_allclose(result.best_values, np.mean(per_seed, 0), atol=1e-6)
 
 
+def test_throughput_rows_of_the_stack_and_of_one_seed_at_a_time(tiny_ctx, retrained, methods):
+  rows = [search.throughput("search_ft", tiny_ctx, retrained, trials=2, stacked=s)
+          for s in (True, False)]
+  for row, stacked in zip(rows, (True, False)):
+    assert (row["stacked"], row["seeds"], row["trials"], row["epoch_budget"]) == (stacked, 2, 2, 1)
+    assert row["trial_seeds_per_second"] == pytest.approx(4 / row["seconds"])
+    assert row["trial_seeds_per_second_compiled"] >= row["trial_seeds_per_second"]
+  np.testing.assert_allclose(rows[0]["mean_objectives"], rows[1]["mean_objectives"], atol=1e-6)
+
+
 def test_interrupted_study_continues_to_exactly_the_requested_trials(
     tiny_ctx, retrained, methods, tmp_path):
   with pytest.raises(KeyboardInterrupt):  # the third trial is interrupted
@@ -212,34 +222,50 @@ def test_stale_running_trial_of_a_dead_worker_becomes_fail(tmp_path):
   assert trials[0].user_attrs["fail_reason"] == reason
 
 
-def test_nsga3_study_tells_the_four_objectives(tmp_path):
+def test_nsga3_study_tells_the_four_objectives_and_fails_non_finite_ones(tmp_path):
   study = _journal_study(tmp_path, mode="nsga3")
   search._optimize(study, _stub, trials=3, max_failed=3, name="stub", progress=False)
   for t in study.get_trials():
     assert t.values == list(_stub(optuna.trial.FixedTrial(t.params)))
+  with pytest.raises(search.SearchError, match="'stub': 2 trials failed in a row"):
+    search._optimize(study, lambda trial: (0.0, np.inf, 0.0, 0.0), trials=4, max_failed=2,
+                     name="stub", progress=False)
+  assert study.get_trials()[-1].user_attrs["fail_reason"] == (
+      "TrialFailed: non-finite objectives [0.0, inf, 0.0, 0.0]")
 
 
 _WORKER = textwrap.dedent("""
     import sys, time
-    sys.path.insert(0, {root!r})
-    sys.path.insert(0, {tests!r})
+    from pathlib import Path
+    sys.path[:0] = [{root!r}, {tests!r}]
     import test_search
     from jaxmu import search
-    study = test_search._journal_study({path!r}, process=int(sys.argv[1]))
-    def slow_stub(trial):
-      time.sleep(0.05)
-      return test_search._stub(trial)
-    search._optimize(study, slow_stub, trials=8, max_failed=3, name="stub", progress=False)
+    study = test_search._journal_study({path!r}, process=1)
+    Path({path!r}, "ready").touch()
+    search._optimize(study, test_search._slow_stub, trials=8, max_failed=3, name="stub",
+                     progress=False)
 """)
 
 
+def _slow_stub(trial):
+  time.sleep(0.05)
+  return _stub(trial)
+
+
 def test_two_workers_share_one_journal(tmp_path):
+  """This process and a second one (started first; it signals when its imports are done)."""
   root = str(Path(__file__).resolve().parents[1])
   script = _WORKER.format(root=root, tests=str(Path(__file__).parent), path=str(tmp_path))
-  workers = [subprocess.Popen([sys.executable, "-c", script, str(p)]) for p in (0, 1)]
-  assert [w.wait(timeout=120) for w in workers] == [0, 0]
-  trials = _journal_study(tmp_path).get_trials()
+  other = subprocess.Popen([sys.executable, "-c", script])
+  deadline = time.monotonic() + 120
+  while not (tmp_path / "ready").exists() and other.poll() is None:
+    assert time.monotonic() < deadline, "the second worker did not start"
+    time.sleep(0.05)
+  study = _journal_study(tmp_path, process=0)
+  search._optimize(study, _slow_stub, trials=8, max_failed=3, name="stub", progress=False)
+  assert other.wait(timeout=120) == 0
+  trials = study.get_trials()
   complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
   assert len(complete) >= 8 and len(complete) == len(trials)
   assert sorted(t.number for t in trials) == list(range(len(trials)))
-  assert {t.user_attrs["pid"] for t in trials} == {w.pid for w in workers}
+  assert {t.user_attrs["pid"] for t in trials} == {os.getpid(), other.pid}
