@@ -1,0 +1,440 @@
+"""U-LiRA over a workdir, as resumable stages (deepunlearn-spec 7, with Hayes et al.'s test).
+
+Stages (``config.stop_after`` names the last one to run):
+
+1. ``splits``: LiRA splits of the training part (``jaxmu.data.splits.lira``, spec 7.1): per
+   split s the IN half (the original's training set) and, per forget draw f, the forget set (a
+   share of IN) and the retain set (the rest of IN) (``splits.npz``).
+2. ``init``: one initialisation (``config.init_seed``) shared by every model, as spec 7.2.
+3. ``train``: per split an *original* model (IN_s) and per (s, f) a *retrained* model
+   (retain_{s,f}), all trained as one stack by ``train.fit``; saves the originals
+   (``models/original``) and the retrained models' signals (``signals/retrain.npz``).
+4. ``unlearn_<method>``: the method unlearns, per (s, f), split s's original with that draw's
+   retain / forget sets and the LiRA val set, with its best hyper-parameters from the main
+   search (``config.search_dir``) or ``config.unlearn.<method>``; saves the unlearned models'
+   signals (``signals/<method>.npz``) and its run (``unlearned/<method>.json``).
+5. ``ulira``: per method U-LiRA (``attacks.lira.ulira``): per forgotten sample the probability
+   that an unlearned model forgot it rather than a retrained model never saw it, the balanced
+   accuracy with its 95% interval, the ROC curve, and DeepUnlearn's population MIA of the same
+   models (``ulira.csv``, ``roc/<method>.npz``, ``membership/<method>.npz``).
+6. ``report``: ``report.md`` and ``roc.png``.
+
+Signals are per model and training-part sample: the scaled logit log p_y - log(1 - p_y) (U-LiRA's
+statistic) and 0/1 correctness (the reference's statistic, spec 7.4).
+
+Deviations from the reference (docs/deviations.md, "U-LiRA pipeline"): one original per split
+shared by its forget draws (the reference trains one per (s, f) on the same IN_s data); per-model
+PRNG streams (the reference reuses seed 123, so its models differ only by data); the retrained
+group of the test is the retrained models that never saw the sample (the reference compares
+the method's own models that never saw it, on 0/1 correctness; that score is reported as extra
+``reference_*`` columns); no per-split hyper-parameter search (spec 7.2 ran 200 trials on each of
+32 splits): every split uses the main search's best hyper-parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+import zlib
+from pathlib import Path
+
+import jax
+import matplotlib
+import ml_collections
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxmu import checkpoint, models, parallel, report, stages, train, unlearn
+from jaxmu.attacks import lira, metrics, mia, signals
+from jaxmu.data import splits as splits_lib
+from jaxmu.pipelines.deepunlearn import load_dataset, recipe_from_config
+
+STAGES = ("splits", "init", "train", "unlearn", "ulira", "report")
+CSV_COLUMNS = ("method", "balanced_accuracy", "ci_low", "ci_high", "auc", "num_samples")
+
+
+def lira_index_sets(parts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """The per-model index sets of a LiRA split (rows padded with -1).
+
+  Models are the (s, f) pairs in split-major order. Returns ``original`` [S, L] (IN_s, the
+  original's training set), ``retain`` and ``forget`` [S * F, L] and ``split`` [S * F] (the
+  split of each (s, f) model, i.e. the row of its original).
+  """
+  num_splits, num_draws = parts["retain"].shape[:2]
+  return {"original": parts["in"], "retain": parts["retain"].reshape(num_splits * num_draws, -1),
+          "forget": parts["forget"].reshape(num_splits * num_draws, -1),
+          "split": np.repeat(np.arange(num_splits), num_draws)}
+
+
+def _mask(index_sets: np.ndarray, num: int) -> np.ndarray:
+  """[M, L] padded index sets -> [M, num] bool membership."""
+  out = np.zeros((len(index_sets), num), bool)
+  rows, cols = np.nonzero(index_sets >= 0)
+  out[rows, index_sets[rows, cols]] = True
+  return out
+
+
+def membership_masks(parts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """[S * F, num_train] bool masks over the training part, one row per (s, f) model.
+
+  ``forgot``: the sample is in the model's forget set (its unlearned model forgot it);
+  ``never``: the retrained model of (s, f) never trained on it (not in retain_{s,f});
+  ``out``: the sample is in OUT_s, never in split s's training set (the reference's "never", spec
+  7.4; val samples are in neither IN nor OUT).
+  """
+  sets = lira_index_sets(parts)
+  num_train = parts["keep"].shape[1]
+  dev = np.ones(num_train, bool)
+  dev[parts["val"]] = False
+  return {"forgot": _mask(sets["forget"], num_train),
+          "never": ~_mask(sets["retain"], num_train),
+          "out": ~parts["keep"][sets["split"]] & dev}
+
+
+def best_hparams(config: ml_collections.ConfigDict, method: str) -> tuple[dict, str]:
+  """A method's hyper-parameters and where they come from ("search" or "defaults").
+
+  With ``config.search_dir`` set, the best trial of the main search (``jaxmu.search.load_best``)
+  overrides ``config.unlearn.<method>``; a method without a search result keeps its defaults,
+  and the report says so.
+  """
+  hparams = config.unlearn[method].to_dict() if method in config.unlearn else {}
+  if not config.search_dir:
+    return hparams, "defaults"
+  directory = Path(config.search_dir)
+  if not directory.is_dir():
+    raise FileNotFoundError(f"search_dir {directory} does not exist: give the main run's "
+                            "<workdir>/search, or --config.search_dir='' for the defaults")
+  best = _load_best(directory, method)
+  if best is None:
+    return hparams, "defaults"
+  return {**hparams, **best}, "search"
+
+
+def _load_best(directory: Path, method: str) -> dict | None:
+  """Best parameters of ``<directory>/<method>.json`` (jaxmu.search's result file)."""
+  path = directory / f"{method}.json"
+  if not path.exists():
+    return None
+  return dict(json.loads(path.read_text())["best_params"])
+
+
+def _abstract_variables(model, num: int, input_shape) -> dict:
+  keys = jax.random.split(jax.random.key(0), num)
+  return jax.eval_shape(lambda k: train.init_variables(model, k, input_shape), keys)
+
+
+def _repeat(tree, num: int):
+  return jax.tree.map(lambda x: np.repeat(np.asarray(x), num, axis=0), tree)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
+  """Runs (or resumes) every stage up to ``config.stop_after``; returns the last output's path."""
+  if config.stop_after and config.stop_after not in STAGES:
+    raise ValueError(f"stop_after={config.stop_after!r} is not a stage; stages: {STAGES}")
+  methods = tuple(unlearn.get(m).name for m in config.methods)
+  if not methods:
+    raise ValueError("config.methods is empty; name at least one method, e.g. ('finetune',)")
+  wd = stages.Workdir(workdir)
+  wd.write_config(config)
+  dataset = load_dataset(config)
+
+  with wd.stage("splits", config={"lira": config.lira, "data": dataset.fingerprint},
+                outputs=("splits.npz",)) as st:
+    if not st.done:
+      parts = splits_lib.lira(dataset.num_train, **config.lira.to_dict())
+      splits_lib.save(st.tmp / "splits.npz", parts, dataset)
+      st.commit()
+  parts = splits_lib.load(wd.path("splits.npz"), dataset)
+  if config.stop_after == "splits":
+    return wd.path("splits.npz")
+
+  model = models.get(config.model.name, dataset.num_classes, **config.model.options.to_dict())
+  input_shape = dataset.inputs.shape[1:]
+  with wd.stage("init", config={"model": config.model, "seed": config.init_seed,
+                                "classes": dataset.num_classes, "shape": input_shape},
+                outputs=("models/init",)) as st:
+    if not st.done:
+      keys = jax.random.key(config.init_seed)[None]
+      checkpoint.save(st.tmp / "models/init", train.init_variables(model, keys, input_shape))
+      st.commit()
+  if config.stop_after == "init":
+    return wd.path("models/init")
+
+  sets = lira_index_sets(parts)
+  num_splits, num_models = len(sets["original"]), len(sets["retain"])
+  data = train.DeviceData.create(dataset)
+  recipe = recipe_from_config(config)
+  train_config = {"train": config.train, "data": config.data, "parallel": config.parallel}
+  with wd.stage("train", config=train_config, deps=("splits", "init"),
+                outputs=("models/original", "signals/retrain.npz", "times.json")) as st:
+    if not st.done:
+      _train(config, wd, st, model, data, recipe, sets, dataset.num_train,
+             _abstract_variables(model, 1, input_shape))
+      st.commit()
+      shutil.rmtree(wd.path("checkpoints", "train"), ignore_errors=True)
+  if config.stop_after == "train":
+    return wd.path("models")
+
+  ctx = None
+  bar = tqdm(methods, desc="unlearn", leave=False)
+  for method in bar:
+    bar.set_postfix_str(method)
+    hparams, source = best_hparams(config, method)
+    with wd.stage(f"unlearn_{method}",
+                  config={"hparams": hparams, "source": source, "seed": config.unlearn_seed,
+                          "parallel": config.parallel, "batch": config.signal_batch_models},
+                  deps=("train",),
+                  outputs=(f"signals/{method}.npz", f"unlearned/{method}.json")) as st:
+      if not st.done:
+        if ctx is None:
+          originals = checkpoint.restore(wd.path("models/original"),
+                                         _abstract_variables(model, num_splits, input_shape))
+          inits = checkpoint.restore(wd.path("models/init"),
+                                     _abstract_variables(model, 1, input_shape))
+          ctx = unlearn.Context.create(
+              model, recipe, data, jax.tree.map(lambda x: x[sets["split"]], originals),
+              _repeat(inits, num_models), sets["retain"], sets["forget"], parts["val"],
+              model_ids=tuple(range(num_models)), num_classes=dataset.num_classes,
+              strategy=config.parallel.strategy, train_epochs=config.train.epochs,
+              train_hparams={k: config.train[k]
+                             for k in ("learning_rate", "momentum", "weight_decay")})
+        _unlearn(config, st, method, hparams, source, ctx, dataset.num_train)
+        st.commit()
+  if config.stop_after == "unlearn":
+    return wd.path("signals")
+
+  with wd.stage("ulira", config={"fix_variance": config.fix_variance, "methods": methods,
+                                 "reference_variant": config.reference_variant},
+                deps=("splits", "train") + tuple(f"unlearn_{m}" for m in methods),
+                outputs=("ulira.csv", "roc", "membership")) as st:
+    if not st.done:
+      masks = membership_masks(parts)
+      retrained = np.load(wd.path("signals/retrain.npz"))
+      rows = []
+      for method in methods:
+        with np.load(wd.path("signals", f"{method}.npz")) as sig:
+          row, curve, per_sample = score_method(
+              sig, retrained, masks, parts, fix_variance=config.fix_variance,
+              reference_variant=config.reference_variant)
+        info = json.loads(wd.path("unlearned", f"{method}.json").read_text())
+        rows.append({"method": method, **row, "unlearn_seconds": info["seconds"],
+                     "hparams": info["source"]})
+        (st.tmp / "roc").mkdir(exist_ok=True)
+        np.savez(st.tmp / "roc" / f"{method}.npz", **curve)
+        (st.tmp / "membership").mkdir(exist_ok=True)
+        np.savez(st.tmp / "membership" / f"{method}.npz", **per_sample)
+      report.write_csv(st.tmp / "ulira.csv", rows)
+      st.commit()
+  if config.stop_after == "ulira":
+    return wd.path("ulira.csv")
+
+  with wd.stage("report", deps=("ulira",), outputs=("report.md", "roc.png")) as st:
+    if not st.done:
+      rows = report.read_csv(wd.path("ulira.csv"))
+      curves = {r["method"]: dict(np.load(wd.path("roc", f"{r['method']}.npz"))) for r in rows}
+      times = json.loads(wd.path("times.json").read_text())
+      _plot_roc(st.tmp / "roc.png", curves)
+      (st.tmp / "report.md").write_text(ulira_report(config, rows, times))
+      st.commit()
+  return wd.path("report.md")
+
+
+def _train(config, wd, st, model, data, recipe, sets, num_train, like_one) -> None:
+  """The originals (IN_s) and retrained models (retain_{s,f}) as one stack from one init."""
+  num_splits, num_models = len(sets["original"]), len(sets["retain"])
+  init = checkpoint.restore(wd.path("models/init"), like_one)
+  state = train.create_state(_repeat(init, num_splits + num_models), recipe,
+                             learning_rate=config.train.learning_rate,
+                             momentum=config.train.momentum,
+                             weight_decay=config.train.weight_decay)
+  index_sets = list(sets["original"]) + list(sets["retain"])
+  index_sets = [s[s >= 0] for s in index_sets]
+  names = [f"original/{s}" for s in range(num_splits)] + [
+      f"retrain/{m}" for m in range(num_models)]
+
+  def log(epoch, record):
+    wd.append_metrics({"stage": "train", "epoch": epoch, "models": names, **record})
+
+  start = time.perf_counter()
+  result = train.fit(
+      model, state, data, index_sets, recipe, config.train.epochs,
+      jax.random.key(config.train.data_seed), strategy=config.parallel.strategy,
+      max_models_per_program=config.parallel.max_models_per_program or None,
+      checkpoints=checkpoint.TrainingCheckpoints(wd.path("checkpoints", "train")),
+      checkpoint_every=config.checkpoint_every, on_epoch=log, progress="original+retrain")
+  seconds = time.perf_counter() - start
+  variables = jax.device_get(result.state.variables)
+  checkpoint.save(st.tmp / "models/original", parallel.slice_models(variables, 0, num_splits))
+  retrained = parallel.slice_models(variables, num_splits, num_splits + num_models)
+  _save_signals(st.tmp / "signals/retrain.npz",
+                model_signals(model, retrained, data, num_train, recipe, config.parallel.strategy,
+                              config.signal_batch_models))
+  times = {"stack_seconds": seconds, "models": num_splits + num_models,
+           "seconds_per_model": seconds / (num_splits + num_models),
+           "epochs": config.train.epochs}
+  (st.tmp / "times.json").write_text(json.dumps(times, indent=1))
+
+
+def model_signals(model, variables, data: train.DeviceData, num_train: int, recipe: train.Recipe,
+                  strategy: str = "auto", batch_models: int = 64) -> dict[str, np.ndarray]:
+  """Per model, on the training part [0, num_train): the scaled logit (float32) and correctness.
+
+  Predicts ``batch_models`` models at a time (eval-mode BatchNorm, no augmentation), so host
+  memory holds at most batch_models x num_train x classes logits.
+  """
+  indices = np.arange(num_train)
+  labels = np.asarray(data.labels)[:num_train]
+  num = parallel.num_models(variables["params"])
+  phi, correct = [], []
+  for start in range(0, num, batch_models):
+    part = parallel.slice_models(variables, start, min(start + batch_models, num))
+    logits = train.predict(model, part, data, indices, recipe, strategy)
+    phi.append(np.asarray(signals.scaled_logit(logits, labels), np.float32))
+    correct.append(logits.argmax(-1) == labels)
+  return {"scaled_logit": np.concatenate(phi), "correct": np.concatenate(correct)}
+
+
+def _save_signals(path: Path, arrays: dict[str, np.ndarray]) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  np.savez(path, **arrays)
+
+
+def _unlearn(config, st, method: str, hparams: dict, source: str, ctx: unlearn.Context,
+             num_train: int) -> None:
+  """Runs ``method`` on the stack (in chunks of max_models_per_program) and keeps its signals.
+
+  The unlearned weights themselves are not kept (640 ResNet-18 per method at reference scale).
+  Each model's PRNG stream is fold_in(key, model_id), the same in any chunking.
+  """
+  key = jax.random.fold_in(jax.random.key(config.unlearn_seed), zlib.crc32(method.encode()))
+  chunk = config.parallel.max_models_per_program or ctx.num_models
+  parts, seconds, compile_seconds = [], 0.0, 0.0
+  for start in range(0, ctx.num_models, chunk):
+    stop = min(start + chunk, ctx.num_models)
+    sub = ctx if (start, stop) == (0, ctx.num_models) else _sub_context(ctx, start, stop)
+    result = unlearn.get(method).run(sub, hparams, key)
+    seconds += result.seconds
+    compile_seconds += result.compile_seconds
+    parts.append(model_signals(ctx.model, jax.device_get(result.states), ctx.data, num_train,
+                               ctx.recipe, ctx.strategy, config.signal_batch_models))
+  _save_signals(st.tmp / "signals" / f"{method}.npz",
+                {k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+  info = {"seconds": seconds, "compile_seconds": compile_seconds, "models": ctx.num_models,
+          "hparams": hparams, "source": source}
+  (st.tmp / "unlearned").mkdir(exist_ok=True)
+  (st.tmp / "unlearned" / f"{method}.json").write_text(stages.to_json(info, indent=1))
+
+
+def _sub_context(ctx: unlearn.Context, start: int, stop: int) -> unlearn.Context:
+  return dataclasses.replace(
+      ctx, originals=parallel.slice_models(ctx.originals, start, stop),
+      inits=parallel.slice_models(ctx.inits, start, stop), retain=ctx.retain[start:stop],
+      forget=ctx.forget[start:stop], val=ctx.val[start:stop],
+      model_ids=ctx.model_ids[start:stop])
+
+
+def score_method(unlearned: dict[str, np.ndarray], retrained: dict[str, np.ndarray],
+                 masks: dict[str, np.ndarray], parts: dict[str, np.ndarray],
+                 fix_variance: bool = False, reference_variant: bool = True):
+  """U-LiRA and population MIA of one method's models (deepunlearn-spec 6.2, 7.4; Hayes et al.).
+
+  ``unlearned`` / ``retrained``: signals [M, num_train] of the (s, f) models (`model_signals`);
+  ``masks``: `membership_masks`. U-LiRA (``attacks.lira.ulira`` on scaled logits, Gaussians
+  fitted leave-one-model-out): per sample, the unlearned models that forgot it against the
+  retrained models that never saw it. The ROC pools every scored observation: label 1 for an
+  unlearned model's, 0 for a retrained model's, score its P(unlearned). Population MIA: per
+  model, forget vs LiRA-val cross-entropy (softplus(-scaled logit) = -log p_y), mean and std
+  over models. With ``reference_variant``: the reference's score (spec 7.4: 0/1 correctness,
+  forgotten vs OUT models of the same method, no leave-one-out), mean P(member) and accuracy.
+
+  Returns (row: metrics, curve: {"fpr", "tpr"}, per_sample: {"samples", "member_prob",
+  "accuracy"}).
+  """
+  res = lira.ulira(unlearned["scaled_logit"], masks["forgot"], retrained["scaled_logit"],
+                   masks["never"], fix_variance=fix_variance)
+  s = res.samples
+  forgot, never = masks["forgot"][:, s], masks["never"][:, s]
+  scores = np.concatenate([np.asarray(res.prob_unlearned)[:, s][forgot],
+                           np.asarray(res.prob_retrained)[:, s][never]])
+  labels = np.r_[np.ones(forgot.sum()), np.zeros(never.sum())]
+  roc = metrics.roc_metrics(labels, scores, num_bootstrap=0)
+  ce = np.logaddexp(0.0, -unlearned["scaled_logit"].astype(np.float64))
+  forget_sets = lira_index_sets(parts)["forget"]
+  mias = np.array([mia.population_mia(ce[m, f[f >= 0]], ce[m, parts["val"]])
+                   for m, f in enumerate(forget_sets)])
+  row = {"balanced_accuracy": res.balanced_accuracy, "ci_low": res.ci95[0],
+         "ci_high": res.ci95[1], "auc": roc["auc"], "num_samples": len(s),
+         "mean_member_prob": float(res.member_prob.mean()),
+         "population_mia": float(mias.mean()), "population_mia_std": float(mias.std()),
+         "models": len(forget_sets)}
+  if reference_variant:
+    correct = unlearned["correct"].astype(np.float32)
+    ref = lira.ulira(correct, masks["forgot"], correct, masks["out"], reference=True)
+    row["reference_member_prob"] = float(ref.member_prob.mean())
+    row["reference_balanced_accuracy"] = ref.balanced_accuracy
+  curve = {"fpr": roc["curve"]["fpr"], "tpr": roc["curve"]["tpr"]}
+  return row, curve, {"samples": s, "member_prob": res.member_prob, "accuracy": res.accuracy}
+
+
+def _plot_roc(path: Path, curves: dict[str, dict[str, np.ndarray]]) -> None:
+  """U-LiRA ROC per method, linear and log-log (the low-FPR region), with the chance line."""
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
+  for ax, log in zip(axes, (False, True)):
+    for method, c in curves.items():
+      ax.plot(c["fpr"], c["tpr"], label=method)
+    ax.plot([1e-5 if log else 0, 1], [1e-5 if log else 0, 1], "k--", lw=0.8, label="chance")
+    if log:
+      ax.set_xscale("log")
+      ax.set_yscale("log")
+      ax.set_xlim(1e-4, 1)
+      ax.set_ylim(1e-4, 1)
+    ax.set_xlabel("false positive rate (retrained called unlearned)")
+    ax.set_ylabel("true positive rate (unlearned called unlearned)")
+  axes[0].legend(fontsize=8)
+  fig.suptitle("U-LiRA: unlearned vs retrained models, per forgotten sample")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def ulira_report(config: ml_collections.ConfigDict, rows: list[dict], times: dict) -> str:
+  """report.md: methods ranked by distance of the balanced accuracy from 0.5, ROC figure."""
+  num_models = int(rows[0]["models"])
+  reference = "reference_member_prob" in rows[0]
+  header = ["method", "U-LiRA acc.", "95% CI", "AUC", "samples", "mean P(unlearned)",
+            "pop. MIA (forget vs val)", "hyper-parameters"]
+  if reference:
+    header.append("reference 0/1 P(member)")
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for r in sorted(rows, key=lambda r: abs(r["balanced_accuracy"] - 0.5)):
+    cells = [str(r["method"]), f"{r['balanced_accuracy']:.4f}",
+             f"[{r['ci_low']:.4f}, {r['ci_high']:.4f}]", f"{r['auc']:.4f}",
+             f"{int(r['num_samples'])}", f"{r['mean_member_prob']:.4f}",
+             f"{r['population_mia']:.4f} ± {r['population_mia_std']:.4f}", str(r["hparams"])]
+    if reference:
+      cells.append(f"{r['reference_member_prob']:.4f}")
+    lines.append("| " + " | ".join(cells) + " |")
+  lira_c = config.lira
+  return "\n".join([
+      f"# U-LiRA: {config.dataset.name} / {config.model.name}", "",
+      f"{lira_c.num_splits} splits x {lira_c.num_forget_draws} forget draws = {num_models} "
+      f"unlearning runs per method ({lira_c.scheme} splits, forget share {lira_c.forget_ratio}). "
+      "Per forgotten sample, a Gaussian of the scaled logit of the unlearned models that forgot "
+      "it against one of the retrained models that never saw it, each fitted without the scored "
+      "model (Hayes et al. 2024; `jaxmu.attacks.lira.ulira`). **U-LiRA acc.** is the balanced "
+      "accuracy of telling them apart: 0.5 = indistinguishable from retraining (best), 1.0 = "
+      "always told apart. Methods ranked by their distance from 0.5; samples = forgotten samples "
+      "with at least 2 observations in each group. Population MIA: DeepUnlearn's attack "
+      "(0.5 ideal), mean ± std over models.", "",
+      "\n".join(lines), "",
+      "![U-LiRA ROC](roc.png)", "",
+      f"Training: {times['models']} models (originals and retrained) as one stack, "
+      f"{times['epochs']} epochs, {times['stack_seconds']:.1f} s wall time.",
+      "Hyper-parameters: `search` = the main search's best trial, `defaults` = the method's "
+      "defaults. Not done here: the reference's per-split search (200 trials on each of 32 "
+      "splits); every split uses the same hyper-parameters.", ""])
