@@ -1,0 +1,142 @@
+"""The IAM audit for one dataset (iam-spec 5-7, 9; the reference recipe of iam-spec 6.2).
+
+    python launch/iam.py --config=configs/iam.py:dataset=cifar100 --workdir=runs/iam_cifar100
+    python launch/iam.py --config=configs/iam.py:dataset=digits --workdir=runs/iam_digits
+
+Datasets: cifar10, cifar100, cinic10 (CIFAR-stem ResNet-18, SGD 0.1, batch 128, cosine T_max 200,
+201 epochs, best-on-validation state), purchase100 (the Purchase MLP, lr 0.01; targets 100 epochs)
+and the quick CPU variant `digits` (small CNN, 4 shadows, 2 seeds, 20 epochs; about 2 minutes on
+a 2-core CPU, IAM-On AUC about 0.6-0.7). The reference runs need a GPU (estimated: 10 shadows +
+11 targets of 201 epochs on CIFAR, hours on one GPU; not measured).
+
+Options besides the dataset (comma separated, e.g. `dataset=cifar10,forget=class_percentage`):
+  forget=set_random|class_percentage|one_class (class types loop over `forget_classes`)
+  setting=exact|incremental|shifted|arch (iam-spec 7.1-7.4; see `setting` below)
+"""
+
+import ml_collections
+
+from jaxmu import data as data_lib
+
+# iam-spec 5 and 6.2: shadow pool, shadow / target / ScoreUI epochs, learning rate, model.
+REFERENCE = {
+    "cifar10": dict(shadow_size=20000, epochs=201, target_epochs=201, score_epochs=170, lr=0.1,
+                    model="resnet18"),
+    "cifar100": dict(shadow_size=20000, epochs=201, target_epochs=201, score_epochs=201, lr=0.1,
+                     model="resnet18"),
+    "cinic10": dict(shadow_size=20000, epochs=201, target_epochs=201, score_epochs=201, lr=0.1,
+                    model="resnet18"),
+    "purchase100": dict(shadow_size=40000, epochs=201, target_epochs=100, score_epochs=71, lr=0.01,
+                        model="purchase_mlp"),
+}
+ARGS = ("dataset", "forget", "setting")
+
+
+def get_config(arg: str | None = None):
+  args = dict(kv.split("=", 1) for kv in (arg or "dataset=cifar10").split(","))
+  unknown = set(args) - set(ARGS)
+  if unknown:
+    raise ValueError(f"unknown config arguments {sorted(unknown)}; use {', '.join(ARGS)}")
+  dataset = args.get("dataset", "cifar10")
+  if dataset not in (*REFERENCE, "digits"):
+    raise ValueError(f"dataset={dataset!r}: choose one of {', '.join((*REFERENCE, 'digits'))}")
+  quick = dataset == "digits"
+  ref = REFERENCE.get(dataset, REFERENCE["cifar10"])
+  recipe = data_lib.recipe(dataset, reference="iam")
+
+  c = ml_collections.ConfigDict()
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = dataset
+  c.dataset.data_dir = ""
+  c.dataset.options = ml_collections.ConfigDict()
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "small_cnn" if quick else ref["model"]
+  c.model.options = ml_collections.ConfigDict(
+      {"stem": "cifar"} if c.model.name.startswith("resnet") else {})
+
+  c.data = ml_collections.ConfigDict()
+  c.data.mean = tuple(recipe.mean)
+  c.data.std = tuple(recipe.std)
+  c.data.augment = recipe.augment
+
+  c.split = ml_collections.ConfigDict()  # iam-spec 5, 6.3
+  c.split.shadow_size = 600 if quick else ref["shadow_size"]
+  c.split.forget = args.get("forget", "set_random")
+  c.split.forget_size = 60 if quick else 500
+  c.split.fixed_forget = 12 if quick else 100
+  c.split.class_ratio = 0.1
+  c.split.forget_classes = tuple(range(10))  # class types: one run per class (seed = seeds[0])
+  c.split.shadow_fix = 40 if quick else 200
+  c.split.shadow_train_frac = 0.8
+  c.split.holdout_ratio = 0.2
+  c.split.val_cap = 5000
+  c.split.split_seed = 42
+  c.seeds = (42, 43) if quick else tuple(range(42, 52))
+
+  c.num_shadows = 4 if quick else 10  # K_max: 10 single-shadow groups (Table 1); 128 for Fig. 5
+  c.train = ml_collections.ConfigDict()  # iam-spec 6.2
+  c.train.epochs = 20 if quick else ref["epochs"]  # shadows (and ref_in, shadow_origin)
+  c.train.target_epochs = 20 if quick else ref["target_epochs"]  # originals and retrained
+  c.train.t_max = 0 if quick else 200  # cosine period in epochs (0 = the fit's length)
+  c.train.batch_size = 64 if quick else 128
+  c.train.learning_rate = 0.05 if quick else ref["lr"]
+  c.train.momentum = 0.9
+  c.train.weight_decay = 5e-4
+  c.train.optimizer = "sgd"
+  c.train.schedule = "cosine"
+  c.train.schedule_unit = "epoch"
+  c.train.select_best = True  # keep each model's best-on-validation epoch (iam-spec 6.2)
+  c.train.data_seed = 0
+  c.original_per_seed = False  # one shared original (new_records.py) or one per seed (new_reseed)
+  c.ref_in = ml_collections.ConfigDict()  # RMIA-On's IN model on the population (iam-spec 4.1)
+  c.ref_in.epochs = 20 if quick else (100 if dataset == "purchase100" else 200)
+  c.ref_in.batch_size = 64 if quick else 256
+
+  c.signals = ml_collections.ConfigDict()
+  c.signals.augmented_queries = False  # True: the reference's train-transform views (iam-spec 12.1)
+  c.signals.view_seed = 0
+
+  a, tau = {"cifar100": (0.6, 1.0), "purchase100": (0.2, 2.0)}.get(dataset, (0.33, 2.0))
+  c.audit = ml_collections.ConfigDict()  # iam-spec 3.5, 4.1, 7.1
+  c.audit.attacks = ("iam_on", "iam_off", "lira_on", "lira_off", "carlini_lira_on",
+                     "carlini_lira_off", "rmia_on", "rmia_off", "emia_r", "emia_p", "update",
+                     "unleak", "random")
+  c.audit.k_sweep = ()  # () = 1, 2, 4, ... up to num_shadows
+  c.audit.max_groups = 10  # min(K_max // K, max_groups) shadow groups per K
+  c.audit.num_interp = 100
+  c.audit.rmia_a = a
+  c.audit.temperature = tau
+  c.audit.gamma = 2.0
+  c.audit.seed = 0
+
+  c.score_ui = ml_collections.ConfigDict()  # iam-spec 7.5
+  c.score_ui.groups = 2 if quick else 10  # start models: shadows 0..groups-1
+  c.score_ui.breaks = 4 if quick else 20
+  c.score_ui.epochs = 8 if quick else ref["score_epochs"]
+
+  c.approx = ml_collections.ConfigDict()  # iam-spec 7.6, 8, 9.4
+  c.approx.methods = ("finetune", "iam_ascent", "boundary_expanding", "ssd", "iam_fisher",
+                      "l_codec", "forsaken")
+  hparams = {  # IAM's get_model_init settings (iam-spec 8) where the registry default differs
+      "finetune": {"learning_rate": 0.01, "batch_size": 128},
+      "ssd": {"selection_weighting": 60.0 if dataset in ("cifar10", "cifar100") else 10.0}}
+  if quick:  # a few seconds per method on CPU instead of minutes
+    hparams.update({"l_codec": {"n_perturbations": 100}, "forsaken": {"num_epochs": 10}})
+  c.approx.hparams = ml_collections.ConfigDict(hparams)
+  c.approx.seed = 0
+  c.approx.margin = 0.1  # over/under-unlearning: membership this far from retrain's
+
+  # Settings (iam-spec 7.2-7.4): exact = Table 1; arch = shadows of `shadow_model` (Fig. 4);
+  # shifted = shadows trained on `shadow_dataset` (Table 3); incremental = Table 4.
+  c.setting = args.get("setting", "exact")
+  c.shadow_model = ml_collections.ConfigDict({"name": "", "options": {}})  # "" = c.model
+  c.shadow_dataset = ""  # shifted: e.g. cinic10 for cifar10 targets
+  c.incremental_pool = 5000  # incremental: the first n pool samples form the target set
+
+  c.parallel = ml_collections.ConfigDict()
+  c.parallel.strategy = "auto"
+  c.parallel.max_models_per_program = 0
+  c.checkpoint_every = 5 if quick else 10
+  c.stop_after = ""  # a stage of jaxmu.pipelines.iam.STAGES
+  return c

@@ -1,0 +1,615 @@
+"""The IAM audit over a workdir, as resumable stages (iam-spec 3-7, 9).
+
+Stages (``config.stop_after`` names the last one to run):
+
+1. ``splits``: the target pool, the shadow pool and every shadow's train/held-out split; per run
+   (a seed, or a class for the class unlearning types) the forget flags and the seed-dependent
+   val (population) / test split (``splits.npz``; iam-spec 5, 6.3, 7.1).
+2. ``shadows``: K shadow OUT models, each on its own subset of the shadow pool and selected on its
+   held-out part, plus UnLeak's shadow-origin model on the whole pool, as one stack (chunked by
+   ``config.parallel.max_models_per_program``; ``models/shadows``, ``models/shadow_origin``).
+3. ``ref_in``: RMIA-On's IN model on the population set of the first run (``models/ref_in``).
+4. ``targets``: the original model(s) (one shared, or one per run with
+   ``config.original_per_seed``) and a retrained model per run, as one stack
+   (``models/original``, ``models/retrain``).
+5. ``signals``: logits of every model on the query set (the target pool), on each run's
+   population set, and of the shadows and the shadow origin on the shadow pool (their own
+   training data: the IAM-Off constant and UnLeak). Eval-mode BatchNorm, no augmentation; the
+   reference's augmented views of training-set queries with ``config.signals.augmented_queries``.
+6. ``binui``: every attack of ``config.audit.attacks`` through `jaxmu.attacks.audit`, per run,
+   for K in the sweep and each of min(K_max // K, max_groups) disjoint shadow groups; scores
+   pooled over runs, one `iam.bin_ui` per group (iam-spec 7.1: mean and std over groups).
+7. ``score_ui``: each of the first ``score_ui.groups`` shadows keeps training on the target pool;
+   its best-so-far states at ``breaks`` evenly spaced epochs give ground-truth degrees b / B;
+   Spearman/Pearson/MSE of IAM-On against them (iam-spec 7.5, 9.2).
+8. ``approx_<method>`` and ``approx``: IAM's approximate methods on the original of every run,
+   scored with IAM-On (K = 1 groups): AUC and mean membership on forgotten / retained samples
+   against the retrained models' (over- and under-unlearning, iam-spec 7.6, 9.4; Table 8).
+9. ``report``: ``report.md`` (Table 1, the K sweep, Table 2, Table 8) and figures.
+
+Every table row also lands in ``results.csv`` (column ``table``: binui, score_ui, approx).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import zlib
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxmu import checkpoint, models, report, stages, train, unlearn
+from jaxmu.attacks import iam, signals
+from jaxmu.attacks.audit import ATTACKS, Population, UnleakData, audit, unleak_model
+from jaxmu.data import augment as augment_lib
+from jaxmu.data import splits as splits_lib
+from jaxmu.pipelines.deepunlearn import _abstract_variables, load_dataset, recipe_from_config
+
+STAGES = ("splits", "shadows", "ref_in", "targets", "signals", "binui", "score_ui", "approx",
+          "report")
+SETTINGS = ("exact", "arch")
+LEVELS = (1e-3, 1e-2, 1e-1)
+# PRNG namespaces of the model groups (model id = base + index): initialisation and data order.
+_IDS = {"shadows": 100_000, "shadow_origin": 200_000, "ref_in": 300_000, "original": 400_000,
+        "retrain": 500_000, "score_ui": 600_000}
+
+
+def runs(config) -> list[tuple[int, int]]:
+  """(seed, class) of every run: the seeds (set_random) or the classes with the first seed."""
+  seeds = tuple(int(s) for s in config.seeds)
+  if not seeds:
+    raise ValueError("config.seeds is empty; give at least one seed, e.g. (42,)")
+  if config.split.forget == "set_random":
+    return [(s, 0) for s in seeds]
+  return [(seeds[0], int(c)) for c in config.split.forget_classes]
+
+
+def k_sweep(config) -> tuple[int, ...]:
+  """The K values of the sweep: ``config.audit.k_sweep`` or 1, 2, 4, ... <= num_shadows."""
+  sweep = tuple(config.audit.k_sweep) or tuple(2**i for i in range(config.num_shadows.bit_length())
+                                               if 2**i <= config.num_shadows)
+  if not sweep or min(sweep) < 1 or max(sweep) > config.num_shadows:
+    raise ValueError(f"k_sweep {sweep} must lie in 1..num_shadows={config.num_shadows}")
+  return sweep
+
+
+def shadow_groups(num_shadows: int, k: int, max_groups: int) -> list[list[int]]:
+  """``create_shadow_lists`` (iam-spec 3.5): [[0..k-1], [k..2k-1], ...], min(K_max // k, max)."""
+  return [list(range(g * k, (g + 1) * k)) for g in range(min(num_shadows // k, max_groups))]
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
+  """Runs (or resumes) every stage up to ``config.stop_after``; returns the last output's path."""
+  if config.stop_after and config.stop_after not in STAGES:
+    raise ValueError(f"stop_after={config.stop_after!r} is not a stage; stages: {STAGES}")
+  if config.setting not in SETTINGS:
+    raise ValueError(f"setting={config.setting!r} is not available; choose one of {SETTINGS}")
+  if config.num_shadows < 1:
+    raise ValueError(f"num_shadows must be >= 1; got {config.num_shadows}")
+  unknown = set(config.audit.attacks) - set(ATTACKS)
+  if unknown:
+    raise ValueError(f"unknown attacks {sorted(unknown)}; known: {', '.join(ATTACKS)}")
+  wd = stages.Workdir(workdir)
+  wd.write_config(config)
+  dataset = load_dataset(config)
+  pipe = _Pipeline(config, wd, dataset)
+  for stage in STAGES:
+    path = getattr(pipe, stage)()
+    if config.stop_after == stage:
+      return path
+  return path
+
+
+class _Pipeline:
+  """The stages; each method opens its stage(s) and returns its main output path."""
+
+  def __init__(self, config, wd, dataset):
+    self.config, self.wd, self.dataset = config, wd, dataset
+    self.runs = runs(config)
+    self.recipe = dataclasses.replace(recipe_from_config(config), t_max=config.train.t_max)
+    self.data = train.DeviceData.create(dataset)
+    self.input_shape = dataset.inputs.shape[1:]
+    self.model = models.get(config.model.name, dataset.num_classes, **config.model.options.to_dict())
+    shadow_name = config.shadow_model.name if config.setting == "arch" else ""
+    self.shadow_model = (models.get(shadow_name, dataset.num_classes,
+                                    **config.shadow_model.options.to_dict())
+                         if shadow_name else self.model)
+    self._parts = None
+
+  @property
+  def parts(self):
+    if self._parts is None:
+      self._parts = splits_lib.load(self.wd.path("splits.npz"), self.dataset)
+    return self._parts
+
+  # ------------------------------------------------------------------------------------ splits
+
+  def splits(self):
+    c = self.config
+    with self.wd.stage("splits", config={"split": c.split, "runs": self.runs,
+                                         "shadows": c.num_shadows, "data": self.dataset.fingerprint},
+                       outputs=("splits.npz",)) as st:
+      if not st.done:
+        out = {}
+        for r, (seed, cls) in enumerate(self.runs):
+          s = splits_lib.iam(
+              self.dataset.num_train, self.dataset.num_test, c.split.shadow_size, seed=seed,
+              forget=c.split.forget, forget_size=c.split.forget_size,
+              fixed_forget=c.split.fixed_forget, labels=self.dataset.labels, forget_class=cls,
+              class_ratio=c.split.class_ratio, num_shadows=c.num_shadows if r == 0 else 0,
+              shadow_fix=c.split.shadow_fix, shadow_train_frac=c.split.shadow_train_frac,
+              holdout_ratio=c.split.holdout_ratio, val_cap=c.split.val_cap,
+              split_seed=c.split.split_seed)
+          if r == 0:
+            out.update({k: s[k] for k in ("pool", "shadow_pool", "shadow_train", "shadow_test")})
+          out.update({f"flags_{r}": s["flags"], f"val_{r}": s["val"], f"test_{r}": s["test"]})
+        if len({len(out[f"val_{r}"]) for r in range(len(self.runs))}) != 1:
+          raise ValueError("population (val) sets of the runs differ in size; lower split.val_cap")
+        splits_lib.save(st.tmp / "splits.npz", out, self.dataset)
+        st.commit()
+    return self.wd.path("splits.npz")
+
+  def flags(self, r):
+    return self.parts[f"flags_{r}"]
+
+  # ---------------------------------------------------------------------------------- training
+
+  def _train(self, name, model, ids, index_sets, val_sets, epochs, batch_size):
+    """Trains one stack from fresh initialisations (ids: PRNG streams); the best-on-val states."""
+    c = self.config
+    keys = jax.vmap(jax.random.key)(np.asarray(ids, np.uint32))
+    variables = train.init_variables(model, keys, self.input_shape)
+    recipe = dataclasses.replace(self.recipe, batch_size=batch_size)
+    state = train.create_state(variables, recipe, learning_rate=c.train.learning_rate,
+                               momentum=c.train.momentum, weight_decay=c.train.weight_decay)
+
+    def log(epoch, record):
+      self.wd.append_metrics({"stage": name, "epoch": epoch, **record})
+
+    result = train.fit(
+        model, state, self.data, index_sets, recipe, epochs, jax.random.key(c.train.data_seed),
+        model_ids=ids, strategy=c.parallel.strategy,
+        val_sets=val_sets if c.train.select_best else None,
+        max_models_per_program=c.parallel.max_models_per_program or None,
+        checkpoints=checkpoint.TrainingCheckpoints(self.wd.path("checkpoints", name)),
+        checkpoint_every=c.checkpoint_every, on_epoch=log, progress=name)
+    return jax.device_get(result.best if c.train.select_best else result.state.variables)
+
+  def _train_config(self, **extra):
+    c = self.config
+    return {"train": c.train, "data": c.data, "parallel": c.parallel, "model": c.model, **extra}
+
+  def shadows(self):
+    """K shadow OUT models (each selected on its held-out part) + the shadow origin (iam-spec 6.3)."""
+    c, p = self.config, self.parts
+    k = c.num_shadows
+    config = self._train_config(shadow_model=c.shadow_model, setting=c.setting)
+    with self.wd.stage("shadows", config=config, deps=("splits",),
+                       outputs=("models/shadows", "models/shadow_origin")) as st:
+      if not st.done:
+        # The origin is selected by its training accuracy, as the reference.
+        index_sets = list(p["shadow_train"]) + [p["shadow_pool"]]
+        val_sets = list(p["shadow_test"]) + [p["shadow_pool"]]
+        ids = [_IDS["shadows"] + i for i in range(k)] + [_IDS["shadow_origin"]]
+        best = self._train("shadows", self.shadow_model, ids, index_sets, val_sets,
+                           c.train.epochs, c.train.batch_size)
+        checkpoint.save(st.tmp / "models/shadows", jax.tree.map(lambda x: x[:k], best))
+        checkpoint.save(st.tmp / "models/shadow_origin", jax.tree.map(lambda x: x[k:], best))
+        st.commit()
+        shutil.rmtree(self.wd.path("checkpoints", "shadows"), ignore_errors=True)
+    return self.wd.path("models/shadows")
+
+  def ref_in(self):
+    """RMIA-On's IN model on the first run's population set, selected on the shadow pool."""
+    c, p = self.config, self.parts
+    with self.wd.stage("ref_in", config=self._train_config(ref_in=c.ref_in), deps=("splits",),
+                       outputs=("models/ref_in",)) as st:
+      if not st.done:
+        best = self._train("ref_in", self.model, [_IDS["ref_in"]], [p["val_0"]],
+                           p["shadow_pool"], c.ref_in.epochs, c.ref_in.batch_size)
+        checkpoint.save(st.tmp / "models/ref_in", best)
+        st.commit()
+        shutil.rmtree(self.wd.path("checkpoints", "ref_in"), ignore_errors=True)
+    return self.wd.path("models/ref_in")
+
+  def num_originals(self):
+    return len(self.runs) if self.config.original_per_seed else 1
+
+  def targets(self):
+    """Original(s) on the whole pool and one retrained model per run on its retain set."""
+    c, p = self.config, self.parts
+    config = self._train_config(target_epochs=c.train.target_epochs,
+                                original_per_seed=c.original_per_seed)
+    with self.wd.stage("targets", config=config, deps=("splits",),
+                       outputs=("models/original", "models/retrain")) as st:
+      if not st.done:
+        o, r = self.num_originals(), len(self.runs)
+        index_sets = [p["pool"]] * o + [p["pool"][~self.flags(i)] for i in range(r)]
+        val_sets = [p[f"val_{i}"] for i in range(o)] + [p[f"val_{i}"] for i in range(r)]
+        ids = [_IDS["original"] + i for i in range(o)] + [_IDS["retrain"] + i for i in range(r)]
+        best = self._train("targets", self.model, ids, index_sets, val_sets,
+                           c.train.target_epochs, c.train.batch_size)
+        checkpoint.save(st.tmp / "models/original", jax.tree.map(lambda x: x[:o], best))
+        checkpoint.save(st.tmp / "models/retrain", jax.tree.map(lambda x: x[o:], best))
+        st.commit()
+        shutil.rmtree(self.wd.path("checkpoints", "targets"), ignore_errors=True)
+    return self.wd.path("models/retrain")
+
+  def restore(self, group, n, model=None):
+    like = _abstract_variables(model or self.model, n, self.input_shape)
+    return checkpoint.restore(self.wd.path("models", group), like)
+
+  # ----------------------------------------------------------------------------------- signals
+
+  def query_data(self):
+    """The data training-set queries read: clean, or one augmented view (iam-spec 12.1)."""
+    c = self.config
+    if not c.signals.augmented_queries:
+      return self.data
+    view = augment_lib.augment(jax.random.key(c.signals.view_seed), self.data.inputs,
+                               self.recipe.augment)
+    return train.DeviceData(view, self.data.labels)
+
+  def logits(self, model, variables, indices, data=None):
+    """[M, len(indices), C] eval-mode logits (`train.predict`)."""
+    return train.predict(model, variables, data or self.data, indices, self.recipe,
+                         self.config.parallel.strategy).astype(np.float32)
+
+  def signals(self):
+    c, p = self.config, self.parts
+    outputs = tuple(f"signals/{n}.npy" for n in SIGNAL_FILES)
+    with self.wd.stage("signals", config={"signals": c.signals},
+                       deps=("shadows", "ref_in", "targets"), outputs=outputs) as st:
+      if not st.done:
+        k, r, o = c.num_shadows, len(self.runs), self.num_originals()
+        shadows = self.restore("shadows", k, self.shadow_model)
+        origin = self.restore("shadow_origin", 1, self.shadow_model)
+        originals, retrained = self.restore("original", o), self.restore("retrain", r)
+        ref_in = self.restore("ref_in", 1)
+        queries = self.query_data()
+        vals = np.stack([p[f"val_{i}"] for i in range(r)])
+        out = {
+            "query_shadows": self.logits(self.shadow_model, shadows, p["pool"], queries),
+            "query_original": self.logits(self.model, originals, p["pool"], queries),
+            "query_retrain": self.logits(self.model, retrained, p["pool"], queries),
+            "pop_retrain": np.stack([self.logits(self.model, _take(retrained, i), vals[i])[0]
+                                     for i in range(r)]),
+            "pop_shadows": np.stack([self.logits(self.shadow_model, shadows, v) for v in vals]),
+            "pop_ref_in": np.stack([self.logits(self.model, ref_in, v)[0] for v in vals]),
+            "pool_shadows": self.logits(self.shadow_model, shadows, p["shadow_pool"], queries),
+            "pool_origin": self.logits(self.shadow_model, origin, p["shadow_pool"], queries)[0],
+        }
+        for name, array in out.items():
+          (st.tmp / "signals").mkdir(exist_ok=True)
+          np.save(st.tmp / "signals" / f"{name}.npy", array)
+        st.commit()
+    return self.wd.path("signals")
+
+  def signal(self, name):
+    return np.load(self.wd.path("signals", f"{name}.npy"))
+
+  # ------------------------------------------------------------------------------------- BinUI
+
+  def audit_inputs(self):
+    """Arrays shared by every audit call: labels, held-out masks, shadow training positions."""
+    p, labels = self.parts, np.asarray(self.dataset.labels)
+    order = np.argsort(p["shadow_pool"])
+    train_pos = order[np.searchsorted(p["shadow_pool"][order], p["shadow_train"])]
+    held_out = np.ones((self.config.num_shadows, len(p["shadow_pool"])), bool)
+    np.put_along_axis(held_out, train_pos, False, axis=1)
+    return labels[p["pool"]], labels[p["shadow_pool"]], train_pos, held_out
+
+  def binui(self):
+    c, p = self.config, self.parts
+    with self.wd.stage("binui", config={"audit": c.audit, "k": k_sweep(c)}, deps=("signals",),
+                       outputs=("binui.csv", "binui_scores.npz")) as st:
+      if not st.done:
+        rows, kept = [], None
+        sig = {n: self.signal(n) for n in SIGNAL_FILES}
+        labels, pool_labels, train_pos, held_out = self.audit_inputs()
+        pop_labels = np.asarray(self.dataset.labels)[np.stack(
+            [p[f"val_{i}"] for i in range(len(self.runs))])]
+        flags = np.concatenate([self.flags(i) for i in range(len(self.runs))])
+        todo = [(k, g) for k in k_sweep(c)
+                for g in shadow_groups(c.num_shadows, k, c.audit.max_groups)]
+        for k, group in tqdm(todo, desc="binui", leave=False):
+          scores = self._audit_group(c, sig, group, labels, pool_labels, pop_labels, train_pos,
+                                     held_out, c.audit.attacks)
+          for attack, s in scores.items():
+            m = iam.bin_ui(s, flags.astype(np.int64), levels=LEVELS, num_bootstrap=0)
+            rows.append(_metric_row("binui", attack, k, group[0] // k, m))
+          if kept is None:  # K = 1, group 0: the figures' scores
+            kept = {**scores, "_flags": flags}
+        report.write_csv(st.tmp / "binui.csv", rows)
+        np.savez(st.tmp / "binui_scores.npz", **kept)
+        st.commit()
+    return self.wd.path("binui.csv")
+
+  def _audit_group(self, c, sig, group, labels, pool_labels, pop_labels, train_pos, held_out,
+                   attacks, targets=None):
+    """Per-run `audit` of one shadow group; unlearning scores pooled over runs {attack: [R N]}."""
+    model = None
+    if "unleak" in attacks:
+      model = unleak_model(UnleakData(sig["pool_origin"], sig["pool_shadows"][group],
+                                      held_out[group]), c.audit.seed)
+    shadow_train = [(sig["pool_shadows"][k][train_pos[k]], pool_labels[train_pos[k]])
+                    for k in group]
+    pooled = {a: [] for a in attacks}
+    for r in range(len(self.runs)):
+      original = sig["query_original"][r if c.original_per_seed else 0]
+      target = sig["query_retrain"][r] if targets is None else targets[r]
+      population = Population(sig["pop_retrain"][r], sig["pop_shadows"][r][group], pop_labels[r],
+                              sig["pop_ref_in"][r])
+      result = audit(original, target, sig["query_shadows"][group], labels, attacks=attacks,
+                     population=population, shadow_train=shadow_train, unleak=model,
+                     one_sided_lira=c.split.forget != "set_random", rmia_a=c.audit.rmia_a,
+                     temperature=c.audit.temperature, gamma=c.audit.gamma,
+                     num_interp=c.audit.num_interp, seed=c.audit.seed + r)
+      for a in attacks:
+        pooled[a].append(result.scores[a])
+    return {a: np.concatenate(v) for a, v in pooled.items()}
+
+  # ----------------------------------------------------------------------------------- ScoreUI
+
+  def score_ui(self):
+    """Shadows 0..G-1 keep training on the pool; best-so-far states at B breaks (iam-spec 7.5)."""
+    c, p = self.config, self.parts
+    groups, breaks, epochs = c.score_ui.groups, c.score_ui.breaks, c.score_ui.epochs
+    if not groups:
+      return None
+    if groups > c.num_shadows or breaks < 1 or epochs % breaks:
+      raise ValueError(f"score_ui: groups <= num_shadows, breaks >= 1 and epochs a multiple of "
+                       f"breaks; got {groups}, {breaks}, {epochs}")
+    with self.wd.stage("score_ui", config={"score_ui": c.score_ui, **self._train_config()},
+                       deps=("signals",), outputs=("score_ui.csv",)) as st:
+      if not st.done:
+        start = jax.tree.map(lambda x: x[:groups], self.restore("shadows", c.num_shadows,
+                                                                self.shadow_model))
+        state = train.create_state(start, self.recipe, learning_rate=c.train.learning_rate,
+                                   momentum=c.train.momentum, weight_decay=c.train.weight_decay)
+        ckpts = checkpoint.TrainingCheckpoints(self.wd.path("checkpoints", "score_ui"),
+                                               keep=breaks)
+        every = epochs // breaks
+        train.fit(self.shadow_model, state, self.data, [p["pool"]] * groups, self.recipe, epochs,
+                  jax.random.key(c.train.data_seed),
+                  model_ids=[_IDS["score_ui"] + g for g in range(groups)],
+                  strategy=c.parallel.strategy, val_sets=p["val_0"], checkpoints=ckpts,
+                  checkpoint_every=every, progress="score_ui")
+        like = {"state": state, "best": state.variables, "best_acc": np.zeros(groups)}
+        queries = self.query_data()
+        # Break 0: the shadow itself (degree 0); break b: best-so-far after b * every epochs.
+        logits = [self.logits(self.shadow_model, start, p["pool"], queries)]
+        for b in range(1, breaks + 1):
+          best = ckpts.restore(b * every, like)["best"]
+          logits.append(self.logits(self.shadow_model, best, p["pool"], queries))
+        labels = np.asarray(self.dataset.labels)[p["pool"]]
+        gumbel = lambda z: signals.normalized_gumbel(signals.true_class_prob(z, labels))
+        fit = gumbel(self.signal("query_original")[0])
+        shadows = gumbel(self.signal("query_shadows"))
+        degree = np.arange(breaks + 1) / breaks
+        rows = []
+        for g in range(groups):
+          scores = np.stack([np.asarray(iam.iam_score(gumbel(z[g]), fit, shadows[g:g + 1],
+                                                      c.audit.num_interp)) for z in logits], 1)
+          rows.append({"table": "score_ui", "attack": "iam_on", "k": 1, "group": g,
+                       **iam.score_ui(scores, degree)})
+        report.write_csv(st.tmp / "score_ui.csv", rows)
+        st.commit()
+        shutil.rmtree(self.wd.path("checkpoints", "score_ui"), ignore_errors=True)
+    return self.wd.path("score_ui.csv")
+
+  # ------------------------------------------------------------------ approximate unlearning
+
+  def approx(self):
+    """IAM's approximate methods on every run's original, audited with IAM-On (Table 8)."""
+    c, p = self.config, self.parts
+    methods = tuple(unlearn.get(m).name for m in c.approx.methods)
+    if not methods:
+      return None
+    r, o = len(self.runs), self.num_originals()
+    ctx = None
+    for method in methods:
+      hparams = c.approx.hparams[method].to_dict() if method in c.approx.hparams else {}
+      with self.wd.stage(f"approx_{method}", config={"hparams": hparams, "seed": c.approx.seed,
+                                                     "parallel": c.parallel},
+                         deps=("targets",), outputs=(f"unlearned/{method}",)) as st:
+        if not st.done:
+          if ctx is None:
+            originals = self.restore("original", o)
+            stack = jax.tree.map(lambda x: x[np.arange(r) % o], originals)
+            ids = [_IDS["original"] + i % o for i in range(r)]
+            inits = train.init_variables(self.model, jax.vmap(jax.random.key)(
+                np.asarray(ids, np.uint32)), self.input_shape)
+            ctx = unlearn.Context.create(
+                self.model, self.recipe, self.data, stack, inits,
+                [p["pool"][~self.flags(i)] for i in range(r)],
+                [p["pool"][self.flags(i)] for i in range(r)],
+                [p[f"val_{i}"] for i in range(r)], model_ids=tuple(range(r)),
+                num_classes=self.dataset.num_classes, strategy=c.parallel.strategy,
+                train_epochs=c.train.target_epochs,
+                train_hparams={k: c.train[k] for k in ("learning_rate", "momentum", "weight_decay")})
+          key = jax.random.fold_in(jax.random.key(c.approx.seed), zlib.crc32(method.encode()))
+          result = unlearn.get(method).run(ctx, hparams, key)
+          checkpoint.save(st.tmp / "unlearned" / method, jax.device_get(result.states),
+                          metadata={"seconds": result.seconds, "hparams": hparams})
+          st.commit()
+    with self.wd.stage("approx", config={"audit": c.audit, "margin": c.approx.margin},
+                       deps=("signals",) + tuple(f"approx_{m}" for m in methods),
+                       outputs=("approx.csv",)) as st:
+      if not st.done:
+        sig = {n: self.signal(n) for n in SIGNAL_FILES}
+        inputs = self.audit_inputs()
+        pop_labels = np.asarray(self.dataset.labels)[np.stack([p[f"val_{i}"] for i in range(r)])]
+        flags = np.concatenate([self.flags(i) for i in range(r)])
+        like = _abstract_variables(self.model, r, self.input_shape)
+        targets = {"retrain": sig["query_retrain"]}
+        for m in methods:
+          targets[m] = self.logits(self.model, checkpoint.restore(self.wd.path("unlearned", m), like),
+                                   p["pool"], self.query_data())
+        rows = []
+        for g, group in enumerate(shadow_groups(c.num_shadows, 1, c.audit.max_groups)):
+          for name, logits in targets.items():
+            s = self._audit_group(c, sig, group, inputs[0], inputs[1], pop_labels, inputs[2],
+                                  inputs[3], ("iam_on",), targets=logits)["iam_on"]
+            m = iam.bin_ui(s, flags.astype(np.int64), levels=LEVELS, num_bootstrap=0)
+            member = 1 - s
+            rows.append({**_metric_row("approx", "iam_on", 1, g, m), "method": name,
+                         "member_forgotten": float(member[flags].mean()),
+                         "member_forgotten_std": float(member[flags].std()),
+                         "member_retained": float(member[~flags].mean()),
+                         "member_retained_std": float(member[~flags].std())})
+        report.write_csv(st.tmp / "approx.csv", rows)
+        st.commit()
+    return self.wd.path("approx.csv")
+
+  # ------------------------------------------------------------------------------------ report
+
+  def report(self):
+    c = self.config
+    parts = [n for n in ("binui.csv", "score_ui.csv", "approx.csv") if self.wd.path(n).exists()]
+    deps = ("binui",) + (("score_ui",) if c.score_ui.groups else ()) + (
+        ("approx",) if c.approx.methods else ())
+    with self.wd.stage("report", config={"margin": c.approx.margin, "parts": parts}, deps=deps,
+                       outputs=("report.md", "results.csv", "roc.png", "auc_vs_k.png",
+                                "iam_hist.png")) as st:
+      if not st.done:
+        rows = [row for n in parts for row in report.read_csv(self.wd.path(n))]
+        report.write_csv(st.tmp / "results.csv", rows)
+        kept = dict(np.load(self.wd.path("binui_scores.npz")))
+        (st.tmp / "report.md").write_text(render_report(c, rows))
+        _figures(st.tmp, rows, kept)
+        st.commit()
+    return self.wd.path("report.md")
+
+
+SIGNAL_FILES = ("query_shadows", "query_original", "query_retrain", "pop_retrain", "pop_shadows",
+                "pop_ref_in", "pool_shadows", "pool_origin")
+
+
+def _take(variables, i):
+  return jax.tree.map(lambda x: x[i:i + 1], variables)
+
+
+def _metric_row(table, attack, k, group, m):
+  return {"table": table, "attack": attack, "k": k, "group": group, "auc": m["auc"],
+          "balanced_accuracy": m["balanced_accuracy"],
+          **{f"tpr@{lv:g}": m["tpr_at_fpr"][lv] for lv in LEVELS},
+          **{f"tnr@{lv:g}": m["tnr_at_fnr"][lv] for lv in LEVELS},
+          "score_forgotten": m["score_forgotten_mean"], "score_retained": m["score_retained_mean"]}
+
+
+# ---------------------------------------------------------------------------------------- report
+
+def _mean_std(values):
+  v = np.asarray(values, np.float64)
+  return f"{100 * v.mean():.2f} ± {100 * v.std():.2f}"
+
+
+def render_report(config, rows) -> str:
+  """report.md: Table 1 (K = 1), the K sweep, Table 2 (ScoreUI), Table 8 (approximate methods)."""
+  binui = [r for r in rows if r["table"] == "binui"]
+  attacks = list(dict.fromkeys(r["attack"] for r in binui))
+  ks = sorted({int(r["k"]) for r in binui})
+  out = [f"# IAM audit: {config.dataset.name} / {config.model.name}, {config.split.forget}", "",
+         f"{len(runs(config))} runs pooled ({'seeds' if config.split.forget == 'set_random' else 'classes'}), "
+         f"{config.num_shadows} shadow OUT models. Numbers in %: mean ± std over disjoint shadow "
+         "groups (iam-spec 7.1). Positives = retained samples, scored by 1 − unlearning score "
+         "(iam-spec 9.1): TPR@FPR is the share of retained samples recognised while at most that "
+         "share of forgotten samples is called retained; TNR@FNR the share of forgotten samples "
+         "detected.", "", "## Table 1: BinUI, K = 1 (exact unlearning: retrained targets)", "",
+         "| attack | AUC | balanced acc. | " + " | ".join(f"TPR@FPR={lv:g}" for lv in LEVELS)
+         + " | " + " | ".join(f"TNR@FNR={lv:g}" for lv in LEVELS) + " | groups |",
+         "|---" * (4 + 2 * len(LEVELS)) + "|"]
+  for a in attacks:
+    sel = [r for r in binui if r["attack"] == a and int(r["k"]) == 1]
+    cells = [_mean_std([r[m] for r in sel]) for m in
+             ("auc", "balanced_accuracy", *(f"tpr@{lv:g}" for lv in LEVELS),
+              *(f"tnr@{lv:g}" for lv in LEVELS))]
+    out.append(f"| {ATTACKS[a][0]} | " + " | ".join(cells) + f" | {len(sel)} |")
+  out += ["", "## Number of shadow models K (AUC %, mean ± std over groups; Fig. 5)", "",
+          "| attack | " + " | ".join(f"K={k}" for k in ks) + " |", "|---" * (len(ks) + 1) + "|"]
+  for a in attacks:
+    cells = [_mean_std([r["auc"] for r in binui if r["attack"] == a and int(r["k"]) == k])
+             for k in ks]
+    out.append(f"| {ATTACKS[a][0]} | " + " | ".join(cells) + " |")
+  iam_rows = [r for r in binui if r["attack"] == "iam_on" and int(r["k"]) == 1]
+  if iam_rows:
+    out += ["", "Mean IAM-On unlearning score (K = 1): forgotten "
+            f"{np.mean([r['score_forgotten'] for r in iam_rows]):.3f}, retained "
+            f"{np.mean([r['score_retained'] for r in iam_rows]):.3f} (iam-spec 10.1f)."]
+  score = [r for r in rows if r["table"] == "score_ui"]
+  if score:
+    out += ["", "## Table 2: ScoreUI (IAM-On against the ground-truth degree b / B)", "",
+            "| attack | Spearman | Pearson | MSE | groups |", "|---|---|---|---|---|",
+            "| IAM-On | " + " | ".join(
+                f"{np.mean([r[m] for r in score]):.3f} ± {np.std([r[m] for r in score]):.3f}"
+                for m in ("spearman", "pearson", "mse")) + f" | {len(score)} |"]
+  approx = [r for r in rows if r["table"] == "approx"]
+  if approx:
+    out += ["", "## Table 8: approximate unlearning audited with IAM-On (K = 1)", "",
+            "Membership = 1 − IAM unlearning score, mean over samples (± std over samples), "
+            "averaged over shadow groups. Under-unlearning: forgotten samples keep more membership "
+            f"than after retraining (by > {config.approx.margin}); over-unlearning: retained "
+            "samples lose membership (iam-spec 9.4).", "",
+            "| method | membership retained | membership forgotten | AUC % | read-out |",
+            "|---|---|---|---|---|"]
+    ref = [r for r in approx if r["method"] == "retrain"]
+    ref_f = np.mean([r["member_forgotten"] for r in ref])
+    ref_r = np.mean([r["member_retained"] for r in ref])
+    for method in dict.fromkeys(r["method"] for r in approx):
+      sel = [r for r in approx if r["method"] == method]
+      mf, mr = np.mean([r["member_forgotten"] for r in sel]), np.mean([r["member_retained"] for r in sel])
+      sf = np.mean([r["member_forgotten_std"] for r in sel])
+      sr = np.mean([r["member_retained_std"] for r in sel])
+      verdict = [w for w, bad in (("under-unlearning", mf - ref_f > config.approx.margin),
+                                  ("over-unlearning", ref_r - mr > config.approx.margin)) if bad]
+      out.append(f"| {method} | {mr:.3f} ± {sr:.3f} | {mf:.3f} ± {sf:.3f} | "
+                 f"{_mean_std([r['auc'] for r in sel])} | "
+                 f"{'reference' if method == 'retrain' else ', '.join(verdict) or 'as retrain'} |")
+  out += ["", "Figures: roc.png (log-log ROC per attack, K = 1, group 0), auc_vs_k.png, "
+          "iam_hist.png (IAM-On score of forgotten vs retained samples).", ""]
+  return "\n".join(out)
+
+
+def _figures(directory, rows, kept):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  from sklearn.metrics import roc_curve
+
+  flags = kept.pop("_flags").astype(bool)
+  fig, ax = plt.subplots(figsize=(5, 5))
+  for a, s in kept.items():
+    fpr, tpr, _ = roc_curve(~flags, 1 - s)
+    ax.loglog(np.maximum(fpr, 1e-5), np.maximum(tpr, 1e-5), label=ATTACKS[a][0])
+  ax.plot([1e-5, 1], [1e-5, 1], "k:", lw=0.8)
+  ax.set(xlabel="FPR (forgotten called retained)", ylabel="TPR (retained recognised)",
+         title="BinUI ROC, K = 1")
+  ax.legend(fontsize=7)
+  fig.savefig(directory / "roc.png", dpi=120, bbox_inches="tight")
+  plt.close(fig)
+
+  binui = [r for r in rows if r["table"] == "binui"]
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for a in dict.fromkeys(r["attack"] for r in binui):
+    ks = sorted({int(r["k"]) for r in binui if r["attack"] == a})
+    auc = [np.mean([r["auc"] for r in binui if r["attack"] == a and int(r["k"]) == k]) for k in ks]
+    ax.plot(ks, auc, marker="o", label=ATTACKS[a][0])
+  ax.set(xscale="log", xlabel="K shadow models", ylabel="AUC", title="BinUI AUC against K")
+  ax.legend(fontsize=7)
+  fig.savefig(directory / "auc_vs_k.png", dpi=120, bbox_inches="tight")
+  plt.close(fig)
+
+  fig, ax = plt.subplots(figsize=(5, 4))
+  if "iam_on" in kept:
+    bins = np.linspace(0, 1, 41)
+    ax.hist(kept["iam_on"][~flags], bins, density=True, alpha=0.6, label="retained")
+    ax.hist(kept["iam_on"][flags], bins, density=True, alpha=0.6, label="forgotten")
+    ax.legend()
+  ax.set(xlabel="IAM-On unlearning score", ylabel="density", title="IAM-On scores, K = 1")
+  fig.savefig(directory / "iam_hist.png", dpi=120, bbox_inches="tight")
+  plt.close(fig)
