@@ -1,11 +1,15 @@
 """Shared fixtures: a tiny trained stack to unlearn (2 small CNNs on digits)."""
 
+import os
+
 import jax
 import numpy as np
 import pytest
 
 from jaxmu import data as data_lib
 from jaxmu import models, train, unlearn
+
+os.environ["JAXMU_CACHE"] = ""  # launchers run by tests keep no compilation cache in $HOME
 
 
 def make_context(model_name="small_cnn", num_models=2, strategy="loop", image_size=None,
