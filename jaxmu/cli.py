@@ -1,23 +1,77 @@
-"""What every launcher shares: flag parsing that turns config mistakes into one clear line."""
+"""What every launcher shares: flag parsing that turns config mistakes into one clear line, the
+persistent compilation cache, and multi-host start-up (`jax.distributed`)."""
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
 from absl import flags
+
+_DEFAULT_CACHE = os.environ.get("JAXMU_CACHE", str(Path.home() / ".cache" / "jaxmu" / "jax"))
+_CACHE = flags.DEFINE_string(
+    "compilation_cache", _DEFAULT_CACHE,
+    "Directory of JAX's persistent compilation cache: a second run loads its compiled programs "
+    "instead of compiling them again. Default $JAXMU_CACHE or ~/.cache/jaxmu/jax; '' turns it off.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False,
+    "Call jax.distributed.initialize() and detect the cluster (SLURM, Open MPI, ...) from the "
+    "environment; implied by --coordinator_address.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 for jax.distributed (multi-host runs).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (jax.distributed).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id in [0, num_processes).")
+
+# Programs compiling faster than this are not worth a disk read (JAX's default is 1 s, which
+# leaves most of the many small programs of a pipeline uncached).
+CACHE_MIN_COMPILE_SECONDS = 0.1
+
+
+def enable_compilation_cache(directory: str | os.PathLike | None) -> Path | None:
+  """Turns on JAX's persistent compilation cache in ``directory`` (created); ``None``/"" leaves it
+  off. Returns the directory used."""
+  import jax
+  if not directory:
+    return None
+  path = Path(directory).expanduser()
+  path.mkdir(parents=True, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", str(path))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_SECONDS)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  return path
+
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+  """``jax.distributed.initialize`` with explicit values, or with none to detect the cluster from
+  the environment (SLURM and other launchers JAX knows)."""
+  import jax
+  given = (coordinator_address, num_processes, process_id)
+  if any(v is not None for v in given) and any(v is None for v in given):
+    raise ValueError("give all of --coordinator_address, --num_processes and --process_id, or "
+                     "none of them (--distributed) to detect the cluster from the environment")
+  jax.distributed.initialize(coordinator_address, num_processes, process_id)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing for `app.run(main, flags_parser=parse_flags)`.
 
   A config override naming a field that does not exist (``--config.trian.epochs=3``) or a value
-  of the wrong type exits with status 2 and a one-line message instead of a traceback.
+  of the wrong type exits with status 2 and a one-line message instead of a traceback. Then it
+  enables the compilation cache (``--compilation_cache``) and, when asked, starts
+  ``jax.distributed`` (``--distributed`` or ``--coordinator_address``/``--num_processes``/
+  ``--process_id``).
   """
   try:
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS(argv)
+    if _DISTRIBUTED.value or _COORDINATOR.value is not None:
+      initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   except (KeyError, AttributeError, TypeError, ValueError, flags.Error) as e:
     message = f"unknown config field {e.args[0]}" if isinstance(e, KeyError) and e.args else str(e)
     print(f"error: {message}".replace("\n", " "), file=sys.stderr)
     print(f"usage: {argv[0]} --config=configs/<file>.py[:args] --workdir=DIR "
           "[--config.<field>=<value> ...]", file=sys.stderr)
     sys.exit(2)
+  enable_compilation_cache(_CACHE.value)
+  return rest

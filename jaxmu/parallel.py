@@ -10,6 +10,11 @@ the whole stack:
 - ``sharded``: the vmapped program with the model axis split over all local devices
   (``NamedSharding(mesh, P("models"))``); no traffic between devices. A stack whose size does not
   divide the device count is padded with copies of its first model, dropped again on the way out.
+- ``sharded:data=D``: a ``("models", "data")`` mesh of (devices / D) x D: each model is
+  replicated over D devices and its batch split over them (data parallelism, e.g. one large model
+  over all devices with ``D`` = the device count); gradients and BatchNorm statistics are reduced
+  over the data axis by the compiler, so the numbers are those of the whole batch. Per-model
+  functions mark their batch with `shard_batch`.
 
 States live in a strategy's *internal* form while a loop runs (a list of per-model pytrees for
 ``loop``, a padded sharded pytree for ``sharded``) so nothing is restacked per step;
@@ -18,8 +23,11 @@ States live in a strategy's *internal* form while a loop runs (a list of per-mod
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
+import re
 from typing import Any, Callable, Sequence
 
 import jax
@@ -28,17 +36,30 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 NAMES = ("auto", "vmap", "loop", "sharded")
+_DATA_PARALLEL = re.compile(r"^sharded:data=([1-9]\d*)$")
+# The ("models", "data") mesh of the data-parallel program being traced, if any (`shard_batch`).
+_DATA_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("data_mesh", default=None)
 
 
 def resolve(name: str) -> str:
   """Maps ``auto`` to a concrete strategy for this backend; validates the name."""
-  if name not in NAMES:
-    raise ValueError(f"unknown parallel strategy {name!r}; choose one of {NAMES}")
+  if name not in NAMES and not _DATA_PARALLEL.match(name):
+    raise ValueError(f"unknown parallel strategy {name!r}; choose one of {NAMES} or "
+                     "'sharded:data=D' (D devices per model)")
   if name != "auto":
     return name
   if jax.default_backend() == "cpu":
     return "loop"
   return "sharded" if jax.local_device_count() > 1 else "vmap"
+
+
+def shard_batch(x: jax.Array) -> jax.Array:
+  """Splits the leading (batch) axis of ``x`` over the mesh's "data" axis while a data-parallel
+  program (``sharded:data=D``) is traced; the identity everywhere else."""
+  mesh = _DATA_MESH.get()
+  if mesh is None:
+    return x
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P("data")))
 
 
 def stack_trees(trees: Sequence[Any]) -> Any:
@@ -71,16 +92,30 @@ class Strategy:
 
   name: str
 
+  def __post_init__(self):
+    resolve(self.name)
+
   @staticmethod
   def create(name: str) -> "Strategy":
     return Strategy(resolve(name))
+
+  @property
+  def kind(self) -> str:
+    """``vmap``, ``loop`` or ``sharded`` (with or without a data axis)."""
+    return self.name.split(":")[0]
+
+  @property
+  def data_axis(self) -> int:
+    """Devices per model: D of ``sharded:data=D``, else 1."""
+    match = _DATA_PARALLEL.match(self.name)
+    return int(match[1]) if match else 1
 
   # -- state conversion -------------------------------------------------------------------
   def enter(self, stacked: Any) -> Any:
     """Stacked pytree -> this strategy's internal form."""
     if self.name == "loop":
       return unstack_tree(stacked)
-    if self.name == "sharded":
+    if self.kind == "sharded":
       return self._shard(stacked)
     return stacked
 
@@ -88,7 +123,7 @@ class Strategy:
     """Internal form -> stacked pytree of ``num`` models."""
     if self.name == "loop":
       return stack_trees(internal)
-    if self.name == "sharded":
+    if self.kind == "sharded":
       return slice_models(internal, 0, num)
     return internal
 
@@ -116,8 +151,12 @@ class Strategy:
 
       return run_loop
     in_axes = (0,) + (0,) * num_per_model
-    vmapped = lambda state, *args: jax.vmap(  # noqa: E731
-        fn, in_axes=in_axes + (None,) * (len(args) - num_per_model))(state, *args)
+
+    def vmapped(state, *args):
+      with self._tracing():
+        return jax.vmap(fn, in_axes=in_axes + (None,) * (len(args) - num_per_model),
+                        **self._vmap_kw)(state, *args)
+
     return jax.jit(vmapped, donate_argnums=donate)
 
   def map(self, fn: Callable, num_per_model: int) -> Callable:
@@ -140,9 +179,10 @@ class Strategy:
     @jax.jit
     def run_vmap(*args):
       axes = (0,) * num_per_model + (None,) * (len(args) - num_per_model)
-      return jax.vmap(fn, in_axes=axes)(*args)
+      with self._tracing():
+        return jax.vmap(fn, in_axes=axes, **self._vmap_kw)(*args)
 
-    if self.name == "sharded":
+    if self.kind == "sharded":
       def run_sharded(*args):
         per_model, shared = args[:num_per_model], args[num_per_model:]
         n = num_models(per_model[0])
@@ -154,11 +194,27 @@ class Strategy:
   # -- sharding helpers -------------------------------------------------------------------
   @functools.cached_property
   def _mesh(self) -> Mesh:
-    return Mesh(np.array(jax.local_devices()), ("models",))
+    devices = np.array(jax.local_devices())
+    if self.data_axis == 1:
+      return Mesh(devices, ("models",))
+    if len(devices) % self.data_axis:
+      raise ValueError(f"{self.name}: {len(devices)} local devices do not split into groups of "
+                       f"{self.data_axis}; choose D dividing {len(devices)}")
+    return Mesh(devices.reshape(-1, self.data_axis), ("models", "data"))
+
+  @property
+  def _vmap_kw(self) -> dict:
+    return {"spmd_axis_name": "models"} if self.data_axis > 1 else {}
+
+  def _tracing(self):
+    """Makes `shard_batch` constrain batches to this strategy's data axis while tracing."""
+    if self.data_axis == 1:
+      return contextlib.nullcontext()
+    return _set_data_mesh(self._mesh)
 
   def _shard(self, stacked: Any) -> Any:
-    """Pads the model axis to a multiple of the device count and shards it."""
-    devices = len(jax.local_devices())
+    """Pads the model axis to a multiple of the mesh's model axis and shards it."""
+    devices = self._mesh.shape["models"]
     n = num_models(stacked)
     pad = (-n) % devices
     if pad:
@@ -166,3 +222,12 @@ class Strategy:
           lambda x: jnp.concatenate([x, jnp.repeat(x[:1], pad, axis=0)]), stacked)
     sharding = NamedSharding(self._mesh, P("models"))
     return jax.device_put(stacked, sharding)
+
+
+@contextlib.contextmanager
+def _set_data_mesh(mesh: Mesh):
+  token = _DATA_MESH.set(mesh)
+  try:
+    yield
+  finally:
+    _DATA_MESH.reset(token)

@@ -36,6 +36,7 @@ from jaxmu import checkpoint, parallel
 from jaxmu.data import augment as augment_lib
 
 HPARAMS = ("learning_rate", "weight_decay", "momentum")
+DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,12 +55,15 @@ class Recipe:
   mean: tuple[float, ...] = (0.0,)
   std: tuple[float, ...] = (1.0,)
   bn_train: bool = True  # BatchNorm in train mode (batch statistics, updated) while updating
+  dtype: str = "float32"  # compute dtype: float32 | bfloat16 (master params, optimiser state and
+  # BatchNorm statistics stay float32; see `compute_variables`)
 
   def __post_init__(self):
     _check_choice("optimizer", self.optimizer, ("sgd", "adam"))
     _check_choice("schedule", self.schedule, ("cosine", "constant"))
     _check_choice("schedule_unit", self.schedule_unit, ("epoch", "step"))
     _check_choice("augment", self.augment, ("crop_flip", "flip", "none"))
+    _check_choice("dtype", self.dtype, DTYPES)
     if self.batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
@@ -87,6 +91,19 @@ class TrainState:
 def as_variables(params: Any, batch_stats: Any) -> dict[str, Any]:
   """Flax variables dict; models without BatchNorm have no ``batch_stats`` collection."""
   return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
+
+
+def compute_variables(recipe: Recipe, params: Any, batch_stats: Any) -> dict[str, Any]:
+  """Mixed precision: the variables a forward pass sees, params cast to ``recipe.dtype``.
+
+  The float32 master params stay outside (gradients flow back through the cast in float32);
+  BatchNorm statistics are not cast, and Flax's BatchNorm reduces in float32, so running means and
+  variances are float32 updates of float32 numbers. Flax layers without an explicit ``dtype``
+  compute in the dtype of their inputs and params, hence in bf16 under ``dtype="bfloat16"``.
+  """
+  if recipe.dtype != "float32":
+    params = jax.tree.map(lambda p: p.astype(recipe.dtype), params)
+  return as_variables(params, batch_stats)
 
 
 class DeviceData(NamedTuple):
@@ -206,18 +223,20 @@ def train_step(model, recipe: Recipe, state: TrainState, order: jax.Array, key: 
 
   Returns the new state and ``loss_sum``, ``correct``, ``count`` over the real samples.
   """
-  idx = jax.lax.dynamic_slice(order, (step_index * recipe.batch_size,), (recipe.batch_size,))
+  idx = parallel.shard_batch(
+      jax.lax.dynamic_slice(order, (step_index * recipe.batch_size,), (recipe.batch_size,)))
   valid = idx >= 0
   safe = jnp.where(valid, idx, 0)
   aug_key, drop_key = jax.random.split(jax.random.fold_in(key, step_index))
   x = augment_lib.normalize(augment_lib.augment(aug_key, inputs[safe], recipe.augment),
-                              recipe.mean, recipe.std)
+                              recipe.mean, recipe.std).astype(recipe.dtype)
+  x = parallel.shard_batch(x)
   y = labels[safe]
   weight = valid.astype(jnp.float32)
   count = weight.sum()
 
   def loss_fn(params):
-    variables = as_variables(params, state.batch_stats)
+    variables = compute_variables(recipe, params, state.batch_stats)
     if recipe.bn_train and state.batch_stats:
       logits, updates = model.apply(variables, x, train=True, mask=valid,
                                     rngs={"droppath": drop_key}, mutable=["batch_stats"])
@@ -226,6 +245,7 @@ def train_step(model, recipe: Recipe, state: TrainState, order: jax.Array, key: 
       logits = model.apply(variables, x, train=recipe.bn_train, mask=valid,
                            rngs={"droppath": drop_key})
       batch_stats = state.batch_stats
+    logits = logits.astype(jnp.float32)
     per_sample = optax.softmax_cross_entropy_with_integer_labels(logits, y) * weight
     return per_sample.sum() / jnp.maximum(count, 1.0), (logits, batch_stats, per_sample.sum())
 
@@ -242,9 +262,11 @@ def train_step(model, recipe: Recipe, state: TrainState, order: jax.Array, key: 
 
 
 def logits(model, recipe: Recipe, variables, inputs: jax.Array, batch: jax.Array) -> jax.Array:
-  """Eval-mode logits of one model on ``inputs[batch]`` (no augmentation)."""
-  return model.apply(variables, augment_lib.normalize(inputs[batch], recipe.mean, recipe.std),
-                     train=False)
+  """Eval-mode float32 logits of one model on ``inputs[batch]`` (no augmentation), computed in
+  ``recipe.dtype``."""
+  x = augment_lib.normalize(inputs[batch], recipe.mean, recipe.std).astype(recipe.dtype)
+  variables = compute_variables(recipe, variables["params"], variables.get("batch_stats", {}))
+  return model.apply(variables, x, train=False).astype(jnp.float32)
 
 
 # Compiled programs are cached per (model, recipe, strategy): fits that differ only in
