@@ -233,7 +233,6 @@ def _complete(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 def _storage(config: ml_collections.ConfigDict, directory: Path, method: str):
   if config.storage:
     return config.storage
-  directory.mkdir(parents=True, exist_ok=True)
   backend = optuna.storages.journal.JournalFileBackend(str(directory / f"{method}.journal"))
   return optuna.storages.JournalStorage(backend)
 
@@ -354,14 +353,22 @@ def tune(method: str, ctx: unlearn.Context, retrained, config: ml_collections.Co
   COMPLETE trials, then writes the best of the first ``config.trials`` and returns it.
   """
   spec = unlearn.get(method)
+  if not spec.space:
+    raise ValueError(f"method {spec.name!r} has no search space (the reference ran it with fixed "
+                     f"hyper-parameters); remove it from config.search.methods")
+  if config.trials < 1 or config.max_failed < 1:
+    raise ValueError(f"config.search.trials and max_failed must be >= 1; got {config.trials}, "
+                     f"{config.max_failed}")
   if ctx.train_epochs < 1:
     raise ValueError("ctx.train_epochs is 0: the context must say how many epochs the originals "
                      "were trained (the epoch budget is a fraction of them)")
   e_max = epoch_budget(ctx.train_epochs, config.epoch_fraction)
+  directory = Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
   models = [int(m) for m in ctx.model_ids]
   fingerprint = {"method": spec.name, "mode": config.mode, "models": models,
                  "epoch_budget": e_max, "sampler_seed": config.sampler_seed}
-  study = _study(config, Path(directory), spec.name, process, fingerprint)
+  study = _study(config, directory, spec.name, process, fingerprint)
   parts = [(ctx, _retrained_accuracy(ctx, retrained))]
 
   def objective_fn(trial: optuna.Trial) -> np.ndarray:
@@ -377,7 +384,7 @@ def tune(method: str, ctx: unlearn.Context, retrained, config: ml_collections.Co
   failed = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)))
   result = SearchResult(spec.name, dict(best.params), tuple(best.user_attrs["objectives"]),
                         best.number, len(_complete(study)), failed)
-  _write_best(Path(directory) / f"{spec.name}.json", result,
+  _write_best(directory / f"{spec.name}.json", result,
               {"mode": config.mode, "trials": config.trials, "epoch_budget": e_max,
                "models": models, "objectives": list(OBJECTIVES)})
   return result
