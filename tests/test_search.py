@@ -116,7 +116,7 @@ def test_epoch_budget_and_select_best():
 
 
 def test_short_study_writes_the_best_and_resumes_without_new_trials(
-    tiny_ctx, retrained, short_study):
+    tiny_ctx, retrained, short_study, tmp_path):
   directory, result = short_study
   storage = optuna.storages.JournalStorage(
       optuna.storages.journal.JournalFileBackend(str(directory / "search_ft.journal")))
@@ -134,6 +134,8 @@ def test_short_study_writes_the_best_and_resumes_without_new_trials(
 
   again = search.tune("search_ft", tiny_ctx, retrained, _config(), directory, progress=False)
   assert again == result
+  fresh = search.tune("search_ft", tiny_ctx, retrained, _config(), tmp_path, progress=False)
+  assert fresh == result  # same config and seeds, same trials and numbers
   assert len(optuna.load_study(study_name="search_ft", storage=storage).get_trials()) == 3
   with pytest.raises(search.SearchError, match="made by another search"):
     search.tune("search_ft", tiny_ctx, retrained, _config(epoch_fraction=1.0), directory,
