@@ -426,6 +426,7 @@ def throughput(method: str, ctx: unlearn.Context, retrained, trials: int, stacke
   retrained_parts = [retrained] if stacked else [parallel.slice_models(retrained, m, m + 1)
                                                  for m in range(ctx.num_models)]
   parts = [(c, _retrained_accuracy(c, r)) for c, r in zip(contexts, retrained_parts)]
+  optuna.logging.set_verbosity(logging.WARNING)
   study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=sampler_seed))
   values = []
   with unlearn.base.CompileClock() as clock:

@@ -252,7 +252,12 @@ _WORKER = textwrap.dedent("""
 
 
 def _slow_stub(trial):
-  time.sleep(0.05)
+  """The stub once both workers have a trial (up to 60 s), so that both take part."""
+  deadline = time.monotonic() + 60
+  while (len({t.user_attrs.get("pid") for t in trial.study.get_trials(deepcopy=False)} - {None})
+         < 2 and time.monotonic() < deadline):
+    time.sleep(0.02)
+  time.sleep(0.02)
   return _stub(trial)
 
 
