@@ -348,7 +348,8 @@ class _Pipeline:
                      population=population, shadow_train=shadow_train, unleak=model,
                      one_sided_lira=c.split.forget != "set_random", rmia_a=c.audit.rmia_a,
                      temperature=c.audit.temperature, gamma=c.audit.gamma,
-                     num_interp=c.audit.num_interp, seed=c.audit.seed + r)
+                     num_interp=c.audit.num_interp,
+                     seed=c.audit.seed + 1000 * group[0] + r)
       for a in attacks:
         pooled[a].append(result.scores[a])
     return {a: np.concatenate(v) for a, v in pooled.items()}

@@ -1,0 +1,143 @@
+"""The IAM audit pipeline end to end on a tiny digits config: every stage's outputs, the report,
+reuse on rerun, deterministic recomputation, and clean-view eval-mode signals."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from configs import iam as iam_configs
+from jaxmu import report, stages, train
+from jaxmu.attacks import iam, signals
+from jaxmu.attacks.audit import ATTACKS
+from jaxmu.data import augment
+from jaxmu.pipelines import iam as pipeline
+
+
+def _tiny_config():
+  config = iam_configs.get_config("dataset=digits")
+  config.model.options = {"width": 8}
+  config.seeds = (42,)
+  config.num_shadows = 2
+  config.train.epochs = config.train.target_epochs = config.ref_in.epochs = 2
+  config.ref_in.batch_size = config.train.batch_size
+  config.checkpoint_every = 1
+  config.score_ui.groups, config.score_ui.breaks, config.score_ui.epochs = 1, 2, 2
+  config.approx.methods = ("finetune",)
+  config.approx.hparams.finetune.num_epochs = 1
+  return config
+
+
+def _finished(workdir):
+  return {p.stem: json.loads(p.read_text())["finished"] for p in (workdir / "stages").glob("*.json")}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  path = tmp_path_factory.mktemp("iam")
+  assert pipeline.run(_tiny_config(), path) == path / "report.md"
+  return path
+
+
+def test_every_stage_output_and_the_report(workdir):
+  config = _tiny_config()
+  assert set(_finished(workdir)) == set(pipeline.STAGES) | {"approx_finetune"}
+  for name in ("models/shadows", "models/shadow_origin", "models/ref_in", "models/original",
+               "models/retrain", "unlearned/finetune", "roc.png", "auc_vs_k.png", "iam_hist.png"):
+    assert (workdir / name).exists(), name
+  rows = report.read_csv(workdir / "results.csv")
+  binui = [r for r in rows if r["table"] == "binui"]
+  # K = 1: two single-shadow groups; K = 2: one group; every attack in each.
+  assert sorted({(int(r["k"]), int(r["group"])) for r in binui}) == [(1, 0), (1, 1), (2, 0)]
+  assert {r["attack"] for r in binui} == set(ATTACKS)
+  for r in binui:
+    assert 0 <= r["auc"] <= 1 and 0 <= r["tpr@0.01"] <= 1
+  assert [r["method"] for r in rows if r["table"] == "approx"] == ["retrain", "finetune"] * 2
+  score = [r for r in rows if r["table"] == "score_ui"]
+  assert len(score) == 1 and -1 <= score[0]["spearman"] <= 1
+  text = (workdir / "report.md").read_text()
+  for heading in ("Table 1", "Number of shadow models K", "Table 2", "Table 8"):
+    assert heading in text
+  for attack in ATTACKS.values():
+    assert f"| {attack[0]} |" in text
+  assert config.split.forget_size == 60
+
+
+def test_splits_match_the_split_function(workdir):
+  from jaxmu import data as data_lib
+  from jaxmu.data import splits
+  parts = splits.load(workdir / "splits.npz", data_lib.load("digits"))
+  want = splits.iam(1437, 360, 600, seed=42, forget_size=60, fixed_forget=12, num_shadows=2,
+                    shadow_fix=40)
+  np.testing.assert_array_equal(parts["flags_0"], want["flags"])
+  np.testing.assert_array_equal(parts["shadow_train"], want["shadow_train"])
+  assert not np.isin(parts["shadow_pool"], parts["pool"]).any()
+
+
+def test_signals_are_eval_mode_clean_logits(workdir):
+  config = _tiny_config()
+  pipe = pipeline._Pipeline(config, stages.Workdir(workdir), pipeline.load_dataset(config))
+  retrain = pipe.restore("retrain", 1)
+  pool = pipe.parts["pool"][:50]
+  direct = train.logits(pipe.model, pipe.recipe, jax.tree.map(lambda x: x[0], retrain),
+                        pipe.data.inputs, pool)
+  stored = np.load(workdir / "signals" / "query_retrain.npy")[0, :50]
+  np.testing.assert_allclose(stored, np.asarray(direct), rtol=1e-5, atol=1e-5)
+  # The K = 1, group 0 IAM-On scores of the report are IAM on these signals.
+  labels = np.asarray(pipe.dataset.labels)[pipe.parts["pool"]]
+  g = lambda z: signals.normalized_gumbel(signals.true_class_prob(z, labels))
+  want = iam.iam_score(g(np.load(workdir / "signals" / "query_retrain.npy")[0]),
+                       g(np.load(workdir / "signals" / "query_original.npy")[0]),
+                       g(np.load(workdir / "signals" / "query_shadows.npy")[:1]))
+  np.testing.assert_allclose(np.load(workdir / "binui_scores.npz")["iam_on"], want, atol=1e-6)
+  assert pipe.query_data() is pipe.data
+
+
+def test_augmented_queries_flag_gives_the_training_view(workdir):
+  config = _tiny_config()
+  config.data.augment = "flip"
+  config.signals.augmented_queries = True
+  pipe = pipeline._Pipeline(config, stages.Workdir(workdir), pipeline.load_dataset(config))
+  view = np.asarray(pipe.query_data().inputs)
+  want = np.asarray(augment.augment(jax.random.key(config.signals.view_seed), pipe.data.inputs,
+                                    "flip"))
+  np.testing.assert_array_equal(view, want)
+  assert (view != np.asarray(pipe.data.inputs)).any()
+
+
+def test_rerun_recomputes_nothing_and_recomputation_is_deterministic(workdir):
+  before = _finished(workdir)
+  binui = (workdir / "binui.csv").read_text()
+  pipeline.run(_tiny_config(), workdir)
+  assert _finished(workdir) == before
+  for stage in ("binui", "report"):
+    (workdir / "stages" / f"{stage}.json").unlink()
+  pipeline.run(_tiny_config(), workdir)
+  assert (workdir / "binui.csv").read_text() == binui
+  after = _finished(workdir)
+  assert after["signals"] == before["signals"] and after["binui"] != before["binui"]
+
+
+def test_bad_config_is_a_clear_error(tmp_path):
+  config = _tiny_config()
+  config.stop_after = "shadowz"
+  with pytest.raises(ValueError, match="not a stage"):
+    pipeline.run(config, tmp_path)
+  config = _tiny_config()
+  config.audit.attacks = ("iam", )
+  with pytest.raises(ValueError, match="unknown attacks"):
+    pipeline.run(config, tmp_path)
+  with pytest.raises(ValueError, match="unknown config arguments"):
+    iam_configs.get_config("dataset=cifar10,modle=x")
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100", "cinic10", "purchase100"])
+def test_reference_recipes(dataset):
+  config = iam_configs.get_config(f"dataset={dataset}")
+  assert config.train.batch_size == 128 and config.train.t_max == 200
+  assert config.train.epochs == 201 and config.train.momentum == 0.9
+  assert config.train.learning_rate == (0.01 if dataset == "purchase100" else 0.1)
+  assert config.model.name == ("purchase_mlp" if dataset == "purchase100" else "resnet18")
+  assert pipeline.k_sweep(config) == (1, 2, 4, 8)
+  assert len(pipeline.runs(config)) == 10
