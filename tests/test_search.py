@@ -166,7 +166,7 @@ def test_throughput_rows_of_the_stack_and_of_one_seed_at_a_time(tiny_ctx, retrai
   for row, stacked in zip(rows, (True, False)):
     assert (row["stacked"], row["seeds"], row["trials"], row["epoch_budget"]) == (stacked, 2, 1, 1)
     assert row["trial_seeds_per_second"] == pytest.approx(2 / row["seconds"])
-    assert row["trial_seeds_per_second_compiled"] >= row["trial_seeds_per_second"]
+    assert row["trial_seeds_per_second_excl_compile"] >= row["trial_seeds_per_second"]
   np.testing.assert_allclose(rows[0]["mean_objectives"], rows[1]["mean_objectives"], atol=1e-6)
 
 
