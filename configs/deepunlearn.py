@@ -1,4 +1,4 @@
-"""DeepUnlearn benchmark for one dataset/model pair (deepunlearn-spec 3, the reference recipe).
+"""DeepUnlearn benchmark for one dataset/model pair (deepunlearn-spec 3, 5, 6: the reference recipe).
 
     python launch/deepunlearn.py --config=configs/deepunlearn.py:dataset=cifar10,model=resnet18 \
         --workdir=runs/cifar10_resnet18
@@ -7,20 +7,35 @@ Datasets: digits, mnist, fashion_mnist, cifar10, cifar100, utkface (tfds dataset
 `python launch/prepare_data.py --dataset=NAME` once). Models: resnet18 (torchvision ImageNet stem,
 as the reference ran it), tinyvit_11m, small_cnn. The reference recipe: SGD 0.1, momentum 0.9,
 coupled weight decay 5e-4, batch 256, cosine per epoch; 182 epochs on CIFAR, 50 on MNIST,
-Fashion-MNIST and UTKFace (UTKFace batch 128, deepunlearn-spec 10.11); 10 seeds. This needs a GPU:
-on CPU use configs/quickstart.py.
+Fashion-MNIST and UTKFace (UTKFace batch 128, deepunlearn-spec 10.11); 10 seeds; the 18 DeepUnlearn
+methods, each tuned by NSGA-III on objective10 with 100 complete trials on seeds 0, 1, 2 (one
+study over the three seeds' stack), then run with its best hyper-parameters on all 10 seeds.
+
+Compute per dataset/model pair: 20 reference trainings (original + retrained, 10 seeds),
+18 x 100 x 3 = 5,400 search unlearnings, 18 x 10 = 180 final unlearnings. Estimated GPU time (not
+measured with jaxmu; from the third-party run of the original PyTorch code, deepunlearn-spec 9.2:
+one CIFAR-10 ResNet-18 retraining 1,677 s, a tuned unlearning 260 s on average): for CIFAR-10 or
+CIFAR-100 with ResNet-18 about 20 x 0.47 h + 5,580 x 0.07 h = 410 GPU-hours, dominated by the
+search (deepunlearn-spec 8.3). It scales with epochs x training-set size x pixels: MNIST and
+Fashion-MNIST about a third of that, UTKFace at 224 px several times more. Needs a GPU; on CPU use
+configs/quickstart.py. Several processes may share one workdir (`--worker=K` each): the stages
+are locked, the search studies are shared (docs/search.md).
 """
 
 import ml_collections
 
 from jaxmu import data as data_lib
-from jaxmu import unlearn
+from jaxmu import search, unlearn
 
 EPOCHS = {"mnist": 50, "fashion_mnist": 50, "cifar10": 182, "cifar100": 182, "utkface": 50,
           "digits": 30}
 BATCH = {"utkface": 128}
 # Inputs the paper models see: 32x32x3 (MNIST grey replicated), UTKFace 224.
 DATA_OPTIONS = {"digits": {"image_size": 32, "channels": 3}}
+# The 18 methods of the benchmark (deepunlearn-spec 4.1), in the order of its tables.
+DEEPUNLEARN_METHODS = ("finetune", "gradient_ascent", "random_labels", "neggrad_plus",
+                       "bad_teacher", "salun", "scrub", "fisher", "influence", "cf_k", "eu_k",
+                       "fcs", "msg", "cfw", "prmq", "ct", "kde", "rni")
 
 
 def get_config(arg: str | None = None):
@@ -66,16 +81,22 @@ def get_config(arg: str | None = None):
   c.train.schedule_unit = "epoch"
   c.train.data_seed = 123  # the shuffling/augmentation stream (the reference: setup_seed(123))
 
-  # Unlearning: every method of the registry with the reference defaults (deepunlearn-spec 4).
-  c.methods = tuple(m for m in unlearn.METHODS if m not in ("original", "retrain"))
+  # Unlearning: the benchmark's methods; c.unlearn holds every registered method's defaults
+  # (deepunlearn-spec 4), so `--config.methods` may name any of them.
+  c.methods = DEEPUNLEARN_METHODS
   c.unlearn = ml_collections.ConfigDict(
-      {m: dict(unlearn.METHODS[m].defaults) for m in c.methods})
+      {m: dict(method.defaults) for m, method in unlearn.METHODS.items()
+       if m not in ("original", "retrain")})
   c.unlearn_seed = 123
+
+  # Search (deepunlearn-spec 5): NSGA-III, 100 complete trials on the stack of seeds 0, 1, 2.
+  c.search = search.default_config()
+  c.search.methods = DEEPUNLEARN_METHODS
 
   c.parallel = ml_collections.ConfigDict()
   c.parallel.strategy = "auto"  # auto | vmap | loop | sharded
   c.parallel.max_models_per_program = 0  # 0 = the whole stack in one program
 
   c.checkpoint_every = 10  # epochs
-  c.stop_after = ""  # a stage name: splits, init, train, unlearn, evaluate, report
+  c.stop_after = ""  # a stage name: splits, init, train, search, unlearn, evaluate, report
   return c

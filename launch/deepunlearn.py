@@ -3,6 +3,8 @@
     python launch/deepunlearn.py --config=configs/quickstart.py --workdir=runs/quickstart
     python launch/deepunlearn.py --config=configs/deepunlearn.py:dataset=cifar10,model=resnet18 \
         --workdir=runs/cifar10_resnet18 --config.parallel.strategy=vmap
+    # more workers on the same workdir (another shell or machine with the same filesystem):
+    python launch/deepunlearn.py --config=... --workdir=runs/cifar10_resnet18 --worker=1
 """
 
 import sys
@@ -18,6 +20,9 @@ from jaxmu.pipelines import deepunlearn  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory (created; resumed if present).")
+_WORKER = flags.DEFINE_integer(
+    "worker", 0, "Index of this process when several run on the same workdir: the stages are "
+    "locked, the search studies are shared and each worker seeds its sampler with its index.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -25,7 +30,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every save and restore at INFO
-  path = deepunlearn.run(_CONFIG.value, _WORKDIR.value)
+  path = deepunlearn.run(_CONFIG.value, _WORKDIR.value, process=_WORKER.value)
   if path.suffix == ".md":
     print(path.read_text())
   print(f"Done: {path}")
