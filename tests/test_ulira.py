@@ -5,7 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 import scipy.special
@@ -13,7 +12,7 @@ import threadpoolctl
 from sklearn.metrics import roc_auc_score
 
 from configs import ulira as ulira_config
-from jaxmu import checkpoint, report, train
+from jaxmu import checkpoint, models, report, search, train
 from jaxmu.attacks import lira, mia
 from jaxmu.data import splits as splits_lib
 from jaxmu.pipelines import deepunlearn, ulira
@@ -35,7 +34,8 @@ def _tiny_config():
 
 
 def _finished(workdir):
-  return {p.stem: json.loads(p.read_text())["finished"] for p in (workdir / "stages").glob("*.json")}
+  return {p.stem: json.loads(p.read_text())["finished"]
+          for p in (workdir / "stages").glob("*.json")}
 
 
 @pytest.fixture(scope="module")
@@ -107,8 +107,8 @@ def test_splits_keep_masks_and_the_models_index_sets(run):
 def test_original_signals_come_from_each_split_original(run):
   """`original` unlearns nothing: model (s, f) must predict exactly as split s's original."""
   wd, config, dataset = run["workdir"], run["config"], run["dataset"]
-  model = ulira.models.get(config.model.name, dataset.num_classes)
-  like = ulira._abstract_variables(model, 4, dataset.inputs.shape[1:])
+  model = models.get(config.model.name, dataset.num_classes)
+  like = deepunlearn._abstract_variables(model, 4, dataset.inputs.shape[1:])
   originals = checkpoint.restore(wd / "models" / "original", like)
   recipe = deepunlearn.recipe_from_config(config)
   logits = train.predict(model, originals, train.DeviceData.create(dataset),
@@ -176,8 +176,8 @@ def test_search_results_override_defaults(tmp_path):
   config = _tiny_config()
   assert ulira.best_hparams(config, "finetune") == (config.unlearn.finetune.to_dict(), "defaults")
   config.search_dir = str(tmp_path)
-  (tmp_path / "finetune.json").write_text(json.dumps({"method": "finetune",
-                                                      "best_params": {"learning_rate": 0.003}}))
+  best = search.SearchResult("finetune", {"learning_rate": 0.003}, (0.1, 0.0, 0.0, 0.0), 7, 8, 0)
+  (tmp_path / "finetune.json").write_text(json.dumps(best._asdict()))
   hparams, source = ulira.best_hparams(config, "finetune")
   assert source == "search" and hparams["learning_rate"] == 0.003
   assert hparams["num_epochs"] == 1  # the rest stay as configured

@@ -47,10 +47,10 @@ import numpy as np
 import threadpoolctl
 from tqdm.auto import tqdm
 
-from jaxmu import checkpoint, models, parallel, report, stages, train, unlearn
+from jaxmu import checkpoint, models, parallel, report, search, stages, train, unlearn
 from jaxmu.attacks import lira, metrics, mia, signals
 from jaxmu.data import splits as splits_lib
-from jaxmu.pipelines.deepunlearn import load_dataset, recipe_from_config
+from jaxmu.pipelines.deepunlearn import _abstract_variables, load_dataset, recipe_from_config
 
 STAGES = ("splits", "init", "train", "unlearn", "ulira", "report")
 CSV_COLUMNS = ("method", "balanced_accuracy", "ci_low", "ci_high", "auc", "num_samples")
@@ -108,23 +108,10 @@ def best_hparams(config: ml_collections.ConfigDict, method: str) -> tuple[dict, 
   if not directory.is_dir():
     raise FileNotFoundError(f"search_dir {directory} does not exist: give the main run's "
                             "<workdir>/search, or --config.search_dir='' for the defaults")
-  best = _load_best(directory, method)
+  best = search.load_best(directory, method)
   if best is None:
     return hparams, "defaults"
-  return {**hparams, **best}, "search"
-
-
-def _load_best(directory: Path, method: str) -> dict | None:
-  """Best parameters of ``<directory>/<method>.json`` (jaxmu.search's result file)."""
-  path = directory / f"{method}.json"
-  if not path.exists():
-    return None
-  return dict(json.loads(path.read_text())["best_params"])
-
-
-def _abstract_variables(model, num: int, input_shape) -> dict:
-  keys = jax.random.split(jax.random.key(0), num)
-  return jax.eval_shape(lambda k: train.init_variables(model, k, input_shape), keys)
+  return {**hparams, **best.best_params}, "search"
 
 
 def _repeat(tree, num: int):
