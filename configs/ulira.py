@@ -14,7 +14,7 @@ one to two days on one GPU (not measured). Expected: every method's balanced acc
 
 `cpu` (digits, small CNN, 8 splits x 2 draws with a 30% forget share so that each sample is
 forgotten in about 2.4 models, 20 epochs, `original`, `finetune`, `msg`, `ct`, pooled variance):
-about 2 minutes on a 2-core CPU, compilation included (measured 2 min 18 s on a shared one);
+about a minute on a 2-core CPU, compilation included (measured 65 s on a shared one);
 expect balanced accuracies of 0.85-0.97, i.e. every method told apart from retraining.
 Arguments: `dataset=..,model=..` or `cpu`.
 """

@@ -198,3 +198,8 @@ def test_bad_config_is_a_clear_error(tmp_path):
   config.methods = ("finetun",)
   with pytest.raises(ValueError, match="unknown unlearning method"):
     ulira.run(config, tmp_path)
+  (tmp_path / "main").mkdir()
+  (tmp_path / "main" / "config.json").write_text(json.dumps({"seeds": [0, 1]}))
+  config.methods = ("finetune",)
+  with pytest.raises(ValueError, match="another pipeline's run"):
+    ulira.run(config, tmp_path / "main")

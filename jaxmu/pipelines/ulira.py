@@ -118,6 +118,14 @@ def _repeat(tree, num: int):
   return jax.tree.map(lambda x: np.repeat(np.asarray(x), num, axis=0), tree)
 
 
+def _check_workdir(workdir: Path) -> None:
+  """Refuses another pipeline's workdir, whose splits and models the stages here would replace."""
+  path = workdir / "config.json"
+  if path.exists() and "lira" not in json.loads(path.read_text()):
+    raise ValueError(f"{workdir} holds another pipeline's run ({path} has no 'lira' section); "
+                     f"give U-LiRA its own directory, e.g. --workdir={workdir / 'ulira'}")
+
+
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
   """Runs (or resumes) every stage up to ``config.stop_after``; returns the last output's path."""
   if config.stop_after and config.stop_after not in STAGES:
@@ -125,6 +133,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
   methods = tuple(unlearn.get(m).name for m in config.methods)
   if not methods:
     raise ValueError("config.methods is empty; name at least one method, e.g. ('finetune',)")
+  _check_workdir(Path(workdir))
   wd = stages.Workdir(workdir)
   wd.write_config(config)
   dataset = load_dataset(config)
@@ -173,7 +182,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
     hparams, source = best_hparams(config, method)
     with wd.stage(f"unlearn_{method}",
                   config={"hparams": hparams, "source": source, "seed": config.unlearn_seed,
-                          "parallel": config.parallel, "batch": config.signal_batch_models},
+                          "parallel": config.parallel},
                   deps=("train",),
                   outputs=(f"signals/{method}.npz", f"unlearned/{method}.json")) as st:
       if not st.done:
