@@ -89,6 +89,7 @@ def test_end_to_end_writes_every_file_method_and_column(tiny_run):
     assert f"]({figure})" in text
   hparams = checkpoint.read_metadata(workdir / "unlearned" / "ct")["hparams"]
   best = json.loads(next((workdir / "search").glob("*/ct.json")).read_text())
+  assert json.loads((workdir / "search" / "ct.json").read_text()) == best  # for U-LiRA
   assert {k: hparams[k] for k in best["best_params"]} == best["best_params"]
   assert len((workdir / "metrics.jsonl").read_text().splitlines()) == 2  # one line per epoch
   assert not (workdir / "checkpoints" / "train").exists()  # removed once the stage is done
@@ -188,6 +189,7 @@ def test_stop_after_search_continues_the_study_and_stops(tiny_run, tmp_path):
   assert path.parent == workdir / "search"
   assert json.loads((path / "ct.json").read_text())["trials_complete"] == 3
   assert deepunlearn.search.load_best(path, "ct").trials_complete == 3
+  assert deepunlearn.search.load_best(workdir / "search", "ct").trials_complete == 3
   assert _finished(workdir) == before  # no stage after the search ran
 
 

@@ -10,7 +10,9 @@ Stages (``config.stop_after`` names the last one to run):
    resume with the same numbers (``models/original``, ``models/retrain``, ``times.json``).
 4. ``search``: for every method of ``config.search.methods`` (that is also in ``config.methods``)
    an Optuna study on the tuning seeds ``config.search.seeds`` (`jaxmu.search`, deepunlearn-spec
-   5). Not a locked stage: several processes may work on the same studies.
+   5) in ``search/<key>/`` (the key: the reference models and the sampler settings), its best
+   trial also in ``search/<method>.json``. Not a locked stage: several processes may work on the
+   same studies.
 5. ``unlearn``: every method of ``config.methods`` on the stack of all originals, one resumable
    stage ``unlearn_<method>`` per method, with ``config.unlearn.<method>`` updated by the search's
    best hyper-parameters when the method was tuned (``unlearned/<method>``, with its run time,
@@ -169,6 +171,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, process: int = 0
                                directory=search_dir, process=process, progress=True)
     ran[f"search_{method}"] = ("reused" if best[method] == previous else
                                f"{best[method].trials_complete} complete trials")
+    # The current result also at <workdir>/search/<method>.json, where other pipelines
+    # (U-LiRA's config.search_dir) read it.
+    with stages.atomic_write(wd.path("search", f"{method}.json"), "wb") as f:
+      f.write((search_dir / f"{method}.json").read_bytes())
   if finished("search"):
     return search_dir
 
