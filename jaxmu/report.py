@@ -285,10 +285,12 @@ def write_benchmark_report(directory: str | os.PathLike, title: str,
   if tuning:
     lines += ["Tuned by the search (deepunlearn-spec 5; best trial = smallest Euclidean norm of "
               "the objectives), then run with the best hyper-parameters on every seed:", "",
-              "| method | mode | tuning seeds | complete trials | failed trials | best trial |",
-              "|---|---|---|---|---|---|"]
+              "| method | mode | tuning seeds | complete trials | failed trials | best trial | "
+              "best hyper-parameters |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {m} | {t.get('mode', '')} | {', '.join(map(str, t.get('seeds', ())))} | "
-              f"{t['trials_complete']} | {t['trials_failed']} | {t.get('best_trial', '')} |"
+              f"{t['trials_complete']} | {t['trials_failed']} | {t.get('best_trial', '')} | "
+              + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                          for k, v in sorted(t.get("best_params", {}).items())) + " |"
               for m, t in tuning.items()]
     lines.append("")
   untuned = [s["method"] for s in ranked if s["method"] not in tuning]

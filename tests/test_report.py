@@ -71,14 +71,14 @@ def test_report_files_with_tuning_stages_and_ulira(tmp_path):
   path = report.write_benchmark_report(
       tmp_path / "out", "T", _rows(), times,
       tuning={"close": {"trials_complete": 4, "trials_failed": 1, "seeds": (0, 1), "mode": "tpe",
-                        "best_trial": 2}},
+                        "best_trial": 2, "best_params": {"num_epochs": 3, "lr": 0.012345}}},
       stages_run={"train": "reused", "unlearn_close": "config changed", "report": "new"},
       ulira_dir=ulira)
   text = path.read_text()
   assert text.startswith("# T\n\n**Closest to retraining:** close")
   assert "| 1 | close |" in text and text.count("| U-LiRA |") == 1
   assert "0.520 [0.500, 0.540]" in text
-  assert "| close | tpe | 0, 1 | 4 | 1 | 2 |" in text
+  assert "| close | tpe | 0, 1 | 4 | 1 | 2 | lr=0.0123, num_epochs=3 |" in text
   assert "Not tuned (the config's hyper-parameters): tie, far." in text
   assert "Stages recomputed in this run: unlearn_close (config changed), report (new)." in text
   assert "Stages reused from earlier runs: train." in text

@@ -162,19 +162,22 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, process: int = 0
       {"train": wd.stage_hash("train"), "seeds": tuple(config.search.seeds),
        **{k: config.search[k] for k in ("mode", "epoch_fraction", "sampler_seed",
                                         "population_size", "study_prefix")}}))
-  best: dict[str, Any] = {}
-  for method in tuned_methods:
-    previous = search.load_best(search_dir, method)
+  tuning: dict[str, dict] = {}  # method -> its search result, for the final stage and the report
+  if tuned_methods:
     retrained = jax.tree.map(lambda x: x[np.asarray(positions)],
                              checkpoint.restore(wd.path("models/retrain"), like))
-    best[method] = search.tune(method, context("tuning"), retrained, config.search,
-                               directory=search_dir, process=process, progress=True)
-    ran[f"search_{method}"] = ("reused" if best[method] == previous else
-                               f"{best[method].trials_complete} complete trials")
+  for method in tuned_methods:
+    previous = search.load_best(search_dir, method)
+    result = search.tune(method, context("tuning"), retrained, config.search,
+                         directory=search_dir, process=process, progress=True)
+    ran[f"search_{method}"] = ("reused" if result == previous else
+                               f"{result.trials_complete} complete trials")
     # The current result also at <workdir>/search/<method>.json, where other pipelines
     # (U-LiRA's config.search_dir) read it.
     with stages.atomic_write(wd.path("search", f"{method}.json"), "wb") as f:
       f.write((search_dir / f"{method}.json").read_bytes())
+    tuning[method] = {**result._asdict(), "best_values": list(result.best_values),
+                      "seeds": tuple(config.search.seeds), "mode": config.search.mode}
   if finished("search"):
     return search_dir
 
@@ -182,14 +185,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, process: int = 0
   for method in bar:
     bar.set_postfix_str(method)
     hparams = config.unlearn[method].to_dict() if method in config.unlearn else {}
-    tuning = None
-    if method in best:
-      hparams.update(best[method].best_params)
-      tuning = {"trials_complete": best[method].trials_complete,
-                "trials_failed": best[method].trials_failed,
-                "best_trial": best[method].best_trial,
-                "best_values": list(best[method].best_values),
-                "seeds": tuple(config.search.seeds), "mode": config.search.mode}
+    hparams.update(tuning.get(method, {}).get("best_params", {}))
     with stage(f"unlearn_{method}", config={"hparams": hparams, "seed": config.unlearn_seed,
                                             "parallel": config.parallel},
                deps=("train",), outputs=(f"unlearned/{method}",)) as st:
@@ -199,7 +195,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, process: int = 0
         checkpoint.save(st.tmp / "unlearned" / method, jax.device_get(result.states),
                         metadata={"seconds": result.seconds,
                                   "compile_seconds": result.compile_seconds,
-                                  "models": len(seeds), "hparams": hparams, "tuning": tuning})
+                                  "models": len(seeds), "hparams": hparams,
+                                  "tuning": tuning.get(method)})
         st.commit()
   if finished("unlearn"):
     return wd.path("unlearned")
@@ -217,16 +214,15 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, process: int = 0
 
   ulira = _ulira_fingerprint(wd.path("ulira"))
   figures = report.figure_names(with_ulira=bool(ulira and any(wd.path("ulira").glob("roc/*.npz"))))
-  with stage("report", config={"methods": methods, "ulira": ulira, "figures": figures},
-             deps=("evaluate",), outputs=("report.md",) + figures) as st:
+  with stage("report", config={"methods": methods, "ulira": ulira, "figures": figures,
+                               "tuning": tuning}, deps=("evaluate",),
+             outputs=("report.md",) + figures) as st:
     if not st.done:
-      tuning = {m: checkpoint.read_metadata(wd.path("unlearned", m)).get("tuning")
-                for m in methods}
       report.write_benchmark_report(
           st.tmp, title=f"DeepUnlearn: {config.dataset.name} / {config.model.name}",
           rows=report.read_csv(wd.path("results.csv")),
           times=json.loads(wd.path("times.json").read_text()),
-          tuning={m: t for m, t in tuning.items() if t}, stages_run=ran,
+          tuning=tuning, stages_run=ran,
           ulira_dir=wd.path("ulira") if ulira else None)
       st.commit()
   return wd.path("report.md")
