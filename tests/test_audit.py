@@ -197,20 +197,29 @@ def test_audit_file_matches_audit(tmp_path, inputs):
     load_file(tmp_path / "nope.npz")
 
 
-def _launch(*args):
-  return subprocess.run([sys.executable, "launch/audit.py", *args], cwd=ROOT, capture_output=True,
-                        text=True, timeout=120)
-
-
-def test_launcher_writes_tables_and_rejects_bad_files(tmp_path, inputs):
+def test_launcher_writes_tables_and_rejects_bad_files(tmp_path, inputs, capsys):
+  """The good file in process (absl flags parsed by hand), the bad one through the real CLI."""
+  import importlib.util
+  from absl import flags
+  spec = importlib.util.spec_from_file_location("launch_audit", ROOT / "launch" / "audit.py")
+  launcher = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(launcher)
   good = _write(tmp_path / "good.npz", inputs)
-  out = _launch(f"--logits={good}", f"--out={tmp_path / 'out'}", "--attacks=iam_on,lira_on")
-  assert out.returncode == 0, out.stderr
-  assert "IAM-On" in out.stdout and "LiRA-On" in out.stdout
+  flags.FLAGS(["audit", f"--logits={good}", f"--out={tmp_path / 'out'}", "--attacks=iam_on,lira_on"])
+  try:
+    launcher.main(["audit"])
+  finally:
+    flags.FLAGS.unparse_flags()
+  printed = capsys.readouterr().out
+  assert "| IAM-On |" in printed and "| LiRA-On |" in printed
   scores = np.genfromtxt(tmp_path / "out" / "scores.csv", delimiter=",", names=True)
   assert scores.dtype.names == ("iam_on", "lira_on") and scores.shape == (N,)
-  assert (tmp_path / "out" / "metrics.csv").exists()
+  metrics_rows = np.genfromtxt(tmp_path / "out" / "metrics.csv", delimiter=",", names=True,
+                               dtype=None, encoding=None)
+  assert list(metrics_rows["attack"]) == ["iam_on", "lira_on"]
   bad = _write(tmp_path / "bad.npz", inputs, shadows=inputs["shadows"][:, :-1])
-  out = _launch(f"--logits={bad}", f"--out={tmp_path / 'out2'}")
+  out = subprocess.run([sys.executable, "launch/audit.py", f"--logits={bad}",
+                        f"--out={tmp_path / 'out2'}"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
   assert out.returncode == 1 and "shadows has shape" in out.stderr
   assert "Traceback" not in out.stderr

@@ -15,14 +15,18 @@ from jaxmu.data import augment
 from jaxmu.pipelines import iam as pipeline
 
 
-def _tiny_config():
+def _tiny_config(npz):
+  """The digits quick config on flattened digits (an .npz) with the Purchase MLP: cheap compiles."""
   config = iam_configs.get_config("dataset=digits")
-  config.model.options = {"width": 8}
+  config.dataset.name = "npz"
+  config.dataset.options = {"path": str(npz)}
+  config.model.name = "purchase_mlp"
+  config.model.options = {"num_features": 64}
   config.seeds = (42,)
   config.num_shadows = 2
   config.train.epochs = config.train.target_epochs = config.ref_in.epochs = 2
   config.ref_in.batch_size = config.train.batch_size
-  config.checkpoint_every = 1
+  config.checkpoint_every = 2
   config.score_ui.groups, config.score_ui.breaks, config.score_ui.epochs = 1, 2, 2
   config.approx.methods = ("finetune",)
   config.approx.hparams.finetune.num_epochs = 1
@@ -34,14 +38,24 @@ def _finished(workdir):
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  path = tmp_path_factory.mktemp("iam")
-  assert pipeline.run(_tiny_config(), path) == path / "report.md"
+def npz(tmp_path_factory):
+  from jaxmu import data as data_lib
+  digits = data_lib.load("digits")
+  path = tmp_path_factory.mktemp("data") / "digits_flat.npz"
+  np.savez(path, x=digits.inputs.reshape(len(digits.labels), -1), y=digits.labels,
+           num_train=digits.num_train)
   return path
 
 
-def test_every_stage_output_and_the_report(workdir):
-  config = _tiny_config()
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, npz):
+  path = tmp_path_factory.mktemp("iam")
+  assert pipeline.run(_tiny_config(npz), path) == path / "report.md"
+  return path
+
+
+def test_every_stage_output_and_the_report(workdir, npz):
+  config = _tiny_config(npz)
   assert set(_finished(workdir)) == set(pipeline.STAGES) | {"approx_finetune"}
   for name in ("models/shadows", "models/shadow_origin", "models/ref_in", "models/original",
                "models/retrain", "unlearned/finetune", "roc.png", "auc_vs_k.png", "iam_hist.png"):
@@ -64,10 +78,10 @@ def test_every_stage_output_and_the_report(workdir):
   assert config.split.forget_size == 60
 
 
-def test_splits_match_the_split_function(workdir):
+def test_splits_match_the_split_function(workdir, npz):
   from jaxmu import data as data_lib
   from jaxmu.data import splits
-  parts = splits.load(workdir / "splits.npz", data_lib.load("digits"))
+  parts = splits.load(workdir / "splits.npz", data_lib.load("npz", path=str(npz)))
   want = splits.iam(1437, 360, 600, seed=42, forget_size=60, fixed_forget=12, num_shadows=2,
                     shadow_fix=40)
   np.testing.assert_array_equal(parts["flags_0"], want["flags"])
@@ -75,8 +89,8 @@ def test_splits_match_the_split_function(workdir):
   assert not np.isin(parts["shadow_pool"], parts["pool"]).any()
 
 
-def test_signals_are_eval_mode_clean_logits(workdir):
-  config = _tiny_config()
+def test_signals_are_eval_mode_clean_logits(workdir, npz):
+  config = _tiny_config(npz)
   pipe = pipeline._Pipeline(config, stages.Workdir(workdir), pipeline.load_dataset(config))
   retrain = pipe.restore("retrain", 1)
   pool = pipe.parts["pool"][:50]
@@ -94,8 +108,9 @@ def test_signals_are_eval_mode_clean_logits(workdir):
   assert pipe.query_data() is pipe.data
 
 
-def test_augmented_queries_flag_gives_the_training_view(workdir):
-  config = _tiny_config()
+def test_augmented_queries_flag_gives_the_training_view(workdir, npz):
+  config = _tiny_config(npz)
+  config.dataset.name, config.dataset.options = "digits", {}
   config.data.augment = "flip"
   config.signals.augmented_queries = True
   pipe = pipeline._Pipeline(config, stages.Workdir(workdir), pipeline.load_dataset(config))
@@ -106,25 +121,25 @@ def test_augmented_queries_flag_gives_the_training_view(workdir):
   assert (view != np.asarray(pipe.data.inputs)).any()
 
 
-def test_rerun_recomputes_nothing_and_recomputation_is_deterministic(workdir):
+def test_rerun_recomputes_nothing_and_recomputation_is_deterministic(workdir, npz):
   before = _finished(workdir)
   binui = (workdir / "binui.csv").read_text()
-  pipeline.run(_tiny_config(), workdir)
+  pipeline.run(_tiny_config(npz), workdir)
   assert _finished(workdir) == before
   for stage in ("binui", "report"):
     (workdir / "stages" / f"{stage}.json").unlink()
-  pipeline.run(_tiny_config(), workdir)
+  pipeline.run(_tiny_config(npz), workdir)
   assert (workdir / "binui.csv").read_text() == binui
   after = _finished(workdir)
   assert after["signals"] == before["signals"] and after["binui"] != before["binui"]
 
 
-def test_bad_config_is_a_clear_error(tmp_path):
-  config = _tiny_config()
+def test_bad_config_is_a_clear_error(tmp_path, npz):
+  config = _tiny_config(npz)
   config.stop_after = "shadowz"
   with pytest.raises(ValueError, match="not a stage"):
     pipeline.run(config, tmp_path)
-  config = _tiny_config()
+  config = _tiny_config(npz)
   config.audit.attacks = ("iam", )
   with pytest.raises(ValueError, match="unknown attacks"):
     pipeline.run(config, tmp_path)

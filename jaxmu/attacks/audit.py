@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, NamedTuple, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -76,6 +77,12 @@ class AuditResult(NamedTuple):
   forget mask was given, else None."""
   scores: dict[str, np.ndarray]
   metrics: dict[str, dict] | None
+
+
+# The signals of iam-spec 2 as one compiled program per shape (eagerly, every op compiles alone).
+_gumbel_signal = jax.jit(lambda z, y: signals.normalized_gumbel(signals.true_class_prob(z, y)))
+_scaled_logit = jax.jit(signals.scaled_logit)
+_tsm = jax.jit(signals.taylor_soft_margin)
 
 
 def _shape_error(name, got, want):
@@ -171,8 +178,8 @@ def audit(original, target, shadows, labels=None, forget_mask=None, *, attacks=N
 
   # The signals each family reads (iam-spec 2).
   if mode == "logits":
-    gumbel = lambda z: signals.normalized_gumbel(signals.true_class_prob(z, labels))
-    phi = lambda z: signals.scaled_logit(z, labels)
+    gumbel = lambda z: _gumbel_signal(z, labels)
+    phi = lambda z: _scaled_logit(z, labels)
   elif signal == "prob":
     _check_prob(original, target, shadows)
     gumbel = signals.normalized_gumbel
@@ -210,7 +217,7 @@ def audit(original, target, shadows, labels=None, forget_mask=None, *, attacks=N
     scores["emia_r"] = baselines.emia_reference(z_y(target), jnp.stack([z_y(s) for s in shadows]))
   if any(a in attacks for a in ("rmia_on", "rmia_off", "emia_p")):
     pop = _check_population(population, k)
-    tsm = lambda z, y: signals.taylor_soft_margin(z, y, temperature)
+    tsm = lambda z, y: _tsm(z, y, temperature)
     tx, tz = tsm(target, labels), tsm(pop.target, pop.labels)
     sx, sz = tsm(shadows, labels), tsm(pop.shadows, pop.labels)
     if "rmia_off" in attacks:
@@ -262,7 +269,7 @@ def _off_constant(shadow_train, mode, signal, gumbel):
     z, y = np.asarray(pair[0]), np.asarray(pair[1])
     if z.ndim != 2 or y.shape != z.shape[:1]:
       raise ValueError(f"shadow_train[{k}]: logits {z.shape} and labels {y.shape} must be [T, C], [T]")
-    means.append(signals.normalized_gumbel(signals.true_class_prob(z, y)))
+    means.append(_gumbel_signal(z, y))
   return iam.iam_off_constant(means)
 
 

@@ -47,7 +47,7 @@ from jaxmu.attacks import iam, signals
 from jaxmu.attacks.audit import ATTACKS, Population, UnleakData, audit, unleak_model
 from jaxmu.data import augment as augment_lib
 from jaxmu.data import splits as splits_lib
-from jaxmu.pipelines.deepunlearn import _abstract_variables, load_dataset, recipe_from_config
+from jaxmu.pipelines.deepunlearn import _abstract_variables, load_dataset
 
 STAGES = ("splits", "shadows", "ref_in", "targets", "signals", "binui", "score_ui", "approx",
           "report")
@@ -75,6 +75,14 @@ def k_sweep(config) -> tuple[int, ...]:
   if not sweep or min(sweep) < 1 or max(sweep) > config.num_shadows:
     raise ValueError(f"k_sweep {sweep} must lie in 1..num_shadows={config.num_shadows}")
   return sweep
+
+
+def recipe(config) -> train.Recipe:
+  """The training recipe of every model of the audit (iam-spec 6.2; cosine period t_max)."""
+  t, d = config.train, config.data
+  return train.Recipe(batch_size=t.batch_size, optimizer=t.optimizer, schedule=t.schedule,
+                      schedule_unit=t.schedule_unit, t_max=t.t_max, augment=d.augment,
+                      mean=tuple(d.mean), std=tuple(d.std))
 
 
 def shadow_groups(num_shadows: int, k: int, max_groups: int) -> list[list[int]]:
@@ -110,7 +118,7 @@ class _Pipeline:
   def __init__(self, config, wd, dataset):
     self.config, self.wd, self.dataset = config, wd, dataset
     self.runs = runs(config)
-    self.recipe = dataclasses.replace(recipe_from_config(config), t_max=config.train.t_max)
+    self.recipe = recipe(config)
     self.data = train.DeviceData.create(dataset)
     self.input_shape = dataset.inputs.shape[1:]
     self.model = models.get(config.model.name, dataset.num_classes, **config.model.options.to_dict())
