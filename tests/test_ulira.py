@@ -1,6 +1,7 @@
 """The U-LiRA pipeline end to end on a tiny config: outputs, wiring, splits, resumption."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -44,19 +45,19 @@ def run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("ulira")
   config = _tiny_config()
   seen = {"fit": [], "ctx": []}
-  real_fit, real_unlearn = train.fit, ulira._unlearn
+  real_fit, real_context = train.fit, ulira.chunk_context
 
   def fit(model, state, data, index_sets, *args, **kwargs):
-    seen["fit"].append([np.asarray(s) for s in index_sets])
+    seen["fit"].append([s[s >= 0] for s in np.asarray(index_sets)])
     return real_fit(model, state, data, index_sets, *args, **kwargs)
 
-  def unlearn(config, st, method, hparams, source, ctx, num_train):
-    seen["ctx"].append((method, ctx))
-    return real_unlearn(config, st, method, hparams, source, ctx, num_train)
+  def chunk_context(*args):
+    seen["ctx"].append(real_context(*args))
+    return seen["ctx"][-1]
 
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(train, "fit", fit)
-    mp.setattr(ulira, "_unlearn", unlearn)
+    mp.setattr(ulira, "chunk_context", chunk_context)
     path = ulira.run(config, workdir)
   dataset = deepunlearn.load_dataset(config)
   return dict(config=config, workdir=workdir, path=path, seen=seen, dataset=dataset,
@@ -97,7 +98,9 @@ def test_splits_keep_masks_and_the_models_index_sets(run):
       forget, retrained = parts["forget"][s, f], fit_sets[num_splits + s * num_draws + f]
       assert parts["keep"][s, forget].all()  # every forgotten sample is in the original's set
       np.testing.assert_array_equal(np.sort(retrained), np.setdiff1d(in_s, forget))
-  for method, ctx in run["seen"]["ctx"]:  # each (s, f) model unlearns split s's forget set
+  assert len(run["seen"]["ctx"]) == 2  # one per method (one chunk)
+  for ctx in run["seen"]["ctx"]:  # each (s, f) model unlearns split s's forget set
+    assert ctx.model_ids == tuple(range(num_splits * num_draws))
     for m in range(num_splits * num_draws):
       s, f = divmod(m, num_draws)
       np.testing.assert_array_equal(ctx.forget[m][ctx.forget[m] >= 0], parts["forget"][s, f])
@@ -170,6 +173,26 @@ def test_second_run_recomputes_nothing(run):
   assert out.returncode == 0, out.stderr[-2000:]
   assert "# U-LiRA: digits / small_cnn" in out.stdout
   assert _finished(run["workdir"]) == before
+
+
+def test_chunked_stacks_give_the_same_models(run, tmp_path):
+  """Training and unlearning in chunks of 4 models reruns what reads config.parallel and changes
+  no number."""
+  workdir = tmp_path / "ulira"
+  shutil.copytree(run["workdir"], workdir)
+  before = _finished(workdir)
+  config = _tiny_config()
+  config.parallel.max_models_per_program = 4
+  config.methods = ("finetune",)
+  config.stop_after = "unlearn"
+  ulira.run(config, workdir)
+  after = _finished(workdir)
+  assert after["splits"] == before["splits"] and after["init"] == before["init"]
+  assert json.loads((workdir / "stages" / "train.json").read_text())["reason"] == "config changed"
+  for name in ("retrain", "finetune"):
+    want, got = (np.load(w / "signals" / f"{name}.npz") for w in (run["workdir"], workdir))
+    np.testing.assert_array_equal(got["scaled_logit"], want["scaled_logit"])
+  assert not (workdir / "checkpoints" / "train").exists()  # removed once the stage is done
 
 
 def test_search_results_override_defaults(tmp_path):

@@ -33,7 +33,6 @@ the method's own models that never saw it, on 0/1 correctness; that score is rep
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import time
@@ -175,7 +174,17 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
   if config.stop_after == "train":
     return wd.path("models")
 
-  ctx = None
+  references = {}  # the originals and the initialisation, restored once when a method runs
+
+  def context(start: int, stop: int) -> unlearn.Context:
+    if not references:
+      references["originals"] = jax.device_get(checkpoint.restore(
+          wd.path("models/original"), _abstract_variables(model, num_splits, input_shape)))
+      references["init"] = jax.device_get(checkpoint.restore(
+          wd.path("models/init"), _abstract_variables(model, 1, input_shape)))
+    return chunk_context(config, model, recipe, data, dataset.num_classes, references, sets,
+                         parts["val"], start, stop)
+
   bar = tqdm(methods, desc="unlearn", leave=False)
   for method in bar:
     bar.set_postfix_str(method)
@@ -186,19 +195,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
                   deps=("train",),
                   outputs=(f"signals/{method}.npz", f"unlearned/{method}.json")) as st:
       if not st.done:
-        if ctx is None:
-          originals = checkpoint.restore(wd.path("models/original"),
-                                         _abstract_variables(model, num_splits, input_shape))
-          inits = checkpoint.restore(wd.path("models/init"),
-                                     _abstract_variables(model, 1, input_shape))
-          ctx = unlearn.Context.create(
-              model, recipe, data, jax.tree.map(lambda x: np.asarray(x)[sets["split"]], originals),
-              _repeat(inits, num_models), sets["retain"], sets["forget"], parts["val"],
-              model_ids=tuple(range(num_models)), num_classes=dataset.num_classes,
-              strategy=config.parallel.strategy, train_epochs=config.train.epochs,
-              train_hparams={k: config.train[k]
-                             for k in ("learning_rate", "momentum", "weight_decay")})
-        _unlearn(config, st, method, hparams, source, ctx, dataset.num_train)
+        _unlearn(config, st, method, hparams, source, context, num_models, dataset.num_train)
         st.commit()
   if config.stop_after == "unlearn":
     return wd.path("signals")
@@ -239,38 +236,58 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
   return wd.path("report.md")
 
 
+def _chunks(config, total: int) -> list[tuple[int, int]]:
+  """[start, stop) model ranges of at most ``config.parallel.max_models_per_program`` (0 = all):
+  only one chunk's states are ever in memory (704 ResNet-18 at reference scale would not fit)."""
+  size = config.parallel.max_models_per_program or total
+  return [(start, min(start + size, total)) for start in range(0, total, size)]
+
+
 def _train(config, wd, st, model, data, recipe, sets, num_train, like_one) -> None:
-  """The originals (IN_s) and retrained models (retain_{s,f}) as one stack from one init."""
+  """The originals (IN_s) and retrained models (retain_{s,f}) as one stack from one init.
+
+  Model i of the stack (originals first) has PRNG stream i in any chunking; a model's numbers do
+  not depend on the other models of its chunk (train.fit skips all-padding batches).
+  """
   num_splits, num_models = len(sets["original"]), len(sets["retain"])
-  init = checkpoint.restore(wd.path("models/init"), like_one)
-  state = train.create_state(_repeat(init, num_splits + num_models), recipe,
-                             learning_rate=config.train.learning_rate,
-                             momentum=config.train.momentum,
-                             weight_decay=config.train.weight_decay)
-  index_sets = list(sets["original"]) + list(sets["retain"])
-  index_sets = [s[s >= 0] for s in index_sets]
+  total = num_splits + num_models
+  init = jax.device_get(checkpoint.restore(wd.path("models/init"), like_one))
+  # One width for every chunk (that of the whole stack): the chunks share one compiled step.
+  index_sets = train.pad_index_sets([s[s >= 0] for s in (*sets["original"], *sets["retain"])])
   names = [f"original/{s}" for s in range(num_splits)] + [
       f"retrain/{m}" for m in range(num_models)]
+  originals, retrained, seconds = [], [], 0.0
+  for c, (start, stop) in enumerate(_chunks(config, total)):
+    state = train.create_state(_repeat(init, stop - start), recipe,
+                               learning_rate=config.train.learning_rate,
+                               momentum=config.train.momentum,
+                               weight_decay=config.train.weight_decay)
 
-  def log(epoch, record):
-    wd.append_metrics({"stage": "train", "epoch": epoch, "models": names, **record})
+    def log(epoch, record, start=start, stop=stop):
+      wd.append_metrics({"stage": "train", "epoch": epoch, "models": names[start:stop], **record})
 
-  start = time.perf_counter()
-  result = train.fit(
-      model, state, data, index_sets, recipe, config.train.epochs,
-      jax.random.key(config.train.data_seed), strategy=config.parallel.strategy,
-      max_models_per_program=config.parallel.max_models_per_program or None,
-      checkpoints=checkpoint.TrainingCheckpoints(wd.path("checkpoints", "train")),
-      checkpoint_every=config.checkpoint_every, on_epoch=log, progress="original+retrain")
-  seconds = time.perf_counter() - start
-  variables = jax.device_get(result.state.variables)
-  checkpoint.save(st.tmp / "models/original", parallel.slice_models(variables, 0, num_splits))
-  retrained = parallel.slice_models(variables, num_splits, num_splits + num_models)
+    begin = time.perf_counter()
+    result = train.fit(
+        model, state, data, index_sets[start:stop], recipe, config.train.epochs,
+        jax.random.key(config.train.data_seed), model_ids=range(start, stop),
+        strategy=config.parallel.strategy,
+        checkpoints=checkpoint.TrainingCheckpoints(wd.path("checkpoints", "train", f"chunk{c}")),
+        checkpoint_every=config.checkpoint_every, on_epoch=log,
+        progress=f"original+retrain {start}-{stop - 1} of {total}")
+    variables = jax.device_get(result.state.variables)
+    seconds += time.perf_counter() - begin
+    cut = min(max(num_splits - start, 0), stop - start)  # models before `cut` are originals
+    if cut:
+      originals.append(parallel.slice_models(variables, 0, cut))
+    if cut < stop - start:
+      retrained.append(model_signals(
+          model, parallel.slice_models(variables, cut, stop - start), data, num_train, recipe,
+          config.parallel.strategy, config.signal_batch_models))
+  checkpoint.save(st.tmp / "models/original",
+                  jax.tree.map(lambda *x: np.concatenate(x), *originals))
   _save_signals(st.tmp / "signals/retrain.npz",
-                model_signals(model, retrained, data, num_train, recipe, config.parallel.strategy,
-                              config.signal_batch_models))
-  times = {"stack_seconds": seconds, "models": num_splits + num_models,
-           "seconds_per_model": seconds / (num_splits + num_models),
+                {k: np.concatenate([r[k] for r in retrained]) for k in retrained[0]})
+  times = {"stack_seconds": seconds, "models": total, "seconds_per_model": seconds / total,
            "epochs": config.train.epochs}
   (st.tmp / "times.json").write_text(json.dumps(times, indent=1))
 
@@ -299,38 +316,44 @@ def _save_signals(path: Path, arrays: dict[str, np.ndarray]) -> None:
   np.savez(path, **arrays)
 
 
-def _unlearn(config, st, method: str, hparams: dict, source: str, ctx: unlearn.Context,
+def _unlearn(config, st, method: str, hparams: dict, source: str, context, num_models: int,
              num_train: int) -> None:
-  """Runs ``method`` on the stack (in chunks of max_models_per_program) and keeps its signals.
+  """Runs ``method`` on the stack chunk by chunk (`_chunks`) and keeps its models' signals.
 
-  The unlearned weights themselves are not kept (640 ResNet-18 per method at reference scale).
-  Each model's PRNG stream is fold_in(key, model_id), the same in any chunking.
+  ``context(start, stop)`` builds the chunk's `unlearn.Context`. The unlearned weights are not
+  kept (640 ResNet-18 per method at reference scale). Model i's PRNG stream is fold_in(key, i)
+  in any chunking.
   """
   key = jax.random.fold_in(jax.random.key(config.unlearn_seed), zlib.crc32(method.encode()))
-  chunk = config.parallel.max_models_per_program or ctx.num_models
   parts, seconds, compile_seconds = [], 0.0, 0.0
-  for start in range(0, ctx.num_models, chunk):
-    stop = min(start + chunk, ctx.num_models)
-    sub = ctx if (start, stop) == (0, ctx.num_models) else _sub_context(ctx, start, stop)
-    result = unlearn.get(method).run(sub, hparams, key)
+  for start, stop in _chunks(config, num_models):
+    ctx = context(start, stop)
+    result = unlearn.get(method).run(ctx, hparams, key)
     seconds += result.seconds
     compile_seconds += result.compile_seconds
     parts.append(model_signals(ctx.model, jax.device_get(result.states), ctx.data, num_train,
                                ctx.recipe, ctx.strategy, config.signal_batch_models))
   _save_signals(st.tmp / "signals" / f"{method}.npz",
                 {k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
-  info = {"seconds": seconds, "compile_seconds": compile_seconds, "models": ctx.num_models,
+  info = {"seconds": seconds, "compile_seconds": compile_seconds, "models": num_models,
           "hparams": hparams, "source": source}
   (st.tmp / "unlearned").mkdir(exist_ok=True)
   (st.tmp / "unlearned" / f"{method}.json").write_text(stages.to_json(info, indent=1))
 
 
-def _sub_context(ctx: unlearn.Context, start: int, stop: int) -> unlearn.Context:
-  return dataclasses.replace(
-      ctx, originals=parallel.slice_models(ctx.originals, start, stop),
-      inits=parallel.slice_models(ctx.inits, start, stop), retain=ctx.retain[start:stop],
-      forget=ctx.forget[start:stop], val=ctx.val[start:stop],
-      model_ids=ctx.model_ids[start:stop])
+def chunk_context(config, model, recipe: train.Recipe, data: train.DeviceData, num_classes: int,
+                  references: dict, sets: dict[str, np.ndarray], val: np.ndarray, start: int,
+                  stop: int) -> unlearn.Context:
+  """The unlearning context of (s, f) models ``start .. stop - 1``: split s's original, the
+  shared initialisation, that draw's retain and forget sets, the LiRA val set."""
+  split = sets["split"][start:stop]
+  return unlearn.Context.create(
+      model, recipe, data, jax.tree.map(lambda x: x[split], references["originals"]),
+      _repeat(references["init"], stop - start), sets["retain"][start:stop],
+      sets["forget"][start:stop], val, model_ids=tuple(range(start, stop)),
+      num_classes=num_classes, strategy=config.parallel.strategy,
+      train_epochs=config.train.epochs,
+      train_hparams={k: config.train[k] for k in ("learning_rate", "momentum", "weight_decay")})
 
 
 def score_method(unlearned: dict[str, np.ndarray], retrained: dict[str, np.ndarray],
