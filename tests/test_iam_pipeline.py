@@ -156,3 +156,20 @@ def test_reference_recipes(dataset):
   assert config.model.name == ("purchase_mlp" if dataset == "purchase100" else "resnet18")
   assert pipeline.k_sweep(config) == (1, 2, 4, 8)
   assert len(pipeline.runs(config)) == 10
+
+
+def test_shifted_shadows_split_their_own_dataset(tmp_path, npz):
+  config = _tiny_config(npz)
+  config.setting = "shifted"
+  config.shadow_dataset.name = "synthetic"
+  config.shadow_dataset.options = {"num_train": 900, "num_test": 100, "shape": (64,)}
+  config.shadow_dataset.shadow_size = 500
+  config.stop_after = "splits"
+  pipeline.run(config, tmp_path)
+  parts = np.load(tmp_path / "splits.npz")
+  assert parts["shadow_train"].shape == (2, 400) and parts["shadow_test"].shape == (2, 100)
+  assert parts["shadow_pool"].max() < 900 and len(parts["shadow_pool"]) == 500
+  assert len(parts["pool"]) == 1437 - 600  # the target's pool is unchanged
+  config.shadow_dataset.options = {"num_train": 900, "num_test": 100, "shape": (8, 8, 1)}
+  with pytest.raises(ValueError, match="shadow dataset inputs"):
+    pipeline.run(config, tmp_path / "other")

@@ -43,6 +43,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxmu import checkpoint, models, report, stages, train, unlearn
+from jaxmu import data as data_lib
 from jaxmu.attacks import iam, signals
 from jaxmu.attacks.audit import ATTACKS, Population, UnleakData, audit, unleak_model
 from jaxmu.data import augment as augment_lib
@@ -51,7 +52,7 @@ from jaxmu.pipelines.deepunlearn import _abstract_variables, load_dataset
 
 STAGES = ("splits", "shadows", "ref_in", "targets", "signals", "binui", "score_ui", "approx",
           "report")
-SETTINGS = ("exact", "arch")
+SETTINGS = ("exact", "arch", "shifted")
 LEVELS = (1e-3, 1e-2, 1e-1)
 # PRNG namespaces of the model groups (model id = base + index): initialisation and data order.
 _IDS = {"shadows": 100_000, "shadow_origin": 200_000, "ref_in": 300_000, "original": 400_000,
@@ -120,6 +121,20 @@ class _Pipeline:
     self.runs = runs(config)
     self.recipe = recipe(config)
     self.data = train.DeviceData.create(dataset)
+    # Shadows and their own data: the target dataset, or another one (shifted, iam-spec 7.2).
+    self.shadow_dataset, self.shadow_data, self.shadow_recipe = dataset, self.data, self.recipe
+    if config.setting == "shifted":
+      sd = config.shadow_dataset
+      if not sd.name:
+        raise ValueError("setting='shifted' needs --config.shadow_dataset.name (e.g. cinic10)")
+      self.shadow_dataset = data_lib.load(sd.name, sd.data_dir or None, **sd.options.to_dict())
+      if self.shadow_dataset.inputs.shape[1:] != dataset.inputs.shape[1:]:
+        raise ValueError(f"shadow dataset inputs {self.shadow_dataset.inputs.shape[1:]} differ from "
+                         f"the target's {dataset.inputs.shape[1:]}")
+      self.shadow_data = train.DeviceData.create(self.shadow_dataset)
+      own = data_lib.recipe(sd.name, reference="iam")
+      self.shadow_recipe = dataclasses.replace(self.recipe, mean=tuple(own.mean),
+                                               std=tuple(own.std), augment=own.augment)
     self.input_shape = dataset.inputs.shape[1:]
     self.model = models.get(config.model.name, dataset.num_classes, **config.model.options.to_dict())
     shadow_name = config.shadow_model.name if config.setting == "arch" else ""
@@ -138,8 +153,10 @@ class _Pipeline:
 
   def splits(self):
     c = self.config
+    shadow_source = (c.shadow_dataset.to_dict(), self.shadow_dataset.fingerprint)
     with self.wd.stage("splits", config={"split": c.split, "runs": self.runs,
-                                         "shadows": c.num_shadows, "data": self.dataset.fingerprint},
+                                         "shadows": c.num_shadows, "data": self.dataset.fingerprint,
+                                         "shadow_data": shadow_source if self.shifted else None},
                        outputs=("splits.npz",)) as st:
       if not st.done:
         out = {}
@@ -155,23 +172,36 @@ class _Pipeline:
           if r == 0:
             out.update({k: s[k] for k in ("pool", "shadow_pool", "shadow_train", "shadow_test")})
           out.update({f"flags_{r}": s["flags"], f"val_{r}": s["val"], f"test_{r}": s["test"]})
+        if self.shifted:  # the shadows' pool and splits index the shadow dataset
+          sd = self.shadow_dataset
+          s = splits_lib.iam(sd.num_train, sd.num_test, c.shadow_dataset.shadow_size,
+                             forget_size=1, fixed_forget=0,  # its forget set is unused
+                             num_shadows=c.num_shadows, shadow_fix=c.split.shadow_fix,
+                             shadow_train_frac=c.split.shadow_train_frac,
+                             holdout_ratio=c.split.holdout_ratio, split_seed=c.split.split_seed)
+          out.update({k: s[k] for k in ("shadow_pool", "shadow_train", "shadow_test")})
         if len({len(out[f"val_{r}"]) for r in range(len(self.runs))}) != 1:
           raise ValueError("population (val) sets of the runs differ in size; lower split.val_cap")
         splits_lib.save(st.tmp / "splits.npz", out, self.dataset)
         st.commit()
     return self.wd.path("splits.npz")
 
+  @property
+  def shifted(self):
+    return self.config.setting == "shifted"
+
   def flags(self, r):
     return self.parts[f"flags_{r}"]
 
   # ---------------------------------------------------------------------------------- training
 
-  def _train(self, name, model, ids, index_sets, val_sets, epochs, batch_size):
+  def _train(self, name, model, ids, index_sets, val_sets, epochs, batch_size, shadow_data=False):
     """Trains one stack from fresh initialisations (ids: PRNG streams); the best-on-val states."""
     c = self.config
     keys = jax.vmap(jax.random.key)(np.asarray(ids, np.uint32))
     variables = train.init_variables(model, keys, self.input_shape)
-    recipe = dataclasses.replace(self.recipe, batch_size=batch_size)
+    recipe = dataclasses.replace(self.shadow_recipe if shadow_data else self.recipe,
+                                 batch_size=batch_size)
     state = train.create_state(variables, recipe, learning_rate=c.train.learning_rate,
                                momentum=c.train.momentum, weight_decay=c.train.weight_decay)
 
@@ -179,7 +209,8 @@ class _Pipeline:
       self.wd.append_metrics({"stage": name, "epoch": epoch, **record})
 
     result = train.fit(
-        model, state, self.data, index_sets, recipe, epochs, jax.random.key(c.train.data_seed),
+        model, state, self.shadow_data if shadow_data else self.data, index_sets, recipe, epochs,
+        jax.random.key(c.train.data_seed),
         model_ids=ids, strategy=c.parallel.strategy,
         val_sets=val_sets if c.train.select_best else None,
         max_models_per_program=c.parallel.max_models_per_program or None,
@@ -195,7 +226,8 @@ class _Pipeline:
     """K shadow OUT models (each selected on its held-out part) + the shadow origin (iam-spec 6.3)."""
     c, p = self.config, self.parts
     k = c.num_shadows
-    config = self._train_config(shadow_model=c.shadow_model, setting=c.setting)
+    config = self._train_config(shadow_model=c.shadow_model, setting=c.setting,
+                                shadow_dataset=c.shadow_dataset)
     with self.wd.stage("shadows", config=config, deps=("splits",),
                        outputs=("models/shadows", "models/shadow_origin")) as st:
       if not st.done:
@@ -204,7 +236,7 @@ class _Pipeline:
         val_sets = list(p["shadow_test"]) + [p["shadow_pool"]]
         ids = [_IDS["shadows"] + i for i in range(k)] + [_IDS["shadow_origin"]]
         best = self._train("shadows", self.shadow_model, ids, index_sets, val_sets,
-                           c.train.epochs, c.train.batch_size)
+                           c.train.epochs, c.train.batch_size, shadow_data=True)
         checkpoint.save(st.tmp / "models/shadows", jax.tree.map(lambda x: x[:k], best))
         checkpoint.save(st.tmp / "models/shadow_origin", jax.tree.map(lambda x: x[k:], best))
         st.commit()
@@ -212,13 +244,15 @@ class _Pipeline:
     return self.wd.path("models/shadows")
 
   def ref_in(self):
-    """RMIA-On's IN model on the first run's population set, selected on the shadow pool."""
+    """RMIA-On's IN model on the first run's population set, selected on the shadow pool (on the
+    first run's test split when the shadow pool belongs to another dataset)."""
     c, p = self.config, self.parts
     with self.wd.stage("ref_in", config=self._train_config(ref_in=c.ref_in), deps=("splits",),
                        outputs=("models/ref_in",)) as st:
       if not st.done:
         best = self._train("ref_in", self.model, [_IDS["ref_in"]], [p["val_0"]],
-                           p["shadow_pool"], c.ref_in.epochs, c.ref_in.batch_size)
+                           p["test_0"] if self.shifted else p["shadow_pool"], c.ref_in.epochs,
+                           c.ref_in.batch_size)
         checkpoint.save(st.tmp / "models/ref_in", best)
         st.commit()
         shutil.rmtree(self.wd.path("checkpoints", "ref_in"), ignore_errors=True)
@@ -253,18 +287,20 @@ class _Pipeline:
 
   # ----------------------------------------------------------------------------------- signals
 
-  def query_data(self):
+  def query_data(self, shadow_data=False):
     """The data training-set queries read: clean, or one augmented view (iam-spec 12.1)."""
     c = self.config
+    data, recipe = (self.shadow_data, self.shadow_recipe) if shadow_data else (self.data, self.recipe)
     if not c.signals.augmented_queries:
-      return self.data
-    view = augment_lib.augment(jax.random.key(c.signals.view_seed), self.data.inputs,
-                               self.recipe.augment)
-    return train.DeviceData(view, self.data.labels)
+      return data
+    view = augment_lib.augment(jax.random.key(c.signals.view_seed), data.inputs, recipe.augment)
+    return train.DeviceData(view, data.labels)
 
-  def logits(self, model, variables, indices, data=None):
-    """[M, len(indices), C] eval-mode logits (`train.predict`)."""
-    return train.predict(model, variables, data or self.data, indices, self.recipe,
+  def logits(self, model, variables, indices, data=None, recipe=None):
+    """[M, len(indices), C] eval-mode logits (`train.predict`); the target's data and recipe
+    unless given (shifted shadows read target queries with the target's normalisation, as the
+    reference, iam-spec 12.23)."""
+    return train.predict(model, variables, data or self.data, indices, recipe or self.recipe,
                          self.config.parallel.strategy).astype(np.float32)
 
   def signals(self):
@@ -278,7 +314,7 @@ class _Pipeline:
         origin = self.restore("shadow_origin", 1, self.shadow_model)
         originals, retrained = self.restore("original", o), self.restore("retrain", r)
         ref_in = self.restore("ref_in", 1)
-        queries = self.query_data()
+        queries, shadow_queries = self.query_data(), self.query_data(shadow_data=True)
         vals = np.stack([p[f"val_{i}"] for i in range(r)])
         out = {
             "query_shadows": self.logits(self.shadow_model, shadows, p["pool"], queries),
@@ -288,8 +324,10 @@ class _Pipeline:
                                      for i in range(r)]),
             "pop_shadows": np.stack([self.logits(self.shadow_model, shadows, v) for v in vals]),
             "pop_ref_in": np.stack([self.logits(self.model, ref_in, v)[0] for v in vals]),
-            "pool_shadows": self.logits(self.shadow_model, shadows, p["shadow_pool"], queries),
-            "pool_origin": self.logits(self.shadow_model, origin, p["shadow_pool"], queries)[0],
+            "pool_shadows": self.logits(self.shadow_model, shadows, p["shadow_pool"],
+                                        shadow_queries, self.shadow_recipe),
+            "pool_origin": self.logits(self.shadow_model, origin, p["shadow_pool"],
+                                       shadow_queries, self.shadow_recipe)[0],
         }
         for name, array in out.items():
           (st.tmp / "signals").mkdir(exist_ok=True)
@@ -305,11 +343,12 @@ class _Pipeline:
   def audit_inputs(self):
     """Arrays shared by every audit call: labels, held-out masks, shadow training positions."""
     p, labels = self.parts, np.asarray(self.dataset.labels)
+    shadow_labels = np.asarray(self.shadow_dataset.labels)
     order = np.argsort(p["shadow_pool"])
     train_pos = order[np.searchsorted(p["shadow_pool"][order], p["shadow_train"])]
     held_out = np.ones((self.config.num_shadows, len(p["shadow_pool"])), bool)
     np.put_along_axis(held_out, train_pos, False, axis=1)
-    return labels[p["pool"]], labels[p["shadow_pool"]], train_pos, held_out
+    return labels[p["pool"]], shadow_labels[p["shadow_pool"]], train_pos, held_out
 
   def binui(self):
     c, p = self.config, self.parts
