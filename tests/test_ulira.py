@@ -221,6 +221,10 @@ def test_bad_config_is_a_clear_error(tmp_path):
   config.methods = ("finetun",)
   with pytest.raises(ValueError, match="unknown unlearning method"):
     ulira.run(config, tmp_path)
+  config.methods = ("finetune",)
+  config.lira.num_splits, config.lira.num_forget_draws = 1, 1
+  with pytest.raises(ValueError, match="raise lira.num_splits"):
+    ulira.run(config, tmp_path / "few")
   (tmp_path / "main").mkdir()
   (tmp_path / "main" / "config.json").write_text(json.dumps({"seeds": [0, 1]}))
   config.methods = ("finetune",)

@@ -125,6 +125,19 @@ def _check_workdir(workdir: Path) -> None:
                      f"give U-LiRA its own directory, e.g. --workdir={workdir / 'ulira'}")
 
 
+def _check_coverage(parts: dict[str, np.ndarray]) -> None:
+  """Fails before any training when no sample could be scored (U-LiRA needs >= 2 models that
+  forgot a sample and >= 2 retrained models that never saw it)."""
+  masks = membership_masks(parts)
+  scored = int(((masks["forgot"].sum(0) >= 2) & (masks["never"].sum(0) >= 2)).sum())
+  if not scored:
+    raise ValueError(
+        f"no training sample is forgotten by at least 2 of the {len(masks['forgot'])} (split, "
+        "draw) models, so U-LiRA cannot score any: raise lira.num_splits, "
+        "lira.num_forget_draws or lira.forget_ratio (each sample is forgotten by about "
+        "num_splits x num_forget_draws x forget_ratio / 2 models)")
+
+
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
   """Runs (or resumes) every stage up to ``config.stop_after``; returns the last output's path."""
   if config.stop_after and config.stop_after not in STAGES:
@@ -144,6 +157,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
       splits_lib.save(st.tmp / "splits.npz", parts, dataset)
       st.commit()
   parts = splits_lib.load(wd.path("splits.npz"), dataset)
+  _check_coverage(parts)
   if config.stop_after == "splits":
     return wd.path("splits.npz")
 
