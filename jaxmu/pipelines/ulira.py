@@ -220,13 +220,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
                 outputs=("ulira.csv", "roc", "membership")) as st:
     if not st.done:
       masks = membership_masks(parts)
-      retrained = np.load(wd.path("signals/retrain.npz"))
+      retrained = dict(np.load(wd.path("signals/retrain.npz")))
       rows = []
       for method in methods:
-        with np.load(wd.path("signals", f"{method}.npz")) as sig:
-          row, curve, per_sample = score_method(
-              sig, retrained, masks, parts, fix_variance=config.fix_variance,
-              reference_variant=config.reference_variant)
+        row, curve, per_sample = score_method(
+            dict(np.load(wd.path("signals", f"{method}.npz"))), retrained, masks, parts,
+            fix_variance=config.fix_variance, reference_variant=config.reference_variant)
         info = json.loads(wd.path("unlearned", f"{method}.json").read_text())
         rows.append({"method": method, **row, "unlearn_seconds": info["seconds"],
                      "hparams": info["source"]})
