@@ -630,10 +630,11 @@ def _figures(directory, rows, kept):
   from sklearn.metrics import roc_curve
 
   flags = kept.pop("_flags").astype(bool)
+  colors = dict(zip(ATTACKS, plt.cm.tab20(np.arange(20))))
   fig, ax = plt.subplots(figsize=(5, 5))
   for a, s in kept.items():
     fpr, tpr, _ = roc_curve(~flags, 1 - s)
-    ax.loglog(np.maximum(fpr, 1e-5), np.maximum(tpr, 1e-5), label=ATTACKS[a][0])
+    ax.loglog(np.maximum(fpr, 1e-5), np.maximum(tpr, 1e-5), label=ATTACKS[a][0], color=colors[a])
   ax.plot([1e-5, 1], [1e-5, 1], "k:", lw=0.8)
   ax.set(xlabel="FPR (forgotten called retained)", ylabel="TPR (retained recognised)",
          title="BinUI ROC, K = 1")
@@ -646,8 +647,11 @@ def _figures(directory, rows, kept):
   for a in dict.fromkeys(r["attack"] for r in binui):
     ks = sorted({int(r["k"]) for r in binui if r["attack"] == a})
     auc = [np.mean([r["auc"] for r in binui if r["attack"] == a and int(r["k"]) == k]) for k in ks]
-    ax.plot(ks, auc, marker="o", label=ATTACKS[a][0])
+    ax.plot(ks, auc, marker="o", label=ATTACKS[a][0], color=colors[a])
+  all_ks = sorted({int(r["k"]) for r in binui})
   ax.set(xscale="log", xlabel="K shadow models", ylabel="AUC", title="BinUI AUC against K")
+  ax.set_xticks(all_ks, [str(k) for k in all_ks])
+  ax.minorticks_off()
   ax.legend(fontsize=7)
   fig.savefig(directory / "auc_vs_k.png", dpi=120, bbox_inches="tight")
   plt.close(fig)
