@@ -80,6 +80,7 @@ def get_config(arg: str | None = None):
   c.train.schedule = "cosine"
   c.train.schedule_unit = "epoch"
   c.train.data_seed = 123  # the shuffling/augmentation stream (the reference: setup_seed(123))
+  c.train.dtype = "float32"  # the reference; "bfloat16" = mixed precision (fp32 master weights)
 
   # Unlearning: the benchmark's methods; c.unlearn holds every registered method's defaults
   # (deepunlearn-spec 4), so `--config.methods` may name any of them.

@@ -10,8 +10,9 @@ and CT (the paper's recommended methods) with 4 TPE trials each on the stack of 
 runs every unlearning method of the registry on the stack of all originals (MSG and CT with their
 best trial, the others with the reference defaults); evaluates every (method, seed) and writes
 runs/quickstart/report.md (ranked table, figures), results.csv and summary.csv. About 5 minutes
-in all on a 2-core CPU (estimated from its parts: the previous 4-minute demo plus the search and
-the MIA evaluation).
+in all on an idle 2-core CPU, compilation included (estimated: the demo without search and MIA
+took 3 min 50 s idle; this one used 6.2 CPU-minutes, 13.7 minutes of wall time on a 2-core CPU
+shared with jobs at load average 8, on 2026-11-23).
 """
 
 from configs import deepunlearn

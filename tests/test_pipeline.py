@@ -179,6 +179,23 @@ def test_changed_hparams_rerun_only_that_method_and_the_report_says_so(tiny_run,
   assert "Stages reused from earlier runs: splits, init, train, search_ct, unlearn_ct." in text
 
 
+def test_ulira_results_appearing_redo_only_the_report(tiny_run, tmp_path):
+  workdir = _copy(tiny_run[0], tmp_path)
+  before = _finished(workdir)
+  (workdir / "ulira" / "roc").mkdir(parents=True)
+  report.write_csv(workdir / "ulira" / "ulira.csv", [
+      {"method": "ct", "balanced_accuracy": 0.61, "ci_low": 0.55, "ci_high": 0.67, "auc": 0.6,
+       "num_samples": 50}])
+  np.savez(workdir / "ulira" / "roc" / "ct.npz", fpr=np.r_[0.0, 0.5, 1.0], tpr=np.r_[0.0, 0.7, 1.0])
+  deepunlearn.run(_tiny_config(), workdir)
+  after = _finished(workdir)
+  assert {s for s in after if after[s] != before[s]} == {"report"}
+  assert _manifest(workdir, "report")["reason"] == "config changed"
+  text = (workdir / "report.md").read_text()
+  assert "| U-LiRA |" in text and "0.610 [0.550, 0.670]" in text
+  assert (workdir / report.ULIRA_FIGURE).exists() and f"]({report.ULIRA_FIGURE})" in text
+
+
 def test_stop_after_search_continues_the_study_and_stops(tiny_run, tmp_path):
   workdir = _copy(tiny_run[0], tmp_path)
   before = _finished(workdir)

@@ -60,7 +60,8 @@ def recipe_from_config(config: ml_collections.ConfigDict) -> train.Recipe:
   return train.Recipe(
       batch_size=config.train.batch_size, optimizer=config.train.optimizer,
       schedule=config.train.schedule, schedule_unit=config.train.schedule_unit,
-      augment=config.data.augment, mean=tuple(config.data.mean), std=tuple(config.data.std))
+      augment=config.data.augment, mean=tuple(config.data.mean), std=tuple(config.data.std),
+      dtype=config.train.dtype)
 
 
 def load_dataset(config: ml_collections.ConfigDict) -> data_lib.Dataset:
