@@ -76,16 +76,18 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], by: str = "method") -> str
 def benchmark_summary(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
   """`summarize` per method, plus the paper-table aggregates of seed means (deepunlearn-spec 6.4,
   6.7, 9.2): ``retdev_of_means`` (retention deviation of the seed-mean accuracies against the
-  retrained model's seed means) and ``indisc_of_means`` (indiscernibility of the seed-mean
-  Test-MIA; NaN when the MIA is undefined)."""
+  retrained model's seed means; NaN when one of those is 0) and ``indisc_of_means``
+  (indiscernibility of the seed-mean Test-MIA; NaN when the MIA is undefined)."""
   summary = summarize(rows)
   reference = next((s for s in summary if s["method"] == "retrain"), None)
   if reference is None:
     raise ValueError("rows have no 'retrain' method: RetDev needs the retrained models' rows")
   splits = ("retain", "forget", "test")
+  defined = all(reference[f"{k}_acc_mean"] > 0 for k in splits)  # retention against 0: undefined
   for s in summary:
     s["retdev_of_means"] = float(metrics.retention_deviation(
-        {k: s[f"{k}_acc_mean"] for k in splits}, {k: reference[f"{k}_acc_mean"] for k in splits}))
+        {k: s[f"{k}_acc_mean"] for k in splits}, {k: reference[f"{k}_acc_mean"] for k in splits})
+    ) if defined else np.nan
     mia = s.get("test_mia_mean", np.nan)
     s["indisc_of_means"] = float(metrics.indiscernibility(mia)) if np.isfinite(mia) else np.nan
   return summary

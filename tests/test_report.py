@@ -55,6 +55,16 @@ def test_ranking_by_retdev_then_indisc_with_references_apart():
   assert table[4].startswith("| 1 | close | 0.9900 ± 0.0000 | 0.8200 ± 0.0000 | 0.9000 ± 0.0100 |")
 
 
+def test_retdev_is_undefined_against_a_zero_retrained_accuracy():
+  rows = [dict(r, forget_acc=0.0) if r["method"] == "retrain" else r for r in _rows()]
+  summary = report.benchmark_summary(rows)
+  assert all(np.isnan(s["retdev_of_means"]) for s in summary)
+  # Every RetDev undefined: ranked by Indisc (far's T-MIA is 0.5, close's 0.53, tie's 0.7).
+  assert [s["method"] for s in report.rank(summary)] == ["far", "close", "tie"]
+  assert "| 1 | far | 0.6000 ± 0.1000 | 0.5000 ± 0.1000 | 0.5500 ± 0.1000 | — | 1.0000 |" in (
+      report.paper_table(summary))
+
+
 def test_summary_needs_the_retrained_rows():
   with pytest.raises(ValueError, match="no 'retrain' method"):
     report.benchmark_summary([r for r in _rows() if r["method"] != "retrain"])

@@ -321,7 +321,8 @@ def stack_metrics(model, variables, references: Mapping[str, Any], data: train.D
   by `mia.population_mia` on the per-sample cross-entropy of forget vs val / test samples (NaN
   when a loss is not finite, as the reference's undefined MIA of a destroyed model); Indisc
   (6.3) from Test-MIA as the paper's tables; RR/FR/TR and RetDev (6.4) against the same seed's
-  retrained model; RTE (6.5) = retrain seconds / method seconds; l2, normalized l2 and
+  retrained model (NaN where the retrained model's accuracy is 0); RTE (6.5) = retrain seconds /
+  method seconds; l2, normalized l2 and
   Golatkar distances (6.6) of the params to the seed's original and retrained model.
   """
   labels = np.asarray(data.labels)
@@ -350,9 +351,11 @@ def stack_metrics(model, variables, references: Mapping[str, Any], data: train.D
     row["indisc"] = (float(metrics.indiscernibility(row["test_mia"]))
                      if np.isfinite(row["test_mia"]) else float("nan"))
     for short, split in (("rr", "retain"), ("fr", "forget"), ("tr", "test")):
-      row[short] = float(metrics.retention(accuracy[split][m], reference[split][m]))
-    row["retdev"] = float(metrics.retention_deviation(
+      row[short] = (float(metrics.retention(accuracy[split][m], reference[split][m]))
+                    if reference[split][m] > 0 else float("nan"))  # undefined against 0
+    row["retdev"] = (float(metrics.retention_deviation(
         {s: accuracy[s][m] for s in SPLITS}, {s: reference[s][m] for s in SPLITS}))
+        if np.isfinite([row["rr"], row["fr"], row["tr"]]).all() else float("nan"))
     row["seconds"] = float("nan") if seconds is None else seconds
     row["rte"] = (float(metrics.run_time_efficiency(retrain_seconds, seconds))
                   if seconds else float("nan"))
