@@ -302,8 +302,15 @@ def model_keys(key: jax.Array, model_ids: Sequence[int]) -> jax.Array:
 def predict(model, variables: Mapping[str, Any], data: DeviceData, indices: np.ndarray,
             recipe: Recipe, strategy: str = "auto", batch_size: int = 1024) -> np.ndarray:
   """Per-model per-sample logits [N, len(indices), C] (eval-mode BatchNorm, no augmentation)."""
-  indices = np.asarray(indices, np.int32)
   fn = _compiled_logits(model, recipe, parallel.resolve(strategy))
+  return predict_batches(fn, variables, data, indices, batch_size)
+
+
+def predict_batches(fn: Callable, variables: Mapping[str, Any], data: DeviceData,
+                    indices: np.ndarray, batch_size: int) -> np.ndarray:
+  """Runs a stacked ``fn(variables, inputs, batch) -> [N, B, ...]`` over ``indices`` in batches of
+  ``batch_size`` (the last padded, so one program serves every batch); returns [N, len, ...]."""
+  indices = np.asarray(indices, np.int32)
   out = []
   for start in range(0, len(indices), batch_size):
     batch = indices[start:start + batch_size]

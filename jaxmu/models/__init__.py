@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxmu.models import resnet, small, tinyvit
+from jaxmu.models import airbench, resnet, small, tinyvit
 
 Path = tuple[str, ...]
 
@@ -31,6 +31,7 @@ _FACTORIES = {
     "tinyvit_11m": tinyvit.tinyvit_11m,
     "small_cnn": small.small_cnn,
     "purchase_mlp": small.purchase_mlp,
+    "airbench94": airbench.airbench94,
 }
 NAMES = tuple(_FACTORIES)
 _BLOCK = re.compile(r"^(layer\d+|stage\d+)_(?:block)?(\d+|merge)$")
