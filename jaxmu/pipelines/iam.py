@@ -141,7 +141,7 @@ class _Pipeline:
     self.shadow_model = (models.get(shadow_name, dataset.num_classes,
                                     **config.shadow_model.options.to_dict())
                          if shadow_name else self.model)
-    self._parts = None
+    self._parts, self._target_inits = None, None
 
   @property
   def parts(self):
@@ -195,11 +195,23 @@ class _Pipeline:
 
   # ---------------------------------------------------------------------------------- training
 
+  def initial(self, model, ids):
+    """Fresh initialisations of models ``ids`` (each from ``key(id)``). The target architecture's
+    models (ref_in, originals, retrained) are initialised together, in one compiled program."""
+    if model is not self.model or min(ids) < _IDS["ref_in"]:  # the shadows: their own stack
+      return _init_variables(model, ids, self.input_shape)
+    if self._target_inits is None:
+      universe = ([_IDS["ref_in"]] + [_IDS["original"] + i for i in range(self.num_originals())]
+                  + [_IDS["retrain"] + i for i in range(len(self.runs))])
+      self._target_inits = universe, _init_variables(model, universe, self.input_shape)
+    universe, variables = self._target_inits
+    rows = np.asarray([universe.index(i) for i in ids])
+    return jax.tree.map(lambda x: x[rows], variables)
+
   def _train(self, name, model, ids, index_sets, val_sets, epochs, batch_size, shadow_data=False):
     """Trains one stack from fresh initialisations (ids: PRNG streams); the best-on-val states."""
     c = self.config
-    keys = jax.vmap(jax.random.key)(np.asarray(ids, np.uint32))
-    variables = train.init_variables(model, keys, self.input_shape)
+    variables = self.initial(model, ids)
     recipe = dataclasses.replace(self.shadow_recipe if shadow_data else self.recipe,
                                  batch_size=batch_size)
     state = train.create_state(variables, recipe, learning_rate=c.train.learning_rate,
@@ -470,8 +482,7 @@ class _Pipeline:
             originals = self.restore("original", o)
             stack = jax.tree.map(lambda x: x[np.arange(r) % o], originals)
             ids = [_IDS["original"] + i % o for i in range(r)]
-            inits = train.init_variables(self.model, jax.vmap(jax.random.key)(
-                np.asarray(ids, np.uint32)), self.input_shape)
+            inits = self.initial(self.model, ids)
             ctx = unlearn.Context.create(
                 self.model, self.recipe, self.data, stack, inits,
                 [p["pool"][~self.flags(i)] for i in range(r)],
@@ -536,6 +547,11 @@ class _Pipeline:
 
 SIGNAL_FILES = ("query_shadows", "query_original", "query_retrain", "pop_retrain", "pop_shadows",
                 "pop_ref_in", "pool_shadows", "pool_origin")
+
+
+def _init_variables(model, ids, input_shape):
+  return train.init_variables(model, jax.vmap(jax.random.key)(np.asarray(ids, np.uint32)),
+                              input_shape)
 
 
 def _take(variables, i):
