@@ -1,10 +1,14 @@
-"""Throughput of stacks of models under each execution strategy (see docs/benchmarks.md).
+"""Throughput of stacks of models per strategy and compute dtype (see docs/benchmarks.md).
 
     python launch/benchmark.py --config=configs/bench.py --out=runs/bench.json
-    python launch/benchmark.py --config=configs/bench.py:gpu --out=runs/bench_gpu.json
+    python launch/benchmark.py --config=configs/bench.py:gpu --out=runs/bench_gpu.json \
+        --out_md=runs/bench_gpu.md
 
-The default (CPU) measures stacks of 1, 4 and 16 small CNNs on 8x8 inputs under vmap and loop:
-about a minute on a 2-core CPU. `:gpu` measures ResNet-18 stacks of 1-64 on 32x32 inputs.
+The default (CPU) measures stacks of 1, 4 and 16 small CNNs on 32x32x3 synthetic images under
+vmap and loop, float32 and bfloat16: a few minutes on a 2-core CPU. `:gpu` measures ResNet-18
+(imagenet and cifar stems), airbench94, TinyViT-11M and the small CNN at 32x32, batch 256 per
+model, stacks of 1-64, vmap and loop, bf16 and fp32, most important rows first, and stops
+starting rows after `time_budget_s` (launch/gpu_bench.sh runs it in one call on a lent GPU).
 
     python launch/benchmark.py --config=configs/bench.py:attacks --out=runs/bench_attacks.json
 
@@ -18,21 +22,29 @@ import ml_collections
 def get_config(arg: str | None = None):
   c = ml_collections.ConfigDict()
   c.section = "training"  # or "attacks"
+  # Model specs: a registry name, optionally with factory arguments ("resnet18:stem=cifar").
   c.models = ("small_cnn",)
   c.num_models = (1, 4, 16)
-  c.strategies = ("vmap", "loop")
-  c.input_shape = (8, 8, 1)
+  c.strategies = ("vmap", "loop")  # add "sharded" on a machine with several devices
+  c.dtypes = ("float32", "bfloat16")
+  c.input_shape = (32, 32, 3)
   c.batch_size = 64
-  c.steps = 20
+  c.batches_per_epoch = 8  # synthetic dataset size = batch_size * batches_per_epoch
+  c.epoch_images = 50_000  # model-epochs/s = images/s / epoch_images (CIFAR-10's train set)
+  c.augment = "crop_flip"
+  c.steps = 10
   c.warmup_steps = 2
+  c.repeats = 3
   c.num_classes = 10
-  c.dtype = "float32"
+  c.time_budget_s = 0  # stop starting new rows after this many seconds; 0 = no limit
   if arg == "gpu":
-    c.models = ("resnet18", "small_cnn")
-    c.num_models = (1, 4, 16, 64)
-    c.input_shape = (32, 32, 3)
+    c.models = ("resnet18", "resnet18:stem=cifar", "airbench94", "tinyvit_11m", "small_cnn")
+    c.dtypes = ("bfloat16", "float32")
+    c.num_models = (1, 16, 4, 64)
     c.batch_size = 256
-    c.steps = 50
+    c.steps = 20
+    c.warmup_steps = 3
+    c.time_budget_s = 420
   elif arg == "attacks":
     c.section = "attacks"
     c.attacks = ml_collections.ConfigDict(dict(

@@ -1,12 +1,23 @@
-"""Measures training throughput of stacks of models, per strategy, or (``configs/bench.py:attacks``)
-the time of attack scoring; prints and writes JSON.
+"""Measures training throughput of stacks of models (per model family, stack size, strategy and
+compute dtype) or (``configs/bench.py:attacks``) the time of attack scoring; prints a table and
+writes JSON (and with ``--out_md`` a Markdown table with the issue [9/9] projections).
 
     python launch/benchmark.py --config=configs/bench.py --out=runs/bench.json
+    python launch/benchmark.py --config=configs/bench.py:gpu --out=runs/bench_gpu.json \
+        --out_md=runs/bench_gpu.md
+
+Throughput is steady state: the first step (compilation) is timed apart, ``warmup_steps`` more
+steps are run untimed, then the median over ``repeats`` runs of ``steps`` steps. FLOPs per model
+step come from XLA's cost analysis of the compiled one-model training step
+(``compiled.cost_analysis()["flops"]``, forward + backward + update as compiled, not counted by
+hand); utilisation divides the achieved FLOP rate by the device's dense peak (`PEAK_TFLOPS`).
 
 Imports neither optuna nor tensorflow-datasets, so it runs with only jax/flax/optax installed
 (e.g. on a lent GPU machine with PYTHONPATH=.).
 """
 
+import functools
+import importlib.metadata
 import json
 import platform
 import sys
@@ -18,55 +29,130 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from jaxmu import cli  # noqa: E402
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Benchmark config.", lock_config=True)
 _OUT = flags.DEFINE_string("out", None, "Where to write the JSON results (optional).")
+_OUT_MD = flags.DEFINE_string("out_md", None, "Where to write a Markdown summary (optional).")
 flags.mark_flag_as_required("config")
 
+# Dense peak TFLOP/s by device_kind substring: (bfloat16, float32). float32 matmuls and convs on
+# Ampere/Hopper run as TF32 on tensor cores under JAX's default precision, so the TF32 peak is the
+# float32 bar. Vendor datasheets (SXM parts unless named).
+PEAK_TFLOPS = {
+    "H200": (989.0, 494.0),
+    "H100 PCIe": (756.0, 378.0),
+    "H100": (989.0, 494.0),
+    "A100": (312.0, 156.0),
+    "L4": (121.0, 60.0),
+    "V100": (125.0, 15.7),
+}
 
-def measure(model_name, num_models, strategy, config) -> dict:
-  """Steady-state model-steps per second of one stack (compilation timed apart)."""
+
+def peak_tflops(device_kind: str, dtype: str) -> float | None:
+  """The dense peak of ``device_kind`` for ``dtype``, or None where unknown (CPUs)."""
+  for name, (bf16, fp32) in PEAK_TFLOPS.items():
+    if name in device_kind:
+      return bf16 if dtype == "bfloat16" else fp32
+  return None
+
+
+def parse_model(spec: str) -> tuple[str, dict]:
+  """``"resnet18:stem=cifar"`` -> ("resnet18", {"stem": "cifar"}); integer values become ints."""
+  name, _, args = spec.partition(":")
+  kw = dict(item.split("=", 1) for item in args.split(",") if item)
+  return name, {k: int(v) if v.isdigit() else v for k, v in kw.items()}
+
+
+def _setup(spec, num_models, strategy, dtype, config):
+  """(step(internal, s) -> internal, internal state, one-model compiled step for the cost
+  analysis) for a stack of ``num_models`` models of ``spec`` on synthetic data."""
   import jax
   import jax.numpy as jnp
   import numpy as np
 
   from jaxmu import models, parallel, train
+  from jaxmu.models import airbench
 
-  model = models.get(model_name, config.num_classes)
-  shape = tuple(config.input_shape)
-  recipe = train.Recipe(batch_size=config.batch_size, augment="none",
-                        mean=(0.5,), std=(0.25,))
+  name, kw = parse_model(spec)
+  shape, b = tuple(config.input_shape), config.batch_size
   rng = np.random.default_rng(0)
-  num_samples = config.batch_size * 8
-  data = train.DeviceData(
-      jnp.asarray(rng.integers(0, 256, (num_samples, *shape), dtype=np.uint8)),
-      jnp.asarray(rng.integers(0, config.num_classes, num_samples).astype(np.int32)))
+  num_samples = b * config.batches_per_epoch
+  inputs = jnp.asarray(rng.integers(0, 256, (num_samples, *shape), dtype=np.uint8))
+  labels = jnp.asarray(rng.integers(0, config.num_classes, num_samples).astype(np.int32))
   keys = jax.random.split(jax.random.key(0), num_models)
-  state = train.create_state(train.init_variables(model, keys, shape), recipe)
   strat = parallel.Strategy(strategy)
-  step = train._compiled_step(model, recipe, strategy)
-  orders = strat.enter_args(jnp.tile(jnp.arange(num_samples, dtype=jnp.int32), (num_models, 1)))
-  step_keys = strat.enter_args(keys)
-  internal = strat.enter(state)
+  orders = jnp.tile(jnp.arange(num_samples, dtype=jnp.int32), (num_models, 1))
+  one = lambda t: jax.tree.map(lambda x: x[0], t)  # noqa: E731
+  if name == "airbench94":
+    model = airbench.airbench94(config.num_classes, **kw)
+    hyper = airbench.Hyper(batch_size=b, mean=(0.5,), std=(0.25,), dtype=dtype)
+    variables = train.init_variables(model, keys, shape)
+    state = airbench.State(variables["params"], variables["batch_stats"],
+                           jax.tree.map(jnp.zeros_like, variables["params"]),
+                           jax.tree.map(jnp.copy, variables), jnp.zeros((num_models,), jnp.int32))
+    totals = jnp.full((num_models,), 10 ** 9, jnp.int32)
+    epoch_steps = jnp.full((num_models,), config.batches_per_epoch, jnp.int32)
+    per_model = (orders, keys, keys, totals, epoch_steps)
+    step = airbench._compiled_step(model, hyper, strat.name)
+    shared = lambda s: (inputs, labels, jnp.int32(s % config.batches_per_epoch), jnp.int32(0))  # noqa: E731
+    single = functools.partial(airbench.train_step, model, hyper)
+  else:
+    model = models.get(name, config.num_classes, **kw)
+    recipe = train.Recipe(batch_size=b, augment=config.augment, mean=(0.5,), std=(0.25,),
+                          dtype=dtype)
+    state = train.create_state(train.init_variables(model, keys, shape), recipe)
+    per_model = (orders, keys)
+    step = train._compiled_step(model, recipe, strat.name)
+    shared = lambda s: (inputs, labels, jnp.int32(s % config.batches_per_epoch),  # noqa: E731
+                        jnp.float32(0), jnp.float32(1))
+    single = functools.partial(train.train_step, model, recipe)
+  args = tuple(strat.enter_args(a) for a in per_model)
+  cost = jax.jit(single).lower(one(state), *(one(a) for a in per_model), *shared(0)).compile()
+  return (lambda internal, s: step(internal, *args, *shared(s))[0]), strat.enter(state), cost
 
-  def run(internal, count, offset):
+
+def _flops(compiled) -> float | None:
+  analysis = compiled.cost_analysis()
+  analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+  return float(analysis["flops"]) if analysis and "flops" in analysis else None
+
+
+def measure(spec, num_models, strategy, dtype, config) -> dict:
+  """Steady-state throughput of one stack (see the module docstring)."""
+  import jax
+  import numpy as np
+
+  run, internal, cost = _setup(spec, num_models, strategy, dtype, config)
+
+  def steps(internal, count, offset):
     for s in range(count):
-      internal, metrics = step(internal, orders, step_keys, data.inputs, data.labels,
-                               jnp.int32((offset + s) % 8), jnp.float32(0), jnp.float32(1))
-    jax.block_until_ready((internal, metrics))
+      internal = run(internal, offset + s)
+    jax.block_until_ready(internal)
     return internal
 
   start = time.perf_counter()
-  internal = run(internal, 1, 0)
+  internal = steps(internal, 1, 0)
   first = time.perf_counter() - start
-  internal = run(internal, config.warmup_steps, 1)
-  start = time.perf_counter()
-  run(internal, config.steps, 0)
-  seconds = time.perf_counter() - start
-  model_steps = num_models * config.steps / seconds
-  return {"model": model_name, "num_models": num_models, "strategy": strategy,
-          "batch_size": config.batch_size, "input_shape": list(shape),
-          "first_step_seconds": round(first, 3), "model_steps_per_s": round(model_steps, 2),
-          "images_per_s": round(model_steps * config.batch_size, 1)}
+  internal = steps(internal, config.warmup_steps, 1)
+  seconds = []
+  for _ in range(config.repeats):
+    start = time.perf_counter()
+    internal = steps(internal, config.steps, 0)
+    seconds.append(time.perf_counter() - start)
+  model_steps = num_models * config.steps / float(np.median(seconds))
+  images = model_steps * config.batch_size
+  flops = _flops(cost)
+  rate = flops * model_steps / 1e12 if flops else None
+  peak = peak_tflops(jax.devices()[0].device_kind, dtype)
+  return {"model": spec, "num_models": num_models, "strategy": strategy, "dtype": dtype,
+          "batch_size": config.batch_size, "input_shape": list(config.input_shape),
+          "first_step_seconds": round(first, 3), "seconds": [round(t, 4) for t in seconds],
+          "model_steps_per_s": round(model_steps, 2), "images_per_s": round(images, 1),
+          "model_epochs_per_s": round(images / config.epoch_images, 4),
+          "gflops_per_model_step": round(flops / 1e9, 3) if flops else None,
+          "tflops_per_s": round(rate, 3) if rate else None,
+          "utilisation": round(rate / peak, 4) if rate and peak else None}
 
 
 def measure_attacks(config) -> list[dict]:
@@ -105,29 +191,121 @@ def measure_attacks(config) -> list[dict]:
   return rows
 
 
+def environment() -> dict:
+  """Device, backend and library versions for the JSON and the printed table."""
+  import jax
+  versions = {name: importlib.metadata.version(name) for name in ("jax", "jaxlib", "flax", "optax")}
+  return {"device": str(jax.devices()[0].device_kind), "device_count": jax.device_count(),
+          "backend": jax.default_backend(), **versions, "python": platform.python_version(),
+          "cpu": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d")}
+
+
+def training_rows(config, write) -> list[dict]:
+  """Measures every (model, N, strategy, dtype) of the config in order, stopping before a row
+  once ``time_budget_s`` is spent; a row that fails (e.g. out of memory) records its error."""
+  rows, start = [], time.perf_counter()
+  for spec in config.models:
+    for dtype in config.dtypes:
+      for n in config.num_models:
+        for strategy in config.strategies:
+          if config.time_budget_s and time.perf_counter() - start > config.time_budget_s:
+            print(f"time budget of {config.time_budget_s} s spent; stopping", flush=True)
+            return rows
+          try:
+            row = measure(spec, n, strategy, dtype, config)
+          except Exception as e:  # noqa: BLE001 (one failed row must not lose the others)
+            row = {"model": spec, "num_models": n, "strategy": strategy, "dtype": dtype,
+                   "error": f"{type(e).__name__}: {str(e)[:300]}"}
+          rows.append(row)
+          print(json.dumps(row), flush=True)
+          write(rows)
+  return rows
+
+
+def markdown(result: dict) -> str:
+  """The table of training rows and, where ResNet-18 rows exist, the [9/9] projections."""
+  env = result["environment"]
+  lines = [f"Device: {env['device']} x{env['device_count']} ({env['backend']}), jax {env['jax']}, "
+           f"flax {env['flax']}, optax {env['optax']}, {env['date']}.", "",
+           "| model | N | strategy | dtype | images/s | model-epochs/s | GFLOP/model-step | "
+           "TFLOP/s | utilisation | first step s |", "|---|---|---|---|---|---|---|---|---|---|"]
+  rows = [r for r in result["rows"] if "images_per_s" in r or "error" in r]
+  for r in rows:
+    if "error" in r:
+      lines.append(f"| {r['model']} | {r['num_models']} | {r['strategy']} | {r['dtype']} | "
+                   f"error: {r['error'][:80]} |||||")
+      continue
+    util = f"{100 * r['utilisation']:.1f}%" if r["utilisation"] is not None else "-"
+    lines.append(f"| {r['model']} | {r['num_models']} | {r['strategy']} | {r['dtype']} | "
+                 f"{r['images_per_s']:,.0f} | {r['model_epochs_per_s']:.3f} | "
+                 f"{r['gflops_per_model_step'] or '-'} | {r['tflops_per_s'] or '-'} | {util} | "
+                 f"{r['first_step_seconds']} |")
+  lines += ["", *projections(rows)]
+  return "\n".join(lines) + "\n"
+
+
+def projections(rows) -> list[str]:
+  """Issue [9/9] targets from the best measured rows: stack-of-16 speed-up over one model
+  (ResNet-18 imagenet stem, bf16), the 20 DeepUnlearn CIFAR-10 reference models (10 x (182 epochs
+  of 42,500 + 182 of 38,250 images)) and 128 IAM shadows (CIFAR-stem ResNet-18, 201 epochs of
+  16,000 images)."""
+  def best(model, dtype, n=None):
+    fits = [r for r in rows if "images_per_s" in r and r["model"] == model and r["dtype"] == dtype
+            and (n is None or r["num_models"] == n)]
+    return max(fits, key=lambda r: r["images_per_s"]) if fits else None
+
+  out = []
+  alone, stack = best("resnet18", "bfloat16", 1), best("resnet18", "bfloat16", 16)
+  if alone and stack:
+    out.append(f"- ResNet-18 (imagenet stem, bf16): a stack of 16 trains "
+               f"{stack['images_per_s'] / alone['images_per_s']:.1f}x the images/s of one model "
+               f"({stack['strategy']} vs {alone['strategy']}; target >= 5x).")
+  for dtype in ("bfloat16", "float32"):
+    r = best("resnet18", dtype)
+    if r:
+      minutes = 10 * 182 * (42_500 + 38_250) / r["images_per_s"] / 60
+      out.append(f"- 20 DeepUnlearn CIFAR-10 reference models, ResNet-18 {dtype}: {minutes:.1f} min "
+                 f"at the best measured {r['images_per_s']:,.0f} images/s (N={r['num_models']}, "
+                 f"{r['strategy']}; target <= 10 min).")
+    r = best("resnet18:stem=cifar", dtype)
+    if r:
+      minutes = 128 * 201 * 16_000 / r["images_per_s"] / 60
+      out.append(f"- 128 IAM shadows, CIFAR-stem ResNet-18 {dtype}: {minutes:.1f} min at "
+                 f"{r['images_per_s']:,.0f} images/s (N={r['num_models']}, {r['strategy']}; "
+                 "target <= 90 min).")
+  if out:
+    out.insert(0, "Projections (training steps only; evaluation, data loading and compilation "
+                  "excluded):")
+  return out
+
+
 def main(argv):
   del argv
-  import jax
   config = _CONFIG.value
-  rows = []
+  result = {"environment": environment(), "config": config.to_dict(), "rows": []}
+
+  def write(rows):
+    result["rows"] = rows
+    if _OUT.value:
+      Path(_OUT.value).parent.mkdir(parents=True, exist_ok=True)
+      Path(_OUT.value).write_text(json.dumps(result, indent=1))
+    if _OUT_MD.value and config.section == "training":
+      Path(_OUT_MD.value).parent.mkdir(parents=True, exist_ok=True)
+      Path(_OUT_MD.value).write_text(markdown(result))
+
+  print(json.dumps(result["environment"]), flush=True)
   if config.section == "attacks":
     rows = measure_attacks(config)
     for row in rows:
       print(json.dumps(row), flush=True)
-  for model_name in config.models if config.section == "training" else ():
-    for n in config.num_models:
-      for strategy in config.strategies:
-        row = measure(model_name, n, strategy, config)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-  result = {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
-            "jax": jax.__version__, "cpu": platform.processor() or platform.machine(),
-            "date": time.strftime("%Y-%m-%d"), "config": config.to_dict(), "rows": rows}
+  else:
+    rows = training_rows(config, write)
+  write(rows)
+  if config.section == "training":
+    print(markdown(result))
   if _OUT.value:
-    Path(_OUT.value).parent.mkdir(parents=True, exist_ok=True)
-    Path(_OUT.value).write_text(json.dumps(result, indent=1))
     print(f"Wrote {_OUT.value}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Issue [9/9] in one call on a lent GPU machine: the whole training-throughput measurement of
+# configs/bench.py:gpu (ResNet-18 both stems, airbench94, TinyViT-11M, small CNN at 32x32, batch
+# 256 per model, stacks of 1/16/4/64, vmap and loop, bf16 and fp32, most important rows first),
+# with the issue's projections, in under 10 minutes on an H100.
+#
+#   bash launch/gpu_bench.sh            # on the device machine, from the repository root
+#
+# Writes into $OUT (default runs/gpu_bench): bench_gpu.json (rows + device and versions),
+# bench_gpu.md (table + projections), bench_gpu.log, env.txt (nvidia-smi, jax devices).
+# The device image has jax/flax/optax/orbax/absl but not ml_collections: carry its wheel
+# (here: `python3 -m pip download --no-deps ml_collections==1.1.0 -d .whl`, `.whl` ignored by
+# git, and name `.whl` in the run's carry); it is installed into /tmp/site when present.
+# BUDGET (seconds, default 420) bounds the rows started; rows already measured are kept.
+set -uo pipefail
+OUT=${OUT:-runs/gpu_bench}
+BUDGET=${BUDGET:-420}
+mkdir -p "$OUT"
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 JAXMU_CACHE=/tmp/jaxmu_cache
+PY=${PYTHON:-python3}
+if ! $PY -c "import ml_collections" 2>/dev/null; then
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=$PYTHONPATH:/tmp/site
+  else
+    echo "ml_collections is missing: carry its wheel in .whl (see the header of $0)" >&2
+    exit 1
+  fi
+fi
+{ nvidia-smi; $PY -c "import jax; print(jax.__version__, jax.devices())"; } > "$OUT/env.txt" 2>&1
+timeout $((BUDGET + 150)) $PY launch/benchmark.py --config=configs/bench.py:gpu \
+    --config.time_budget_s="$BUDGET" --out="$OUT/bench_gpu.json" --out_md="$OUT/bench_gpu.md" \
+    2>&1 | tee "$OUT/bench_gpu.log"
+status=${PIPESTATUS[0]}
+[ -f "$OUT/bench_gpu.md" ] && cat "$OUT/bench_gpu.md"
+exit "$status"
