@@ -12,7 +12,7 @@ not measured: 10 shadows + 1 original + 10 retrained ResNet-18s of 201 epochs on
 
 Options besides the dataset (comma separated, e.g. `dataset=cifar10,forget=class_percentage`):
   forget=set_random|class_percentage|one_class (class types loop over `forget_classes`)
-  setting=exact|shifted|arch (iam-spec 7.1-7.3; see `setting` below)
+  setting=exact|shifted|arch|incremental (iam-spec 7.1-7.4; see `setting` below)
 """
 
 import ml_collections
@@ -129,13 +129,17 @@ def get_config(arg: str | None = None):
   c.approx.seed = 0
   c.approx.margin = 0.1  # over/under-unlearning: membership this far from retrain's
 
-  # Settings (iam-spec 7.1-7.3): exact = Table 1; arch = shadows of `shadow_model` (Fig. 4);
-  # shifted = shadows trained on `shadow_dataset` (Table 3). The incremental setting (7.4) is
-  # not available yet.
+  # Settings (iam-spec 7.1-7.4): exact = Table 1; arch = shadows of `shadow_model` (Fig. 4);
+  # shifted = shadows trained on `shadow_dataset` (Table 3); incremental = the original and
+  # retrained models of a finished run on old data (`incremental.base_workdir`, e.g. cifar10)
+  # continue training on `incremental.pool_size` samples of this dataset (e.g. cinic10) for
+  # train.target_epochs, audited with the old run's shadows (Table 4).
   c.setting = args.get("setting", "exact")
   c.shadow_model = ml_collections.ConfigDict({"name": "", "options": {}})  # "" = c.model
   c.shadow_dataset = ml_collections.ConfigDict(  # shifted: e.g. cinic10 for cifar10 targets
       {"name": "", "data_dir": "", "options": {}, "shadow_size": 600 if quick else 20000})
+
+  c.incremental = ml_collections.ConfigDict({"base_workdir": "", "pool_size": 300 if quick else 5000})
 
   c.parallel = ml_collections.ConfigDict()
   c.parallel.strategy = "auto"

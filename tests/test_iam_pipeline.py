@@ -173,3 +173,27 @@ def test_shifted_shadows_split_their_own_dataset(tmp_path, npz):
   config.shadow_dataset.options = {"num_train": 900, "num_test": 100, "shape": (8, 8, 1)}
   with pytest.raises(ValueError, match="shadow dataset inputs"):
     pipeline.run(config, tmp_path / "other")
+
+
+def test_incremental_continues_the_base_runs_models(workdir, tmp_path, npz):
+  """Zero epochs of continued training: the targets are exactly the base run's models."""
+  config = _tiny_config(npz)
+  config.setting = "incremental"
+  config.incremental.base_workdir = str(workdir)
+  config.incremental.pool_size = 300
+  config.split.forget_size, config.split.fixed_forget = 30, 6
+  config.train.target_epochs = config.ref_in.epochs = 0
+  config.stop_after = "targets"
+  pipeline.run(config, tmp_path)
+  parts = np.load(tmp_path / "splits.npz")
+  base = np.load(workdir / "splits.npz")
+  assert len(parts["pool"]) == 300 and parts["flags_0"].sum() == 30
+  np.testing.assert_array_equal(parts["shadow_train"], base["shadow_train"])
+  pipe = pipeline._Pipeline(config, stages.Workdir(tmp_path), pipeline.load_dataset(config))
+  old = pipeline._Pipeline(_tiny_config(npz), stages.Workdir(workdir), pipeline.load_dataset(config))
+  for group, n in (("shadows", 2), ("original", 1), ("retrain", 1)):
+    for a, b in zip(jax.tree.leaves(pipe.restore(group, n)), jax.tree.leaves(old.restore(group, n))):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  config.incremental.base_workdir = str(tmp_path / "nowhere")
+  with pytest.raises(ValueError, match="holds no finished IAM run"):
+    pipeline.run(config, tmp_path / "other")

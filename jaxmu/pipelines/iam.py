@@ -33,6 +33,7 @@ Every table row also lands in ``results.csv`` (column ``table``: binui, score_ui
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import zlib
 from pathlib import Path
@@ -52,7 +53,7 @@ from jaxmu.pipelines.deepunlearn import _abstract_variables, load_dataset
 
 STAGES = ("splits", "shadows", "ref_in", "targets", "signals", "binui", "score_ui", "approx",
           "report")
-SETTINGS = ("exact", "arch", "shifted")
+SETTINGS = ("exact", "arch", "shifted", "incremental")
 LEVELS = (1e-3, 1e-2, 1e-1)
 # PRNG namespaces of the model groups (model id = base + index): initialisation and data order.
 _IDS = {"shadows": 100_000, "shadow_origin": 200_000, "ref_in": 300_000, "original": 400_000,
@@ -123,18 +124,24 @@ class _Pipeline:
     self.data = train.DeviceData.create(dataset)
     # Shadows and their own data: the target dataset, or another one (shifted, iam-spec 7.2).
     self.shadow_dataset, self.shadow_data, self.shadow_recipe = dataset, self.data, self.recipe
-    if config.setting == "shifted":
+    if config.setting == "incremental":
+      self.base = _base_workdir(config)
+      sd = self.base.config.dataset
+      self.shadow_dataset = data_lib.load(sd.name, sd.data_dir or None, **sd.options.to_dict())
+      self.shadow_data = train.DeviceData.create(self.shadow_dataset)
+      self.shadow_recipe = recipe(self.base.config)
+    elif config.setting == "shifted":
       sd = config.shadow_dataset
       if not sd.name:
         raise ValueError("setting='shifted' needs --config.shadow_dataset.name (e.g. cinic10)")
       self.shadow_dataset = data_lib.load(sd.name, sd.data_dir or None, **sd.options.to_dict())
-      if self.shadow_dataset.inputs.shape[1:] != dataset.inputs.shape[1:]:
-        raise ValueError(f"shadow dataset inputs {self.shadow_dataset.inputs.shape[1:]} differ from "
-                         f"the target's {dataset.inputs.shape[1:]}")
       self.shadow_data = train.DeviceData.create(self.shadow_dataset)
       own = data_lib.recipe(sd.name, reference="iam")
       self.shadow_recipe = dataclasses.replace(self.recipe, mean=tuple(own.mean),
                                                std=tuple(own.std), augment=own.augment)
+    if self.shadow_dataset.inputs.shape[1:] != dataset.inputs.shape[1:]:
+      raise ValueError(f"shadow dataset inputs {self.shadow_dataset.inputs.shape[1:]} differ from "
+                       f"the target's {dataset.inputs.shape[1:]}")
     self.input_shape = dataset.inputs.shape[1:]
     self.model = models.get(config.model.name, dataset.num_classes, **config.model.options.to_dict())
     shadow_name = config.shadow_model.name if config.setting == "arch" else ""
@@ -156,13 +163,17 @@ class _Pipeline:
     shadow_source = (c.shadow_dataset.to_dict(), self.shadow_dataset.fingerprint)
     with self.wd.stage("splits", config={"split": c.split, "runs": self.runs,
                                          "shadows": c.num_shadows, "data": self.dataset.fingerprint,
-                                         "shadow_data": shadow_source if self.shifted else None},
+                                         "shadow_data": shadow_source if c.setting == "shifted" else None,
+                                         "incremental": c.incremental if self.incremental else None},
                        outputs=("splits.npz",)) as st:
       if not st.done:
         out = {}
+        # incremental: the new data's pool is `pool_size` of its training samples (iam-spec 7.4).
+        shadow_size = (self.dataset.num_train - c.incremental.pool_size if self.incremental
+                       else c.split.shadow_size)
         for r, (seed, cls) in enumerate(self.runs):
           s = splits_lib.iam(
-              self.dataset.num_train, self.dataset.num_test, c.split.shadow_size, seed=seed,
+              self.dataset.num_train, self.dataset.num_test, shadow_size, seed=seed,
               forget=c.split.forget, forget_size=c.split.forget_size,
               fixed_forget=c.split.fixed_forget, labels=self.dataset.labels, forget_class=cls,
               class_ratio=c.split.class_ratio, num_shadows=c.num_shadows if r == 0 else 0,
@@ -172,7 +183,7 @@ class _Pipeline:
           if r == 0:
             out.update({k: s[k] for k in ("pool", "shadow_pool", "shadow_train", "shadow_test")})
           out.update({f"flags_{r}": s["flags"], f"val_{r}": s["val"], f"test_{r}": s["test"]})
-        if self.shifted:  # the shadows' pool and splits index the shadow dataset
+        if c.setting == "shifted":  # the shadows' pool and splits index the shadow dataset
           sd = self.shadow_dataset
           s = splits_lib.iam(sd.num_train, sd.num_test, c.shadow_dataset.shadow_size,
                              forget_size=1, fixed_forget=0,  # its forget set is unused
@@ -180,6 +191,13 @@ class _Pipeline:
                              shadow_train_frac=c.split.shadow_train_frac,
                              holdout_ratio=c.split.holdout_ratio, split_seed=c.split.split_seed)
           out.update({k: s[k] for k in ("shadow_pool", "shadow_train", "shadow_test")})
+        if self.incremental:  # the old data's shadows and their splits
+          base = splits_lib.load(self.base.path("splits.npz"), self.shadow_dataset)
+          if base["shadow_train"].shape[0] < c.num_shadows:
+            raise ValueError(f"the base run has {base['shadow_train'].shape[0]} shadows; "
+                             f"num_shadows={c.num_shadows} asks for more")
+          out.update({k: base[k][:c.num_shadows] if k != "shadow_pool" else base[k]
+                      for k in ("shadow_pool", "shadow_train", "shadow_test")})
         if len({len(out[f"val_{r}"]) for r in range(len(self.runs))}) != 1:
           raise ValueError("population (val) sets of the runs differ in size; lower split.val_cap")
         splits_lib.save(st.tmp / "splits.npz", out, self.dataset)
@@ -188,7 +206,12 @@ class _Pipeline:
 
   @property
   def shifted(self):
-    return self.config.setting == "shifted"
+    """The shadows belong to another dataset (shifted, or the old data of incremental)."""
+    return self.config.setting in ("shifted", "incremental")
+
+  @property
+  def incremental(self):
+    return self.config.setting == "incremental"
 
   def flags(self, r):
     return self.parts[f"flags_{r}"]
@@ -208,10 +231,12 @@ class _Pipeline:
     rows = np.asarray([universe.index(i) for i in ids])
     return jax.tree.map(lambda x: x[rows], variables)
 
-  def _train(self, name, model, ids, index_sets, val_sets, epochs, batch_size, shadow_data=False):
-    """Trains one stack from fresh initialisations (ids: PRNG streams); the best-on-val states."""
+  def _train(self, name, model, ids, index_sets, val_sets, epochs, batch_size, shadow_data=False,
+             start=None):
+    """Trains one stack from fresh initialisations or the variables ``start`` (ids: PRNG
+    streams); returns the best-on-val states."""
     c = self.config
-    variables = self.initial(model, ids)
+    variables = self.initial(model, ids) if start is None else start
     recipe = dataclasses.replace(self.shadow_recipe if shadow_data else self.recipe,
                                  batch_size=batch_size)
     state = train.create_state(variables, recipe, learning_rate=c.train.learning_rate,
@@ -240,8 +265,18 @@ class _Pipeline:
     k = c.num_shadows
     config = self._train_config(shadow_model=c.shadow_model, setting=c.setting,
                                 shadow_dataset=c.shadow_dataset)
+    if self.incremental:
+      config = {"base": str(self.base.root), "base_shadows": self.base.stage_hash("shadows"),
+                "k": k}
     with self.wd.stage("shadows", config=config, deps=("splits",),
                        outputs=("models/shadows", "models/shadow_origin")) as st:
+      if not st.done and self.incremental:  # the old data's shadows, as they are
+        base_k = self.base.config.num_shadows
+        like = _abstract_variables(self.shadow_model, base_k, self.input_shape)
+        shadows = checkpoint.restore(self.base.path("models/shadows"), like)
+        checkpoint.save(st.tmp / "models/shadows", jax.tree.map(lambda x: x[:k], shadows))
+        shutil.copytree(self.base.path("models/shadow_origin"), st.tmp / "models/shadow_origin")
+        st.commit()
       if not st.done:
         # The origin is selected by its training accuracy, as the reference.
         index_sets = list(p["shadow_train"]) + [p["shadow_pool"]]
@@ -278,6 +313,8 @@ class _Pipeline:
     c, p = self.config, self.parts
     config = self._train_config(target_epochs=c.train.target_epochs,
                                 original_per_seed=c.original_per_seed)
+    if self.incremental:
+      config["base"] = (str(self.base.root), self.base.stage_hash("targets"))
     with self.wd.stage("targets", config=config, deps=("splits",),
                        outputs=("models/original", "models/retrain")) as st:
       if not st.done:
@@ -285,8 +322,18 @@ class _Pipeline:
         index_sets = [p["pool"]] * o + [p["pool"][~self.flags(i)] for i in range(r)]
         val_sets = [p[f"val_{i}"] for i in range(o)] + [p[f"val_{i}"] for i in range(r)]
         ids = [_IDS["original"] + i for i in range(o)] + [_IDS["retrain"] + i for i in range(r)]
+        start = None
+        if self.incremental:  # continue the old original(s) and the same run's retrained model
+          base_o, base_r = self.base.num_originals(), len(runs(self.base.config))
+          if base_r < r:
+            raise ValueError(f"the base run has {base_r} runs; this one needs {r}")
+          like = lambda n: _abstract_variables(self.model, n, self.input_shape)
+          old_o = checkpoint.restore(self.base.path("models/original"), like(base_o))
+          old_r = checkpoint.restore(self.base.path("models/retrain"), like(base_r))
+          start = jax.tree.map(lambda a, b: np.concatenate(
+              [a[np.arange(o) % base_o], b[:r]]), old_o, old_r)
         best = self._train("targets", self.model, ids, index_sets, val_sets,
-                           c.train.target_epochs, c.train.batch_size)
+                           c.train.target_epochs, c.train.batch_size, start=start)
         checkpoint.save(st.tmp / "models/original", jax.tree.map(lambda x: x[:o], best))
         checkpoint.save(st.tmp / "models/retrain", jax.tree.map(lambda x: x[o:], best))
         st.commit()
@@ -547,6 +594,35 @@ class _Pipeline:
 
 SIGNAL_FILES = ("query_shadows", "query_original", "query_retrain", "pop_retrain", "pop_shadows",
                 "pop_ref_in", "pool_shadows", "pool_origin")
+
+
+class _Base:
+  """The finished run an incremental audit continues (its workdir, config and stages)."""
+
+  def __init__(self, root):
+    self.root = Path(root)
+    if not (self.root / "config.json").exists():
+      raise ValueError(f"incremental.base_workdir={str(root)!r} holds no finished IAM run "
+                       "(config.json missing); run launch/iam.py on the old data first")
+    self.config = ml_collections.ConfigDict(json.loads((self.root / "config.json").read_text()))
+    self.stages = stages.Workdir(self.root)
+
+  def path(self, *parts):
+    return self.root.joinpath(*parts)
+
+  def stage_hash(self, name):
+    return self.stages.stage_hash(name)
+
+  def num_originals(self):
+    return len(runs(self.config)) if self.config.original_per_seed else 1
+
+
+def _base_workdir(config) -> _Base:
+  base = _Base(config.incremental.base_workdir)
+  if base.config.model.name != config.model.name:
+    raise ValueError(f"the base run's model {base.config.model.name!r} differs from "
+                     f"{config.model.name!r}; incremental continues its models")
+  return base
 
 
 def _init_variables(model, ids, input_shape):
