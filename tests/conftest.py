@@ -8,18 +8,40 @@ import pytest
 
 from jaxmu import data as data_lib
 from jaxmu import models, train, unlearn
+from jaxmu.models import resnet, tinyvit
+
+# Architecture tests run twice: "mini" in `make test`, "full" (ResNet-18 / TinyViT-11M) in
+# `make test-slow`.
+ARCH_SIZES = ("mini", pytest.param("full", marks=pytest.mark.slow))
+
+
+def arch_model(name, num_classes, size="full", **kw):
+  """``models.get(name)`` ("full"), or for size "mini" the same module class with one block per
+  stage (TinyViT: narrow stages too). A mini model has the full model's parameter names, stems,
+  heads, norms and attention biases, so architecture-dependent code runs the same paths, but it
+  compiles several times faster on CPU."""
+  if size == "full":
+    return models.get(name, num_classes, **kw)
+  if size != "mini":
+    raise ValueError(f"size must be 'mini' or 'full', got {size!r}")
+  if name == "resnet18":
+    return resnet.ResNet(resnet.BasicBlock, (1, 1, 1, 1), num_classes, kw.get("stem", "imagenet"))
+  if name == "tinyvit_11m":
+    return tinyvit.TinyViT(num_classes, kw.get("img_size", 32), embed_dims=(16, 32, 32, 64),
+                           depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 2))
+  raise ValueError(f"no mini variant of {name!r}")
 
 os.environ["JAXMU_CACHE"] = ""  # launchers run by tests keep no compilation cache in $HOME
 
 
 def make_context(model_name="small_cnn", num_models=2, strategy="loop", image_size=None,
-                 train_epochs=3, **model_kw):
+                 train_epochs=3, size="full", **model_kw):
   """Digits (8x8x1, or image_size x image_size x 3), `num_models` originals trained briefly on
   retain + forget; retain/forget/val differ per model so per-model handling is exercised."""
   options = {"image_size": image_size, "channels": 3} if image_size else {}
   ds = data_lib.load("digits", **options)
-  model = models.get(model_name, ds.num_classes, **({"width": 8} if model_name == "small_cnn"
-                                                     else {}) | model_kw)
+  model = arch_model(model_name, ds.num_classes, size, **({"width": 8} if model_name == "small_cnn"
+                                                          else {}) | model_kw)
   recipe = train.Recipe(batch_size=64, augment="flip", mean=(0.3054,), std=(0.3760,))
   data = train.DeviceData.create(ds)
   rng = np.random.default_rng(0)

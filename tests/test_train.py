@@ -229,7 +229,10 @@ _RESUME = textwrap.dedent("""
 
 
 def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+  # The three runs share a persistent compilation cache: the later two skip compiling.
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
+             JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 
   def run(ckpt, mode, out):
     return subprocess.run([sys.executable, "-c", _RESUME, str(ckpt), mode, str(out)], env=env,

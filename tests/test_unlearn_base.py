@@ -7,7 +7,7 @@ import numpy as np
 import optuna
 import pytest
 
-from conftest import make_context
+from conftest import ARCH_SIZES, make_context
 from jaxmu import train, unlearn
 from jaxmu.unlearn import base
 
@@ -84,12 +84,13 @@ ARCH_RUNS = {  # methods whose code reads the architecture (modes, heads, teache
 }
 
 
-@pytest.mark.slow  # ResNet-18 / TinyViT compile: `make test-slow`
+@pytest.mark.slow  # the mini variant too: compiles too long for `make test`
+@pytest.mark.parametrize("size", ARCH_SIZES)
 @pytest.mark.parametrize("arch", [("resnet18", {}), ("tinyvit_11m", {"img_size": 32})],
                          ids=["resnet18", "tinyvit"])
 @pytest.mark.parametrize("name", sorted(ARCH_RUNS))
-def test_loss_based_methods_run_on_the_paper_architectures(name, arch):
-  ctx = _arch_context(*arch)
+def test_loss_based_methods_run_on_the_paper_architectures(name, arch, size):
+  ctx = _arch_context(*arch, size)
   out = unlearn.get(name).run(ctx, ARCH_RUNS[name], jax.random.key(0)).states
   assert jax.tree.structure(out) == jax.tree.structure(ctx.originals)
   assert all(np.isfinite(leaf).all() for leaf in _leaves(out))
@@ -98,8 +99,8 @@ def test_loss_based_methods_run_on_the_paper_architectures(name, arch):
 _ARCH_CONTEXTS = {}
 
 
-def _arch_context(model_name, kw):
-  if model_name not in _ARCH_CONTEXTS:
-    _ARCH_CONTEXTS[model_name] = make_context(model_name, num_models=1, image_size=32,
-                                              train_epochs=0, **kw)
-  return _ARCH_CONTEXTS[model_name]
+def _arch_context(model_name, kw, size):
+  if (model_name, size) not in _ARCH_CONTEXTS:
+    _ARCH_CONTEXTS[model_name, size] = make_context(model_name, num_models=1, image_size=32,
+                                                    train_epochs=0, size=size, **kw)
+  return _ARCH_CONTEXTS[model_name, size]

@@ -6,6 +6,7 @@ import numpy as np
 import optuna
 import pytest
 
+from conftest import ARCH_SIZES, arch_model
 from jaxmu import data as data_lib
 from jaxmu import models, train, unlearn
 from jaxmu.unlearn import base, blocks
@@ -73,11 +74,11 @@ def test_per_model_decay_rate_acts_in_the_decayed_epoch_only(tiny_ctx):
   np.testing.assert_array_equal(run(2, [0.0, 0.0]), run(2, [0.5, 0.0]))  # E = 2: no decay
 
 
-@pytest.fixture(scope="module")
-def vit_ctx():
+@pytest.fixture(scope="module", params=ARCH_SIZES)
+def vit_ctx(request):
   """One TinyViT at 32 px whose weights are all perturbed (so resets are visible); 8 retain."""
   ds = data_lib.load("digits", image_size=32, channels=3)
-  model = models.get("tinyvit_11m", ds.num_classes, img_size=32)
+  model = arch_model("tinyvit_11m", ds.num_classes, request.param, img_size=32)
   inits = train.init_variables(model, jax.random.split(jax.random.key(0), 1), ds.inputs.shape[1:])
   rng = np.random.default_rng(0)
   originals = {**inits, "params": jax.tree.map(
@@ -87,7 +88,7 @@ def vit_ctx():
                              model_ids=(0,), num_classes=ds.num_classes)
 
 
-@pytest.mark.slow  # ResNet-18 / TinyViT compile: `make test-slow`
+@pytest.mark.slow  # the mini variant too: compiles too long for `make test`
 def test_cf_k_on_tinyvit_faithful_freezes_attention_biases(vit_ctx):
   hp = {"num_epochs": 1, "batch_size": 8, "num_blocks": 1, "faithful": True}
   out = unlearn.get("cf_k").run(vit_ctx, hp, jax.random.key(0)).states
@@ -102,10 +103,9 @@ def test_cf_k_on_tinyvit_faithful_freezes_attention_biases(vit_ctx):
     elif path[-1] == "kernel":
       assert not np.array_equal(value, old[path]), path
       changed += 1
-  assert changed >= 10
+  assert changed >= 6  # the last stage's qkv, proj, fc1, fc2, local conv and the head
 
 
-@pytest.mark.slow  # ResNet-18 / TinyViT compile: `make test-slow`
 def test_eu_k_reinitialises_exactly_the_last_blocks_and_head_on_tinyvit(vit_ctx):
   """A 0-lr run leaves the re-initialised weights: init statistics, resets, untouched rest."""
   hp = {"num_epochs": 1, "batch_size": 8, "num_blocks": 1, "learning_rate": 0.0}

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import make_context
+from conftest import ARCH_SIZES, make_context
 from jaxmu import models, train, unlearn
 from jaxmu.data import augment as augment_lib
 from jaxmu.unlearn import iam_lcodec, iam_methods
@@ -166,9 +166,10 @@ def test_boundary_expanding_moves_only_the_classifier_and_pushes_forget_away(tin
   assert (after.mean(1) < before.mean(1) - 1e-3).all(), (before.mean(1), after.mean(1))
 
 
-@pytest.mark.slow  # ResNet-18 / TinyViT compile: `make test-slow`
-def test_boundary_expanding_resnet18_cifar_stem_and_the_missing_relu():
-  ctx = make_context("resnet18", num_models=1, image_size=32, train_epochs=0, stem="cifar")
+@pytest.mark.parametrize("size", ARCH_SIZES)
+def test_boundary_expanding_resnet18_cifar_stem_and_the_missing_relu(size):
+  ctx = make_context("resnet18", num_models=1, image_size=32, train_epochs=0, stem="cifar",
+                     size=size)
   variables = jax.tree.map(lambda x: x[0], ctx.originals)
   x, _, valid = unlearn.base.inputs(ctx.recipe, ctx.data.inputs, ctx.data.labels,
                                     jnp.arange(4))

@@ -12,7 +12,7 @@ import optuna
 import pytest
 from sklearn.utils.class_weight import compute_class_weight
 
-from conftest import search_space_table
+from conftest import ARCH_SIZES, arch_model, search_space_table
 
 from jaxmu import data as data_lib
 from jaxmu import models, train, unlearn
@@ -43,11 +43,11 @@ def _flat(tree):
   return {"/".join(p): np.asarray(x) for p, x in zip(kaggle.leaf_paths(tree), jax.tree.leaves(tree))}
 
 
-def _arch_ctx(model_name, **model_kw):
+def _arch_ctx(model_name, size, **model_kw):
   """One untrained `model_name` on 32x32 digits (originals = inits: no training to compile),
   with one batch of 64 retain, 16 forget and 16 val samples."""
   ds = data_lib.load("digits", image_size=32, channels=3)
-  model = models.get(model_name, ds.num_classes, **model_kw)
+  model = arch_model(model_name, ds.num_classes, size, **model_kw)
   recipe = train.Recipe(batch_size=64, augment="flip", mean=(0.3054,), std=(0.3760,))
   inits = train.init_variables(model, jax.random.split(jax.random.key(0), 1), ds.inputs.shape[1:])
   perm = np.random.default_rng(0).permutation(len(ds.labels))
@@ -56,14 +56,14 @@ def _arch_ctx(model_name, **model_kw):
                                 num_classes=ds.num_classes, strategy="loop")
 
 
-@pytest.fixture(scope="module")
-def resnet_ctx():
-  return _arch_ctx("resnet18")
+@pytest.fixture(scope="module", params=ARCH_SIZES)
+def resnet_ctx(request):
+  return _arch_ctx("resnet18", request.param)
 
 
-@pytest.fixture(scope="module")
-def vit_ctx():
-  return _arch_ctx("tinyvit_11m", img_size=32)
+@pytest.fixture(scope="module", params=ARCH_SIZES)
+def vit_ctx(request):
+  return _arch_ctx("tinyvit_11m", request.param, img_size=32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,7 +253,6 @@ def test_cfw_class_weights_are_sklearn_balanced(tiny_ctx):
                                rtol=1e-5)
 
 
-@pytest.mark.slow  # ResNet-18 / TinyViT compile: `make test-slow`
 def test_cfw_confuser_touches_only_the_stem_conv_with_its_std(resnet_ctx):
   std = 0.3
   out = unlearn.get("cfw").run(resnet_ctx, {"num_epochs": 1, "start_confuser_std": std, **ZERO_LR},
@@ -265,7 +264,7 @@ def test_cfw_confuser_touches_only_the_stem_conv_with_its_std(resnet_ctx):
   assert diff.std() == pytest.approx(std, rel=0.05) and abs(diff.mean()) < 0.02
 
 
-@pytest.mark.slow  # ResNet-18 / TinyViT compile: `make test-slow`
+@pytest.mark.slow  # the mini variant too: compiles too long for `make test`
 def test_cfw_confuser_is_a_noop_on_tinyvit(vit_ctx):
   params = jax.tree.map(lambda x: x[0], vit_ctx.originals["params"])
   same = kaggle.confuse(params, 0.6, jax.random.key(0))
@@ -346,7 +345,6 @@ def test_ct_transposes_every_conv_kernel_then_trains(tiny_ctx):
   _ct_check(tiny_ctx)
 
 
-@pytest.mark.slow  # ResNet-18 / TinyViT compile: `make test-slow`
 def test_ct_on_resnet18(resnet_ctx):
   _ct_check(resnet_ctx)
 
@@ -356,7 +354,6 @@ def test_ct_on_resnet18(resnet_ctx):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.slow  # ResNet-18 / TinyViT compile: `make test-slow`
 def test_kde_resets_exactly_stem_conv_and_head(resnet_ctx):
   hp = {"num_epochs": 1, "retain_num_epochs": 1, **ZERO_LR, "retain_learning_rate": 0.0}
   out = unlearn.get("kde").run(resnet_ctx, hp, jax.random.key(5)).states
@@ -460,13 +457,13 @@ def _runs(ctx, name):
   return out
 
 
-@pytest.mark.slow  # ResNet-18 / TinyViT compile: `make test-slow`
+@pytest.mark.slow  # the mini variant too: compiles too long for `make test`
 @pytest.mark.parametrize("name", ["msg", "prmq", "rni"])
 def test_runs_on_resnet18(resnet_ctx, name):
   _runs(resnet_ctx, name)
 
 
-@pytest.mark.slow  # ResNet-18 / TinyViT compile: `make test-slow`
+@pytest.mark.slow  # the mini variant too: compiles too long for `make test`
 def test_ct_and_msg_on_tinyvit(vit_ctx):
   _ct_check(vit_ctx)
   _runs(vit_ctx, "msg")

@@ -10,6 +10,7 @@ import optuna
 import pytest
 from jax.flatten_util import ravel_pytree
 
+from conftest import ARCH_SIZES, arch_model
 from jaxmu import data as data_lib
 from jaxmu import models, train, unlearn
 from jaxmu.unlearn import base, second_order
@@ -229,10 +230,11 @@ def test_runs_on_the_tiny_stack(tiny_ctx, name, hp):
   assert not np.array_equal(out["params"]["fc"]["kernel"], before["params"]["fc"]["kernel"])
 
 
-@pytest.mark.slow  # ResNet-18 / TinyViT compile: `make test-slow`
-def test_resnet18_32px_runs_both():
+@pytest.mark.slow  # the mini variant too: compiles too long for `make test`
+@pytest.mark.parametrize("size", ARCH_SIZES)
+def test_resnet18_32px_runs_both(size):
   ds = data_lib.load("digits", image_size=32, channels=3)
-  model = models.get("resnet18", ds.num_classes)
+  model = arch_model("resnet18", ds.num_classes, size)
   inits = train.init_variables(model, jax.random.split(jax.random.key(0), 1), ds.inputs.shape[1:])
   ctx = base.Context.create(model, train.Recipe(batch_size=8, augment="none"), ds, inits, inits,
                             np.arange(12), np.arange(12, 16), np.arange(16, 20), model_ids=(0,),
