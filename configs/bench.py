@@ -38,7 +38,8 @@ def get_config(arg: str | None = None):
   c.num_classes = 10
   c.time_budget_s = 0  # stop starting new rows after this many seconds; 0 = no limit
   if arg == "gpu":
-    c.models = ("resnet18", "resnet18:stem=cifar", "airbench94", "tinyvit_11m:img_size=32", "small_cnn")
+    c.models = ("resnet18", "resnet18:stem=cifar", "airbench94", "tinyvit_11m:img_size=32",
+                "small_cnn")
     c.dtypes = ("bfloat16", "float32")
     c.num_models = (1, 16, 4, 64)
     c.batch_size = 256

@@ -20,7 +20,8 @@ _DISTRIBUTED = flags.DEFINE_bool(
     "environment; implied by --coordinator_address.")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0 for jax.distributed (multi-host runs).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (jax.distributed).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
+                                      "Number of processes (jax.distributed).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id in [0, num_processes).")
 
 # Programs compiling faster than this are not worth a disk read (JAX's default is 1 s, which

@@ -95,7 +95,8 @@ def _setup(spec, num_models, strategy, dtype, config):
     epoch_steps = jnp.full((num_models,), config.batches_per_epoch, jnp.int32)
     per_model = (orders, keys, keys, totals, epoch_steps)
     step = airbench._compiled_step(model, hyper, strat.name)
-    shared = lambda s: (inputs, labels, jnp.int32(s % config.batches_per_epoch), jnp.int32(0))  # noqa: E731
+    shared = lambda s: (inputs, labels, jnp.int32(s % config.batches_per_epoch),  # noqa: E731
+                        jnp.int32(0))
     single = functools.partial(airbench.train_step, model, hyper)
   else:
     model = models.get(name, config.num_classes, **kw)
@@ -118,7 +119,7 @@ def _setup(spec, num_models, strategy, dtype, config):
   return (lambda internal, s: step(internal, *args, *shared(s))[0]), strat.enter(state), flops
 
 
-_FLOPS: dict[tuple, float | None] = {}  # per (model spec, dtype, batch): one compile for the analysis
+_FLOPS: dict[tuple, float | None] = {}  # per (spec, dtype, batch): one compile for the analysis
 
 
 def measure(spec, num_models, strategy, dtype, config) -> dict:
@@ -267,8 +268,8 @@ def projections(rows) -> list[str]:
     r = best("resnet18", dtype)
     if r:
       minutes = 10 * 182 * (42_500 + 38_250) / r["images_per_s"] / 60
-      out.append(f"- 20 DeepUnlearn CIFAR-10 reference models, ResNet-18 {dtype}: {minutes:.1f} min "
-                 f"at the best measured {r['images_per_s']:,.0f} images/s (N={r['num_models']}, "
+      out.append(f"- 20 DeepUnlearn CIFAR-10 reference models, ResNet-18 {dtype}: "
+                 f"{minutes:.1f} min at the best measured {r['images_per_s']:,.0f} images/s (N={r['num_models']}, "
                  f"{r['strategy']}; target <= 10 min).")
     r = best("resnet18:stem=cifar", dtype)
     if r:

@@ -84,7 +84,8 @@ def _numpy_step(params, grads, buffers, hyper, factor, whiten_bias_on):
   lr, wd = hyper.lr / kilostep, hyper.weight_decay * hyper.batch_size / kilostep
   out = {}
   for path, p in params.items():
-    if path == ("stem_whiten", "kernel") or (path == ("stem_whiten", "bias") and not whiten_bias_on):
+    frozen_bias = path == ("stem_whiten", "bias") and not whiten_bias_on
+    if path == ("stem_whiten", "kernel") or frozen_bias:
       out[path] = p
       continue
     group_lr = lr * 64 if path[-2].startswith("bn") else lr
@@ -193,7 +194,9 @@ def test_tta_is_the_mean_of_mirrored_and_shifted_passes(digits, trained):
   got = airbench.predict(model, out.variables, data, batch, hyper, strategy="vmap", batch_size=32)
   v = jax.tree.map(lambda a: a[0], out.variables)
   x = (np.asarray(ds.inputs[batch], np.float64) / 255 - MEAN[0]) / STD[0]
-  net = lambda z: np.asarray(model.apply(v, jnp.asarray(z, jnp.float32), train=False), np.float64)  # noqa: E731
+  def net(z):
+    return np.asarray(model.apply(v, jnp.asarray(z, jnp.float32), train=False), np.float64)
+
   mirror = lambda z: (net(z) + net(z[:, :, ::-1])) / 2  # noqa: E731
   padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
   want = mirror(x) / 2 + (mirror(padded[:, :32, :32]) + mirror(padded[:, 2:, 2:])) / 4

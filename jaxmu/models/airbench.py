@@ -56,7 +56,8 @@ def dirac_init(base: Callable = torch_default_kernel_init) -> Callable:
     h, w, cin, cout = shape
     kernel = base(key, shape, dtype)
     k = min(cin, cout)
-    identity = jnp.zeros((h, w, cin, k), dtype).at[h // 2, w // 2, jnp.arange(k), jnp.arange(k)].set(1)
+    identity = jnp.zeros((h, w, cin, k), dtype).at[
+        h // 2, w // 2, jnp.arange(k), jnp.arange(k)].set(1)
     return kernel.at[..., :k].set(identity)
   return init
 
@@ -230,7 +231,8 @@ def _translate(key, images, pad: int) -> jax.Array:
   b, h, w, c = images.shape
   padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
   offsets = jax.random.randint(key, (b, 2), 0, 2 * pad + 1)
-  return jax.vmap(lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, c)))(padded, offsets)
+  crop = lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, c))  # noqa: E731
+  return jax.vmap(crop)(padded, offsets)
 
 
 def _is_bn_bias(path) -> bool:
@@ -330,11 +332,12 @@ def fit(model: Airbench, variables: dict[str, Any], data: train.DeviceData, inde
   per_model = [strat.enter_args(a) for a in (flip_keys, jnp.asarray(total_steps),
                                              jnp.asarray(epoch_steps, jnp.int32))]
   index_dev, history = jnp.asarray(sets), []
-  bar = tqdm(range(math.ceil(hyper.epochs)), desc=progress if isinstance(progress, str) else "airbench",
-             disable=not progress, leave=False)
+  bar = tqdm(range(math.ceil(hyper.epochs)), disable=not progress, leave=False,
+             desc=progress if isinstance(progress, str) else "airbench")
   for epoch in bar:
     epoch_keys = jax.vmap(lambda k: jax.random.fold_in(k, epoch))(run_keys)
-    orders = strat.enter_args(orders_fn(index_dev, jax.vmap(lambda k: jax.random.fold_in(k, 0))(epoch_keys)))
+    order_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(epoch_keys)
+    orders = strat.enter_args(orders_fn(index_dev, order_keys))
     step_keys = strat.enter_args(jax.vmap(lambda k: jax.random.fold_in(k, 1))(epoch_keys))
     totals = []
     for s in range(int(epoch_steps.max())):
