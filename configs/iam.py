@@ -87,6 +87,7 @@ def get_config(arg: str | None = None):
   c.train.optimizer = "sgd"
   c.train.schedule = "cosine"
   c.train.schedule_unit = "epoch"
+  c.train.dtype = "float32"  # bfloat16: mixed precision on GPU (the reference trained in fp32)
   c.train.select_best = True  # keep each model's best-on-validation epoch (iam-spec 6.2)
   c.train.data_seed = 0
   c.original_per_seed = False  # one shared original (new_records.py) or one per seed (new_reseed)

@@ -84,7 +84,7 @@ def recipe(config) -> train.Recipe:
   t, d = config.train, config.data
   return train.Recipe(batch_size=t.batch_size, optimizer=t.optimizer, schedule=t.schedule,
                       schedule_unit=t.schedule_unit, t_max=t.t_max, augment=d.augment,
-                      mean=tuple(d.mean), std=tuple(d.std))
+                      mean=tuple(d.mean), std=tuple(d.std), dtype=t.get("dtype", "float32"))
 
 
 def shadow_groups(num_shadows: int, k: int, max_groups: int) -> list[list[int]]:
