@@ -49,7 +49,8 @@ def vit():
 # ---------------------------------------------------------------- registry, counts, shapes
 
 def test_registry():
-    assert models.NAMES == ("resnet18", "resnet34", "resnet50", "tinyvit_11m", "small_cnn", "purchase_mlp")
+    assert models.NAMES == ("resnet18", "resnet34", "resnet50", "tinyvit_11m", "small_cnn", "purchase_mlp",
+                            "airbench94")
     with pytest.raises(ValueError, match="resnet18.*purchase_mlp"):
         models.get("vgg16", 10)
     with pytest.raises(ValueError, match="stem"):
