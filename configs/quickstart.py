@@ -9,10 +9,9 @@ compilation included; originals reach test accuracy >= 0.95, retain accuracy nea
 and CT (the paper's recommended methods) with 4 TPE trials each on the stack of seeds 0 and 1;
 runs every unlearning method of the registry on the stack of all originals (MSG and CT with their
 best trial, the others with the reference defaults); evaluates every (method, seed) and writes
-runs/quickstart/report.md (ranked table, figures), results.csv and summary.csv. About 5 minutes
-in all on an idle 2-core CPU, compilation included (estimated: the demo without search and MIA
-took 3 min 50 s idle; this one used 6.2 CPU-minutes, 13.7 minutes of wall time on a 2-core CPU
-shared with jobs at load average 8, on 2026-11-23).
+runs/quickstart/report.md (ranked table, figures), results.csv and summary.csv. `make demo`
+(this config up to its search, U-LiRA from configs/ulira.py:cpu, then the rest) took 236 s wall,
+322 CPU-seconds, on an idle 2-core CPU on 2026-11-23, compilation included.
 """
 
 from configs import deepunlearn
