@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 from absl import flags
 
@@ -76,3 +77,18 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(2)
   enable_compilation_cache(_CACHE.value)
   return rest
+
+
+def run_pipeline(run: Callable[..., Path | None], config, workdir: str, argv: list[str],
+                 **kwargs) -> None:
+  """The body of a pipeline launcher's ``main``: refuses stray arguments, quiets orbax (it logs
+  every save and restore at INFO), runs ``run(config, workdir, **kwargs)`` and prints the report
+  it returns."""
+  from absl import app, logging
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)
+  path = run(config, workdir, **kwargs)
+  if path is not None and path.suffix == ".md":
+    print(path.read_text())
+  print(f"Done: {path}")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/ and an uninstalled jaxmu
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from jaxmu import cli  # noqa: E402
@@ -22,13 +22,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)  # orbax logs every save and restore at INFO
-  path = ulira.run(_CONFIG.value, _WORKDIR.value)
-  if path.suffix == ".md":
-    print(path.read_text())
-  print(f"Done: {path}")
+  cli.run_pipeline(ulira.run, _CONFIG.value, _WORKDIR.value, argv)
 
 
 if __name__ == "__main__":

@@ -188,28 +188,6 @@ def test_bad_inputs_fail_clearly():
     train.create_state(state.variables, RECIPE, lr=0.1)
 
 
-_SHARDED = textwrap.dedent("""
-    import jax, numpy as np
-    assert jax.local_device_count() == 4, jax.devices()
-    import tests.test_train as t
-    model, state = t._setup(num_models=3, lrs=(0.1, 0.05, 0.02))
-    x, y = t._data()
-    sets = t.SETS + [np.arange(150, 250)]
-    a = t._fit(model, state, x, y, sets, strategy="sharded")
-    b = t._fit(model, state, x, y, sets, strategy="loop")
-    t._assert_trees_equal(a.state.params, b.state.params, atol=1e-5)
-    print("SHARDED_OK")
-""")
-
-
-def test_sharded_over_four_devices_equals_loop():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
-  out = subprocess.run([sys.executable, "-c", _SHARDED], env=env, cwd=ROOT, capture_output=True,
-                       text=True, timeout=300)
-  assert "SHARDED_OK" in out.stdout, out.stderr[-3000:]
-
-
 _RESUME = textwrap.dedent("""
     import os, signal, sys
     import jax, numpy as np
