@@ -14,6 +14,11 @@ starting rows after `time_budget_s` (launch/gpu_bench.sh runs it in one call on 
 
 `:attacks` times attack scoring on random signals after compilation: IAM (gumbel, kde) at
 N = 30,000, K = 16, A = 100, and Carlini online LiRA with 64 shadows (about 30 s on 2 CPU cores).
+
+    python launch/benchmark.py --config=configs/bench.py:search --out=runs/bench_search.json
+
+`:search` times the hyper-parameter search (trials x seeds per second) with the 3 tuning seeds
+as one stack vs one seed at a time, the same 4 trials each, for finetune and msg on digits.
 """
 
 import ml_collections
@@ -51,6 +56,11 @@ def get_config(arg: str | None = None):
     c.attacks = ml_collections.ConfigDict(dict(
         num_samples=30_000, iam_shadows=16, num_interp=100, iam_dists=("gumbel", "kde"),
         lira_shadows=64, repeats=5))
+  elif arg == "search":
+    c.section = "search"
+    c.search = ml_collections.ConfigDict(dict(
+        methods=("finetune", "msg"), seeds=3, trials=4, train_epochs=10))
   elif arg:
-    raise ValueError(f"unknown bench config argument {arg!r}; use nothing, 'gpu' or 'attacks'")
+    raise ValueError(f"unknown bench config argument {arg!r}; use nothing, 'gpu', 'attacks' or "
+                     "'search'")
   return c

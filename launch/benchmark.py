@@ -1,5 +1,6 @@
 """Measures training throughput of stacks of models (per model family, stack size, strategy and
-compute dtype) or (``configs/bench.py:attacks``) the time of attack scoring; prints a table and
+compute dtype), or (``configs/bench.py:attacks``) the time of attack scoring, or
+(``configs/bench.py:search``) trials x seeds per second of the search; prints a table and
 writes JSON (and with ``--out_md`` a Markdown table with the issue [9/9] projections).
 
     python launch/benchmark.py --config=configs/bench.py --out=runs/bench.json
@@ -12,7 +13,7 @@ step come from XLA's cost analysis of the compiled one-model training step
 (``compiled.cost_analysis()["flops"]``, forward + backward + update as compiled, not counted by
 hand); utilisation divides the achieved FLOP rate by the device's dense peak (`PEAK_TFLOPS`).
 
-Imports neither optuna nor tensorflow-datasets, so it runs with only jax/flax/optax installed
+Imports neither optuna nor tensorflow-datasets (except the ``search`` section), so it runs with only jax/flax/optax installed
 (e.g. on a lent GPU machine with PYTHONPATH=.).
 """
 
@@ -194,6 +195,41 @@ def measure_attacks(config) -> list[dict]:
   return rows
 
 
+def measure_search(config) -> list[dict]:
+  """Trials x seeds per second of the hyper-parameter search (`jaxmu.search.throughput`): the
+  tuning seeds as one stack vs one seed at a time, the same trials, on digits originals and
+  retrained models trained here as one stack (imports optuna)."""
+  import jax
+  import numpy as np
+
+  from jaxmu import data as data_lib
+  from jaxmu import models, search, train, unlearn
+  from jaxmu.data import splits as splits_lib
+
+  c = config.search
+  ds = data_lib.load("digits")
+  parts = splits_lib.deepunlearn(ds.num_train, ds.num_test, seed=123)
+  model = models.get("small_cnn", ds.num_classes)
+  r = data_lib.recipe("digits")
+  recipe = train.Recipe(batch_size=64, mean=tuple(r.mean), std=tuple(r.std), augment=r.augment)
+  seeds = tuple(range(c.seeds))
+  inits = train.init_variables(model, jax.vmap(jax.random.key)(np.asarray(seeds, np.uint32)),
+                               ds.inputs.shape[1:])
+  both = jax.tree.map(lambda x: np.concatenate([x, x]), inits)
+  state = train.create_state(both, recipe, learning_rate=0.05)
+  full = np.concatenate([parts["retain"], parts["forget"]])
+  trained = train.fit(model, state, train.DeviceData.create(ds),
+                      [full] * len(seeds) + [parts["retain"]] * len(seeds), recipe,
+                      c.train_epochs, jax.random.key(0), progress=False).state.variables
+  originals, retrained = (jax.tree.map(lambda x, g=g: x[g * len(seeds):(g + 1) * len(seeds)],
+                                       trained) for g in range(2))
+  ctx = unlearn.Context.create(model, recipe, train.DeviceData.create(ds), originals, inits,
+                               parts["retain"], parts["forget"], parts["val"], model_ids=seeds,
+                               num_classes=ds.num_classes, train_epochs=c.train_epochs)
+  return [search.throughput(method, ctx, retrained, c.trials, stacked)
+          for method in c.methods for stacked in (True, False)]
+
+
 def environment() -> dict:
   """Device, backend and library versions for the JSON and the printed table."""
   import jax
@@ -298,8 +334,8 @@ def main(argv):
       Path(_OUT_MD.value).write_text(markdown(result))
 
   print(json.dumps(result["environment"]), flush=True)
-  if config.section == "attacks":
-    rows = measure_attacks(config)
+  if config.section in ("attacks", "search"):
+    rows = (measure_attacks if config.section == "attacks" else measure_search)(config)
     for row in rows:
       print(json.dumps(row), flush=True)
   else:
