@@ -40,7 +40,6 @@ import zlib
 from pathlib import Path
 
 import jax
-import matplotlib
 import ml_collections
 import numpy as np
 import threadpoolctl
@@ -243,7 +242,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
       rows = report.read_csv(wd.path("ulira.csv"))
       curves = {r["method"]: dict(np.load(wd.path("roc", f"{r['method']}.npz"))) for r in rows}
       times = json.loads(wd.path("times.json").read_text())
-      _plot_roc(st.tmp / "roc.png", curves)
+      report.plot_ulira_roc(curves, st.tmp / "roc.png")
       (st.tmp / "report.md").write_text(ulira_report(config, rows, times))
       st.commit()
   return wd.path("report.md")
@@ -411,29 +410,6 @@ def score_method(unlearned: dict[str, np.ndarray], retrained: dict[str, np.ndarr
     row["reference_balanced_accuracy"] = ref.balanced_accuracy
   curve = {"fpr": roc["curve"]["fpr"], "tpr": roc["curve"]["tpr"]}
   return row, curve, {"samples": s, "member_prob": res.member_prob, "accuracy": res.accuracy}
-
-
-def _plot_roc(path: Path, curves: dict[str, dict[str, np.ndarray]]) -> None:
-  """U-LiRA ROC per method, linear and log-log (the low-FPR region), with the chance line."""
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
-  for ax, log in zip(axes, (False, True)):
-    for method, c in curves.items():
-      ax.plot(c["fpr"], c["tpr"], label=method)
-    ax.plot([1e-5 if log else 0, 1], [1e-5 if log else 0, 1], "k--", lw=0.8, label="chance")
-    if log:
-      ax.set_xscale("log")
-      ax.set_yscale("log")
-      ax.set_xlim(1e-4, 1)
-      ax.set_ylim(1e-4, 1)
-    ax.set_xlabel("false positive rate (retrained called unlearned)")
-    ax.set_ylabel("true positive rate (unlearned called unlearned)")
-  axes[0].legend(fontsize=8)
-  fig.suptitle("U-LiRA: unlearned vs retrained models, per forgotten sample")
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
 
 
 def ulira_report(config: ml_collections.ConfigDict, rows: list[dict], times: dict) -> str:
