@@ -153,9 +153,14 @@ def schedule_factor(recipe: Recipe, epoch, step, t_max):
 
 def init_variables(model, keys: jax.Array, input_shape: Sequence[int]) -> dict[str, Any]:
   """One initialisation per key, stacked: ``keys`` has shape [N] (typed keys)."""
+  return _compiled_init(model, tuple(input_shape))(keys)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_init(model, input_shape: tuple[int, ...]) -> Callable:
+  """One jitted initialiser per (model, input shape), so repeated calls do not recompile."""
   dummy = jnp.zeros((1, *input_shape), jnp.float32)
-  init = lambda k: model.init({"params": k}, dummy, train=False)  # noqa: E731
-  return jax.jit(jax.vmap(init))(keys)
+  return jax.jit(jax.vmap(lambda k: model.init({"params": k}, dummy, train=False)))
 
 
 def create_state(variables: Mapping[str, Any], recipe: Recipe, **hparams) -> TrainState:

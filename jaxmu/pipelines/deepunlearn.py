@@ -39,7 +39,7 @@ import numpy as np
 import threadpoolctl
 from tqdm.auto import tqdm
 
-from jaxmu import checkpoint, models, report, search, stages, train, unlearn
+from jaxmu import checkpoint, models, parallel, report, search, stages, train, unlearn
 from jaxmu import data as data_lib
 from jaxmu.attacks import metrics, mia
 from jaxmu.data import splits as splits_lib
@@ -69,7 +69,8 @@ def load_dataset(config: ml_collections.ConfigDict) -> data_lib.Dataset:
                        **config.dataset.options.to_dict())
 
 
-def _abstract_variables(model, num: int, input_shape) -> dict:
+def abstract_variables(model, num: int, input_shape) -> dict:
+  """Shapes and dtypes of a stack of ``num`` models' variables (the ``like`` of checkpoint.restore)."""
   keys = jax.random.split(jax.random.key(0), num)
   return jax.eval_shape(lambda k: train.init_variables(model, k, input_shape), keys)
 
@@ -127,7 +128,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, process: int = 0
 
   model = models.get(config.model.name, dataset.num_classes, **config.model.options.to_dict())
   input_shape = dataset.inputs.shape[1:]
-  like = _abstract_variables(model, len(seeds), input_shape)
+  like = abstract_variables(model, len(seeds), input_shape)
   with stage("init", config={"model": config.model, "seeds": seeds,
                              "classes": dataset.num_classes, "shape": input_shape},
              outputs=("models/init",)) as st:
@@ -269,8 +270,7 @@ def _train_reference_models(config, wd, st, model, dataset, parts, seeds, like) 
   seconds = time.perf_counter() - start
   variables = jax.device_get(result.state.variables)
   for g, group in enumerate(GROUPS):
-    checkpoint.save(st.tmp / "models" / group,
-                    jax.tree.map(lambda x, g=g: x[g * n:(g + 1) * n], variables))
+    checkpoint.save(st.tmp / "models" / group, parallel.slice_models(variables, g * n, (g + 1) * n))
   # Per model: the stack's wall time shared equally (the models train together); this is the
   # retrained model's time per model that run-time efficiency divides by (docs/deviations.md).
   times = {"stack_seconds": seconds, "models": 2 * n, "seconds_per_model": seconds / (2 * n),

@@ -43,13 +43,13 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxmu import checkpoint, models, report, stages, train, unlearn
+from jaxmu import checkpoint, models, parallel, report, stages, train, unlearn
 from jaxmu import data as data_lib
 from jaxmu.attacks import iam, signals
 from jaxmu.attacks.audit import ATTACKS, Population, UnleakData, audit, unleak_model
 from jaxmu.data import augment as augment_lib
 from jaxmu.data import splits as splits_lib
-from jaxmu.pipelines.deepunlearn import _abstract_variables, load_dataset
+from jaxmu.pipelines.deepunlearn import abstract_variables, load_dataset
 
 STAGES = ("splits", "shadows", "ref_in", "targets", "signals", "binui", "score_ui", "approx",
           "report")
@@ -272,9 +272,9 @@ class _Pipeline:
                        outputs=("models/shadows", "models/shadow_origin")) as st:
       if not st.done and self.incremental:  # the old data's shadows, as they are
         base_k = self.base.config.num_shadows
-        like = _abstract_variables(self.shadow_model, base_k, self.input_shape)
+        like = abstract_variables(self.shadow_model, base_k, self.input_shape)
         shadows = checkpoint.restore(self.base.path("models/shadows"), like)
-        checkpoint.save(st.tmp / "models/shadows", jax.tree.map(lambda x: x[:k], shadows))
+        checkpoint.save(st.tmp / "models/shadows", parallel.slice_models(shadows, 0, k))
         shutil.copytree(self.base.path("models/shadow_origin"), st.tmp / "models/shadow_origin")
         st.commit()
       if not st.done:
@@ -284,10 +284,8 @@ class _Pipeline:
         ids = [_IDS["shadows"] + i for i in range(k)] + [_IDS["shadow_origin"]]
         best = self._train("shadows", self.shadow_model, ids, index_sets, val_sets,
                            c.train.epochs, c.train.batch_size, shadow_data=True)
-        checkpoint.save(st.tmp / "models/shadows", jax.tree.map(lambda x: x[:k], best))
-        checkpoint.save(st.tmp / "models/shadow_origin", jax.tree.map(lambda x: x[k:], best))
-        st.commit()
-        shutil.rmtree(self.wd.path("checkpoints", "shadows"), ignore_errors=True)
+        self._publish(st, "shadows", {"shadows": parallel.slice_models(best, 0, k),
+                                      "shadow_origin": parallel.slice_models(best, k, k + 1)})
     return self.wd.path("models/shadows")
 
   def ref_in(self):
@@ -300,9 +298,7 @@ class _Pipeline:
         best = self._train("ref_in", self.model, [_IDS["ref_in"]], [p["val_0"]],
                            p["test_0"] if self.shifted else p["shadow_pool"], c.ref_in.epochs,
                            c.ref_in.batch_size)
-        checkpoint.save(st.tmp / "models/ref_in", best)
-        st.commit()
-        shutil.rmtree(self.wd.path("checkpoints", "ref_in"), ignore_errors=True)
+        self._publish(st, "ref_in", {"ref_in": best})
     return self.wd.path("models/ref_in")
 
   def num_originals(self):
@@ -327,21 +323,27 @@ class _Pipeline:
           base_o, base_r = self.base.num_originals(), len(runs(self.base.config))
           if base_r < r:
             raise ValueError(f"the base run has {base_r} runs; this one needs {r}")
-          like = lambda n: _abstract_variables(self.model, n, self.input_shape)
+          like = lambda n: abstract_variables(self.model, n, self.input_shape)
           old_o = checkpoint.restore(self.base.path("models/original"), like(base_o))
           old_r = checkpoint.restore(self.base.path("models/retrain"), like(base_r))
           start = jax.tree.map(lambda a, b: np.concatenate(
               [a[np.arange(o) % base_o], b[:r]]), old_o, old_r)
         best = self._train("targets", self.model, ids, index_sets, val_sets,
                            c.train.target_epochs, c.train.batch_size, start=start)
-        checkpoint.save(st.tmp / "models/original", jax.tree.map(lambda x: x[:o], best))
-        checkpoint.save(st.tmp / "models/retrain", jax.tree.map(lambda x: x[o:], best))
-        st.commit()
-        shutil.rmtree(self.wd.path("checkpoints", "targets"), ignore_errors=True)
+        self._publish(st, "targets", {"original": parallel.slice_models(best, 0, o),
+                                      "retrain": parallel.slice_models(best, o, o + r)})
     return self.wd.path("models/retrain")
 
+  def _publish(self, st, name, groups):
+    """Saves each group's stacked variables under models/, commits the stage and drops the
+    training checkpoints of ``name``."""
+    for group, variables in groups.items():
+      checkpoint.save(st.tmp / "models" / group, variables)
+    st.commit()
+    shutil.rmtree(self.wd.path("checkpoints", name), ignore_errors=True)
+
   def restore(self, group, n, model=None):
-    like = _abstract_variables(model or self.model, n, self.input_shape)
+    like = abstract_variables(model or self.model, n, self.input_shape)
     return checkpoint.restore(self.wd.path("models", group), like)
 
   # ----------------------------------------------------------------------------------- signals
@@ -551,7 +553,7 @@ class _Pipeline:
         inputs = self.audit_inputs()
         pop_labels = np.asarray(self.dataset.labels)[np.stack([p[f"val_{i}"] for i in range(r)])]
         flags = np.concatenate([self.flags(i) for i in range(r)])
-        like = _abstract_variables(self.model, r, self.input_shape)
+        like = abstract_variables(self.model, r, self.input_shape)
         targets = {"retrain": sig["query_retrain"]}
         for m in methods:
           targets[m] = self.logits(self.model, checkpoint.restore(self.wd.path("unlearned", m), like),

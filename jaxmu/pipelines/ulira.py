@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from jaxmu import checkpoint, models, parallel, report, search, stages, train, unlearn
 from jaxmu.attacks import lira, metrics, mia, signals
 from jaxmu.data import splits as splits_lib
-from jaxmu.pipelines.deepunlearn import _abstract_variables, load_dataset, recipe_from_config
+from jaxmu.pipelines.deepunlearn import abstract_variables, load_dataset, recipe_from_config
 
 STAGES = ("splits", "init", "train", "unlearn", "ulira", "report")
 CSV_COLUMNS = ("method", "balanced_accuracy", "ci_low", "ci_high", "auc", "num_samples")
@@ -181,7 +181,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
                 outputs=("models/original", "signals/retrain.npz", "times.json")) as st:
     if not st.done:
       _train(config, wd, st, model, data, recipe, sets, dataset.num_train,
-             _abstract_variables(model, 1, input_shape))
+             abstract_variables(model, 1, input_shape))
       st.commit()
       shutil.rmtree(wd.path("checkpoints", "train"), ignore_errors=True)
   if config.stop_after == "train":
@@ -192,9 +192,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
   def context(start: int, stop: int) -> unlearn.Context:
     if not references:
       references["originals"] = jax.device_get(checkpoint.restore(
-          wd.path("models/original"), _abstract_variables(model, num_splits, input_shape)))
+          wd.path("models/original"), abstract_variables(model, num_splits, input_shape)))
       references["init"] = jax.device_get(checkpoint.restore(
-          wd.path("models/init"), _abstract_variables(model, 1, input_shape)))
+          wd.path("models/init"), abstract_variables(model, 1, input_shape)))
     return chunk_context(config, model, recipe, data, dataset.num_classes, references, sets,
                          parts["val"], start, stop)
 
