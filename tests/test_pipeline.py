@@ -113,7 +113,7 @@ def test_row_metrics_match_an_independent_computation(tiny_run):
   config = _tiny_config()
   dataset = deepunlearn.load_dataset(config)
   model = models.get(config.model.name, dataset.num_classes)
-  like = deepunlearn._abstract_variables(model, 2, dataset.inputs.shape[1:])
+  like = deepunlearn.abstract_variables(model, 2, dataset.inputs.shape[1:])
   parts = dict(np.load(workdir / "splits.npz"))
   seed = 1
   x = (dataset.inputs.astype(np.float64) / 255 - config.data.mean[0]) / config.data.std[0]

@@ -111,7 +111,7 @@ def test_original_signals_come_from_each_split_original(run):
   """`original` unlearns nothing: model (s, f) must predict exactly as split s's original."""
   wd, config, dataset = run["workdir"], run["config"], run["dataset"]
   model = models.get(config.model.name, dataset.num_classes)
-  like = deepunlearn._abstract_variables(model, 4, dataset.inputs.shape[1:])
+  like = deepunlearn.abstract_variables(model, 4, dataset.inputs.shape[1:])
   originals = checkpoint.restore(wd / "models" / "original", like)
   recipe = deepunlearn.recipe_from_config(config)
   logits = train.predict(model, originals, train.DeviceData.create(dataset),
