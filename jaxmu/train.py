@@ -159,8 +159,9 @@ def init_variables(model, keys: jax.Array, input_shape: Sequence[int]) -> dict[s
 @functools.lru_cache(maxsize=None)
 def _compiled_init(model, input_shape: tuple[int, ...]) -> Callable:
   """One jitted initialiser per (model, input shape), so repeated calls do not recompile."""
-  dummy = jnp.zeros((1, *input_shape), jnp.float32)
-  return jax.jit(jax.vmap(lambda k: model.init({"params": k}, dummy, train=False)))
+  def init(key):  # the dummy input is built inside: a cached closure must not hold a tracer
+    return model.init({"params": key}, jnp.zeros((1, *input_shape), jnp.float32), train=False)
+  return jax.jit(jax.vmap(init))
 
 
 def create_state(variables: Mapping[str, Any], recipe: Recipe, **hparams) -> TrainState:
