@@ -1,4 +1,5 @@
-"""IAM score against an explicit float64 NumPy implementation of iam-spec 3.2/3.3; BinUI, ScoreUI."""
+"""IAM score against an explicit float64 NumPy implementation of iam-spec 3.2/3.3; BinUI, ScoreUI
+(7.5), class-level metrics (9.3)."""
 
 import math
 
@@ -172,6 +173,138 @@ def test_score_ui_against_scipy():
   np.testing.assert_allclose(out["mse"], np.mean((member - deg) ** 2), rtol=1e-12)
   assert out["spearman"] > 0.8
 
+
+
+def _density_histogram(x, edges):
+  """Per-bin count / (n * width) by explicit comparisons; the last bin closed, as np.histogram."""
+  hist = []
+  for i in range(len(edges) - 1):
+    upper = x <= edges[i + 1] if i == len(edges) - 2 else x < edges[i + 1]
+    hist.append(np.sum((x >= edges[i]) & upper) / (x.size * (edges[i + 1] - edges[i])))
+  return hist
+
+
+def test_score_ui_kl_and_mse_per_column():
+  rng = np.random.default_rng(0)
+  degree = np.arange(21) / 20
+  scores = np.clip(1 - degree + 0.2 * rng.standard_normal((40, 21)), 0, 1)
+  out = iam.score_ui(scores, degree)
+  member = 1 - scores
+  member = (member - member.min()) / (member.max() - member.min())
+  deg = np.broadcast_to(degree, scores.shape)
+  edges = np.linspace(0.0, 1.0, 21)  # np.histogram's 20 equal bins over the degree's range
+  p, q = _density_histogram(deg.ravel(), edges), _density_histogram(member.ravel(), edges)
+  kl = sum(pi * math.log((pi + 1e-10) / (qi + 1e-10)) for pi, qi in zip(p, q))
+  np.testing.assert_allclose(out["kl"], kl, rtol=1e-10)
+  assert out["kl"] > 0
+  expected = [np.mean([(member[i, b] - degree[b]) ** 2 for i in range(40)]) for b in range(21)]
+  assert isinstance(out["mse_per_column"], list) and len(out["mse_per_column"]) == 21
+  np.testing.assert_allclose(out["mse_per_column"], expected, rtol=1e-12)
+  np.testing.assert_allclose(np.mean(out["mse_per_column"]), out["mse"], rtol=1e-12)
+  # 1-D scores: a single column; a membership equal to the degree (random values spanning [0, 1],
+  # none within rounding of a bin edge) has equal histograms, so KL 0.
+  deg = np.r_[0.0, 1.0, rng.random(300)]
+  flat = iam.score_ui(1 - deg, deg)
+  assert flat["mse_per_column"] == [flat["mse"]] and flat["mse"] < 1e-30
+  assert flat["kl"] == 0.0
+  with pytest.raises(ValueError, match=r"\[N\] or \[N, B \+ 1\]"):
+    iam.score_ui(scores[None], degree)
+
+
+def _class_inputs(seed=0, r=3, n=200):
+  """[R, N] unlearning scores in (0, 1), forgotten flags (a different fraction per run)."""
+  rng = np.random.default_rng(seed)
+  forgotten = (rng.random((r, n)) < np.linspace(0.2, 0.5, r)[:, None]).astype(np.int64)
+  scores = np.clip(0.3 + 0.4 * forgotten + 0.2 * rng.standard_normal((r, n)), 1e-3, 1 - 1e-3)
+  return scores, forgotten
+
+
+def _clamped_bce(s, b):
+  """torch's weighted binary_cross_entropy, element by element, each log clamped at -100."""
+  pos_weight = np.sum(b == 0) / np.sum(b == 1)
+  total = 0.0
+  for si, bi in zip(s.tolist(), b.tolist()):
+    log_s = max(math.log(si), -100.0) if si > 0 else -100.0
+    log_1ms = max(math.log(1 - si), -100.0) if si < 1 else -100.0
+    total += -(pos_weight if bi == 1 else 1.0) * (bi * log_s + (1 - bi) * log_1ms)
+  return total / s.size
+
+
+def _expected_class_stats(s, b):
+  pos, neg = s[b == 1], s[b == 0]
+  # AUC as the Mann-Whitney statistic: P(s_pos > s_neg) + P(tie) / 2.
+  auc = np.mean((pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :]))
+  k1, k0 = max(int(0.1 * pos.size), 1), max(int(0.1 * neg.size), 1)
+  out = {"auc": auc, "bce": _clamped_bce(s, b),
+         "last_1": np.sort(pos)[:k1].mean(), "last_0": np.sort(neg)[::-1][:k0].mean()}
+  for flag, x in ((1, pos), (0, neg)):
+    out.update({f"mean_{flag}": x.mean(), f"std_{flag}": np.sqrt(np.mean((x - x.mean()) ** 2)),
+                f"max_{flag}": x.max(), f"min_{flag}": x.min()})
+  return out
+
+
+def test_class_level_metrics_against_numpy():
+  scores, forgotten = _class_inputs()
+  # Scores of exactly 1 (retained) and 0 (forgotten) make log(s) and log(1 - s) = -inf: clamped.
+  scores[0, np.flatnonzero(forgotten[0] == 0)[0]] = 1.0
+  scores[1, np.flatnonzero(forgotten[1] == 1)[0]] = 0.0
+  scores[2, np.flatnonzero(forgotten[2] == 1)[0]] = 1.0  # log(1) = 0 terms, no clamp
+  out = iam.class_level_metrics(scores, forgotten.astype(bool))
+  s, b = 1 - scores, 1 - forgotten
+  keys = {"auc", "bce", "mean_1", "std_1", "max_1", "min_1", "last_1",
+          "mean_0", "std_0", "max_0", "min_0", "last_0"}
+  expected_runs = [_expected_class_stats(s[r], b[r]) for r in range(3)]
+  assert len(out["runs"]) == 3
+  for got, want in zip(out["runs"], expected_runs):
+    assert set(got) == keys and all(type(v) is float for v in got.values())
+    for key in keys:
+      np.testing.assert_allclose(got[key], want[key], rtol=1e-12, err_msg=key)
+  pos_weight = np.sum(b[0] == 0) / np.sum(b[0] == 1)
+  assert out["runs"][0]["bce"] > 100 * pos_weight / 200 and out["runs"][1]["bce"] > 100 / 200
+  overall = _expected_class_stats(s.ravel(), b.ravel())
+  overall["b_std"] = np.std([w["bce"] for w in expected_runs])
+  overall["c_std1"] = np.std([w["mean_1"] for w in expected_runs])
+  overall["c_std0"] = np.std([w["mean_0"] for w in expected_runs])
+  assert set(out["overall"]) == keys | {"b_std", "c_std1", "c_std0"}
+  for key, want in overall.items():
+    assert type(out["overall"][key]) is float
+    np.testing.assert_allclose(out["overall"][key], want, rtol=1e-12, err_msg=key)
+  assert out["overall"]["b_std"] > 0 and out["overall"]["auc"] > 0.8
+
+
+def test_class_level_metrics_last_uses_at_least_one_sample():
+  scores, forgotten = _class_inputs(seed=1, r=2, n=200)
+  forgotten[0] = 0
+  forgotten[0, :5] = 1  # 5 forgotten samples: int(0.1 * 5) = 0, so k = 1
+  out = iam.class_level_metrics(scores, forgotten)["runs"][0]
+  assert out["last_0"] == out["max_0"]
+  assert out["last_1"] == np.mean(np.sort(1 - scores[0, 5:])[:19])  # int(0.1 * 195) = 19
+
+
+def test_class_level_metrics_bad_input_raises():
+  scores, forgotten = _class_inputs(seed=2, r=2, n=50)
+  with pytest.raises(ValueError, match=r"\[R, N\]"):
+    iam.class_level_metrics(scores, forgotten[:, :-1])
+  with pytest.raises(ValueError, match=r"\[R, N\]"):
+    iam.class_level_metrics(scores[0], forgotten[0])
+  with pytest.raises(ValueError, match="at least one run"):
+    iam.class_level_metrics(scores[:0], forgotten[:0])
+  with pytest.raises(ValueError, match="binary"):
+    iam.class_level_metrics(scores, forgotten * 2)
+  bad = scores.copy()
+  bad[0, 0] = 1.5
+  with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+    iam.class_level_metrics(bad, forgotten)
+  bad[0, 0] = np.nan
+  with pytest.raises(ValueError, match="finite"):
+    iam.class_level_metrics(bad, forgotten)
+  flags = forgotten.copy()
+  flags[1] = 0
+  with pytest.raises(ValueError, match="run 1 has no forgotten sample"):
+    iam.class_level_metrics(scores, flags)
+  flags[1] = 1
+  with pytest.raises(ValueError, match="run 1 has no retained sample"):
+    iam.class_level_metrics(scores, flags)
 
 def test_bad_input_raises():
   target, fit, shadows = _signals(False)

@@ -2,6 +2,12 @@
 reuse on rerun, deterministic recomputation, and clean-view eval-mode signals."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -14,6 +20,8 @@ from jaxmu.attacks.audit import ATTACKS
 from jaxmu.data import augment
 from jaxmu.pipelines import iam as pipeline
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def _tiny_config(npz):
   """The digits quick config on flattened digits (an .npz) with the Purchase MLP: cheap compiles."""
@@ -23,11 +31,13 @@ def _tiny_config(npz):
   config.model.name = "purchase_mlp"
   config.model.options = {"num_features": 64}
   config.seeds = (42,)
+  config.split.forget = "set_random+class_percentage"
+  config.split.forget_classes = (0, 1)
   config.num_shadows = 2
   config.train.epochs = config.train.target_epochs = config.ref_in.epochs = 2
   config.ref_in.batch_size = config.train.batch_size
   config.checkpoint_every = 2
-  config.score_ui.groups, config.score_ui.breaks, config.score_ui.epochs = 1, 2, 2
+  config.score_ui.start_models, config.score_ui.breaks, config.score_ui.epochs = 1, 2, 2
   config.approx.methods = ("finetune",)
   config.approx.hparams.finetune.num_epochs = 1
   return config
@@ -54,6 +64,43 @@ def workdir(tmp_path_factory, npz):
   return path
 
 
+_KILLED_RUN = textwrap.dedent("""
+    import os, signal, sys
+    from jaxmu import stages
+    from jaxmu.pipelines import iam as pipeline
+    import tests.test_iam_pipeline as t
+    config = t._tiny_config(sys.argv[1])
+    config.checkpoint_every = 1  # not part of any stage's inputs
+    if sys.argv[3] == "kill":  # SIGKILL in the targets' last epoch, before its checkpoint
+      append = stages.Workdir.append_metrics
+      def append_then_die(self, record):
+        append(self, record)
+        if record["stage"] == "targets" and record["epoch"] == 2:
+          os.kill(os.getpid(), signal.SIGKILL)
+      stages.Workdir.append_metrics = append_then_die
+    pipeline.run(config, sys.argv[2])
+""")
+
+
+def test_resume_after_sigkill_gives_the_same_numbers(workdir, npz, tmp_path):
+  """Killed inside a training stage, then rerun: every table equals the uninterrupted run's."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
+             JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  run = lambda mode: subprocess.run(
+      [sys.executable, "-c", _KILLED_RUN, str(npz), str(tmp_path / "run"), mode], env=env,
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
+  killed = run("kill")
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+  finished = _finished(tmp_path / "run")
+  assert "shadows" in finished and "targets" not in finished
+  assert (tmp_path / "run" / "checkpoints" / "targets").exists()
+  resumed = run("go")
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  for name in ("binui.csv", "score_ui.csv", "approx.csv", "approx_class.csv", "results.csv"):
+    assert (tmp_path / "run" / name).read_text() == (workdir / name).read_text(), name
+
+
 def test_every_stage_output_and_the_report(workdir):
   assert set(_finished(workdir)) == set(pipeline.STAGES) | {"approx_finetune"}
   for name in ("models/shadows", "models/shadow_origin", "models/ref_in", "models/original",
@@ -62,15 +109,36 @@ def test_every_stage_output_and_the_report(workdir):
   rows = report.read_csv(workdir / "results.csv")
   binui = [r for r in rows if r["table"] == "binui"]
   # K = 1: two single-shadow groups; K = 2: one group; every attack in each.
-  assert sorted({(int(r["k"]), int(r["group"])) for r in binui}) == [(1, 0), (1, 1), (2, 0)]
+  # Per unlearning type, K = 1: two single-shadow groups; K = 2: one group; every attack in each.
+  types = ("set_random", "class_percentage")
+  assert sorted({(r["forget"], int(r["k"]), int(r["group"])) for r in binui}) == sorted(
+      (t, k, g) for t in types for k, g in [(1, 0), (1, 1), (2, 0)])
+  assert len(binui) == 2 * 3 * len(ATTACKS)
   assert {r["attack"] for r in binui} == set(ATTACKS)
   for r in binui:
     assert 0 <= r["auc"] <= 1 and 0 <= r["tpr@0.01"] <= 1
-  assert [r["method"] for r in rows if r["table"] == "approx"] == ["retrain", "finetune"] * 2
+  approx = [r for r in rows if r["table"] == "approx"]
+  assert [(r["forget"], r["method"]) for r in approx] == [
+      (t, m) for t in types for _ in range(2) for m in ("retrain", "finetune")]
+  # The class-level read-out: one row per run of the type and one overall, whose means are the
+  # approx rows' membership means.
+  levels = [r for r in rows if r["table"] == "approx_class"]
+  assert [r["run"] for r in levels if r["forget"] == "class_percentage"] == [1, 2, "overall"] * 4
+  assert [r["class"] for r in levels if r["forget"] == "class_percentage"] == [0, 1, ""] * 4
+  overall = [r for r in levels if r["run"] == "overall"]
+  for a, o in zip(approx, overall):
+    assert (a["method"], a["group"]) == (o["method"], o["group"])
+    assert a["member_retained"] == o["mean_1"] and a["member_forgotten"] == o["mean_0"]
+    assert 1 - a["score_forgotten"] == pytest.approx(o["mean_0"])
   score = [r for r in rows if r["table"] == "score_ui"]
-  assert len(score) == 1 and -1 <= score[0]["spearman"] <= 1
+  assert sorted((r["attack"], int(r["group"])) for r in score) == sorted(
+      (a, g) for a in ATTACKS for g in (0, 1))
+  for r in score:
+    assert np.isnan(r["spearman"]) or -1 <= r["spearman"] <= 1
+    assert (np.isnan(r["kl"]) or r["kl"] >= 0) and {"mse_b0", "mse_b1", "mse_b2"} <= set(r)
   text = (workdir / "report.md").read_text()
-  for heading in ("Table 1", "Number of shadow models K", "Table 2", "Table 8"):
+  for heading in ("Table 1", "Operating points, K = 1: class_percentage",
+                  "Number of shadow models K", "Table 2", "Table 8", "class-level read-out"):
     assert heading in text
   for attack in ATTACKS.values():
     assert f"| {attack[0]} |" in text
@@ -90,7 +158,7 @@ def test_splits_match_the_split_function(workdir, npz):
 def test_signals_are_eval_mode_clean_logits(workdir, npz):
   config = _tiny_config(npz)
   pipe = pipeline._Pipeline(config, stages.Workdir(workdir), pipeline.load_dataset(config))
-  retrain = pipe.restore("retrain", 1)
+  retrain = pipe.restore("retrain", len(pipe.runs))
   pool = pipe.parts["pool"][:50]
   direct = train.logits(pipe.model, pipe.recipe, jax.tree.map(lambda x: x[0], retrain),
                         pipe.data.inputs, pool)
@@ -153,7 +221,7 @@ def test_reference_recipes(dataset):
   assert config.train.learning_rate == (0.01 if dataset == "purchase100" else 0.1)
   assert config.model.name == ("purchase_mlp" if dataset == "purchase100" else "resnet18")
   assert pipeline.k_sweep(config) == (1, 2, 4, 8)
-  assert len(pipeline.runs(config)) == 10
+  assert [r.forget for r in pipeline.runs(config)] == ["set_random"] * 10 + ["class_percentage"] * 10
 
 
 def test_shifted_shadows_split_their_own_dataset(tmp_path, npz):
@@ -189,7 +257,7 @@ def test_incremental_continues_the_base_runs_models(workdir, tmp_path, npz):
   np.testing.assert_array_equal(parts["shadow_train"], base["shadow_train"])
   pipe = pipeline._Pipeline(config, stages.Workdir(tmp_path), pipeline.load_dataset(config))
   old = pipeline._Pipeline(_tiny_config(npz), stages.Workdir(workdir), pipeline.load_dataset(config))
-  for group, n in (("shadows", 2), ("original", 1), ("retrain", 1)):
+  for group, n in (("shadows", 2), ("original", 1), ("retrain", 3)):
     for a, b in zip(jax.tree.leaves(pipe.restore(group, n)), jax.tree.leaves(old.restore(group, n))):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   config.incremental.base_workdir = str(tmp_path / "nowhere")

@@ -1,9 +1,9 @@
-"""IAM: Interpolated Approximate Measurement of sample-level unlearning (iam-spec 3, 9.2).
+"""IAM: Interpolated Approximate Measurement of sample-level unlearning (iam-spec 3, 9.2, 9.3).
 
 `iam_score` turns per-sample signals (the vision IAM uses ``signals.normalized_gumbel`` of the
 true-class probability) of the audited model, a fitting reference and K shadow OUT models into an
-unlearning score per sample (high = unlearned). `bin_ui` and `score_ui` evaluate such scores
-against ground truth; `iam_off_constant` is IAM-Off's fitting reference.
+unlearning score per sample (high = unlearned). `bin_ui`, `score_ui` and `class_level_metrics`
+evaluate such scores against ground truth; `iam_off_constant` is IAM-Off's fitting reference.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.stats
 from jax.scipy.special import betainc
+from sklearn.metrics import roc_auc_score
 
 from jaxmu.attacks import _checks, metrics
 
@@ -162,24 +163,112 @@ def score_ui(unlearn_scores, degree):
 
   Membership 1 - unlearn_score is min-max normalised over the whole array (all samples and
   checkpoints of one run), then compared with ``degree`` (broadcast to the scores' shape, e.g.
-  b / 20 per checkpoint column): Spearman (the headline), Pearson and MSE over all flattened pairs.
-  Deviation: the reference's histogram KL divergence is not computed.
+  b / 20 per checkpoint column), as ``new_records_internal.py`` does.
+
+  Args:
+    unlearn_scores: [N] or [N, B + 1] (samples x checkpoints) unlearning scores.
+    degree: ground-truth membership degree, broadcastable to the scores' shape.
+
+  Returns:
+    dict with, over all flattened pairs, ``spearman`` (the headline), ``pearson``, ``mse`` and
+    ``kl``: the reference's ``kl_div_score(degree, member)`` of iam-spec 7.5, sum_i p_i log((p_i +
+    1e-10) / (q_i + 1e-10)) of the 20-bin density histograms p of the degree and q of the
+    membership on the degree's bins (no bin-width factor, as written there); and
+    ``mse_per_column``, a list with the MSE of each checkpoint column (for 1-D scores, [mse]).
   """
   scores = np.asarray(unlearn_scores, np.float64)
+  if scores.ndim not in (1, 2):
+    raise ValueError(f"unlearn_scores must be [N] or [N, B + 1]; got shape {scores.shape}")
   try:
     degree = np.broadcast_to(np.asarray(degree, np.float64), scores.shape)
   except ValueError:
-    raise ValueError(f"degree of shape {np.shape(degree)} does not broadcast to scores {scores.shape}") from None
+    raise ValueError(f"degree of shape {np.shape(degree)} does not broadcast to scores "
+                     f"{scores.shape}") from None
   if not (np.isfinite(scores).all() and np.isfinite(degree).all()):
     raise ValueError("unlearn_scores or degree contain NaN or infinite values")
-  member = 1.0 - scores.ravel()
+  member = 1.0 - scores
   span = member.max() - member.min()
   if span == 0 or np.ptp(degree) == 0:
     raise ValueError("ScoreUI needs non-constant scores and degrees")
   member = (member - member.min()) / span
-  deg = degree.ravel()
+  mse = float(np.mean((member - degree) ** 2))
+  per_column = np.mean((member - degree) ** 2, axis=0).tolist() if scores.ndim == 2 else [mse]
+  member, deg = member.ravel(), degree.ravel()
+  hist_true, bins = np.histogram(deg, bins=20, density=True)
+  hist_pred, _ = np.histogram(member, bins=bins, density=True)
+  eps = 1e-10
   return {
       "spearman": float(scipy.stats.spearmanr(member, deg).statistic),
       "pearson": float(scipy.stats.pearsonr(member, deg).statistic),
-      "mse": float(np.mean((member - deg) ** 2)),
+      "mse": mse,
+      "kl": float(np.sum(hist_true * np.log((hist_true + eps) / (hist_pred + eps)))),
+      "mse_per_column": per_column,
   }
+
+
+def _bce(s, b):
+  """torch ``F.binary_cross_entropy(s, b, weight=w)``, mean reduction, w = #neg / #pos on b = 1."""
+  w = np.where(b == 1, np.sum(b == 0) / np.sum(b == 1), 1.0)
+  with np.errstate(divide="ignore"):  # log(0) = -inf, clamped to -100 as torch does
+    log_s, log_1ms = np.maximum(np.log(s), -100.0), np.maximum(np.log(1.0 - s), -100.0)
+  return float(np.mean(-w * (b * log_s + (1 - b) * log_1ms)))
+
+
+def _group_stats(s, b):
+  """iam-spec 9.3 statistics of one run (or all runs flattened); s, b are 1-D."""
+  out = {"auc": float(roc_auc_score(b, s)), "bce": _bce(s, b)}
+  for flag in (1, 0):
+    x = np.sort(s[b == flag])
+    k = max(int(0.1 * x.size), 1)
+    last = x[:k] if flag == 1 else x[-k:]  # the lowest retained / highest forgotten memberships
+    out.update({f"mean_{flag}": float(x.mean()), f"std_{flag}": float(x.std()),
+                f"max_{flag}": float(x[-1]), f"min_{flag}": float(x[0]),
+                f"last_{flag}": float(last.mean())})
+  return out
+
+
+def class_level_metrics(unlearn_scores, forgotten):
+  """Class-level read-out of approximate unlearning (iam-spec 9.3, Table 8).
+
+  As ``new_records_method_class.py``: membership s = 1 - unlearn_score, b = 1 - forgotten
+  (b = 1: retained), evaluated per run (e.g. one per forgotten class) and over all runs flattened.
+
+  Args:
+    unlearn_scores: [R, N] unlearning scores in [0, 1] of R runs on N query samples each.
+    forgotten: [R, N] flags, 1 or True = forgotten; every run needs retained and forgotten samples.
+
+  Returns:
+    {"runs": [dict per run], "overall": dict}, all values floats: ``auc`` (ROC AUC of b against
+    s); ``bce``, torch's ``binary_cross_entropy(s, b, weight=w)`` with mean reduction, w = #(b = 0)
+    / #(b = 1) on b = 1 samples and 1 on b = 0, each log clamped at >= -100 as torch does;
+    ``mean_1``, ``std_1`` (ddof 0), ``max_1``, ``min_1`` of s over b = 1 and ``last_1``, the mean
+    of its k = int(0.1 count) lowest values; likewise ``*_0`` over b = 0, ``last_0`` the mean of
+    the k highest. ``overall`` adds ``b_std``, the std (ddof 0) over runs of the per-run bce, and
+    ``c_std1`` / ``c_std0``, those of the per-run mean_1 / mean_0.
+
+  Deviations: float64 throughout (the reference ran float32 torch / numpy); ``last`` takes k = 1
+  where int(0.1 count) = 0 (under 10 samples), where the reference would take an empty mean (NaN)
+  or the whole set.
+  """
+  scores, forgotten = np.asarray(unlearn_scores, np.float64), np.asarray(forgotten)
+  if scores.ndim != 2 or scores.shape != forgotten.shape:
+    raise ValueError(f"unlearn_scores and forgotten must both be [R, N]; got shapes {scores.shape} "
+                     f"and {forgotten.shape}")
+  if scores.size == 0:
+    raise ValueError(f"need at least one run and one sample; got shape {scores.shape}")
+  if not np.isin(forgotten, (0, 1)).all():
+    raise ValueError(f"forgotten must be binary 0/1 or bool; got values "
+                     f"{np.unique(forgotten)[:10]}")
+  if not np.isfinite(scores).all() or scores.min() < 0 or scores.max() > 1:
+    raise ValueError("unlearn_scores must be finite and in [0, 1] (the BCE needs probabilities)")
+  s, b = 1.0 - scores, 1 - forgotten.astype(np.int64)
+  for r, row in enumerate(b):
+    if row.min() == row.max():
+      kind = "forgotten" if row[0] == 1 else "retained"
+      raise ValueError(f"run {r} has no {kind} sample; every run needs both")
+  runs = [_group_stats(s_r, b_r) for s_r, b_r in zip(s, b)]
+  overall = _group_stats(s.ravel(), b.ravel())
+  overall["b_std"] = float(np.std([run["bce"] for run in runs]))
+  overall["c_std1"] = float(np.std([run["mean_1"] for run in runs]))
+  overall["c_std0"] = float(np.std([run["mean_0"] for run in runs]))
+  return {"runs": runs, "overall": overall}

@@ -3,8 +3,9 @@
 Stages (``config.stop_after`` names the last one to run):
 
 1. ``splits``: the target pool, the shadow pool and every shadow's train/held-out split; per run
-   (a seed, or a class for the class unlearning types) the forget flags and the seed-dependent
-   val (population) / test split (``splits.npz``; iam-spec 5, 6.3, 7.1).
+   (for each unlearning type of ``config.split.forget``: a seed, or a class for the class types)
+   the forget flags and the seed-dependent val (population) / test split (``splits.npz``;
+   iam-spec 5, 6.3, 7.1). Every type shares the shadows and the original model(s).
 2. ``shadows``: K shadow OUT models, each on its own subset of the shadow pool and selected on its
    held-out part, plus UnLeak's shadow-origin model on the whole pool, as one stack (chunked by
    ``config.parallel.max_models_per_program``; ``models/shadows``, ``models/shadow_origin``).
@@ -18,16 +19,21 @@ Stages (``config.stop_after`` names the last one to run):
    reference's augmented views of training-set queries with ``config.signals.augmented_queries``.
 6. ``binui``: every attack of ``config.audit.attacks`` through `jaxmu.attacks.audit`, per run,
    for K in the sweep and each of min(K_max // K, max_groups) disjoint shadow groups; scores
-   pooled over runs, one `iam.bin_ui` per group (iam-spec 7.1: mean and std over groups).
-7. ``score_ui``: each of the first ``score_ui.groups`` shadows keeps training on the target pool;
-   its best-so-far states at ``breaks`` evenly spaced epochs give ground-truth degrees b / B;
-   Spearman/Pearson/MSE of IAM-On against them (iam-spec 7.5, 9.2).
+   pooled over the runs of each unlearning type, one `iam.bin_ui` per (type, group) (iam-spec
+   7.1: mean and std over groups).
+7. ``score_ui``: each of the first ``score_ui.start_models`` shadows keeps training on the target
+   pool; its best-so-far states at ``breaks`` evenly spaced epochs give ground-truth degrees b / B;
+   Spearman/Pearson/MSE/KL of every attack against them, per K = 1 shadow group (iam-spec 7.5,
+   9.2).
 8. ``approx_<method>`` and ``approx``: IAM's approximate methods on the original of every run,
    scored with IAM-On (K = 1 groups): AUC and mean membership on forgotten / retained samples
-   against the retrained models' (over- and under-unlearning, iam-spec 7.6, 9.4; Table 8).
-9. ``report``: ``report.md`` (Table 1, the K sweep, Table 2, Table 8) and figures.
+   against the retrained models' (over- and under-unlearning, iam-spec 7.6, 9.4; Table 8), and
+   the class-level read-out per run and overall (iam-spec 9.3, ``approx_class.csv``).
+9. ``report``: ``report.md`` (Table 1 as attacks x unlearning types, each type's operating points
+   and K sweep, Table 2, Table 8) and figures.
 
-Every table row also lands in ``results.csv`` (column ``table``: binui, score_ui, approx).
+Every table row also lands in ``results.csv`` (column ``table``: binui, score_ui, approx,
+approx_class; column ``forget``: the unlearning type).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import json
 import shutil
 import zlib
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import ml_collections
@@ -54,20 +61,48 @@ from jaxmu.pipelines.deepunlearn import abstract_variables, load_dataset
 STAGES = ("splits", "shadows", "ref_in", "targets", "signals", "binui", "score_ui", "approx",
           "report")
 SETTINGS = ("exact", "arch", "shifted", "incremental")
+FORGET_TYPES = ("set_random", "class_percentage", "one_class")
 LEVELS = (1e-3, 1e-2, 1e-1)
 # PRNG namespaces of the model groups (model id = base + index): initialisation and data order.
 _IDS = {"shadows": 100_000, "shadow_origin": 200_000, "ref_in": 300_000, "original": 400_000,
         "retrain": 500_000, "score_ui": 600_000}
 
 
-def runs(config) -> list[tuple[int, int]]:
-  """(seed, class) of every run: the seeds (set_random) or the classes with the first seed."""
+class Run(NamedTuple):
+  """One target: an unlearning type, the seed of its splits and, for class types, the class."""
+  forget: str
+  seed: int
+  cls: int
+
+
+def forget_types(config) -> tuple[str, ...]:
+  """The unlearning types of ``config.split.forget``: a tuple, or one string ("a+b" for several)."""
+  value = config.split.forget
+  types = tuple(value.split("+")) if isinstance(value, str) else tuple(value)
+  bad = [t for t in types if t not in FORGET_TYPES]
+  if not types or bad or len(set(types)) != len(types):
+    raise ValueError(f"split.forget={value!r}: give distinct types among {', '.join(FORGET_TYPES)} "
+                     "(several joined by '+', e.g. set_random+class_percentage)")
+  return types
+
+
+def runs(config) -> list[Run]:
+  """Every run, type by type: one per seed (set_random) or one per class with the first seed."""
   seeds = tuple(int(s) for s in config.seeds)
   if not seeds:
     raise ValueError("config.seeds is empty; give at least one seed, e.g. (42,)")
-  if config.split.forget == "set_random":
-    return [(s, 0) for s in seeds]
-  return [(seeds[0], int(c)) for c in config.split.forget_classes]
+  out = []
+  for forget in forget_types(config):
+    if forget == "set_random":
+      out += [Run(forget, s, 0) for s in seeds]
+    else:
+      out += [Run(forget, seeds[0], int(c)) for c in config.split.forget_classes]
+  return out
+
+
+def runs_of(all_runs, forget) -> list[int]:
+  """Indices of the runs of one unlearning type (their scores are pooled, iam-spec 7.1)."""
+  return [r for r, run in enumerate(all_runs) if run.forget == forget]
 
 
 def k_sweep(config) -> tuple[int, ...]:
@@ -148,7 +183,7 @@ class _Pipeline:
     self.shadow_model = (models.get(shadow_name, dataset.num_classes,
                                     **config.shadow_model.options.to_dict())
                          if shadow_name else self.model)
-    self._parts, self._target_inits = None, None
+    self._parts, self._target_inits, self._unleak_models = None, None, {}
 
   @property
   def parts(self):
@@ -171,11 +206,11 @@ class _Pipeline:
         # incremental: the new data's pool is `pool_size` of its training samples (iam-spec 7.4).
         shadow_size = (self.dataset.num_train - c.incremental.pool_size if self.incremental
                        else c.split.shadow_size)
-        for r, (seed, cls) in enumerate(self.runs):
+        for r, run in enumerate(self.runs):
           s = splits_lib.iam(
-              self.dataset.num_train, self.dataset.num_test, shadow_size, seed=seed,
-              forget=c.split.forget, forget_size=c.split.forget_size,
-              fixed_forget=c.split.fixed_forget, labels=self.dataset.labels, forget_class=cls,
+              self.dataset.num_train, self.dataset.num_test, shadow_size, seed=run.seed,
+              forget=run.forget, forget_size=c.split.forget_size,
+              fixed_forget=c.split.fixed_forget, labels=self.dataset.labels, forget_class=run.cls,
               class_ratio=c.split.class_ratio, num_shadows=c.num_shadows if r == 0 else 0,
               shadow_fix=c.split.shadow_fix, shadow_train_frac=c.split.shadow_train_frac,
               holdout_ratio=c.split.holdout_ratio, val_cap=c.split.val_cap,
@@ -320,9 +355,11 @@ class _Pipeline:
         ids = [_IDS["original"] + i for i in range(o)] + [_IDS["retrain"] + i for i in range(r)]
         start = None
         if self.incremental:  # continue the old original(s) and the same run's retrained model
-          base_o, base_r = self.base.num_originals(), len(runs(self.base.config))
-          if base_r < r:
-            raise ValueError(f"the base run has {base_r} runs; this one needs {r}")
+          base_o, base_runs = self.base.num_originals(), runs(self.base.config)
+          if [tuple(x) for x in base_runs[:r]] != [tuple(x) for x in self.runs]:
+            raise ValueError(f"the base run's runs (type, seed, class) {base_runs} do not start "
+                             f"with this run's {self.runs}; use the same types and seeds")
+          base_r = len(base_runs)
           like = lambda n: abstract_variables(self.model, n, self.input_shape)
           old_o = checkpoint.restore(self.base.path("models/original"), like(base_o))
           old_r = checkpoint.restore(self.base.path("models/retrain"), like(base_r))
@@ -418,43 +455,50 @@ class _Pipeline:
       if not st.done:
         rows, kept = [], None
         sig = {n: self.signal(n) for n in SIGNAL_FILES}
-        labels, pool_labels, train_pos, held_out = self.audit_inputs()
-        pop_labels = np.asarray(self.dataset.labels)[np.stack(
-            [p[f"val_{i}"] for i in range(len(self.runs))])]
-        flags = np.concatenate([self.flags(i) for i in range(len(self.runs))])
-        todo = [(k, g) for k in k_sweep(c)
+        inputs = self.audit_inputs()
+        todo = [(forget, k, g) for forget in forget_types(c) for k in k_sweep(c)
                 for g in shadow_groups(c.num_shadows, k, c.audit.max_groups)]
-        for k, group in tqdm(todo, desc="binui", leave=False):
-          scores = self._audit_group(c, sig, group, labels, pool_labels, pop_labels, train_pos,
-                                     held_out, c.audit.attacks)
+        for forget, k, group in tqdm(todo, desc="binui", leave=False):
+          run_ids = runs_of(self.runs, forget)
+          scores = self._audit_group(sig, group, inputs, run_ids, c.audit.attacks)
+          flags = np.concatenate([self.flags(i) for i in run_ids])
           for attack, s in scores.items():
             m = iam.bin_ui(s, flags.astype(np.int64), levels=LEVELS, num_bootstrap=0)
-            rows.append(_metric_row("binui", attack, k, group[0] // k, m))
-          if kept is None:  # K = 1, group 0: the figures' scores
+            rows.append({"forget": forget, **_metric_row("binui", attack, k, group[0] // k, m)})
+          if kept is None:  # the first type, K = 1, group 0: the figures' scores
             kept = {**scores, "_flags": flags}
         report.write_csv(st.tmp / "binui.csv", rows)
         np.savez(st.tmp / "binui_scores.npz", **kept)
         st.commit()
     return self.wd.path("binui.csv")
 
-  def _audit_group(self, c, sig, group, labels, pool_labels, pop_labels, train_pos, held_out,
-                   attacks, targets=None):
-    """Per-run `audit` of one shadow group; unlearning scores pooled over runs {attack: [R N]}."""
+  def _audit_group(self, sig, group, inputs, run_ids, attacks, targets=None):
+    """`audit` of runs ``run_ids`` with one shadow group; unlearning scores pooled over the runs
+    {attack: [len(run_ids) * N]}. ``inputs``: `audit_inputs()`; ``targets``: {run: [N, C]} target
+    logits and optionally {("pop", run): [P, C]} population logits instead of the retrained
+    models'."""
+    c = self.config
+    labels, pool_labels, train_pos, held_out = inputs
     model = None
-    if "unleak" in attacks:
-      model = unleak_model(UnleakData(sig["pool_origin"], sig["pool_shadows"][group],
-                                      held_out[group]), c.audit.seed)
+    if "unleak" in attacks:  # fitted once per shadow group
+      key = tuple(group)
+      if key not in self._unleak_models:
+        self._unleak_models[key] = unleak_model(UnleakData(
+            sig["pool_origin"], sig["pool_shadows"][group], held_out[group]), c.audit.seed)
+      model = self._unleak_models[key]
     shadow_train = [(sig["pool_shadows"][k][train_pos[k]], pool_labels[train_pos[k]])
                     for k in group]
     pooled = {a: [] for a in attacks}
-    for r in range(len(self.runs)):
+    for r in run_ids:
+      targets_r = targets or {}
       original = sig["query_original"][r if c.original_per_seed else 0]
-      target = sig["query_retrain"][r] if targets is None else targets[r]
-      population = Population(sig["pop_retrain"][r], sig["pop_shadows"][r][group], pop_labels[r],
-                              sig["pop_ref_in"][r])
+      target = targets_r.get(r, sig["query_retrain"][r])
+      pop_labels = np.asarray(self.dataset.labels)[self.parts[f"val_{r}"]]
+      population = Population(targets_r.get(("pop", r), sig["pop_retrain"][r]),
+                              sig["pop_shadows"][r][group], pop_labels, sig["pop_ref_in"][r])
       result = audit(original, target, sig["query_shadows"][group], labels, attacks=attacks,
                      population=population, shadow_train=shadow_train, unleak=model,
-                     one_sided_lira=c.split.forget != "set_random", rmia_a=c.audit.rmia_a,
+                     one_sided_lira=self.runs[r].forget != "set_random", rmia_a=c.audit.rmia_a,
                      temperature=c.audit.temperature, gamma=c.audit.gamma,
                      num_interp=c.audit.num_interp,
                      seed=c.audit.seed + 1000 * group[0] + r)
@@ -465,47 +509,58 @@ class _Pipeline:
   # ----------------------------------------------------------------------------------- ScoreUI
 
   def score_ui(self):
-    """Shadows 0..G-1 keep training on the pool; best-so-far states at B breaks (iam-spec 7.5)."""
+    """ScoreUI (iam-spec 7.5, 9.2): shadows 0..L-1 keep training on the pool; their best-so-far
+    states at B breaks, with ground-truth membership degree b / B, are audited by every attack
+    of ``score_ui.attacks`` with each K = 1 shadow group. Per group: Spearman, Pearson, MSE (all
+    and per break) and histogram KL of each attack, averaged over the L start models."""
     c, p = self.config, self.parts
-    groups, breaks, epochs = c.score_ui.groups, c.score_ui.breaks, c.score_ui.epochs
-    if not groups:
+    loops, breaks, epochs = c.score_ui.start_models, c.score_ui.breaks, c.score_ui.epochs
+    if not loops:
       return None
-    if groups > c.num_shadows or breaks < 1 or epochs % breaks:
-      raise ValueError(f"score_ui: groups <= num_shadows, breaks >= 1 and epochs a multiple of "
-                       f"breaks; got {groups}, {breaks}, {epochs}")
-    with self.wd.stage("score_ui", config={"score_ui": c.score_ui, **self._train_config()},
+    if loops > c.num_shadows or breaks < 1 or epochs % breaks:
+      raise ValueError(f"score_ui: start_models <= num_shadows, breaks >= 1 and epochs a multiple "
+                       f"of breaks; got {loops}, {breaks}, {epochs}")
+    attacks = tuple(c.score_ui.attacks) or tuple(c.audit.attacks)
+    unknown = set(attacks) - set(ATTACKS)
+    if unknown:
+      raise ValueError(f"score_ui.attacks: unknown {sorted(unknown)}; known: {', '.join(ATTACKS)}")
+    with self.wd.stage("score_ui", config={"score_ui": c.score_ui, "audit": c.audit,
+                                           **self._train_config()},
                        deps=("signals",), outputs=("score_ui.csv",)) as st:
       if not st.done:
-        start = jax.tree.map(lambda x: x[:groups], self.restore("shadows", c.num_shadows,
-                                                                self.shadow_model))
+        start = jax.tree.map(lambda x: x[:loops], self.restore("shadows", c.num_shadows,
+                                                               self.shadow_model))
         state = train.create_state(start, self.recipe, learning_rate=c.train.learning_rate,
                                    momentum=c.train.momentum, weight_decay=c.train.weight_decay)
         ckpts = checkpoint.TrainingCheckpoints(self.wd.path("checkpoints", "score_ui"),
                                                keep=breaks)
         every = epochs // breaks
-        train.fit(self.shadow_model, state, self.data, [p["pool"]] * groups, self.recipe, epochs,
+        train.fit(self.shadow_model, state, self.data, [p["pool"]] * loops, self.recipe, epochs,
                   jax.random.key(c.train.data_seed),
-                  model_ids=[_IDS["score_ui"] + g for g in range(groups)],
+                  model_ids=[_IDS["score_ui"] + g for g in range(loops)],
                   strategy=c.parallel.strategy, val_sets=p["val_0"], checkpoints=ckpts,
                   checkpoint_every=every, progress="score_ui")
-        like = {"state": state, "best": state.variables, "best_acc": np.zeros(groups)}
-        queries = self.query_data()
+        like = {"state": state, "best": state.variables, "best_acc": np.zeros(loops)}
         # Break 0: the shadow itself (degree 0); break b: best-so-far after b * every epochs.
-        logits = [self.logits(self.shadow_model, start, p["pool"], queries)]
-        for b in range(1, breaks + 1):
-          best = ckpts.restore(b * every, like)["best"]
-          logits.append(self.logits(self.shadow_model, best, p["pool"], queries))
-        labels = np.asarray(self.dataset.labels)[p["pool"]]
-        gumbel = lambda z: signals.normalized_gumbel(signals.true_class_prob(z, labels))
-        fit = gumbel(self.signal("query_original")[0])
-        shadows = gumbel(self.signal("query_shadows"))
+        states = [start] + [ckpts.restore(b * every, like)["best"] for b in range(1, breaks + 1)]
+        queries = [self.logits(self.shadow_model, v, p["pool"], self.query_data()) for v in states]
+        pops = [self.logits(self.shadow_model, v, p["val_0"]) for v in states]
+        sig = {n: self.signal(n) for n in SIGNAL_FILES}
+        inputs = self.audit_inputs()
         degree = np.arange(breaks + 1) / breaks
         rows = []
-        for g in range(groups):
-          scores = np.stack([np.asarray(iam.iam_score(gumbel(z[g]), fit, shadows[g:g + 1],
-                                                      c.audit.num_interp)) for z in logits], 1)
-          rows.append({"table": "score_ui", "attack": "iam_on", "k": 1, "group": g,
-                       **iam.score_ui(scores, degree)})
+        groups = shadow_groups(c.num_shadows, 1, c.audit.max_groups)
+        for g, group in enumerate(tqdm(groups, desc="score_ui", leave=False)):
+          per_loop = {a: [] for a in attacks}
+          for loop in range(loops):
+            scores = [self._audit_group(sig, group, inputs, [0], attacks,
+                                        targets={0: q[loop], ("pop", 0): z[loop]})
+                      for q, z in zip(queries, pops)]
+            for a in attacks:
+              per_loop[a].append(_score_ui_or_nan(np.stack([s[a] for s in scores], 1), degree))
+          for a in attacks:
+            rows.append({"table": "score_ui", "attack": a, "k": 1, "group": g,
+                         **_mean_metrics(per_loop[a])})
         report.write_csv(st.tmp / "score_ui.csv", rows)
         st.commit()
         shutil.rmtree(self.wd.path("checkpoints", "score_ui"), ignore_errors=True)
@@ -547,30 +602,38 @@ class _Pipeline:
           st.commit()
     with self.wd.stage("approx", config={"audit": c.audit, "margin": c.approx.margin},
                        deps=("signals",) + tuple(f"approx_{m}" for m in methods),
-                       outputs=("approx.csv",)) as st:
+                       outputs=("approx.csv", "approx_class.csv")) as st:
       if not st.done:
         sig = {n: self.signal(n) for n in SIGNAL_FILES}
         inputs = self.audit_inputs()
-        pop_labels = np.asarray(self.dataset.labels)[np.stack([p[f"val_{i}"] for i in range(r)])]
-        flags = np.concatenate([self.flags(i) for i in range(r)])
         like = abstract_variables(self.model, r, self.input_shape)
-        targets = {"retrain": sig["query_retrain"]}
+        targets = {"retrain": None}
         for m in methods:
-          targets[m] = self.logits(self.model, checkpoint.restore(self.wd.path("unlearned", m), like),
-                                   p["pool"], self.query_data())
-        rows = []
-        for g, group in enumerate(shadow_groups(c.num_shadows, 1, c.audit.max_groups)):
-          for name, logits in targets.items():
-            s = self._audit_group(c, sig, group, inputs[0], inputs[1], pop_labels, inputs[2],
-                                  inputs[3], ("iam_on",), targets=logits)["iam_on"]
-            m = iam.bin_ui(s, flags.astype(np.int64), levels=LEVELS, num_bootstrap=0)
-            member = 1 - s
-            rows.append({**_metric_row("approx", "iam_on", 1, g, m), "method": name,
-                         "member_forgotten": float(member[flags].mean()),
-                         "member_forgotten_std": float(member[flags].std()),
-                         "member_retained": float(member[~flags].mean()),
-                         "member_retained_std": float(member[~flags].std())})
+          variables = checkpoint.restore(self.wd.path("unlearned", m), like)
+          targets[m] = dict(enumerate(self.logits(self.model, variables, p["pool"],
+                                                  self.query_data())))
+        rows, class_rows = [], []
+        for forget in forget_types(c):
+          run_ids = runs_of(self.runs, forget)
+          flags = np.stack([self.flags(i) for i in run_ids])
+          for g, group in enumerate(shadow_groups(c.num_shadows, 1, c.audit.max_groups)):
+            for name, logits in targets.items():
+              s = self._audit_group(sig, group, inputs, run_ids, ("iam_on",),
+                                    targets=logits)["iam_on"]
+              m = iam.bin_ui(s, flags.ravel().astype(np.int64), levels=LEVELS, num_bootstrap=0)
+              levels = iam.class_level_metrics(s.reshape(flags.shape), flags)
+              overall = levels["overall"]
+              rows.append({"forget": forget, **_metric_row("approx", "iam_on", 1, g, m),
+                           "method": name,
+                           "member_forgotten": overall["mean_0"], "member_forgotten_std": overall["std_0"],
+                           "member_retained": overall["mean_1"], "member_retained_std": overall["std_1"]})
+              for run, values in [*zip(run_ids, levels["runs"]), ("overall", overall)]:
+                cls = "" if run == "overall" else self.runs[run].cls
+                seed = "" if run == "overall" else self.runs[run].seed
+                class_rows.append({"table": "approx_class", "forget": forget, "method": name,
+                                   "group": g, "run": run, "seed": seed, "class": cls, **values})
         report.write_csv(st.tmp / "approx.csv", rows)
+        report.write_csv(st.tmp / "approx_class.csv", class_rows)
         st.commit()
     return self.wd.path("approx.csv")
 
@@ -578,8 +641,9 @@ class _Pipeline:
 
   def report(self):
     c = self.config
-    parts = [n for n in ("binui.csv", "score_ui.csv", "approx.csv") if self.wd.path(n).exists()]
-    deps = ("binui",) + (("score_ui",) if c.score_ui.groups else ()) + (
+    parts = [n for n in ("binui.csv", "score_ui.csv", "approx.csv", "approx_class.csv")
+             if self.wd.path(n).exists()]
+    deps = ("binui",) + (("score_ui",) if c.score_ui.start_models else ()) + (
         ("approx",) if c.approx.methods else ())
     with self.wd.stage("report", config={"margin": c.approx.margin, "parts": parts}, deps=deps,
                        outputs=("report.md", "results.csv", "roc.png", "auc_vs_k.png",
@@ -644,66 +708,118 @@ def _metric_row(table, attack, k, group, m):
           "score_forgotten": m["score_forgotten_mean"], "score_retained": m["score_retained_mean"]}
 
 
+def _score_ui_or_nan(scores, degree):
+  """`iam.score_ui`, or NaN metrics for an attack whose scores are constant (nothing to rank)."""
+  if np.ptp(scores) == 0:
+    nan = float("nan")
+    return {"spearman": nan, "pearson": nan, "mse": nan, "kl": nan,
+            "mse_per_column": [nan] * scores.shape[1]}
+  return iam.score_ui(scores, degree)
+
+
+def _mean_metrics(per_loop):
+  """The mean over start models of `iam.score_ui` results, as flat CSV columns (mse_b<b>)."""
+  out = {m: float(np.mean([d[m] for d in per_loop])) for m in ("spearman", "pearson", "mse", "kl")}
+  columns = np.mean([d["mse_per_column"] for d in per_loop], axis=0)
+  return {**out, **{f"mse_b{b}": float(v) for b, v in enumerate(columns)}}
+
+
 # ---------------------------------------------------------------------------------------- report
 
-def _mean_std(values):
-  v = np.asarray(values, np.float64)
-  return f"{100 * v.mean():.2f} ± {100 * v.std():.2f}"
+def _mean_std(values, scale=100.0, digits=2):
+  """"mean ± std" of ``values`` times ``scale`` (percent by default)."""
+  v = scale * np.asarray(values, np.float64)
+  return f"{v.mean():.{digits}f} ± {v.std():.{digits}f}"
 
 
 def render_report(config, rows) -> str:
-  """report.md: Table 1 (K = 1), the K sweep, Table 2 (ScoreUI), Table 8 (approximate methods)."""
+  """report.md: Table 1 (attacks x unlearning types, K = 1) with each type's operating points
+  and K sweep, Table 2 (ScoreUI), Table 8 (approximate methods) and its class-level read-out."""
+  types = forget_types(config)
   binui = [r for r in rows if r["table"] == "binui"]
+  kind = lambda r: r.get("forget") or types[0]
   attacks = list(dict.fromkeys(r["attack"] for r in binui))
   ks = sorted({int(r["k"]) for r in binui})
-  out = [f"# IAM audit: {config.dataset.name} / {config.model.name}, {config.split.forget}", "",
-         f"{len(runs(config))} runs pooled ({'seeds' if config.split.forget == 'set_random' else 'classes'}), "
-         f"{config.num_shadows} shadow OUT models. Numbers in %: mean ± std over disjoint shadow "
-         "groups (iam-spec 7.1). Positives = retained samples, scored by 1 − unlearning score "
-         "(iam-spec 9.1): TPR@FPR is the share of retained samples recognised while at most that "
-         "share of forgotten samples is called retained; TNR@FNR the share of forgotten samples "
-         "detected.", "", "## Table 1: BinUI, K = 1 (exact unlearning: retrained targets)", "",
-         "| attack | AUC | balanced acc. | " + " | ".join(f"TPR@FPR={lv:g}" for lv in LEVELS)
-         + " | " + " | ".join(f"TNR@FNR={lv:g}" for lv in LEVELS) + " | groups |",
-         "|---" * (4 + 2 * len(LEVELS)) + "|"]
+  count = {t: len(runs_of(runs(config), t)) for t in types}
+  out = [f"# IAM audit: {config.dataset.name} / {config.model.name}, {', '.join(types)}", "",
+         f"{config.num_shadows} shadow OUT models; runs pooled per unlearning type ("
+         + ", ".join(f"{t}: {count[t]} {'seeds' if t == 'set_random' else 'classes'}"
+                     for t in types)
+         + "). Numbers in %: mean ± std over disjoint shadow groups (iam-spec 7.1). Positives = "
+         "retained samples, scored by 1 − unlearning score (iam-spec 9.1): TPR@FPR is the share of "
+         "retained samples recognised while at most that share of forgotten samples is called "
+         "retained; TNR@FNR the share of forgotten samples detected.", "",
+         "## Table 1: BinUI AUC, K = 1 (exact unlearning: retrained targets)", "",
+         "| attack | " + " | ".join(types) + " |", "|---" * (len(types) + 1) + "|"]
+  k1 = lambda a, t: [r for r in binui if r["attack"] == a and int(r["k"]) == 1 and kind(r) == t]
   for a in attacks:
-    sel = [r for r in binui if r["attack"] == a and int(r["k"]) == 1]
-    cells = [_mean_std([r[m] for r in sel]) for m in
-             ("auc", "balanced_accuracy", *(f"tpr@{lv:g}" for lv in LEVELS),
-              *(f"tnr@{lv:g}" for lv in LEVELS))]
-    out.append(f"| {ATTACKS[a][0]} | " + " | ".join(cells) + f" | {len(sel)} |")
-  out += ["", "## Number of shadow models K (AUC %, mean ± std over groups; Fig. 5)", "",
-          "| attack | " + " | ".join(f"K={k}" for k in ks) + " |", "|---" * (len(ks) + 1) + "|"]
-  for a in attacks:
-    cells = [_mean_std([r["auc"] for r in binui if r["attack"] == a and int(r["k"]) == k])
-             for k in ks]
-    out.append(f"| {ATTACKS[a][0]} | " + " | ".join(cells) + " |")
-  iam_rows = [r for r in binui if r["attack"] == "iam_on" and int(r["k"]) == 1]
-  if iam_rows:
-    out += ["", "Mean IAM-On unlearning score (K = 1): forgotten "
-            f"{np.mean([r['score_forgotten'] for r in iam_rows]):.3f}, retained "
-            f"{np.mean([r['score_retained'] for r in iam_rows]):.3f} (iam-spec 10.1f)."]
+    out.append(f"| {ATTACKS[a][0]} | "
+               + " | ".join(_mean_std([r["auc"] for r in k1(a, t)]) for t in types) + " |")
+  for t in types:
+    out += ["", f"### Operating points, K = 1: {t}", "",
+            "| attack | AUC | balanced acc. | " + " | ".join(f"TPR@FPR={lv:g}" for lv in LEVELS)
+            + " | " + " | ".join(f"TNR@FNR={lv:g}" for lv in LEVELS) + " | groups |",
+            "|---" * (4 + 2 * len(LEVELS)) + "|"]
+    for a in attacks:
+      sel = k1(a, t)
+      cells = [_mean_std([r[m] for r in sel]) for m in
+               ("auc", "balanced_accuracy", *(f"tpr@{lv:g}" for lv in LEVELS),
+                *(f"tnr@{lv:g}" for lv in LEVELS))]
+      out.append(f"| {ATTACKS[a][0]} | " + " | ".join(cells) + f" | {len(sel)} |")
+    iam_rows = k1("iam_on", t)
+    if iam_rows:
+      out += ["", f"Mean IAM-On unlearning score (K = 1, {t}): forgotten "
+              f"{np.mean([r['score_forgotten'] for r in iam_rows]):.3f}, retained "
+              f"{np.mean([r['score_retained'] for r in iam_rows]):.3f} (iam-spec 10.1f)."]
+    out += ["", f"### Number of shadow models K (AUC %, mean ± std over groups; Fig. 5): {t}", "",
+            "| attack | " + " | ".join(f"K={k}" for k in ks) + " |", "|---" * (len(ks) + 1) + "|"]
+    for a in attacks:
+      cells = [_mean_std([r["auc"] for r in binui
+                          if r["attack"] == a and int(r["k"]) == k and kind(r) == t]) for k in ks]
+      out.append(f"| {ATTACKS[a][0]} | " + " | ".join(cells) + " |")
+  out += _score_ui_table(rows) + _approx_tables(config, rows, types)
+  out += ["", "Figures: roc.png (log-log ROC per attack, K = 1, group 0), auc_vs_k.png, "
+          f"iam_hist.png (IAM-On score of forgotten vs retained samples); all three for {types[0]}.",
+          ""]
+  return "\n".join(out)
+
+
+def _score_ui_table(rows):
   score = [r for r in rows if r["table"] == "score_ui"]
-  if score:
-    out += ["", "## Table 2: ScoreUI (IAM-On against the ground-truth degree b / B)", "",
-            "| attack | Spearman | Pearson | MSE | groups |", "|---|---|---|---|---|",
-            "| IAM-On | " + " | ".join(
-                f"{np.mean([r[m] for r in score]):.3f} ± {np.std([r[m] for r in score]):.3f}"
-                for m in ("spearman", "pearson", "mse")) + f" | {len(score)} |"]
+  if not score:
+    return []
+  out = ["", "## Table 2: ScoreUI (membership against the ground-truth degree b / B)", "",
+         "Min-max normalised membership (1 − unlearning score) of the continued-training "
+         "checkpoints against their degree b / B (iam-spec 7.5): mean over start models, mean ± "
+         "std over K = 1 shadow groups. KL: 20-bin histogram divergence of degrees from scores.",
+         "", "| attack | Spearman | Pearson | MSE | KL | groups |", "|---|---|---|---|---|---|"]
+  for a in dict.fromkeys(r["attack"] for r in score):
+    sel = [r for r in score if r["attack"] == a]
+    out.append(f"| {ATTACKS[a][0]} | " + " | ".join(
+        _mean_std([r[m] for r in sel], 1, 3) for m in ("spearman", "pearson", "mse", "kl"))
+        + f" | {len(sel)} |")
+  return out
+
+
+def _approx_tables(config, rows, types):
   approx = [r for r in rows if r["table"] == "approx"]
-  if approx:
-    out += ["", "## Table 8: approximate unlearning audited with IAM-On (K = 1)", "",
-            "Membership = 1 − IAM unlearning score, mean over samples (± std over samples), "
-            "averaged over shadow groups. Under-unlearning: forgotten samples keep more membership "
-            f"than after retraining (by > {config.approx.margin}); over-unlearning: retained "
-            "samples lose membership (iam-spec 9.4).", "",
+  if not approx:
+    return []
+  out = ["", "## Table 8: approximate unlearning audited with IAM-On (K = 1)", "",
+         "Membership = 1 − IAM unlearning score, mean over samples (± std over samples), "
+         "averaged over shadow groups. Under-unlearning: forgotten samples keep more membership "
+         f"than after retraining (by > {config.approx.margin}); over-unlearning: retained "
+         "samples lose membership (iam-spec 9.4)."]
+  for t in types:
+    sel_t = [r for r in approx if (r.get("forget") or types[0]) == t]
+    out += ["", f"### {t}", "",
             "| method | membership retained | membership forgotten | AUC % | read-out |",
             "|---|---|---|---|---|"]
-    ref = [r for r in approx if r["method"] == "retrain"]
+    ref = [r for r in sel_t if r["method"] == "retrain"]
     ref_f = np.mean([r["member_forgotten"] for r in ref])
     ref_r = np.mean([r["member_retained"] for r in ref])
-    for method in dict.fromkeys(r["method"] for r in approx):
-      sel = [r for r in approx if r["method"] == method]
+    for method in dict.fromkeys(r["method"] for r in sel_t):
+      sel = [r for r in sel_t if r["method"] == method]
       mf, mr = np.mean([r["member_forgotten"] for r in sel]), np.mean([r["member_retained"] for r in sel])
       sf = np.mean([r["member_forgotten_std"] for r in sel])
       sr = np.mean([r["member_retained_std"] for r in sel])
@@ -712,9 +828,24 @@ def render_report(config, rows) -> str:
       out.append(f"| {method} | {mr:.3f} ± {sr:.3f} | {mf:.3f} ± {sf:.3f} | "
                  f"{_mean_std([r['auc'] for r in sel])} | "
                  f"{'reference' if method == 'retrain' else ', '.join(verdict) or 'as retrain'} |")
-  out += ["", "Figures: roc.png (log-log ROC per attack, K = 1, group 0), auc_vs_k.png, "
-          "iam_hist.png (IAM-On score of forgotten vs retained samples).", ""]
-  return "\n".join(out)
+  classes = [r for r in rows if r["table"] == "approx_class" and r["run"] == "overall"]
+  if classes:
+    metrics = ("auc", "bce", "last_1", "last_0", "b_std", "c_std1", "c_std0")
+    out += ["", "## Table 8, class-level read-out (iam-spec 9.3)", "",
+            "Over all runs of a type (per run: `approx_class.csv`), mean over shadow groups: AUC, "
+            "class-weighted BCE of membership against b (1 = retained), last-1 / last-0 (mean "
+            "membership of the 10% least member-like retained / most member-like forgotten "
+            "samples), b-std (std of the per-run BCE), c-std1 / c-std0 (std of the per-run mean "
+            "membership of retained / forgotten samples)."]
+    for t in types:
+      sel_t = [r for r in classes if r["forget"] == t]
+      out += ["", f"### {t}", "", "| method | " + " | ".join(metrics) + " |",
+              "|---" * (len(metrics) + 1) + "|"]
+      for method in dict.fromkeys(r["method"] for r in sel_t):
+        sel = [r for r in sel_t if r["method"] == method]
+        out.append(f"| {method} | "
+                   + " | ".join(f"{np.mean([r[m] for r in sel]):.3f}" for m in metrics) + " |")
+  return out
 
 
 def _figures(directory, rows, kept):
@@ -737,6 +868,7 @@ def _figures(directory, rows, kept):
   plt.close(fig)
 
   binui = [r for r in rows if r["table"] == "binui"]
+  binui = [r for r in binui if r.get("forget") == binui[0].get("forget")]  # the first type
   fig, ax = plt.subplots(figsize=(6, 4))
   for a in dict.fromkeys(r["attack"] for r in binui):
     ks = sorted({int(r["k"]) for r in binui if r["attack"] == a})
