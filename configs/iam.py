@@ -5,10 +5,12 @@
 
 Datasets: cifar10, cifar100, cinic10 (CIFAR-stem ResNet-18, SGD 0.1, batch 128, cosine T_max 200,
 201 epochs, best-on-validation state), purchase100 (the Purchase MLP, lr 0.01; targets 100 epochs)
-and the quick CPU variant `digits` (small CNN, 4 shadows, 2 seeds, 20 epochs, all 7 approximate
-methods; measured 8 minutes wall on a shared 2-core CPU, 2 minutes of CPU time; K = 1 AUCs:
-IAM-On 0.67, LiRA-On 0.64, RMIA-On 0.63, UnLeak 0.67). The reference runs need a GPU (estimated,
-not measured: 10 shadows + 1 original + 10 retrained ResNet-18s of 201 epochs on CIFAR).
+and the quick CPU variant `digits` (small CNN, 4 shadows, 2 seeds and 10 classes, 20 epochs, all 7
+approximate methods; 2.5 minutes wall on an idle 2-core CPU on 2026-12-03; K = 1 AUCs for
+set_random / class_percentage: IAM-On 0.67 / 0.73, LiRA-On 0.64 / 0.69, RMIA-On 0.62 / 0.70,
+UnLeak 0.67 / 0.72). The reference runs need a GPU (estimated, not measured: 10 shadows, 1
+original, 20 retrained and 10 ScoreUI ResNet-18s of 201 epochs on CIFAR, about 2 GPU-hours at an
+effective 100 TFLOP/s; README "Reproducing IAM").
 
 Options besides the dataset (comma separated, e.g. `dataset=cifar10,forget=class_percentage`):
   forget=set_random|class_percentage|one_class, or several joined by "+" (default
