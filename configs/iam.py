@@ -112,6 +112,7 @@ def get_config(arg: str | None = None):
                      "unleak", "random")
   c.audit.k_sweep = ()  # () = 1, 2, 4, ... up to num_shadows
   c.audit.max_groups = 10  # min(K_max // K, max_groups) shadow groups per K
+  c.audit.scoring_ablation = True  # Table 5: IAM's scoring function against alternatives
   c.audit.num_interp = 100
   c.audit.rmia_a = a
   c.audit.temperature = tau

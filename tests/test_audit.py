@@ -12,7 +12,8 @@ import scipy.stats
 
 import jaxmu.attacks
 from jaxmu.attacks import baselines, iam, lira, metrics, rmia, signals
-from jaxmu.attacks.audit import ATTACKS, Population, UnleakData, audit_file, load_file, summary_rows
+from jaxmu.attacks.audit import (ATTACKS, SCORING_FUNCTIONS, Population, UnleakData, audit_file,
+                                 load_file, scoring_functions, summary_rows)
 
 ROOT = Path(__file__).resolve().parents[1]
 N, C, K, Z, P = 120, 4, 3, 40, 50
@@ -224,3 +225,36 @@ def test_launcher_writes_tables_and_rejects_bad_files(tmp_path, inputs, capsys):
                        timeout=120)
   assert out.returncode == 1 and "shadows has shape" in out.stderr
   assert "Traceback" not in out.stderr
+
+
+def test_scoring_functions_equal_numpy_float64(inputs):
+  """Table 5: each row is IAM with its distribution on its signal, computed here in float64."""
+  from tests.test_attacks_iam import reference_iam
+  d = inputs
+  probs = lambda z: _softmax(np.asarray(z, np.float64))
+  p_y = lambda z, y: probs(z)[np.arange(len(y)), y]
+  phi = lambda z, y: np.log(p_y(z, y)) - np.log(1 - p_y(z, y))
+  r0, r1 = -np.log(1e-2 - np.log(1e-5)), -np.log(1e-2 - np.log(1 + 1e-5))
+  gumbel = lambda z, y: (-np.log(1e-2 - np.log(1e-5 + p_y(z, y))) - r0) / (r1 - r0)
+  got = scoring_functions(d["original"], d["target"], d["shadows"], d["labels"],
+                          d["shadow_train"], temperature=1.0)
+  assert list(got) == list(SCORING_FUNCTIONS)
+  y = d["labels"]
+  np.testing.assert_allclose(got["prob"], -p_y(d["target"], y), atol=1e-6)
+  np.testing.assert_allclose(got["loss"], -np.log(p_y(d["target"], y)), atol=1e-5)
+  for key, f, dist, atol in (("ecdf", p_y, "ecdf", 1e-6), ("kde", p_y, "kde", 2e-5),
+                             ("beta", p_y, "beta", 5e-4), ("gauss", phi, "norm", 2e-5),
+                             ("gumbel", gumbel, "gumbel", 2e-5)):
+    target, shadows = f(d["target"], y), np.stack([f(s, y) for s in d["shadows"]])
+    off = np.mean([f(z, yk).mean() for z, yk in d["shadow_train"]])
+    for mode, fit in (("on", f(d["original"], y)), ("off", off)):
+      want = reference_iam(target, fit, shadows, 100, dist, fix_variance=True)
+      np.testing.assert_allclose(got[f"{key}_{mode}"], want, atol=atol, err_msg=f"{key}_{mode}")
+  # Gumbel-On/Off are IAM-On/Off of `audit`.
+  result = jaxmu.attacks.audit(d["original"], d["target"], d["shadows"], y,
+                               attacks=("iam_on", "iam_off"), shadow_train=d["shadow_train"])
+  np.testing.assert_array_equal(got["gumbel_on"], result.scores["iam_on"])
+  np.testing.assert_array_equal(got["gumbel_off"], result.scores["iam_off"])
+  with pytest.raises(ValueError, match="logits"):
+    scoring_functions(p_y(d["original"], y), p_y(d["target"], y),
+                      np.stack([p_y(s, y) for s in d["shadows"]]), y, d["shadow_train"])

@@ -16,7 +16,7 @@ import pytest
 from configs import iam as iam_configs
 from jaxmu import report, stages, train
 from jaxmu.attacks import iam, signals
-from jaxmu.attacks.audit import ATTACKS
+from jaxmu.attacks.audit import ATTACKS, SCORING_FUNCTIONS
 from jaxmu.data import augment
 from jaxmu.pipelines import iam as pipeline
 
@@ -97,7 +97,8 @@ def test_resume_after_sigkill_gives_the_same_numbers(workdir, npz, tmp_path):
   assert (tmp_path / "run" / "checkpoints" / "targets").exists()
   resumed = run("go")
   assert resumed.returncode == 0, resumed.stderr[-2000:]
-  for name in ("binui.csv", "score_ui.csv", "approx.csv", "approx_class.csv", "results.csv"):
+  for name in ("binui.csv", "scoring.csv", "score_ui.csv", "approx.csv", "approx_class.csv",
+               "results.csv"):
     assert (tmp_path / "run" / name).read_text() == (workdir / name).read_text(), name
 
 
@@ -117,6 +118,14 @@ def test_every_stage_output_and_the_report(workdir):
   assert {r["attack"] for r in binui} == set(ATTACKS)
   for r in binui:
     assert 0 <= r["auc"] <= 1 and 0 <= r["tpr@0.01"] <= 1
+  # Table 5: every scoring function per type and K = 1 group; Gumbel-On/Off are IAM-On/Off.
+  scoring = [r for r in rows if r["table"] == "scoring"]
+  assert sorted((r["forget"], r["attack"], int(r["group"])) for r in scoring) == sorted(
+      (t, key, g) for t in types for key in SCORING_FUNCTIONS for g in (0, 1))
+  k1 = {(r["forget"], r["attack"], r["group"]): r["auc"] for r in binui if int(r["k"]) == 1}
+  for r in scoring:
+    if r["attack"] in ("gumbel_on", "gumbel_off"):
+      assert r["auc"] == k1[(r["forget"], "iam_" + r["attack"].split("_")[1], r["group"])]
   approx = [r for r in rows if r["table"] == "approx"]
   assert [(r["forget"], r["method"]) for r in approx] == [
       (t, m) for t in types for _ in range(2) for m in ("retrain", "finetune")]
@@ -138,7 +147,8 @@ def test_every_stage_output_and_the_report(workdir):
     assert (np.isnan(r["kl"]) or r["kl"] >= 0) and {"mse_b0", "mse_b1", "mse_b2"} <= set(r)
   text = (workdir / "report.md").read_text()
   for heading in ("Table 1", "Operating points, K = 1: class_percentage",
-                  "Number of shadow models K", "Table 2", "Table 8", "class-level read-out"):
+                  "Number of shadow models K", "Table 5", "Table 2", "Table 8",
+                  "class-level read-out"):
     assert heading in text
   for attack in ATTACKS.values():
     assert f"| {attack[0]} |" in text

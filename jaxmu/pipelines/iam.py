@@ -21,6 +21,9 @@ Stages (``config.stop_after`` names the last one to run):
    for K in the sweep and each of min(K_max // K, max_groups) disjoint shadow groups; scores
    pooled over the runs of each unlearning type, one `iam.bin_ui` per (type, group) (iam-spec
    7.1: mean and std over groups).
+   ``scoring``: Table 5, IAM's scoring function against other distributions and shadow-free
+   scores (`audit.scoring_functions`, iam-spec 10.4), per type and K = 1 group
+   (``config.audit.scoring_ablation``).
 7. ``score_ui``: each of the first ``score_ui.start_models`` shadows keeps training on the target
    pool; its best-so-far states at ``breaks`` evenly spaced epochs give ground-truth degrees b / B;
    Spearman/Pearson/MSE/KL of every attack against them, per K = 1 shadow group (iam-spec 7.5,
@@ -30,9 +33,9 @@ Stages (``config.stop_after`` names the last one to run):
    against the retrained models' (over- and under-unlearning, iam-spec 7.6, 9.4; Table 8), and
    the class-level read-out per run and overall (iam-spec 9.3, ``approx_class.csv``).
 9. ``report``: ``report.md`` (Table 1 as attacks x unlearning types, each type's operating points
-   and K sweep, Table 2, Table 8) and figures.
+   and K sweep, Tables 5, 2 and 8) and figures.
 
-Every table row also lands in ``results.csv`` (column ``table``: binui, score_ui, approx,
+Every table row also lands in ``results.csv`` (column ``table``: binui, scoring, score_ui, approx,
 approx_class; column ``forget``: the unlearning type).
 """
 
@@ -53,13 +56,14 @@ from tqdm.auto import tqdm
 from jaxmu import checkpoint, models, parallel, report, stages, train, unlearn
 from jaxmu import data as data_lib
 from jaxmu.attacks import iam, signals
-from jaxmu.attacks.audit import ATTACKS, Population, UnleakData, audit, unleak_model
+from jaxmu.attacks.audit import (ATTACKS, SCORING_FUNCTIONS, Population, UnleakData, audit,
+                                 scoring_functions, unleak_model)
 from jaxmu.data import augment as augment_lib
 from jaxmu.data import splits as splits_lib
 from jaxmu.pipelines.deepunlearn import abstract_variables, load_dataset
 
-STAGES = ("splits", "shadows", "ref_in", "targets", "signals", "binui", "score_ui", "approx",
-          "report")
+STAGES = ("splits", "shadows", "ref_in", "targets", "signals", "binui", "scoring", "score_ui",
+          "approx", "report")
 SETTINGS = ("exact", "arch", "shifted", "incremental")
 FORGET_TYPES = ("set_random", "class_percentage", "one_class")
 LEVELS = (1e-3, 1e-2, 1e-1)
@@ -472,13 +476,17 @@ class _Pipeline:
         st.commit()
     return self.wd.path("binui.csv")
 
+  def original_logits(self, sig, r):
+    """Run r's original model on the queries: its own, or the shared one."""
+    return sig["query_original"][r if self.config.original_per_seed else 0]
+
   def _audit_group(self, sig, group, inputs, run_ids, attacks, targets=None):
     """`audit` of runs ``run_ids`` with one shadow group; unlearning scores pooled over the runs
     {attack: [len(run_ids) * N]}. ``inputs``: `audit_inputs()`; ``targets``: {run: [N, C]} target
     logits and optionally {("pop", run): [P, C]} population logits instead of the retrained
     models'."""
     c = self.config
-    labels, pool_labels, train_pos, held_out = inputs
+    labels, _, _, held_out = inputs
     model = None
     if "unleak" in attacks:  # fitted once per shadow group
       key = tuple(group)
@@ -486,12 +494,11 @@ class _Pipeline:
         self._unleak_models[key] = unleak_model(UnleakData(
             sig["pool_origin"], sig["pool_shadows"][group], held_out[group]), c.audit.seed)
       model = self._unleak_models[key]
-    shadow_train = [(sig["pool_shadows"][k][train_pos[k]], pool_labels[train_pos[k]])
-                    for k in group]
+    shadow_train = _shadow_train(sig, group, inputs)
     pooled = {a: [] for a in attacks}
     for r in run_ids:
       targets_r = targets or {}
-      original = sig["query_original"][r if c.original_per_seed else 0]
+      original = self.original_logits(sig, r)
       target = targets_r.get(r, sig["query_retrain"][r])
       pop_labels = np.asarray(self.dataset.labels)[self.parts[f"val_{r}"]]
       population = Population(targets_r.get(("pop", r), sig["pop_retrain"][r]),
@@ -505,6 +512,38 @@ class _Pipeline:
       for a in attacks:
         pooled[a].append(result.scores[a])
     return {a: np.concatenate(v) for a, v in pooled.items()}
+
+  def scoring(self):
+    """Table 5 (iam-spec 10.4): IAM's scoring function ablated (`audit.scoring_functions`) on the
+    retrained targets, per unlearning type and K = 1 shadow group, pooled over the type's runs."""
+    c = self.config
+    if not c.audit.scoring_ablation:
+      return None
+    with self.wd.stage("scoring", config={"audit": c.audit}, deps=("signals",),
+                       outputs=("scoring.csv",)) as st:
+      if not st.done:
+        sig = {n: self.signal(n) for n in SIGNAL_FILES}
+        inputs = self.audit_inputs()
+        labels = inputs[0]
+        rows = []
+        for forget in forget_types(c):
+          run_ids = runs_of(self.runs, forget)
+          flags = np.concatenate([self.flags(i) for i in run_ids]).astype(np.int64)
+          for g, group in enumerate(shadow_groups(c.num_shadows, 1, c.audit.max_groups)):
+            pooled = {key: [] for key in SCORING_FUNCTIONS}
+            for r in run_ids:
+              scores = scoring_functions(
+                  self.original_logits(sig, r), sig["query_retrain"][r],
+                  sig["query_shadows"][group], labels, _shadow_train(sig, group, inputs),
+                  temperature=c.audit.temperature, num_interp=c.audit.num_interp)
+              for key, v in scores.items():
+                pooled[key].append(v)
+            for key, v in pooled.items():
+              m = iam.bin_ui(np.concatenate(v), flags, levels=LEVELS, num_bootstrap=0)
+              rows.append({"forget": forget, **_metric_row("scoring", key, 1, g, m)})
+        report.write_csv(st.tmp / "scoring.csv", rows)
+        st.commit()
+    return self.wd.path("scoring.csv")
 
   # ----------------------------------------------------------------------------------- ScoreUI
 
@@ -641,9 +680,10 @@ class _Pipeline:
 
   def report(self):
     c = self.config
-    parts = [n for n in ("binui.csv", "score_ui.csv", "approx.csv", "approx_class.csv")
-             if self.wd.path(n).exists()]
-    deps = ("binui",) + (("score_ui",) if c.score_ui.start_models else ()) + (
+    parts = [n for n in ("binui.csv", "scoring.csv", "score_ui.csv", "approx.csv",
+                         "approx_class.csv") if self.wd.path(n).exists()]
+    deps = ("binui",) + (("scoring",) if c.audit.scoring_ablation else ()) + (
+        ("score_ui",) if c.score_ui.start_models else ()) + (
         ("approx",) if c.approx.methods else ())
     with self.wd.stage("report", config={"margin": c.approx.margin, "parts": parts}, deps=deps,
                        outputs=("report.md", "results.csv", "roc.png", "auc_vs_k.png",
@@ -706,6 +746,13 @@ def _metric_row(table, attack, k, group, m):
           **{f"tpr@{lv:g}": m["tpr_at_fpr"][lv] for lv in LEVELS},
           **{f"tnr@{lv:g}": m["tnr_at_fnr"][lv] for lv in LEVELS},
           "score_forgotten": m["score_forgotten_mean"], "score_retained": m["score_retained_mean"]}
+
+
+def _shadow_train(sig, group, inputs):
+  """IAM-Off's inputs for a shadow group: each shadow's logits and labels on its own training
+  samples (``inputs``: `_Pipeline.audit_inputs()`)."""
+  _, pool_labels, train_pos, _ = inputs
+  return [(sig["pool_shadows"][k][train_pos[k]], pool_labels[train_pos[k]]) for k in group]
 
 
 def _score_ui_or_nan(scores, degree):
@@ -777,11 +824,33 @@ def render_report(config, rows) -> str:
       cells = [_mean_std([r["auc"] for r in binui
                           if r["attack"] == a and int(r["k"]) == k and kind(r) == t]) for k in ks]
       out.append(f"| {ATTACKS[a][0]} | " + " | ".join(cells) + " |")
-  out += _score_ui_table(rows) + _approx_tables(config, rows, types)
+  out += _scoring_tables(rows, types) + _score_ui_table(rows) + _approx_tables(config, rows, types)
   out += ["", "Figures: roc.png (log-log ROC per attack, K = 1, group 0), auc_vs_k.png, "
           f"iam_hist.png (IAM-On score of forgotten vs retained samples); all three for {types[0]}.",
           ""]
   return "\n".join(out)
+
+
+def _scoring_tables(rows, types):
+  scoring = [r for r in rows if r["table"] == "scoring"]
+  if not scoring:
+    return []
+  out = ["", "## Table 5: scoring functions (K = 1, retrained targets)", "",
+         "IAM's Gumbel fit against other reference distributions and shadow-free scores "
+         "(iam-spec 10.4): AUC etc. in %, mean ± std over shadow groups; the mean unlearning score "
+         "of forgotten and retained samples."]
+  for t in types:
+    out += ["", f"### {t}", "", "| scoring function | AUC | balanced acc. | TPR@FPR=0.01 | "
+            "TNR@FNR=0.01 | score forgotten | score retained |", "|---" * 7 + "|"]
+    for key in SCORING_FUNCTIONS:
+      sel = [r for r in scoring if r["attack"] == key and r["forget"] == t]
+      if sel:
+        out.append(f"| {SCORING_FUNCTIONS[key][0]} | " + " | ".join(
+            [_mean_std([r[m] for r in sel]) for m in ("auc", "balanced_accuracy", "tpr@0.01",
+                                                       "tnr@0.01")]
+            + [f"{np.mean([r[m] for r in sel]):.3f}" for m in ("score_forgotten",
+                                                               "score_retained")]) + " |")
+  return out
 
 
 def _score_ui_table(rows):
