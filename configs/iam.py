@@ -143,11 +143,16 @@ def get_config(arg: str | None = None):
   # continue training on `incremental.pool_size` samples of this dataset (e.g. cinic10) for
   # train.target_epochs, audited with the old run's shadows (Table 4).
   c.setting = args.get("setting", "exact")
-  c.shadow_model = ml_collections.ConfigDict({"name": "", "options": {}})  # "" = c.model
+  c.shadow_model = ml_collections.ConfigDict(  # arch: "" = c.model; options as c.model's
+      {"name": "", "options": c.model.options.to_dict()})
   c.shadow_dataset = ml_collections.ConfigDict(  # shifted: e.g. cinic10 for cifar10 targets
       {"name": "", "data_dir": "", "options": {}, "shadow_size": 600 if quick else 20000})
 
   c.incremental = ml_collections.ConfigDict({"base_workdir": "", "pool_size": 300 if quick else 5000})
+  # Reuse the shadows (shadow origin included) or the targets (originals, retrained, ref_in) of a
+  # finished run with the same splits instead of training them, e.g. for the architecture matrix
+  # of Fig. 4 (docs/iam.md): "" = train here.
+  c.reuse = ml_collections.ConfigDict({"shadows": "", "targets": ""})
 
   c.parallel = ml_collections.ConfigDict()
   c.parallel.strategy = "auto"

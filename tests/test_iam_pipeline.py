@@ -231,7 +231,8 @@ def test_reference_recipes(dataset):
   assert config.train.learning_rate == (0.01 if dataset == "purchase100" else 0.1)
   assert config.model.name == ("purchase_mlp" if dataset == "purchase100" else "resnet18")
   assert pipeline.k_sweep(config) == (1, 2, 4, 8)
-  assert [r.forget for r in pipeline.runs(config)] == ["set_random"] * 10 + ["class_percentage"] * 10
+  assert [r.forget for r in pipeline.runs(config)] == (["set_random"] * 10
+                                                        + ["class_percentage"] * 10)
 
 
 def test_shifted_shadows_split_their_own_dataset(tmp_path, npz):
@@ -271,5 +272,70 @@ def test_incremental_continues_the_base_runs_models(workdir, tmp_path, npz):
     for a, b in zip(jax.tree.leaves(pipe.restore(group, n)), jax.tree.leaves(old.restore(group, n))):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   config.incremental.base_workdir = str(tmp_path / "nowhere")
-  with pytest.raises(ValueError, match="holds no finished IAM run"):
+  with pytest.raises(ValueError, match="holds no IAM run"):
     pipeline.run(config, tmp_path / "other")
+
+
+def test_reused_models_train_nothing_and_give_the_same_numbers(workdir, npz, tmp_path):
+  config = _tiny_config(npz)
+  config.reuse.shadows = config.reuse.targets = str(workdir)
+  config.stop_after = "binui"
+  pipeline.run(config, tmp_path)
+  log = tmp_path / "metrics.jsonl"  # training curves: none, as nothing was trained
+  assert not log.exists() or not log.read_text().strip()
+  for group in ("shadows", "shadow_origin", "ref_in", "original", "retrain"):
+    assert (tmp_path / "models" / group).exists()
+  assert (tmp_path / "binui.csv").read_text() == (workdir / "binui.csv").read_text()
+  # The matrix: one cell per run; the same cell twice is an error.
+  rows, text = pipeline.arch_matrix([workdir])
+  want = [r for r in report.read_csv(workdir / "binui.csv")
+          if r["forget"] == "set_random" and int(r["k"]) == 1 and r["attack"] == "iam_on"]
+  cell = [r for r in rows if r["attack"] == "iam_on"]
+  assert len(cell) == 1
+  assert cell[0]["target"] == cell[0]["shadow"] == "purchase_mlp[num_features=64]"
+  assert cell[0]["auc"] == pytest.approx(np.mean([r["auc"] for r in want]))
+  assert "| target \\ shadow | purchase_mlp[num_features=64] |" in text
+  with pytest.raises(ValueError, match="two work directories"):
+    pipeline.arch_matrix([workdir, tmp_path])
+
+
+def test_reuse_checks_architecture_and_splits(workdir, npz, tmp_path):
+  config = _tiny_config(npz)
+  config.setting = "arch"
+  config.shadow_model.name, config.shadow_model.options = "small_cnn", {}
+  config.reuse.shadows = str(workdir)
+  with pytest.raises(ValueError, match="holds .*purchase_mlp.* models; this run needs .*small_cnn"):
+    pipeline.run(config, tmp_path / "arch")
+  config = _tiny_config(npz)
+  config.seeds = (43,)
+  config.reuse.targets = str(workdir)
+  with pytest.raises(ValueError, match="other index sets"):
+    pipeline.run(config, tmp_path / "seeds")
+
+
+def test_arch_matrix_launcher(workdir, tmp_path):
+  """Three cells of a 2 x 2 matrix (one missing), from hand-made work directories."""
+  for target, shadow, auc in (("a", "a", 0.6), ("b", "a", 0.7), ("a", "b", 0.8)):
+    run = tmp_path / f"{target}-{shadow}"
+    run.mkdir()
+    config = json.loads((workdir / "config.json").read_text())
+    config["model"] = {"name": target, "options": {}}
+    if target != shadow:
+      config["setting"], config["shadow_model"] = "arch", {"name": shadow, "options": {}}
+    (run / "config.json").write_text(json.dumps(config))
+    report.write_csv(run / "binui.csv", [
+        {"forget": "set_random", "table": "binui", "attack": "iam_on", "k": 1, "group": g,
+         "auc": auc + 0.01 * g} for g in (0, 1)])
+  out = subprocess.run([sys.executable, "launch/iam_matrix.py", f"--workdirs={tmp_path}/*-?",
+                        f"--out={tmp_path}/m"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "| target \\ shadow | a | b |" in out.stdout
+  assert "| a | 60.50 ± 0.50 | 80.50 ± 0.50 |" in out.stdout
+  assert "| b | 70.50 ± 0.50 | — |" in out.stdout
+  rows = report.read_csv(tmp_path / "m" / "matrix.csv")
+  assert [(r["target"], r["shadow"], r["groups"]) for r in rows] == [
+      ("a", "a", 2), ("a", "b", 2), ("b", "a", 2)]
+  bad = subprocess.run([sys.executable, "launch/iam_matrix.py", f"--workdirs={tmp_path}/none*"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert bad.returncode == 1 and "no work directory matches" in bad.stderr

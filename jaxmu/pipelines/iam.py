@@ -304,17 +304,19 @@ class _Pipeline:
     k = c.num_shadows
     config = self._train_config(shadow_model=c.shadow_model, setting=c.setting,
                                 shadow_dataset=c.shadow_dataset)
-    if self.incremental:
-      config = {"base": str(self.base.root), "base_shadows": self.base.stage_hash("shadows"),
+    source = self.base if self.incremental else self._reused("shadows")
+    if source is not None:
+      config = {"source": str(source.root), "source_shadows": _finished_hash(source, "shadows"),
                 "k": k}
     with self.wd.stage("shadows", config=config, deps=("splits",),
                        outputs=("models/shadows", "models/shadow_origin")) as st:
-      if not st.done and self.incremental:  # the old data's shadows, as they are
-        base_k = self.base.config.num_shadows
-        like = abstract_variables(self.shadow_model, base_k, self.input_shape)
-        shadows = checkpoint.restore(self.base.path("models/shadows"), like)
+      if not st.done and source is not None:  # another run's shadows, as they are
+        if not self.incremental:
+          self._check_reuse(source, "shadows")
+        like = abstract_variables(self.shadow_model, source.config.num_shadows, self.input_shape)
+        shadows = checkpoint.restore(source.path("models/shadows"), like)
         checkpoint.save(st.tmp / "models/shadows", parallel.slice_models(shadows, 0, k))
-        shutil.copytree(self.base.path("models/shadow_origin"), st.tmp / "models/shadow_origin")
+        shutil.copytree(source.path("models/shadow_origin"), st.tmp / "models/shadow_origin")
         st.commit()
       if not st.done:
         # The origin is selected by its training accuracy, as the reference.
@@ -331,8 +333,15 @@ class _Pipeline:
     """RMIA-On's IN model on the first run's population set, selected on the shadow pool (on the
     first run's test split when the shadow pool belongs to another dataset)."""
     c, p = self.config, self.parts
-    with self.wd.stage("ref_in", config=self._train_config(ref_in=c.ref_in), deps=("splits",),
-                       outputs=("models/ref_in",)) as st:
+    source = self._reused("targets")
+    config = self._train_config(ref_in=c.ref_in)
+    if source is not None:
+      config = {"source": str(source.root), "source_ref_in": _finished_hash(source, "ref_in")}
+    with self.wd.stage("ref_in", config=config, deps=("splits",), outputs=("models/ref_in",)) as st:
+      if not st.done and source is not None:
+        self._check_reuse(source, "targets")
+        shutil.copytree(source.path("models/ref_in"), st.tmp / "models/ref_in")
+        st.commit()
       if not st.done:
         best = self._train("ref_in", self.model, [_IDS["ref_in"]], [p["val_0"]],
                            p["test_0"] if self.shifted else p["shadow_pool"], c.ref_in.epochs,
@@ -350,8 +359,16 @@ class _Pipeline:
                                 original_per_seed=c.original_per_seed)
     if self.incremental:
       config["base"] = (str(self.base.root), self.base.stage_hash("targets"))
+    source = self._reused("targets")
+    if source is not None:
+      config = {"source": str(source.root), "source_targets": _finished_hash(source, "targets")}
     with self.wd.stage("targets", config=config, deps=("splits",),
                        outputs=("models/original", "models/retrain")) as st:
+      if not st.done and source is not None:  # another run's models, as they are
+        self._check_reuse(source, "targets")
+        for group in ("original", "retrain"):
+          shutil.copytree(source.path("models", group), st.tmp / "models" / group)
+        st.commit()
       if not st.done:
         o, r = self.num_originals(), len(self.runs)
         index_sets = [p["pool"]] * o + [p["pool"][~self.flags(i)] for i in range(r)]
@@ -374,6 +391,42 @@ class _Pipeline:
         self._publish(st, "targets", {"original": parallel.slice_models(best, 0, o),
                                       "retrain": parallel.slice_models(best, o, o + r)})
     return self.wd.path("models/retrain")
+
+  def _reused(self, kind):
+    """The finished run whose ``kind`` models ("shadows", or "targets": originals, retrained and
+    ref_in) ``config.reuse`` names, or None."""
+    path = self.config.reuse[kind]
+    if not path:
+      return None
+    if self.incremental:
+      raise ValueError("setting='incremental' takes its models from incremental.base_workdir; "
+                       "leave config.reuse empty")
+    return _Base(path, f"reuse.{kind}")
+
+  def _check_reuse(self, source, kind):
+    """Another run's ``kind`` models fit this run: same architecture and the same index sets."""
+    c, mine = self.config, self.parts
+    own_arch, their_arch = _architecture(c, kind), _architecture(source.config, kind)
+    if own_arch != their_arch:
+      raise ValueError(f"reuse.{kind}={str(source.root)!r} holds {their_arch} models; this run "
+                       f"needs {own_arch}")
+    if kind == "shadows":
+      theirs = np.load(source.path("splits.npz"))
+      if source.config.num_shadows < c.num_shadows:
+        raise ValueError(f"reuse.shadows={str(source.root)!r} has {source.config.num_shadows} "
+                         f"shadows; num_shadows={c.num_shadows} asks for more")
+      same = all(np.array_equal(theirs[key][:len(mine[key])], mine[key]) for key in
+                 ("shadow_train", "shadow_test")) and np.array_equal(theirs["shadow_pool"],
+                                                                     mine["shadow_pool"])
+    else:
+      theirs = splits_lib.load(source.path("splits.npz"), self.dataset)
+      same = ([tuple(r) for r in runs(source.config)] == [tuple(r) for r in self.runs]
+              and source.num_originals() == self.num_originals()
+              and all(np.array_equal(theirs[key], mine[key]) for key in mine
+                      if key.split("_")[0] in ("pool", "flags", "val")))
+    if not same:
+      raise ValueError(f"reuse.{kind}={str(source.root)!r} was trained on other index sets "
+                       "(splits, runs or shadows differ); use the same split settings and seeds")
 
   def _publish(self, st, name, groups):
     """Saves each group's stacked variables under models/, commits the stage and drops the
@@ -664,8 +717,10 @@ class _Pipeline:
               overall = levels["overall"]
               rows.append({"forget": forget, **_metric_row("approx", "iam_on", 1, g, m),
                            "method": name,
-                           "member_forgotten": overall["mean_0"], "member_forgotten_std": overall["std_0"],
-                           "member_retained": overall["mean_1"], "member_retained_std": overall["std_1"]})
+                           "member_forgotten": overall["mean_0"],
+                           "member_forgotten_std": overall["std_0"],
+                           "member_retained": overall["mean_1"],
+                           "member_retained_std": overall["std_1"]})
               for run, values in [*zip(run_ids, levels["runs"]), ("overall", overall)]:
                 cls = "" if run == "overall" else self.runs[run].cls
                 seed = "" if run == "overall" else self.runs[run].seed
@@ -703,13 +758,14 @@ SIGNAL_FILES = ("query_shadows", "query_original", "query_retrain", "pop_retrain
 
 
 class _Base:
-  """The finished run an incremental audit continues (its workdir, config and stages)."""
+  """A finished run whose models this one continues (incremental) or reuses (its workdir,
+  config and stages)."""
 
-  def __init__(self, root):
+  def __init__(self, root, field="incremental.base_workdir"):
     self.root = Path(root)
     if not (self.root / "config.json").exists():
-      raise ValueError(f"incremental.base_workdir={str(root)!r} holds no finished IAM run "
-                       "(config.json missing); run launch/iam.py on the old data first")
+      raise ValueError(f"{field}={str(root)!r} holds no IAM run (config.json missing); run "
+                       "launch/iam.py there first")
     self.config = ml_collections.ConfigDict(json.loads((self.root / "config.json").read_text()))
     self.stages = stages.Workdir(self.root)
 
@@ -729,6 +785,74 @@ def _base_workdir(config) -> _Base:
     raise ValueError(f"the base run's model {base.config.model.name!r} differs from "
                      f"{config.model.name!r}; incremental continues its models")
   return base
+
+
+def _finished_hash(source, stage):
+  try:
+    return source.stage_hash(stage)
+  except RuntimeError:
+    raise ValueError(f"{str(source.root)!r} has not finished its {stage!r} stage; run it "
+                     "first") from None
+
+
+def _architecture(config, kind):
+  """(name, options) of a run's shadow ("shadows") or target ("targets") architecture."""
+  model = config.model
+  if kind == "shadows" and config.setting == "arch" and config.shadow_model.name:
+    model = config.shadow_model
+  return model.name, json.dumps(model.options.to_dict(), sort_keys=True)
+
+
+def _arch_label(config, kind):
+  name, options = _architecture(config, kind)
+  options = json.loads(options)
+  return name + (f"[{','.join(f'{k}={v}' for k, v in options.items())}]" if options else "")
+
+
+def arch_matrix(workdirs, forget=None):
+  """Fig. 4 (iam-spec 7.3, 10.8): the K = 1 BinUI AUC of every attack per (target architecture,
+  shadow architecture), one finished run (work directory) per cell, for the unlearning type
+  ``forget`` (default: each run's first). Returns (rows, markdown): rows with target, shadow,
+  attack, auc (mean over shadow groups), auc_std and groups; markdown, one table per attack.
+
+  The cheap way to fill the matrix: one `exact` run per architecture, then for each other pair a
+  `setting="arch"` run with ``config.reuse.targets`` and ``config.reuse.shadows`` pointing at the
+  two runs, which trains nothing (docs/iam.md).
+  """
+  cells = {}
+  for workdir in workdirs:
+    run = _Base(workdir, "workdir")
+    if not run.path("binui.csv").exists():
+      raise ValueError(f"{str(workdir)!r} has no binui.csv; run its IAM audit up to binui first")
+    kind = forget or forget_types(run.config)[0]
+    rows = [r for r in report.read_csv(run.path("binui.csv")) if int(r["k"]) == 1
+            and (r.get("forget") or forget_types(run.config)[0]) == kind]
+    if not rows:
+      raise ValueError(f"{str(workdir)!r} has no K = 1 results for unlearning type {kind!r}")
+    cell = (_arch_label(run.config, "targets"), _arch_label(run.config, "shadows"))
+    if cell in cells:
+      raise ValueError(f"two work directories give the cell target={cell[0]}, shadow={cell[1]}: "
+                       f"{cells[cell][0]} and {workdir}")
+    cells[cell] = (workdir, rows)
+  targets = list(dict.fromkeys(t for t, _ in cells))
+  shadows = list(dict.fromkeys(s for _, s in cells))
+  attacks = list(dict.fromkeys(r["attack"] for _, rows in cells.values() for r in rows))
+  out_rows, text = [], []
+  for a in attacks:
+    text += [f"## {ATTACKS[a][0]}: AUC % (rows: target, columns: shadow; ± std over groups)", "",
+             "| target \\ shadow | " + " | ".join(shadows) + " |",
+             "|---" * (len(shadows) + 1) + "|"]
+    for t in targets:
+      line = []
+      for s in shadows:
+        auc = [r["auc"] for r in cells.get((t, s), (None, []))[1] if r["attack"] == a]
+        if auc:
+          out_rows.append({"target": t, "shadow": s, "attack": a, "auc": float(np.mean(auc)),
+                           "auc_std": float(np.std(auc)), "groups": len(auc)})
+        line.append(_mean_std(auc) if auc else "—")
+      text.append(f"| {t} | " + " | ".join(line) + " |")
+    text.append("")
+  return out_rows, "\n".join(text)
 
 
 def _init_variables(model, ids, input_shape):
@@ -826,7 +950,8 @@ def render_report(config, rows) -> str:
       out.append(f"| {ATTACKS[a][0]} | " + " | ".join(cells) + " |")
   out += _scoring_tables(rows, types) + _score_ui_table(rows) + _approx_tables(config, rows, types)
   out += ["", "Figures: roc.png (log-log ROC per attack, K = 1, group 0), auc_vs_k.png, "
-          f"iam_hist.png (IAM-On score of forgotten vs retained samples); all three for {types[0]}.",
+          "iam_hist.png (IAM-On score of forgotten vs retained samples); all three for "
+          f"{types[0]}.",
           ""]
   return "\n".join(out)
 
@@ -837,8 +962,8 @@ def _scoring_tables(rows, types):
     return []
   out = ["", "## Table 5: scoring functions (K = 1, retrained targets)", "",
          "IAM's Gumbel fit against other reference distributions and shadow-free scores "
-         "(iam-spec 10.4): AUC etc. in %, mean ± std over shadow groups; the mean unlearning score "
-         "of forgotten and retained samples."]
+         "(iam-spec 10.4): AUC etc. in %, mean ± std over shadow groups; the mean unlearning "
+         "score of forgotten and retained samples."]
   for t in types:
     out += ["", f"### {t}", "", "| scoring function | AUC | balanced acc. | TPR@FPR=0.01 | "
             "TNR@FNR=0.01 | score forgotten | score retained |", "|---" * 7 + "|"]
@@ -890,7 +1015,8 @@ def _approx_tables(config, rows, types):
     ref_r = np.mean([r["member_retained"] for r in ref])
     for method in dict.fromkeys(r["method"] for r in sel_t):
       sel = [r for r in sel_t if r["method"] == method]
-      mf, mr = np.mean([r["member_forgotten"] for r in sel]), np.mean([r["member_retained"] for r in sel])
+      mf = np.mean([r["member_forgotten"] for r in sel])
+      mr = np.mean([r["member_retained"] for r in sel])
       sf = np.mean([r["member_forgotten_std"] for r in sel])
       sr = np.mean([r["member_retained_std"] for r in sel])
       margin = config.approx.margin

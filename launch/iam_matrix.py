@@ -1,0 +1,50 @@
+"""The architecture matrix of IAM's Fig. 4 from finished IAM runs, one per (target, shadow) pair.
+
+    python launch/iam_matrix.py --workdirs='runs/arch/*' --out=runs/arch
+
+Reads each run's config.json (target and shadow architecture) and binui.csv (K = 1 AUCs) and
+writes <out>/matrix.md (one table per attack) and <out>/matrix.csv; docs/iam.md shows how to fill
+the matrix while training each architecture only once (`config.reuse`).
+"""
+
+import glob
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # an uninstalled jaxmu
+
+from absl import app, flags  # noqa: E402
+
+from jaxmu import cli, report  # noqa: E402
+from jaxmu.pipelines import iam  # noqa: E402
+
+_WORKDIRS = flags.DEFINE_list("workdirs", None, "IAM work directories or glob patterns.")
+_OUT = flags.DEFINE_string("out", "runs/arch", "Output directory.")
+_FORGET = flags.DEFINE_string("forget", None, "Unlearning type (default: each run's first).")
+flags.mark_flags_as_required(["workdirs"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    workdirs = []
+    for pattern in _WORKDIRS.value:
+      found = sorted(w for w in glob.glob(pattern) if Path(w).is_dir())
+      if not found:
+        raise ValueError(f"no work directory matches {pattern!r}")
+      workdirs += [w for w in found if w not in workdirs]
+    rows, text = iam.arch_matrix(workdirs, _FORGET.value)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  out = Path(_OUT.value)
+  out.mkdir(parents=True, exist_ok=True)
+  report.write_csv(out / "matrix.csv", rows)
+  (out / "matrix.md").write_text(text)
+  print(text)
+  print(f"Done: {out}")
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=cli.parse_flags)
