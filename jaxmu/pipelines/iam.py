@@ -1053,30 +1053,33 @@ def _figures(directory, rows, kept):
   from sklearn.metrics import roc_curve
 
   flags = kept.pop("_flags").astype(bool)
+  binui = [r for r in rows if r["table"] == "binui"]
+  forget = binui[0].get("forget") or ""  # the first unlearning type (all three figures)
+  binui = [r for r in binui if (r.get("forget") or "") == forget]
   colors = dict(zip(ATTACKS, plt.cm.tab20(np.arange(20))))
+  outside = dict(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
   fig, ax = plt.subplots(figsize=(5, 5))
   for a, s in kept.items():
     fpr, tpr, _ = roc_curve(~flags, 1 - s)
     ax.loglog(np.maximum(fpr, 1e-5), np.maximum(tpr, 1e-5), label=ATTACKS[a][0], color=colors[a])
   ax.plot([1e-5, 1], [1e-5, 1], "k:", lw=0.8)
   ax.set(xlabel="FPR (forgotten called retained)", ylabel="TPR (retained recognised)",
-         title="BinUI ROC, K = 1")
-  ax.legend(fontsize=7)
+         title=f"BinUI ROC, K = 1, {forget}")
+  ax.legend(**outside)
   fig.savefig(directory / "roc.png", dpi=120, bbox_inches="tight")
   plt.close(fig)
 
-  binui = [r for r in rows if r["table"] == "binui"]
-  binui = [r for r in binui if r.get("forget") == binui[0].get("forget")]  # the first type
   fig, ax = plt.subplots(figsize=(6, 4))
   for a in dict.fromkeys(r["attack"] for r in binui):
     ks = sorted({int(r["k"]) for r in binui if r["attack"] == a})
     auc = [np.mean([r["auc"] for r in binui if r["attack"] == a and int(r["k"]) == k]) for k in ks]
     ax.plot(ks, auc, marker="o", label=ATTACKS[a][0], color=colors[a])
   all_ks = sorted({int(r["k"]) for r in binui})
-  ax.set(xscale="log", xlabel="K shadow models", ylabel="AUC", title="BinUI AUC against K")
+  ax.set(xscale="log", xlabel="K shadow models", ylabel="AUC",
+         title=f"BinUI AUC against K, {forget}")
   ax.set_xticks(all_ks, [str(k) for k in all_ks])
   ax.minorticks_off()
-  ax.legend(fontsize=7)
+  ax.legend(**outside)
   fig.savefig(directory / "auc_vs_k.png", dpi=120, bbox_inches="tight")
   plt.close(fig)
 
@@ -1086,6 +1089,7 @@ def _figures(directory, rows, kept):
     ax.hist(kept["iam_on"][~flags], bins, density=True, alpha=0.6, label="retained")
     ax.hist(kept["iam_on"][flags], bins, density=True, alpha=0.6, label="forgotten")
     ax.legend()
-  ax.set(xlabel="IAM-On unlearning score", ylabel="density", title="IAM-On scores, K = 1")
+  ax.set(xlabel="IAM-On unlearning score", ylabel="density",
+         title=f"IAM-On scores, K = 1, {forget}")
   fig.savefig(directory / "iam_hist.png", dpi=120, bbox_inches="tight")
   plt.close(fig)
