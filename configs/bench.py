@@ -13,7 +13,9 @@ starting rows after `time_budget_s` (launch/gpu_bench.sh runs it in one call on 
     python launch/benchmark.py --config=configs/bench.py:attacks --out=runs/bench_attacks.json
 
 `:attacks` times attack scoring on random signals after compilation: IAM (gumbel, kde) at
-N = 30,000, K = 16, A = 100, and Carlini online LiRA with 64 shadows (about 30 s on 2 CPU cores).
+N = 30,000, K = 16, A = 100, Carlini online LiRA with 64 shadows, and one `audit` call with every
+attack on CIFAR-100-shaped logits (N = 30,000, K = 1, a population of 5,000): the unit of the IAM
+pipeline's BinUI and ScoreUI loops (about a minute on 2 CPU cores).
 
     python launch/benchmark.py --config=configs/bench.py:search --out=runs/bench_search.json
 
@@ -55,7 +57,7 @@ def get_config(arg: str | None = None):
     c.section = "attacks"
     c.attacks = ml_collections.ConfigDict(dict(
         num_samples=30_000, iam_shadows=16, num_interp=100, iam_dists=("gumbel", "kde"),
-        lira_shadows=64, repeats=5))
+        lira_shadows=64, repeats=5, audit_classes=100, audit_population=5000))
   elif arg == "search":
     c.section = "search"
     c.search = ml_collections.ConfigDict(dict(

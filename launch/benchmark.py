@@ -192,7 +192,26 @@ def measure_attacks(config) -> list[dict]:
   in_mask = rng.random((c.lira_shadows, n)) < 0.5
   rows.append(timed(lambda: lira.carlini_lira_online(target, lira_shadows, in_mask),
                     attack="carlini_lira_online", num_shadows=c.lira_shadows))
+  if c.get("audit_classes"):  # one `audit` call with every attack: the unit of BinUI and ScoreUI
+    rows.append(timed(_audit_call(rng, n, c.audit_classes, c.audit_population),
+                      attack="audit_all_attacks", num_shadows=1, num_classes=c.audit_classes,
+                      population=c.audit_population))
   return rows
+
+
+def _audit_call(rng, n, num_classes, z):
+  """`audit` of every attack on random logits (K = 1, a population of z, UnLeak prefitted once
+  per shadow group as the pipeline does), as a thunk."""
+  from jaxmu.attacks.audit import Population, UnleakData, audit, unleak_model
+
+  logits = lambda *shape: rng.normal(size=(*shape, num_classes)).astype("float32")
+  labels = lambda m: rng.integers(0, num_classes, m)
+  original, target, shadows, y = logits(n), logits(n), logits(1, n), labels(n)
+  population = Population(logits(z), logits(1, z), labels(z), logits(z))
+  unleak = unleak_model(UnleakData(logits(2000), logits(1, 2000), rng.random((1, 2000)) < 0.2))
+  shadow_train = [(logits(4000), labels(4000))]
+  return lambda: audit(original, target, shadows, y, population=population, unleak=unleak,
+                       shadow_train=shadow_train).scores["iam_on"]
 
 
 def measure_search(config) -> list[dict]:
