@@ -21,19 +21,22 @@ Stages (``config.stop_after`` names the last one to run):
    for K in the sweep and each of min(K_max // K, max_groups) disjoint shadow groups; scores
    pooled over the runs of each unlearning type, one `iam.bin_ui` per (type, group) (iam-spec
    7.1: mean and std over groups).
-   ``scoring``: Table 5, IAM's scoring function against other distributions and shadow-free
+7. ``scoring``: Table 5, IAM's scoring function against other distributions and shadow-free
    scores (`audit.scoring_functions`, iam-spec 10.4), per type and K = 1 group
    (``config.audit.scoring_ablation``).
-7. ``score_ui``: each of the first ``score_ui.start_models`` shadows keeps training on the target
+8. ``score_ui``: each of the first ``score_ui.start_models`` shadows keeps training on the target
    pool; its best-so-far states at ``breaks`` evenly spaced epochs give ground-truth degrees b / B;
    Spearman/Pearson/MSE/KL of every attack against them, per K = 1 shadow group (iam-spec 7.5,
    9.2).
-8. ``approx_<method>`` and ``approx``: IAM's approximate methods on the original of every run,
+9. ``approx_<method>`` and ``approx``: IAM's approximate methods on the original of every run,
    scored with IAM-On (K = 1 groups): AUC and mean membership on forgotten / retained samples
    against the retrained models' (over- and under-unlearning, iam-spec 7.6, 9.4; Table 8), and
    the class-level read-out per run and overall (iam-spec 9.3, ``approx_class.csv``).
-9. ``report``: ``report.md`` (Table 1 as attacks x unlearning types, each type's operating points
-   and K sweep, Tables 5, 2 and 8) and figures.
+10. ``report``: ``report.md`` (Table 1 as attacks x unlearning types, each type's operating points
+    and K sweep, Tables 5, 2 and 8) and figures.
+
+``config.reuse`` takes the shadows or the targets of another finished run with the same splits
+instead of training them (the architecture matrix of Fig. 4, `arch_matrix`).
 
 Every table row also lands in ``results.csv`` (column ``table``: binui, scoring, score_ui, approx,
 approx_class; column ``forget``: the unlearning type).
