@@ -242,9 +242,10 @@ def audit(original, target, shadows, labels=None, forget_mask=None, *, attacks=N
                               for a, s in scores.items()})
 
 
-# Table 5's scoring functions (iam-spec 10.4): key -> (paper name, signal, IAM distribution).
+# Table 5's scoring functions (iam-spec 10.4): key -> (paper name, signal, IAM distribution);
+# the shadow-free rows (no distribution) name their `baselines.simple_scores` key.
 SCORING_FUNCTIONS = {
-    "prob": ("Prob: -p_y, no shadow", "prob", None),
+    "prob": ("Prob: -p_y, no shadow", "proby", None),
     "tsm": ("TSM: -taylor-soft-margin, no shadow", "tsm", None),
     "loss": ("Loss: cross-entropy, no shadow", "loss", None),
     "ecdf_off": ("ECDF-Off", "prob", "ecdf"),
@@ -283,7 +284,7 @@ def scoring_functions(original, target, shadows, labels, shadow_train, *, temper
   out = {}
   for key, (_, signal, dist) in SCORING_FUNCTIONS.items():
     if dist is None:
-      out[key] = np.asarray(simple["proby" if signal == "prob" else signal], np.float64)
+      out[key] = np.asarray(simple[signal], np.float64)
       continue
     f = maps[signal]
     if key.endswith("_on"):

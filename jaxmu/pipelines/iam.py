@@ -58,7 +58,7 @@ from tqdm.auto import tqdm
 
 from jaxmu import checkpoint, models, parallel, report, stages, train, unlearn
 from jaxmu import data as data_lib
-from jaxmu.attacks import iam, signals
+from jaxmu.attacks import iam
 from jaxmu.attacks.audit import (ATTACKS, SCORING_FUNCTIONS, Population, UnleakData, audit,
                                  scoring_functions, unleak_model)
 from jaxmu.data import augment as augment_lib
@@ -190,7 +190,7 @@ class _Pipeline:
     self.shadow_model = (models.get(shadow_name, dataset.num_classes,
                                     **config.shadow_model.options.to_dict())
                          if shadow_name else self.model)
-    self._parts, self._target_inits, self._unleak_models = None, None, {}
+    self._parts, self._target_inits, self._unleak_models, self._signals = None, None, {}, None
 
   @property
   def parts(self):
@@ -380,7 +380,7 @@ class _Pipeline:
         start = None
         if self.incremental:  # continue the old original(s) and the same run's retrained model
           base_o, base_runs = self.base.num_originals(), runs(self.base.config)
-          if [tuple(x) for x in base_runs[:r]] != [tuple(x) for x in self.runs]:
+          if base_runs[:r] != self.runs:
             raise ValueError(f"the base run's runs (type, seed, class) {base_runs} do not start "
                              f"with this run's {self.runs}; use the same types and seeds")
           base_r = len(base_runs)
@@ -423,7 +423,7 @@ class _Pipeline:
                                                                      mine["shadow_pool"])
     else:
       theirs = splits_lib.load(source.path("splits.npz"), self.dataset)
-      same = ([tuple(r) for r in runs(source.config)] == [tuple(r) for r in self.runs]
+      same = (runs(source.config) == self.runs
               and source.num_originals() == self.num_originals()
               and all(np.array_equal(theirs[key], mine[key]) for key in mine
                       if key.split("_")[0] in ("pool", "flags", "val")))
@@ -493,8 +493,11 @@ class _Pipeline:
         st.commit()
     return self.wd.path("signals")
 
-  def signal(self, name):
-    return np.load(self.wd.path("signals", f"{name}.npy"))
+  def signal_arrays(self):
+    """{name: array} of the signals stage's outputs, read once per pipeline."""
+    if self._signals is None:
+      self._signals = {n: np.load(self.wd.path("signals", f"{n}.npy")) for n in SIGNAL_FILES}
+    return self._signals
 
   # ------------------------------------------------------------------------------------- BinUI
 
@@ -514,7 +517,7 @@ class _Pipeline:
                        outputs=("binui.csv", "binui_scores.npz")) as st:
       if not st.done:
         rows, kept = [], None
-        sig = {n: self.signal(n) for n in SIGNAL_FILES}
+        sig = self.signal_arrays()
         inputs = self.audit_inputs()
         todo = [(forget, k, g) for forget in forget_types(c) for k in k_sweep(c)
                 for g in shadow_groups(c.num_shadows, k, c.audit.max_groups)]
@@ -551,13 +554,13 @@ class _Pipeline:
             sig["pool_origin"], sig["pool_shadows"][group], held_out[group]), c.audit.seed)
       model = self._unleak_models[key]
     shadow_train = _shadow_train(sig, group, inputs)
+    targets = targets or {}
     pooled = {a: [] for a in attacks}
     for r in run_ids:
-      targets_r = targets or {}
       original = self.original_logits(sig, r)
-      target = targets_r.get(r, sig["query_retrain"][r])
+      target = targets.get(r, sig["query_retrain"][r])
       pop_labels = np.asarray(self.dataset.labels)[self.parts[f"val_{r}"]]
-      population = Population(targets_r.get(("pop", r), sig["pop_retrain"][r]),
+      population = Population(targets.get(("pop", r), sig["pop_retrain"][r]),
                               sig["pop_shadows"][r][group], pop_labels, sig["pop_ref_in"][r])
       result = audit(original, target, sig["query_shadows"][group], labels, attacks=attacks,
                      population=population, shadow_train=shadow_train, unleak=model,
@@ -578,7 +581,7 @@ class _Pipeline:
     with self.wd.stage("scoring", config={"audit": c.audit}, deps=("signals",),
                        outputs=("scoring.csv",)) as st:
       if not st.done:
-        sig = {n: self.signal(n) for n in SIGNAL_FILES}
+        sig = self.signal_arrays()
         inputs = self.audit_inputs()
         labels = inputs[0]
         rows = []
@@ -587,10 +590,11 @@ class _Pipeline:
           flags = np.concatenate([self.flags(i) for i in run_ids]).astype(np.int64)
           for g, group in enumerate(shadow_groups(c.num_shadows, 1, c.audit.max_groups)):
             pooled = {key: [] for key in SCORING_FUNCTIONS}
+            shadow_train = _shadow_train(sig, group, inputs)
             for r in run_ids:
               scores = scoring_functions(
                   self.original_logits(sig, r), sig["query_retrain"][r],
-                  sig["query_shadows"][group], labels, _shadow_train(sig, group, inputs),
+                  sig["query_shadows"][group], labels, shadow_train,
                   temperature=c.audit.temperature, num_interp=c.audit.num_interp)
               for key, v in scores.items():
                 pooled[key].append(v)
@@ -638,9 +642,10 @@ class _Pipeline:
         like = {"state": state, "best": state.variables, "best_acc": np.zeros(loops)}
         # Break 0: the shadow itself (degree 0); break b: best-so-far after b * every epochs.
         states = [start] + [ckpts.restore(b * every, like)["best"] for b in range(1, breaks + 1)]
-        queries = [self.logits(self.shadow_model, v, p["pool"], self.query_data()) for v in states]
+        view = self.query_data()
+        queries = [self.logits(self.shadow_model, v, p["pool"], view) for v in states]
         pops = [self.logits(self.shadow_model, v, p["val_0"]) for v in states]
-        sig = {n: self.signal(n) for n in SIGNAL_FILES}
+        sig = self.signal_arrays()
         inputs = self.audit_inputs()
         degree = np.arange(breaks + 1) / breaks
         rows = []
@@ -699,7 +704,7 @@ class _Pipeline:
                        deps=("signals",) + tuple(f"approx_{m}" for m in methods),
                        outputs=("approx.csv", "approx_class.csv")) as st:
       if not st.done:
-        sig = {n: self.signal(n) for n in SIGNAL_FILES}
+        sig = self.signal_arrays()
         inputs = self.audit_inputs()
         like = abstract_variables(self.model, r, self.input_shape)
         targets = {"retrain": None}
@@ -803,13 +808,12 @@ def _architecture(config, kind):
   model = config.model
   if kind == "shadows" and config.setting == "arch" and config.shadow_model.name:
     model = config.shadow_model
-  return model.name, json.dumps(model.options.to_dict(), sort_keys=True)
+  return model.name, tuple(sorted(model.options.to_dict().items()))
 
 
 def _arch_label(config, kind):
   name, options = _architecture(config, kind)
-  options = json.loads(options)
-  return name + (f"[{','.join(f'{k}={v}' for k, v in options.items())}]" if options else "")
+  return name + (f"[{','.join(f'{k}={v}' for k, v in options)}]" if options else "")
 
 
 def arch_matrix(workdirs, forget=None):
@@ -828,8 +832,8 @@ def arch_matrix(workdirs, forget=None):
     if not run.path("binui.csv").exists():
       raise ValueError(f"{str(workdir)!r} has no binui.csv; run its IAM audit up to binui first")
     kind = forget or forget_types(run.config)[0]
-    rows = [r for r in report.read_csv(run.path("binui.csv")) if int(r["k"]) == 1
-            and (r.get("forget") or forget_types(run.config)[0]) == kind]
+    rows = [r for r in report.read_csv(run.path("binui.csv"))
+            if int(r["k"]) == 1 and r["forget"] == kind]
     if not rows:
       raise ValueError(f"{str(workdir)!r} has no K = 1 results for unlearning type {kind!r}")
     cell = (_arch_label(run.config, "targets"), _arch_label(run.config, "shadows"))
@@ -911,7 +915,6 @@ def render_report(config, rows) -> str:
   and K sweep, Table 2 (ScoreUI), Table 8 (approximate methods) and its class-level read-out."""
   types = forget_types(config)
   binui = [r for r in rows if r["table"] == "binui"]
-  kind = lambda r: r.get("forget") or types[0]
   attacks = list(dict.fromkeys(r["attack"] for r in binui))
   ks = sorted({int(r["k"]) for r in binui})
   count = {t: len(runs_of(runs(config), t)) for t in types}
@@ -925,7 +928,8 @@ def render_report(config, rows) -> str:
          "retained; TNR@FNR the share of forgotten samples detected.", "",
          "## Table 1: BinUI AUC, K = 1 (exact unlearning: retrained targets)", "",
          "| attack | " + " | ".join(types) + " |", "|---" * (len(types) + 1) + "|"]
-  k1 = lambda a, t: [r for r in binui if r["attack"] == a and int(r["k"]) == 1 and kind(r) == t]
+  k1 = lambda a, t: [r for r in binui
+                     if r["attack"] == a and int(r["k"]) == 1 and r["forget"] == t]
   for a in attacks:
     out.append(f"| {ATTACKS[a][0]} | "
                + " | ".join(_mean_std([r["auc"] for r in k1(a, t)]) for t in types) + " |")
@@ -949,7 +953,8 @@ def render_report(config, rows) -> str:
             "| attack | " + " | ".join(f"K={k}" for k in ks) + " |", "|---" * (len(ks) + 1) + "|"]
     for a in attacks:
       cells = [_mean_std([r["auc"] for r in binui
-                          if r["attack"] == a and int(r["k"]) == k and kind(r) == t]) for k in ks]
+                          if r["attack"] == a and int(r["k"]) == k and r["forget"] == t])
+               for k in ks]
       out.append(f"| {ATTACKS[a][0]} | " + " | ".join(cells) + " |")
   out += _scoring_tables(rows, types) + _score_ui_table(rows) + _approx_tables(config, rows, types)
   out += ["", "Figures: roc.png (log-log ROC per attack, K = 1, group 0), auc_vs_k.png, "
@@ -1009,7 +1014,7 @@ def _approx_tables(config, rows, types):
          "samples lose membership (iam-spec 9.4); forgotten below retrain: forgotten samples "
          "look less like members than after retraining, itself a trace of the method."]
   for t in types:
-    sel_t = [r for r in approx if (r.get("forget") or types[0]) == t]
+    sel_t = [r for r in approx if r["forget"] == t]
     out += ["", f"### {t}", "",
             "| method | membership retained | membership forgotten | AUC % | read-out |",
             "|---|---|---|---|---|"]
@@ -1057,8 +1062,8 @@ def _figures(directory, rows, kept):
 
   flags = kept.pop("_flags").astype(bool)
   binui = [r for r in rows if r["table"] == "binui"]
-  forget = binui[0].get("forget") or ""  # the first unlearning type (all three figures)
-  binui = [r for r in binui if (r.get("forget") or "") == forget]
+  forget = binui[0]["forget"]  # the first unlearning type (all three figures)
+  binui = [r for r in binui if r["forget"] == forget]
   colors = dict(zip(ATTACKS, plt.cm.tab20(np.arange(20))))
   outside = dict(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
   fig, ax = plt.subplots(figsize=(5, 5))
