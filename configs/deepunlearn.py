@@ -25,7 +25,8 @@ are locked, the search studies are shared (docs/search.md).
 import ml_collections
 
 from jaxmu import data as data_lib
-from jaxmu import search, unlearn
+from jaxmu import search
+from jaxmu import methods as methods_lib
 
 EPOCHS = {"mnist": 50, "fashion_mnist": 50, "cifar10": 182, "cifar100": 182, "utkface": 50,
           "digits": 30}
@@ -86,7 +87,7 @@ def get_config(arg: str | None = None):
   # (deepunlearn-spec 4), so `--config.methods` may name any of them.
   c.methods = DEEPUNLEARN_METHODS
   c.unlearn = ml_collections.ConfigDict(
-      {m: dict(method.defaults) for m, method in unlearn.METHODS.items()
+      {m: dict(method.defaults) for m, method in methods_lib.METHODS.items()
        if m not in ("original", "retrain")})
   c.unlearn_seed = 123
 

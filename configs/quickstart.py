@@ -16,7 +16,7 @@ runs/quickstart/report.md (ranked table, figures), results.csv and summary.csv. 
 """
 
 from configs import deepunlearn, iam
-from jaxmu import unlearn
+from jaxmu import methods as methods_lib
 
 
 def get_config(arg: str | None = None):
@@ -30,7 +30,7 @@ def get_config(arg: str | None = None):
   config.train.batch_size = 64
   config.train.learning_rate = 0.05
   config.checkpoint_every = 10
-  config.methods = tuple(m for m in unlearn.METHODS if m not in ("original", "retrain"))
+  config.methods = tuple(m for m in methods_lib.METHODS if m not in ("original", "retrain"))
   # Changes from the reference defaults, for a demo of a few minutes on a 2-core CPU:
   config.unlearn.forsaken.num_epochs = 10  # 100 generator iterations take ~1 min per model here
   config.unlearn.l_codec.n_perturbations = 100  # 1,000 input perturbations: ~1 min per model

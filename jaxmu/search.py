@@ -35,7 +35,9 @@ import numpy as np
 import optuna
 from tqdm.auto import tqdm
 
-from jaxmu import parallel, train, unlearn
+from jaxmu import parallel, train
+
+from jaxmu import methods as methods_lib
 from jaxmu.attacks import metrics, mia
 
 MODES = ("nsga3", "tpe")
@@ -102,7 +104,7 @@ def select_best(values: Sequence[Sequence[float]]) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def _evaluations(ctx: unlearn.Context, variables, recipe, strategy) -> dict[str, dict]:
+def _evaluations(ctx: methods_lib.Context, variables, recipe, strategy) -> dict[str, dict]:
   """`train.evaluate` of every model of the stack on its own retain, forget and val sets."""
   return {split: train.evaluate(ctx.model, variables, ctx.data, ctx.index_sets(split), recipe,
                                 strategy) for split in _SPLITS}
@@ -118,7 +120,7 @@ def _objectives(unlearned: dict[str, dict],
   return np.stack(gaps + [1 - metrics.indiscernibility(val_mia)], axis=1)
 
 
-def objectives(ctx: unlearn.Context, unlearned, retrained, *, recipe: train.Recipe | None = None,
+def objectives(ctx: methods_lib.Context, unlearned, retrained, *, recipe: train.Recipe | None = None,
                strategy: str | None = None) -> np.ndarray:
   """DeepUnlearn's "objective10" (deepunlearn-spec 5.2) of every model of the stack: [N, 4].
 
@@ -151,7 +153,7 @@ def _trial_key(sampler_seed: int, number: int) -> jax.Array:
   return jax.random.fold_in(jax.random.key(sampler_seed), number)
 
 
-def _trial_objectives(method: unlearn.Method, parts, params: dict, key: jax.Array) -> np.ndarray:
+def _trial_objectives(method: methods_lib.Method, parts, params: dict, key: jax.Array) -> np.ndarray:
   """Runs ``method`` with ``params`` on each (context, retrained accuracies) part; returns the
   [N, 4] objectives of all their models. Raises `TrialFailed` on non-finite weights or losses."""
   rows = []
@@ -169,12 +171,12 @@ def _trial_objectives(method: unlearn.Method, parts, params: dict, key: jax.Arra
   return np.concatenate(rows)
 
 
-def _retrained_accuracy(ctx: unlearn.Context, retrained) -> dict[str, np.ndarray]:
+def _retrained_accuracy(ctx: methods_lib.Context, retrained) -> dict[str, np.ndarray]:
   evaluations = _evaluations(ctx, retrained, ctx.recipe, ctx.strategy)
   return {s: evaluations[s]["accuracy"] for s in _SPLITS}
 
 
-def seed_context(ctx: unlearn.Context, m: int) -> unlearn.Context:
+def seed_context(ctx: methods_lib.Context, m: int) -> methods_lib.Context:
   """The one-model context of model ``m`` of the stack (same data, program and key stream)."""
   one = lambda tree: parallel.slice_models(tree, m, m + 1)
   return dataclasses.replace(ctx, originals=one(ctx.originals), inits=one(ctx.inits),
@@ -336,7 +338,7 @@ def _write_best(path: Path, result: SearchResult, extra: dict) -> None:
   os.replace(tmp, path)
 
 
-def tune(method: str, ctx: unlearn.Context, retrained, config: ml_collections.ConfigDict,
+def tune(method: str, ctx: methods_lib.Context, retrained, config: ml_collections.ConfigDict,
          directory: Path, *, process: int = 0, progress: bool = True) -> SearchResult:
   """Searches ``method``'s hyper-parameters on the stack ``ctx`` (deepunlearn-spec 5).
 
@@ -352,7 +354,7 @@ def tune(method: str, ctx: unlearn.Context, retrained, config: ml_collections.Co
   seeds (NSGA-III) or their Euclidean norm (TPE). Works until the study has ``config.trials``
   COMPLETE trials, then writes the best of the first ``config.trials`` and returns it.
   """
-  spec = unlearn.get(method)
+  spec = methods_lib.get(method)
   if not spec.space:
     raise ValueError(f"method {spec.name!r} has no search space (the reference ran it with fixed "
                      f"hyper-parameters); remove it from config.search.methods")
@@ -392,7 +394,7 @@ def tune(method: str, ctx: unlearn.Context, retrained, config: ml_collections.Co
 
 def load_best(directory: Path, method: str) -> SearchResult | None:
   """The search result `tune` wrote for ``method`` in ``directory``; None when there is none."""
-  path = Path(directory) / f"{unlearn.get(method).name}.json"
+  path = Path(directory) / f"{methods_lib.get(method).name}.json"
   if not path.exists():
     return None
   record = json.loads(path.read_text())
@@ -409,7 +411,7 @@ def load_best(directory: Path, method: str) -> SearchResult | None:
 # --------------------------------------------------------------------------------------------
 
 
-def throughput(method: str, ctx: unlearn.Context, retrained, trials: int, stacked: bool, *,
+def throughput(method: str, ctx: methods_lib.Context, retrained, trials: int, stacked: bool, *,
                sampler_seed: int = 0, fraction: float = 0.2) -> dict[str, Any]:
   """Trials x seeds per second of the search: the tuning seeds as one stack (``stacked``) or
   one seed at a time, on the same ``trials`` hyper-parameter sets (random sampler, seeded).
@@ -418,7 +420,7 @@ def throughput(method: str, ctx: unlearn.Context, retrained, trials: int, stacke
   and compilation inside them), the two rates, with and without compilation, and the mean
   objectives over trials and seeds (the same in both modes: a check).
   """
-  spec = unlearn.get(method)
+  spec = methods_lib.get(method)
   if trials < 1:
     raise ValueError(f"trials must be >= 1; got {trials}")
   e_max = epoch_budget(ctx.train_epochs, fraction)
@@ -429,7 +431,7 @@ def throughput(method: str, ctx: unlearn.Context, retrained, trials: int, stacke
   optuna.logging.set_verbosity(logging.WARNING)
   study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=sampler_seed))
   values = []
-  with unlearn.base.CompileClock() as clock:
+  with methods_lib.base.CompileClock() as clock:
     start = time.perf_counter()
     for number in range(trials):
       params = spec.suggest(study.ask(), e_max)

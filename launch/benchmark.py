@@ -222,7 +222,8 @@ def measure_search(config) -> list[dict]:
   import numpy as np
 
   from jaxmu import data as data_lib
-  from jaxmu import models, search, train, unlearn
+  from jaxmu import models, search, train
+  from jaxmu import methods as methods_lib
   from jaxmu.data import splits as splits_lib
 
   c = config.search
@@ -242,7 +243,7 @@ def measure_search(config) -> list[dict]:
                       c.train_epochs, jax.random.key(0), progress=False).state.variables
   originals, retrained = (jax.tree.map(lambda x, g=g: x[g * len(seeds):(g + 1) * len(seeds)],
                                        trained) for g in range(2))
-  ctx = unlearn.Context.create(model, recipe, train.DeviceData.create(ds), originals, inits,
+  ctx = methods_lib.Context.create(model, recipe, train.DeviceData.create(ds), originals, inits,
                                parts["retain"], parts["forget"], parts["val"], model_ids=seeds,
                                num_classes=ds.num_classes, train_epochs=c.train_epochs)
   return [search.throughput(method, ctx, retrained, c.trials, stacked)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from jaxmu import data as data_lib
-from jaxmu import models, train, unlearn
+from jaxmu import models, train
+from jaxmu import methods as methods_lib
 from jaxmu.models import resnet, tinyvit
 
 # Architecture tests run twice: "mini" in `make test`, "full" (ResNet-18 / TinyViT-11M) in
@@ -58,7 +59,7 @@ def make_context(model_name="small_cnn", num_models=2, strategy="loop", image_si
   originals = train.fit(model, state, data, [np.concatenate([r, f]) for r, f in zip(retain, forget)],
                         recipe, train_epochs, jax.random.key(1), strategy=strategy,
                         progress=False).state.variables
-  return unlearn.Context.create(model, recipe, data, originals, inits, retain, forget, val,
+  return methods_lib.Context.create(model, recipe, data, originals, inits, retain, forget, val,
                                 model_ids=tuple(range(num_models)), num_classes=ds.num_classes,
                                 strategy=strategy, train_epochs=train_epochs,
                                 train_hparams={"learning_rate": 0.05})

@@ -15,10 +15,12 @@ import numpy as np
 import optuna
 import pytest
 
-from jaxmu import search, unlearn
+from jaxmu import search
+
+from jaxmu import methods as methods_lib
 from jaxmu.attacks import mia
 
-FT = unlearn.get("finetune")
+FT = methods_lib.get("finetune")
 
 
 def _config(**overrides):
@@ -53,7 +55,7 @@ def methods():
            "search_stop": _method("search_stop", stop_at_third)}
   with pytest.MonkeyPatch.context() as mp:
     for name, method in table.items():
-      mp.setitem(unlearn.METHODS, name, method)
+      mp.setitem(methods_lib.METHODS, name, method)
     yield table
 
 
@@ -147,7 +149,7 @@ def test_short_study_writes_the_best_and_resumes_without_new_trials(
 
 def test_trial_objective_is_the_mean_of_one_seed_contexts(tiny_ctx, retrained, short_study):
   directory, result = short_study
-  method = unlearn.get("search_ft")
+  method = methods_lib.get("search_ft")
   key = jax.random.fold_in(jax.random.key(0), result.best_trial)  # sampler_seed 0
   per_seed = []
   for m in range(2):

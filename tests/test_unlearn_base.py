@@ -8,8 +8,9 @@ import optuna
 import pytest
 
 from conftest import ARCH_SIZES, make_context
-from jaxmu import train, unlearn
-from jaxmu.unlearn import base
+from jaxmu import train
+from jaxmu import methods as methods_lib
+from jaxmu.methods import base
 
 
 def _leaves(tree):
@@ -17,18 +18,18 @@ def _leaves(tree):
 
 
 def test_registry_names_aliases_and_unknown():
-  assert unlearn.get("naive") is unlearn.get("retrain")
+  assert methods_lib.get("naive") is methods_lib.get("retrain")
   with pytest.raises(ValueError, match="unknown unlearning method 'finetun'"):
-    unlearn.get("finetun")
+    methods_lib.get("finetun")
   with pytest.raises(ValueError, match="no hyper-parameter 'lr'"):
-    unlearn.get("finetune").hparams({"lr": 0.1})
+    methods_lib.get("finetune").hparams({"lr": 0.1})
 
 
 def test_original_is_unchanged_and_retrain_matches_training_core(tiny_ctx):
-  out = unlearn.get("original").run(tiny_ctx)
+  out = methods_lib.get("original").run(tiny_ctx)
   for a, b in zip(_leaves(out.states), _leaves(tiny_ctx.originals)):
     np.testing.assert_array_equal(a, b)
-  retrained = unlearn.get("retrain").run(tiny_ctx, {"num_epochs": 2}, jax.random.key(5))
+  retrained = methods_lib.get("retrain").run(tiny_ctx, {"num_epochs": 2}, jax.random.key(5))
   state = train.create_state(tiny_ctx.inits, tiny_ctx.recipe, learning_rate=0.05)
   ref = train.fit(tiny_ctx.model, state, tiny_ctx.data, tiny_ctx.retain, tiny_ctx.recipe, 2,
                   jax.random.key(5), model_ids=tiny_ctx.model_ids, strategy="loop", progress=False)
@@ -37,7 +38,7 @@ def test_original_is_unchanged_and_retrain_matches_training_core(tiny_ctx):
 
 
 def test_finetune_per_model_lr_reuses_the_program_and_times_apart(tiny_ctx):
-  ft = unlearn.get("finetune")
+  ft = methods_lib.get("finetune")
   first = ft.run(tiny_ctx, {"num_epochs": 1, "learning_rate": [0.1, 0.01]})
   second = ft.run(tiny_ctx, {"num_epochs": 1, "learning_rate": [0.2, 0.01]})
   assert second.compile_seconds == 0.0 and first.seconds > 0
@@ -48,13 +49,13 @@ def test_finetune_per_model_lr_reuses_the_program_and_times_apart(tiny_ctx):
 
 def test_finetune_stack_equals_each_model_alone(tiny_ctx):
   hp = {"num_epochs": 1}
-  stacked = unlearn.get("finetune").run(tiny_ctx, hp, jax.random.key(3)).states
+  stacked = methods_lib.get("finetune").run(tiny_ctx, hp, jax.random.key(3)).states
   for m in range(2):
     alone = dataclasses.replace(
         tiny_ctx, originals=jax.tree.map(lambda x: x[m:m + 1], tiny_ctx.originals),
         retain=tiny_ctx.retain[m:m + 1], forget=tiny_ctx.forget[m:m + 1],
         val=tiny_ctx.val[m:m + 1], model_ids=(m,))
-    single = unlearn.get("finetune").run(alone, hp, jax.random.key(3)).states
+    single = methods_lib.get("finetune").run(alone, hp, jax.random.key(3)).states
     for a, b in zip(_leaves(jax.tree.map(lambda x: x[m:m + 1], stacked)), _leaves(single)):
       np.testing.assert_allclose(a, b, atol=1e-6)
 
@@ -66,7 +67,7 @@ def test_cosine_factor_is_pytorch_per_epoch():
 def test_suggest_uses_reference_ranges():
   study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
   trial = study.ask()
-  hp = unlearn.get("finetune").suggest(trial, e_max=7)
+  hp = methods_lib.get("finetune").suggest(trial, e_max=7)
   assert set(hp) == {"learning_rate", "momentum", "weight_decay", "batch_size", "num_epochs"}
   dist = trial.distributions
   assert (dist["learning_rate"].low, dist["learning_rate"].high, dist["learning_rate"].log) == (
@@ -91,7 +92,7 @@ ARCH_RUNS = {  # methods whose code reads the architecture (modes, heads, teache
 @pytest.mark.parametrize("name", sorted(ARCH_RUNS))
 def test_loss_based_methods_run_on_the_paper_architectures(name, arch, size):
   ctx = _arch_context(*arch, size)
-  out = unlearn.get(name).run(ctx, ARCH_RUNS[name], jax.random.key(0)).states
+  out = methods_lib.get(name).run(ctx, ARCH_RUNS[name], jax.random.key(0)).states
   assert jax.tree.structure(out) == jax.tree.structure(ctx.originals)
   assert all(np.isfinite(leaf).all() for leaf in _leaves(out))
 

@@ -8,8 +8,9 @@ import pytest
 
 from conftest import ARCH_SIZES, arch_model
 from jaxmu import data as data_lib
-from jaxmu import models, train, unlearn
-from jaxmu.unlearn import base, blocks
+from jaxmu import models, train
+from jaxmu import methods as methods_lib
+from jaxmu.methods import base, blocks
 
 
 def _flat(tree):
@@ -48,7 +49,7 @@ def test_step_decay_factors_are_the_reference_list():
 
 @pytest.mark.parametrize("name", ["cf_k", "eu_k"])
 def test_freezes_everything_but_the_last_blocks_on_the_tiny_stack(tiny_ctx, name):
-  out = unlearn.get(name).run(tiny_ctx, {"num_epochs": 1, "learning_rate": 0.05},
+  out = methods_lib.get(name).run(tiny_ctx, {"num_epochs": 1, "learning_rate": 0.05},
                               jax.random.key(0)).states
   assert jax.tree.structure(out) == jax.tree.structure(tiny_ctx.originals)
   new, old = _flat(out), _flat(tiny_ctx.originals)
@@ -62,7 +63,7 @@ def test_freezes_everything_but_the_last_blocks_on_the_tiny_stack(tiny_ctx, name
 
 
 def test_per_model_decay_rate_acts_in_the_decayed_epoch_only(tiny_ctx):
-  cf_k = unlearn.get("cf_k")
+  cf_k = methods_lib.get("cf_k")
 
   def run(epochs, rates):
     hp = {"num_epochs": epochs, "sgda_decay_rate": rates, "learning_rate": 0.05}
@@ -91,7 +92,7 @@ def vit_ctx(request):
 @pytest.mark.slow  # the mini variant too: compiles too long for `make test`
 def test_cf_k_on_tinyvit_faithful_freezes_attention_biases(vit_ctx):
   hp = {"num_epochs": 1, "batch_size": 8, "num_blocks": 1, "faithful": True}
-  out = unlearn.get("cf_k").run(vit_ctx, hp, jax.random.key(0)).states
+  out = methods_lib.get("cf_k").run(vit_ctx, hp, jax.random.key(0)).states
   new, old = _flat(out), _flat(vit_ctx.originals)
   changed = 0
   for path, value in new.items():
@@ -109,7 +110,7 @@ def test_cf_k_on_tinyvit_faithful_freezes_attention_biases(vit_ctx):
 def test_eu_k_reinitialises_exactly_the_last_blocks_and_head_on_tinyvit(vit_ctx):
   """A 0-lr run leaves the re-initialised weights: init statistics, resets, untouched rest."""
   hp = {"num_epochs": 1, "batch_size": 8, "num_blocks": 1, "learning_rate": 0.0}
-  out = unlearn.get("eu_k").run(vit_ctx, hp, jax.random.key(0)).states
+  out = methods_lib.get("eu_k").run(vit_ctx, hp, jax.random.key(0)).states
   new, old = _flat(out), _flat(vit_ctx.originals)
   bn_modules = {p[1:-1] for p in old if p[0] == "batch_stats"}
   checked = set()
@@ -153,7 +154,7 @@ SPACE = {  # deepunlearn-spec 4.12: name -> (low, high, log, choices); E_max = 7
 @pytest.mark.parametrize("name,extra", [("cfk", {}), ("euk", {
     "training_epoch_factor": (1, 10, False, None)})])
 def test_search_space_defaults_and_aliases_are_the_reference(name, extra):
-  method = unlearn.get(name)
+  method = methods_lib.get(name)
   trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
   method.suggest(trial, e_max=7)
   table = {**SPACE, **extra}

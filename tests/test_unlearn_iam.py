@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from conftest import ARCH_SIZES, make_context
-from jaxmu import models, train, unlearn
+from jaxmu import models, train
+from jaxmu import methods as methods_lib
 from jaxmu.data import augment as augment_lib
-from jaxmu.unlearn import iam_lcodec, iam_methods
+from jaxmu.methods import iam_lcodec, iam_methods
 
 IAM = ("iam_ascent", "boundary_expanding", "ssd", "iam_fisher", "forsaken", "l_codec")
 
@@ -63,14 +64,14 @@ def _batch_grad(ctx, idx, m):
 
 def test_search_spaces_are_empty_as_iam_did_not_search():
   for name in IAM:
-    assert unlearn.get(name).space == {}
-  assert unlearn.get("ascent") is unlearn.get("iam_ascent")
-  assert unlearn.get("ssd").defaults["selection_weighting"] == 10.0
+    assert methods_lib.get(name).space == {}
+  assert methods_lib.get("ascent") is methods_lib.get("iam_ascent")
+  assert methods_lib.get("ssd").defaults["selection_weighting"] == 10.0
 
 
 def test_ssd_dampens_exactly_where_forget_importance_dominates(small_ctx):
   alpha = 1.5
-  out = unlearn.get("ssd").run(small_ctx, {"batch_size": 16, "augment": False,
+  out = methods_lib.get("ssd").run(small_ctx, {"batch_size": 16, "augment": False,
                                            "selection_weighting": alpha}).states
   _check_runs(small_ctx, out)
 
@@ -122,7 +123,7 @@ def _torch_var(path, p, f, alpha, c, absent):
 
 def test_iam_fisher_noise_follows_the_fisher_and_the_one_class_rule(small_ctx):
   alpha = 1e-3
-  out = unlearn.get("iam_fisher").run(small_ctx, {"batch_size": 16, "augment": False,
+  out = methods_lib.get("iam_fisher").run(small_ctx, {"batch_size": 16, "augment": False,
                                                   "alpha": alpha}, jax.random.key(4)).states
   _check_runs(small_ctx, out)
   paths = _paths(small_ctx.originals["params"])
@@ -147,7 +148,7 @@ def test_iam_fisher_noise_follows_the_fisher_and_the_one_class_rule(small_ctx):
 
 
 def test_boundary_expanding_moves_only_the_classifier_and_pushes_forget_away(tiny_ctx):
-  out = unlearn.get("boundary_expanding").run(
+  out = methods_lib.get("boundary_expanding").run(
       tiny_ctx, {"num_epochs": 3, "learning_rate": 0.5, "augment": False}).states
   _check_runs(tiny_ctx, out)
   for path, a, b in zip(_paths(out), _leaves(out), _leaves(tiny_ctx.originals)):
@@ -171,7 +172,7 @@ def test_boundary_expanding_resnet18_cifar_stem_and_the_missing_relu(size):
   ctx = make_context("resnet18", num_models=1, image_size=32, train_epochs=0, stem="cifar",
                      size=size)
   variables = jax.tree.map(lambda x: x[0], ctx.originals)
-  x, _, valid = unlearn.base.inputs(ctx.recipe, ctx.data.inputs, ctx.data.labels,
+  x, _, valid = methods_lib.base.inputs(ctx.recipe, ctx.data.inputs, ctx.data.labels,
                                     jnp.arange(4))
   extra = {"kernel": jnp.ones((512, 1)) * 0.01, "bias": jnp.zeros((1,))}
   plain = ctx.model.apply(variables, x, train=False)
@@ -183,7 +184,7 @@ def test_boundary_expanding_resnet18_cifar_stem_and_the_missing_relu(size):
                                            training=False, drop_stem_relu=True)
   assert iam_methods.drops_stem_relu(ctx.model) and not np.allclose(no_relu, wide)
   ctx = dataclasses.replace(ctx, forget=ctx.forget[:, :8])
-  out = unlearn.get("boundary_expanding").run(
+  out = methods_lib.get("boundary_expanding").run(
       ctx, {"num_epochs": 1, "faithful": True, "batch_size": 8, "learning_rate": 0.01}).states
   _check_runs(ctx, out)
   for path, a, b in zip(_paths(out), _leaves(out), _leaves(ctx.originals)):
@@ -196,14 +197,14 @@ def _forget_loss(ctx, variables):
 
 
 def test_iam_ascent_raises_forget_loss_and_faithful_uses_a_fresh_network(tiny_ctx):
-  out = unlearn.get("iam_ascent").run(tiny_ctx, {"num_epochs": 1, "learning_rate": 2.0}).states
+  out = methods_lib.get("iam_ascent").run(tiny_ctx, {"num_epochs": 1, "learning_rate": 2.0}).states
   _check_runs(tiny_ctx, out)
   before, after = _forget_loss(tiny_ctx, tiny_ctx.originals), _forget_loss(tiny_ctx, out)
   assert (after > before + 0.02).all(), (before, after)
 
   key = jax.random.key(9)
   hp = {"num_epochs": 1, "augment": False, "faithful": True}
-  out = unlearn.get("iam_ascent").run(tiny_ctx, hp, key).states
+  out = methods_lib.get("iam_ascent").run(tiny_ctx, hp, key).states
   fresh = train.init_variables(tiny_ctx.model, tiny_ctx.keys(jax.random.fold_in(key, 7)),
                                tiny_ctx.input_shape)
   for m in range(2):
@@ -221,7 +222,7 @@ def test_iam_ascent_raises_forget_loss_and_faithful_uses_a_fresh_network(tiny_ct
 
 def test_forsaken_faithful_is_one_step_of_a_random_generator(tiny_ctx):
   key, chunk = jax.random.key(2), 512
-  out = unlearn.get("forsaken").run(tiny_ctx, {"faithful": True, "chunk": chunk}, key).states
+  out = methods_lib.get("forsaken").run(tiny_ctx, {"faithful": True, "chunk": chunk}, key).states
   _check_runs(tiny_ctx, out)
   gen_keys = iam_methods.generator_key(tiny_ctx, key)
   for m in range(2):
@@ -290,7 +291,7 @@ def test_foci_matches_a_numpy_greedy_selection():
 
 
 def test_l_codec_changes_only_the_selected_units_and_is_stack_parallel(tiny_ctx):
-  hp = unlearn.get("l_codec").hparams({"n_perturbations": 16, "max_units": 3, "cg_iters": 5})
+  hp = methods_lib.get("l_codec").hparams({"n_perturbations": 16, "max_units": 3, "cg_iters": 5})
   out, mask = iam_lcodec.lcodec_with_selection(tiny_ctx, hp, jax.random.key(1))
   _check_runs(tiny_ctx, out)
   changed = 0
@@ -316,6 +317,6 @@ def test_l_codec_changes_only_the_selected_units_and_is_stack_parallel(tiny_ctx)
     ("l_codec", {"n_perturbations": 8, "max_units": 2, "faithful": True}),
 ])
 def test_runs_on_the_tiny_stack(tiny_ctx, name, hp):
-  out = unlearn.get(name).run(tiny_ctx, hp, jax.random.key(0)).states
+  out = methods_lib.get(name).run(tiny_ctx, hp, jax.random.key(0)).states
   _check_runs(tiny_ctx, out)
   assert any(not np.array_equal(a, b) for a, b in zip(_leaves(out), _leaves(tiny_ctx.originals)))

@@ -15,8 +15,9 @@ from sklearn.utils.class_weight import compute_class_weight
 from conftest import ARCH_SIZES, arch_model, search_space_table
 
 from jaxmu import data as data_lib
-from jaxmu import models, train, unlearn
-from jaxmu.unlearn import base, kaggle, kaggle_reset
+from jaxmu import models, train
+from jaxmu import methods as methods_lib
+from jaxmu.methods import base, kaggle, kaggle_reset
 
 KAGGLE = ("fcs", "msg", "cfw", "prmq", "ct", "kde", "rni")
 TINY_HP = {  # 1-2 epochs, batch 64: programs shared between tests
@@ -51,7 +52,7 @@ def _arch_ctx(model_name, size, **model_kw):
   recipe = train.Recipe(batch_size=64, augment="flip", mean=(0.3054,), std=(0.3760,))
   inits = train.init_variables(model, jax.random.split(jax.random.key(0), 1), ds.inputs.shape[1:])
   perm = np.random.default_rng(0).permutation(len(ds.labels))
-  return unlearn.Context.create(model, recipe, train.DeviceData.create(ds), inits, inits,
+  return methods_lib.Context.create(model, recipe, train.DeviceData.create(ds), inits, inits,
                                 perm[:64], perm[64:80], perm[80:96], model_ids=(0,),
                                 num_classes=ds.num_classes, strategy="loop")
 
@@ -116,8 +117,8 @@ DEFAULTS = {
 
 @pytest.mark.parametrize("name", KAGGLE)
 def test_search_space_defaults_and_alias(name):
-  method = unlearn.get(name)
-  assert unlearn.get(f"kgltop{KAGGLE.index(name) + 1}") is method
+  method = methods_lib.get(name)
+  assert methods_lib.get(f"kgltop{KAGGLE.index(name) + 1}") is method
   assert dict(method.defaults) == DEFAULTS[name]
   got, trial = search_space_table(method, e_max=7)
   assert got == SPACES[name]
@@ -132,7 +133,7 @@ def test_search_space_defaults_and_alias(name):
 
 @pytest.mark.parametrize("name", KAGGLE)
 def test_runs_on_tiny_stack(tiny_ctx, name):
-  out = unlearn.get(name).run(tiny_ctx, TINY_HP[name], jax.random.key(0)).states
+  out = methods_lib.get(name).run(tiny_ctx, TINY_HP[name], jax.random.key(0)).states
   assert jax.tree.structure(out) == jax.tree.structure(tiny_ctx.originals)
   for leaf, orig in zip(jax.tree.leaves(out), jax.tree.leaves(tiny_ctx.originals)):
     assert leaf.shape == orig.shape and np.isfinite(np.asarray(leaf)).all()
@@ -227,7 +228,7 @@ def test_msg_probe_is_retain_grad_minus_forget_grad(tiny_ctx):
 
 def test_msg_end_to_end_redraws_round_rate_entries_per_model(tiny_ctx):
   rate = [0.3, 0.55]
-  out = unlearn.get("msg").run(tiny_ctx, {"num_epochs": 1, "init_rate": rate, **ZERO_LR},
+  out = methods_lib.get("msg").run(tiny_ctx, {"num_epochs": 1, "init_rate": rate, **ZERO_LR},
                                jax.random.key(2)).states
   new, old = _flat(out["params"]), _flat(tiny_ctx.originals["params"])
   for name in new:
@@ -255,7 +256,7 @@ def test_cfw_class_weights_are_sklearn_balanced(tiny_ctx):
 
 def test_cfw_confuser_touches_only_the_stem_conv_with_its_std(resnet_ctx):
   std = 0.3
-  out = unlearn.get("cfw").run(resnet_ctx, {"num_epochs": 1, "start_confuser_std": std, **ZERO_LR},
+  out = methods_lib.get("cfw").run(resnet_ctx, {"num_epochs": 1, "start_confuser_std": std, **ZERO_LR},
                                jax.random.key(3)).states
   new, old = _flat(out["params"]), _flat(resnet_ctx.originals["params"])
   changed = {name for name in new if not np.array_equal(new[name], old[name])}
@@ -325,7 +326,7 @@ def test_prmq_step_budget_crosses_epochs_and_fp16_round_trip(tiny_ctx):
 
 
 def _ct_check(ctx):
-  ct = unlearn.get("ct")
+  ct = methods_lib.get("ct")
   frozen = ct.run(ctx, {"num_epochs": 1, **ZERO_LR}, jax.random.key(4)).states
   new, old = _flat(frozen["params"]), _flat(ctx.originals["params"])
   transposed = 0
@@ -356,7 +357,7 @@ def test_ct_on_resnet18(resnet_ctx):
 
 def test_kde_resets_exactly_stem_conv_and_head(resnet_ctx):
   hp = {"num_epochs": 1, "retain_num_epochs": 1, **ZERO_LR, "retain_learning_rate": 0.0}
-  out = unlearn.get("kde").run(resnet_ctx, hp, jax.random.key(5)).states
+  out = methods_lib.get("kde").run(resnet_ctx, hp, jax.random.key(5)).states
   new, old = _flat(out["params"]), _flat(resnet_ctx.originals["params"])
   changed = {name for name in new if not np.array_equal(new[name], old[name])}
   assert changed == {"stem_conv/kernel", "fc/kernel", "fc/bias"}
@@ -370,7 +371,7 @@ def test_kde_resets_exactly_stem_conv_and_head(resnet_ctx):
 
 def test_kde_warmup_data_source_faithful_val_or_retain(tiny_ctx):
   no_val = dataclasses.replace(tiny_ctx, val=np.full_like(tiny_ctx.val, -1))
-  kde = unlearn.get("kde")
+  kde = methods_lib.get("kde")
   frozen = {"num_epochs": 1, "retain_num_epochs": 1, "retain_learning_rate": 0.0}
   reset = kde.run(no_val, {**frozen, **ZERO_LR}, jax.random.key(6)).states["params"]
   faithful = kde.run(no_val, {**frozen, "learning_rate": 0.1, "faithful": True},
@@ -430,7 +431,7 @@ def test_rni_fine_lr_schedule():
 
 def test_rni_stack_equals_each_model_alone(tiny_ctx):
   hp = TINY_HP["rni"]
-  rni = unlearn.get("rni")
+  rni = methods_lib.get("rni")
   stacked = rni.run(tiny_ctx, hp, jax.random.key(0)).states
   for m in range(2):
     alone = dataclasses.replace(
@@ -451,7 +452,7 @@ ONE_STEP = {"msg": {"num_epochs": 1}, "prmq": {"num_epochs": 1.0},
 
 
 def _runs(ctx, name):
-  out = unlearn.get(name).run(ctx, ONE_STEP[name], jax.random.key(8)).states
+  out = methods_lib.get(name).run(ctx, ONE_STEP[name], jax.random.key(8)).states
   assert jax.tree.structure(out) == jax.tree.structure(ctx.originals)
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(out))
   return out

@@ -9,9 +9,11 @@ import optax
 from conftest import search_space_table
 import pytest
 
-from jaxmu import models, train, unlearn
+from jaxmu import models, train
+
+from jaxmu import methods as methods_lib
 from jaxmu.data import augment as augment_lib
-from jaxmu.unlearn import ascent, distill, relabel
+from jaxmu.methods import ascent, distill, relabel
 
 KEY = jax.random.key(7)
 BATCH = 64  # every set of the small stack below fits one batch: one step per epoch
@@ -101,8 +103,8 @@ def ctx(tiny_ctx):
 
 @pytest.fixture(scope="module")
 def runs(ctx):
-  out = {name: unlearn.get(name).run(ctx, hp, KEY).states for name, hp in RUNS.items()}
-  out["scrub"] = distill.scrub(ctx, unlearn.get("scrub").hparams(SCRUB_HP), KEY)
+  out = {name: methods_lib.get(name).run(ctx, hp, KEY).states for name, hp in RUNS.items()}
+  out["scrub"] = distill.scrub(ctx, methods_lib.get("scrub").hparams(SCRUB_HP), KEY)
   return out
 
 
@@ -154,7 +156,7 @@ DEFAULTS = {
 
 @pytest.mark.parametrize("name", sorted(SPACES))
 def test_search_space_and_defaults_match_reference(name):
-  method = unlearn.get(name)
+  method = methods_lib.get(name)
   assert dict(method.defaults) == DEFAULTS[name]
   got, _ = search_space_table(method, e_max=9)
   assert got == SPACES[name]
@@ -163,7 +165,7 @@ def test_search_space_and_defaults_match_reference(name):
 def test_reference_names_are_aliases():
   for alias, name in [("neggradplus", "neggrad_plus"), ("successive_random_labels", "random_labels"),
                       ("scrubv2", "scrub")]:
-    assert unlearn.get(alias) is unlearn.get(name)
+    assert methods_lib.get(alias) is methods_lib.get(name)
 
 
 def test_every_method_runs_on_the_stack(ctx, runs):
@@ -185,7 +187,7 @@ def test_every_method_runs_on_the_stack(ctx, runs):
 
 
 def test_gradient_ascent_is_sgd_on_minus_ce_and_raises_the_forget_loss(ctx, runs):
-  hp = unlearn.get("gradient_ascent").hparams(RUNS["gradient_ascent"])
+  hp = methods_lib.get("gradient_ascent").hparams(RUNS["gradient_ascent"])
   labels = np.asarray(ctx.data.labels)
   out = runs["gradient_ascent"]
   for m in range(2):
@@ -205,8 +207,8 @@ def test_gradient_ascent_is_sgd_on_minus_ce_and_raises_the_forget_loss(ctx, runs
 @pytest.mark.parametrize("faithful", [False, True])
 def test_neggrad_plus_two_steps_match_hand_sgd_in_eval_mode(ctx, runs, faithful):
   """2 epochs = 2 SGD steps on the whole sets (one batch each), computed by hand."""
-  hp = unlearn.get("neggrad_plus").hparams({**RUNS["neggrad_plus"], "faithful": faithful})
-  out = runs["neggrad_plus"] if not faithful else unlearn.get("neggrad_plus").run(
+  hp = methods_lib.get("neggrad_plus").hparams({**RUNS["neggrad_plus"], "faithful": faithful})
+  out = runs["neggrad_plus"] if not faithful else methods_lib.get("neggrad_plus").run(
       ctx, hp, KEY).states
   labels = np.asarray(ctx.data.labels)
   w = hp.weight_decay
@@ -282,7 +284,7 @@ def test_forget_labels_uniform_including_true_class_and_per_model(ctx):
 
 
 def test_random_labels_one_step_matches_hand_sgd(ctx, runs):
-  hp = unlearn.get("random_labels").hparams(RUNS["random_labels"])
+  hp = methods_lib.get("random_labels").hparams(RUNS["random_labels"])
   labels = np.asarray(ctx.data.labels)
   for m in range(2):
     variables = _model(ctx.originals, m)
@@ -307,7 +309,7 @@ def test_saliency_accumulation_intended_and_faithful():
 
 @pytest.fixture(scope="module")
 def salun_mask(ctx):
-  return relabel.saliency_mask(ctx, unlearn.get("salun").hparams(RUNS["salun"]), KEY)
+  return relabel.saliency_mask(ctx, methods_lib.get("salun").hparams(RUNS["salun"]), KEY)
 
 
 def test_salun_mask_keeps_exactly_the_top_fraction_by_abs_gradient(ctx, salun_mask):
@@ -328,7 +330,7 @@ def test_salun_mask_keeps_exactly_the_top_fraction_by_abs_gradient(ctx, salun_ma
 
 
 def test_salun_masked_out_weights_move_only_by_weight_decay(ctx, runs, salun_mask):
-  hp = unlearn.get("salun").hparams(RUNS["salun"])
+  hp = methods_lib.get("salun").hparams(RUNS["salun"])
   lr, wd = np.float32(hp.learning_rate), np.float32(hp.weight_decay)
   moved_in = 0
   for out, orig, keep in zip(_leaves(runs["salun"]["params"]), _leaves(ctx.originals["params"]),
@@ -430,7 +432,7 @@ def test_scrub_returns_each_models_argmin_epoch(ctx, runs):
 
 
 def test_scrub_stack_equals_each_model_alone(ctx, runs):
-  hp = unlearn.get("scrub").hparams(SCRUB_HP)
+  hp = methods_lib.get("scrub").hparams(SCRUB_HP)
   stacked, info = runs["scrub"]
   for m in range(2):
     alone = dataclasses.replace(

@@ -12,8 +12,9 @@ from jax.flatten_util import ravel_pytree
 
 from conftest import ARCH_SIZES, arch_model
 from jaxmu import data as data_lib
-from jaxmu import models, train, unlearn
-from jaxmu.unlearn import base, second_order
+from jaxmu import models, train
+from jaxmu import methods as methods_lib
+from jaxmu.methods import base, second_order
 
 C = 3
 
@@ -98,7 +99,7 @@ def test_fisher_matches_per_class_backward_passes_and_the_noise_follows_the_vari
                                atol=1e-6 * expected.max())
   # The whole method: noise / sqrt(numpy variance of the numpy Fisher) is standard normal.
   alphas = (0.01, 0.2)
-  out = unlearn.get("fisher").run(ctx, {"alpha": list(alphas), "batch_size": 8},
+  out = methods_lib.get("fisher").run(ctx, {"alpha": list(alphas), "batch_size": 8},
                                   jax.random.key(3)).states
   for m, alpha in enumerate(alphas):
     params = _model(ctx.originals["params"], m)
@@ -188,7 +189,7 @@ IU_HP = {"num_samples": 12, "grad_chunk": 5, "batch_size": 7}
 def test_influence_matches_a_numpy_woodfisher_recursion(mlp_ctx, faithful):
   ctx = mlp_ctx
   hp = {**IU_HP, "alpha": [1.0, 0.5], "faithful": faithful}
-  out = unlearn.get("influence").run(ctx, hp, jax.random.key(0)).states
+  out = methods_lib.get("influence").run(ctx, hp, jax.random.key(0)).states
   corrections = []
   for m, alpha in enumerate(hp["alpha"]):
     v, k = _numpy_influence(ctx, m, 12, faithful)
@@ -205,12 +206,12 @@ def test_influence_matches_a_numpy_woodfisher_recursion(mlp_ctx, faithful):
 
 def test_influence_stack_equals_each_model_alone(mlp_ctx):
   hp = IU_HP
-  stacked = unlearn.get("influence").run(mlp_ctx, hp, jax.random.key(1)).states
+  stacked = methods_lib.get("influence").run(mlp_ctx, hp, jax.random.key(1)).states
   for m in range(2):
     alone = dataclasses.replace(mlp_ctx, originals=_stack_of(mlp_ctx.originals, m),
                                 retain=mlp_ctx.retain[m:m + 1], forget=mlp_ctx.forget[m:m + 1],
                                 val=mlp_ctx.val[m:m + 1], model_ids=(m,))
-    single = unlearn.get("influence").run(alone, hp, jax.random.key(1)).states
+    single = methods_lib.get("influence").run(alone, hp, jax.random.key(1)).states
     for a, b in zip(jax.tree.leaves(_stack_of(stacked, m)), jax.tree.leaves(single)):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
@@ -221,7 +222,7 @@ def test_influence_stack_equals_each_model_alone(mlp_ctx):
 @pytest.mark.parametrize("name,hp", [("fisher", {"alpha": 1e-4, "batch_size": 64}),
                                      ("influence", {"num_samples": 20, "grad_chunk": 8})])
 def test_runs_on_the_tiny_stack(tiny_ctx, name, hp):
-  out = unlearn.get(name).run(tiny_ctx, hp, jax.random.key(0)).states
+  out = methods_lib.get(name).run(tiny_ctx, hp, jax.random.key(0)).states
   assert jax.tree.structure(out) == jax.tree.structure(tiny_ctx.originals)
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(out))
   before = tiny_ctx.originals
@@ -242,7 +243,7 @@ def test_resnet18_32px_runs_both(size):
   for name, hp in (("fisher", {"alpha": 1e-4, "batch_size": 8, "num_samples": 8}),
                    ("influence", {"num_samples": 4, "grad_chunk": 4, "batch_size": 16,
                                   "faithful": True})):
-    out = unlearn.get(name).run(ctx, hp, jax.random.key(0)).states
+    out = methods_lib.get(name).run(ctx, hp, jax.random.key(0)).states
     assert jax.tree.structure(out) == jax.tree.structure(ctx.originals)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(out)), name
 
@@ -255,7 +256,7 @@ def test_faithful_on_tinyvit_raises_citing_the_spec(tiny_ctx):
   fake = dataclasses.replace(tiny_ctx, originals=stacked)
   for name in ("fisher", "influence"):
     with pytest.raises(ValueError, match=r"deepunlearn-spec 10\.8"):
-      unlearn.get(name).run(fake, {"faithful": True})
+      methods_lib.get(name).run(fake, {"faithful": True})
 
 
 # ----------------------------------------------------------------------------- search spaces
@@ -271,7 +272,7 @@ SPACES = {  # deepunlearn-spec 4.10 / 4.11: name -> (low, high, log, choices)
 @pytest.mark.parametrize("name", sorted(SPACES))
 def test_search_space_is_the_reference(name):
   trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
-  unlearn.get(name).suggest(trial, e_max=7)
+  methods_lib.get(name).suggest(trial, e_max=7)
   assert set(trial.distributions) == set(SPACES[name])
   for hp, (low, high, log, choices) in SPACES[name].items():
     dist = trial.distributions[hp]
@@ -282,7 +283,7 @@ def test_search_space_is_the_reference(name):
 
 
 def test_defaults_are_the_reference():
-  ff, iu = unlearn.get("fisher").defaults, unlearn.get("influence").defaults
+  ff, iu = methods_lib.get("fisher").defaults, methods_lib.get("influence").defaults
   assert (ff["batch_size"], ff["alpha"], ff["num_samples"]) == (64, 0.2, 0)
   assert (iu["num_epochs"], iu["batch_size"], iu["alpha"], iu["num_samples"]) == (
       10, 256, 0.2, 1002)

@@ -7,7 +7,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jaxmu.unlearn import base, relabel
+from jaxmu.methods import base, relabel
 
 HP = ("learning_rate", "weight_decay", "momentum")
 

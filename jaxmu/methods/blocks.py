@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmu import models
-from jaxmu.unlearn import base
+from jaxmu.methods import base
 
 ATTENTION_BIASES = "attention_biases"
 

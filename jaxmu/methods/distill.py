@@ -11,7 +11,7 @@ import numpy as np
 import optax
 
 from jaxmu import train
-from jaxmu.unlearn import base, relabel
+from jaxmu.methods import base, relabel
 
 TEACHER_TAG = 0xBAD7  # fold-in tag of the incompetent teacher's initialisation
 

@@ -7,7 +7,7 @@ plain (not augmented) inputs; IAM's variant (`IAM_HPARAMS`) augments and uses lr
 
 from __future__ import annotations
 
-from jaxmu.unlearn import base
+from jaxmu.methods import base
 
 IAM_HPARAMS = {"num_epochs": 5, "batch_size": 128, "learning_rate": 0.01, "momentum": 0.9,
                "weight_decay": 5e-4, "augment": True}

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmu import train
-from jaxmu.unlearn import base
+from jaxmu.methods import base
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,7 +6,7 @@
 * ``iam_fisher``: IAM's Fisher forgetting (Golatkar et al. 2020, empirical diagonal Fisher).
 * ``forsaken``: Forsaken, mask gradients (Ma et al., "Learn to forget", neuron masking).
 
-L-CODEC lives in `jaxmu.unlearn.iam_lcodec`. IAM ran each method with fixed hyper-parameters and
+L-CODEC lives in `jaxmu.methods.iam_lcodec`. IAM ran each method with fixed hyper-parameters and
 no search, so every ``space`` is empty. Every method starts from ``ctx.originals`` and returns
 stacked variables with the same tree. IAM's loaders are Subsets of the training set with the
 training transforms (iam-spec 12.1), hence ``augment=True`` where a method reads retain/forget.
@@ -26,7 +26,7 @@ from jax.flatten_util import ravel_pytree
 
 from jaxmu import models, train
 from jaxmu.models import resnet
-from jaxmu.unlearn import base
+from jaxmu.methods import base
 
 
 def _union_sets(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -1,6 +1,6 @@
 """The NeurIPS'23 Kaggle-derived DeepUnlearn methods, part 1: FCS, MSG, CFW, CT.
 
-(PRMQ, KDE and RNI are in `jaxmu.unlearn.kaggle_reset`.) Every method unlearns the whole stack at
+(PRMQ, KDE and RNI are in `jaxmu.methods.kaggle_reset`.) Every method unlearns the whole stack at
 once: per-model decisions (MSG's random probe subset and per-kernel smallest-gradient masks, CFW's
 class weights, FCS's per-model schedule length) are made inside the stack with `base.stack_map`
 or inside the per-model steps, never by looping over models.
@@ -26,7 +26,7 @@ import optax
 
 from jaxmu import train
 from jaxmu.models import resnet
-from jaxmu.unlearn import base
+from jaxmu.methods import base
 
 NO_LIMIT = 2.0 ** 30  # "max_steps" of a phase that runs whole epochs
 

@@ -4,7 +4,7 @@ The methods that reset, prune or perturb weights before training. Per-model deci
 global magnitude threshold and step budget, RNI's random parameter subsets and noise) are made per
 model inside the stack (`base.stack_map`, per-model carries), never by looping over models.
 Shared helpers (the loss engine `kaggle.run_loss`, PyTorch default resets) are in
-`jaxmu.unlearn.kaggle`.
+`jaxmu.methods.kaggle`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmu import models, train
-from jaxmu.unlearn import base, kaggle
+from jaxmu.methods import base, kaggle
 
 # --------------------------------------------------------------------------------------------
 # PRMQ (kgltop4)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 
 from jaxmu import train
-from jaxmu.unlearn import base
+from jaxmu.methods import base
 
 
 def _original(ctx: base.Context, hp, key) -> dict:

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmu.unlearn import base
+from jaxmu.methods import base
 
 LABEL_TAG = 0x5EED  # fold-in tag of the random-label stream within a model's epoch key
 MASK_TAG = 0x3A5C  # fold-in tag of the saliency pass

@@ -56,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from jaxmu.unlearn import base
+from jaxmu.methods import base
 
 WOODFISHER_N = 1000
 

@@ -39,8 +39,9 @@ import numpy as np
 import threadpoolctl
 from tqdm.auto import tqdm
 
-from jaxmu import checkpoint, models, parallel, report, search, stages, train, unlearn
+from jaxmu import checkpoint, models, parallel, report, search, stages, train
 from jaxmu import data as data_lib
+from jaxmu import methods as methods_lib
 from jaxmu.attacks import metrics, mia
 from jaxmu.data import splits as splits_lib
 
@@ -99,8 +100,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, process: int = 0
   seeds = tuple(int(s) for s in config.seeds)
   if not seeds:
     raise ValueError("config.seeds is empty; give at least one seed, e.g. (0,)")
-  methods = tuple(unlearn.get(m).name for m in config.methods)
-  tuned_methods = tuple(m for m in (unlearn.get(n).name for n in config.search.methods)
+  methods = tuple(methods_lib.get(m).name for m in config.methods)
+  tuned_methods = tuple(m for m in (methods_lib.get(n).name for n in config.search.methods)
                         if m in methods)
   positions = tuning_positions(seeds, config.search.seeds) if tuned_methods else []
   ran: dict[str, str] = {}  # stage -> why it ran in this process, or "reused"
@@ -149,9 +150,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, process: int = 0
   if finished("train"):
     return wd.path("models")
 
-  contexts: dict[str, unlearn.Context] = {}
+  contexts: dict[str, methods_lib.Context] = {}
 
-  def context(which: str) -> unlearn.Context:
+  def context(which: str) -> methods_lib.Context:
     if which not in contexts:
       contexts[which] = _context(config, wd, model, dataset, parts, seeds, like,
                                  positions if which == "tuning" else None)
@@ -193,7 +194,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, process: int = 0
                deps=("train",), outputs=(f"unlearned/{method}",)) as st:
       if not st.done:
         key = jax.random.fold_in(jax.random.key(config.unlearn_seed), zlib.crc32(method.encode()))
-        result = unlearn.get(method).run(context("all"), hparams, key)
+        result = methods_lib.get(method).run(context("all"), hparams, key)
         checkpoint.save(st.tmp / "unlearned" / method, jax.device_get(result.states),
                         metadata={"seconds": result.seconds,
                                   "compile_seconds": result.compile_seconds,
@@ -278,14 +279,14 @@ def _train_reference_models(config, wd, st, model, dataset, parts, seeds, like) 
   (st.tmp / "times.json").write_text(json.dumps(times, indent=1))
 
 
-def _context(config, wd, model, dataset, parts, seeds, like, positions=None) -> unlearn.Context:
+def _context(config, wd, model, dataset, parts, seeds, like, positions=None) -> methods_lib.Context:
   """The unlearning context of all seeds, or of the seeds at ``positions`` (the tuning seeds)."""
   originals = checkpoint.restore(wd.path("models/original"), like)
   inits = checkpoint.restore(wd.path("models/init"), like)
   if positions is not None:
     take = lambda tree: jax.tree.map(lambda x: x[np.asarray(positions)], tree)
     originals, inits, seeds = take(originals), take(inits), tuple(seeds[p] for p in positions)
-  return unlearn.Context.create(
+  return methods_lib.Context.create(
       model, recipe_from_config(config), train.DeviceData.create(dataset), originals, inits,
       parts["retain"], parts["forget"], parts["val"], model_ids=seeds,
       num_classes=dataset.num_classes, strategy=config.parallel.strategy,

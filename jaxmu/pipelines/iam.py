@@ -56,8 +56,9 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxmu import checkpoint, models, parallel, report, stages, train, unlearn
+from jaxmu import checkpoint, models, parallel, report, stages, train
 from jaxmu import data as data_lib
+from jaxmu import methods as methods_lib
 from jaxmu.attacks import iam
 from jaxmu.attacks.audit import (ATTACKS, SCORING_FUNCTIONS, Population, UnleakData, audit,
                                  scoring_functions, unleak_model)
@@ -671,7 +672,7 @@ class _Pipeline:
   def approx(self):
     """IAM's approximate methods on every run's original, audited with IAM-On (Table 8)."""
     c, p = self.config, self.parts
-    methods = tuple(unlearn.get(m).name for m in c.approx.methods)
+    methods = tuple(methods_lib.get(m).name for m in c.approx.methods)
     if not methods:
       return None
     r, o = len(self.runs), self.num_originals()
@@ -687,7 +688,7 @@ class _Pipeline:
             stack = jax.tree.map(lambda x: x[np.arange(r) % o], originals)
             ids = [_IDS["original"] + i % o for i in range(r)]
             inits = self.initial(self.model, ids)
-            ctx = unlearn.Context.create(
+            ctx = methods_lib.Context.create(
                 self.model, self.recipe, self.data, stack, inits,
                 [p["pool"][~self.flags(i)] for i in range(r)],
                 [p["pool"][self.flags(i)] for i in range(r)],
@@ -696,7 +697,7 @@ class _Pipeline:
                 train_epochs=c.train.target_epochs,
                 train_hparams={k: c.train[k] for k in ("learning_rate", "momentum", "weight_decay")})
           key = jax.random.fold_in(jax.random.key(c.approx.seed), zlib.crc32(method.encode()))
-          result = unlearn.get(method).run(ctx, hparams, key)
+          result = methods_lib.get(method).run(ctx, hparams, key)
           checkpoint.save(st.tmp / "unlearned" / method, jax.device_get(result.states),
                           metadata={"seconds": result.seconds, "hparams": hparams})
           st.commit()

@@ -45,7 +45,8 @@ import numpy as np
 import threadpoolctl
 from tqdm.auto import tqdm
 
-from jaxmu import checkpoint, models, parallel, report, search, stages, train, unlearn
+from jaxmu import checkpoint, models, parallel, report, search, stages, train
+from jaxmu import methods as methods_lib
 from jaxmu.attacks import lira, metrics, mia, signals
 from jaxmu.data import splits as splits_lib
 from jaxmu.pipelines.deepunlearn import abstract_variables, load_dataset, recipe_from_config
@@ -141,7 +142,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
   """Runs (or resumes) every stage up to ``config.stop_after``; returns the last output's path."""
   if config.stop_after and config.stop_after not in STAGES:
     raise ValueError(f"stop_after={config.stop_after!r} is not a stage; stages: {STAGES}")
-  methods = tuple(unlearn.get(m).name for m in config.methods)
+  methods = tuple(methods_lib.get(m).name for m in config.methods)
   if not methods:
     raise ValueError("config.methods is empty; name at least one method, e.g. ('finetune',)")
   _check_workdir(Path(workdir))
@@ -189,7 +190,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
 
   references = {}  # the originals and the initialisation, restored once when a method runs
 
-  def context(start: int, stop: int) -> unlearn.Context:
+  def context(start: int, stop: int) -> methods_lib.Context:
     if not references:
       references["originals"] = jax.device_get(checkpoint.restore(
           wd.path("models/original"), abstract_variables(model, num_splits, input_shape)))
@@ -332,7 +333,7 @@ def _unlearn(config, st, method: str, hparams: dict, source: str, context, num_m
              num_train: int) -> None:
   """Runs ``method`` on the stack chunk by chunk (`_chunks`) and keeps its models' signals.
 
-  ``context(start, stop)`` builds the chunk's `unlearn.Context`. The unlearned weights are not
+  ``context(start, stop)`` builds the chunk's `methods_lib.Context`. The unlearned weights are not
   kept (640 ResNet-18 per method at reference scale). Model i's PRNG stream is fold_in(key, i)
   in any chunking.
   """
@@ -340,7 +341,7 @@ def _unlearn(config, st, method: str, hparams: dict, source: str, context, num_m
   parts, seconds, compile_seconds = [], 0.0, 0.0
   for start, stop in _chunks(config, num_models):
     ctx = context(start, stop)
-    result = unlearn.get(method).run(ctx, hparams, key)
+    result = methods_lib.get(method).run(ctx, hparams, key)
     seconds += result.seconds
     compile_seconds += result.compile_seconds
     parts.append(model_signals(ctx.model, jax.device_get(result.states), ctx.data, num_train,
@@ -355,11 +356,11 @@ def _unlearn(config, st, method: str, hparams: dict, source: str, context, num_m
 
 def chunk_context(config, model, recipe: train.Recipe, data: train.DeviceData, num_classes: int,
                   references: dict, sets: dict[str, np.ndarray], val: np.ndarray, start: int,
-                  stop: int) -> unlearn.Context:
+                  stop: int) -> methods_lib.Context:
   """The unlearning context of (s, f) models ``start .. stop - 1``: split s's original, the
   shared initialisation, that draw's retain and forget sets, the LiRA val set."""
   split = sets["split"][start:stop]
-  return unlearn.Context.create(
+  return methods_lib.Context.create(
       model, recipe, data, jax.tree.map(lambda x: x[split], references["originals"]),
       _repeat(references["init"], stop - start), sets["retain"][start:stop],
       sets["forget"][start:stop], val, model_ids=tuple(range(start, stop)),
