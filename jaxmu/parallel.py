@@ -16,6 +16,10 @@ the whole stack:
   over the data axis by the compiler, so the numbers are those of the whole batch. Per-model
   functions mark their batch with `shard_batch`.
 
+Independently of the kind, an epoch runs either as one dispatch per step or as one compiled
+program (``scan``: all steps of an epoch in a ``fori_loop``; `jaxmu.engine`). ``"auto"`` picks
+both by backend (`resolve`, `resolve_epoch`).
+
 States live in a strategy's *internal* form while a loop runs (a list of per-model pytrees for
 ``loop``, a padded sharded pytree for ``sharded``) so nothing is restacked per step;
 `Strategy.enter` and `Strategy.exit` convert from and to the ordinary stacked pytree.
@@ -36,6 +40,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 NAMES = ("auto", "vmap", "loop", "sharded")
+EPOCH_MODES = ("auto", "scan", "steps")
 _DATA_PARALLEL = re.compile(r"^sharded:data=([1-9]\d*)$")
 # The ("models", "data") mesh of the data-parallel program being traced, if any (`shard_batch`).
 _DATA_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("data_mesh", default=None)
@@ -51,6 +56,20 @@ def resolve(name: str) -> str:
   if jax.default_backend() == "cpu":
     return "loop"
   return "sharded" if jax.local_device_count() > 1 else "vmap"
+
+
+def resolve_epoch(mode: str) -> bool:
+  """Whether epochs run as one compiled program (``scan``) or one dispatch per step (``steps``).
+
+  ``auto``: steps on CPU, where rolled loops of convolutions were measured slower than dispatched
+  steps (docs/benchmarks.md, "Dispatch"); scan on accelerators, where per-step dispatch is the
+  known cost of small models (not yet measured here: issue [9/9]).
+  """
+  if mode not in EPOCH_MODES:
+    raise ValueError(f"unknown epoch mode {mode!r}; choose one of {EPOCH_MODES}")
+  if mode == "auto":
+    return jax.default_backend() != "cpu"
+  return mode == "scan"
 
 
 def shard_batch(x: jax.Array) -> jax.Array:
@@ -88,16 +107,23 @@ def concat_models(trees: Sequence[Any]) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class Strategy:
-  """A concrete execution strategy (see module docstring)."""
+  """A concrete execution strategy (see module docstring): how the model axis runs (``name``)
+  and whether an epoch is one compiled program (``scan``). Hashable: part of program caches."""
 
   name: str
+  scan: bool = False
 
   def __post_init__(self):
-    resolve(self.name)
+    if self.name == "auto" or resolve(self.name) != self.name:
+      raise ValueError("Strategy needs a concrete name; use Strategy.create('auto')")
 
   @staticmethod
-  def create(name: str) -> "Strategy":
-    return Strategy(resolve(name))
+  def create(spec: "Strategy | str" = "auto", epoch: str = "auto") -> "Strategy":
+    """A strategy from a name (``auto`` resolved for this backend) and an epoch mode; a
+    `Strategy` is returned as it is."""
+    if isinstance(spec, Strategy):
+      return spec
+    return Strategy(resolve(spec), resolve_epoch(epoch))
 
   @property
   def kind(self) -> str:
