@@ -75,7 +75,8 @@ def test_report_files_with_tuning_stages_and_ulira(tmp_path):
   (ulira / "roc").mkdir(parents=True)
   report.write_csv(ulira / "ulira.csv", [
       {"method": "close", "balanced_accuracy": 0.52, "ci_low": 0.5, "ci_high": 0.54, "auc": 0.51,
-       "num_samples": 100}])
+       "num_samples": 100, "mean_member_prob": 0.49, "population_mia": 0.55,
+       "population_mia_std": 0.01, "models": 8, "hparams": "search"}])
   np.savez(ulira / "roc" / "close.npz", fpr=np.linspace(0, 1, 5), tpr=np.linspace(0, 1, 5) ** 0.5)
   times = {"models": 4, "epochs": 2, "stack_seconds": 20.0, "seconds_per_model": 5.0}
   path = report.write_benchmark_report(
@@ -88,6 +89,7 @@ def test_report_files_with_tuning_stages_and_ulira(tmp_path):
   assert text.startswith("# T\n\n**Closest to retraining:** close")
   assert "| 1 | close |" in text and text.count("| U-LiRA |") == 1
   assert "0.520 [0.500, 0.540]" in text
+  assert "## U-LiRA" in text and "| close | 0.5200 | [0.5000, 0.5400] | 0.5100 | 100 |" in text
   assert "| close | tpe | 0, 1 | 4 | 1 | 2 | lr=0.0123, num_epochs=3 |" in text
   assert "Not tuned (the config's hyper-parameters): tie, far." in text
   assert "Stages recomputed in this run: unlearn_close (config changed), report (new)." in text

@@ -1,11 +1,10 @@
-"""Results a person reads: CSV tables, Markdown reports (mean and std over seeds), PNG figures."""
+"""The DeepUnlearn report: the ranked paper table, its figures and, when the run has one, the
+U-LiRA stage's results."""
 
 from __future__ import annotations
 
-import csv
 import math
 import os
-from collections import defaultdict
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -13,64 +12,12 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from jaxmu.attacks import metrics
-from jaxmu.stages import atomic_write
+from jaxmu.report import markdown_table, summarize
+from jaxmu.report.ulira import (HPARAMS_NOTE, ULIRA_FIGURE, plot_ulira_roc, read_ulira,
+                                ulira_table)
 
 REFERENCE_ROWS = ("retrain", "original")
 FIGURES = ("retdev_vs_rte.png", "forget_accuracy.png")
-ULIRA_FIGURE = "ulira_roc.png"
-
-
-def write_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> None:
-  """One row per mapping; columns in first-seen order."""
-  columns = list(dict.fromkeys(k for row in rows for k in row))
-  with atomic_write(path, "w") as f:
-    writer = csv.DictWriter(f, columns)
-    writer.writeheader()
-    writer.writerows(rows)
-
-
-def read_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
-  """Rows of a CSV written by `write_csv`; numeric cells become floats."""
-  with open(path, newline="") as f:
-    return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
-
-
-def _number(text: str) -> Any:
-  try:
-    return float(text)
-  except ValueError:
-    return text
-
-
-def summarize(rows: Sequence[Mapping[str, Any]], by: str = "method") -> list[dict[str, Any]]:
-  """Mean and (population) std over seeds of every numeric column, per value of ``by``."""
-  groups: dict[Any, list[Mapping[str, Any]]] = defaultdict(list)
-  for row in rows:
-    groups[row[by]].append(row)
-  metrics = list(dict.fromkeys(k for row in rows for k, v in row.items()
-                               if k not in (by, "seed") and isinstance(v, float)))
-  out = []
-  for name, members in groups.items():
-    summary = {by: name, "seeds": len(members)}
-    for metric in metrics:
-      values = np.asarray([m[metric] for m in members if isinstance(m.get(metric), float)])
-      summary[f"{metric}_mean"] = values.mean() if len(values) else np.nan
-      summary[f"{metric}_std"] = values.std() if len(values) else np.nan
-    out.append(summary)
-  return out
-
-
-def markdown_table(rows: Sequence[Mapping[str, Any]], by: str = "method") -> str:
-  """Markdown table with one "mean ± std" cell per metric."""
-  summary = summarize(rows, by)
-  metrics = [k[:-5] for k in summary[0] if k.endswith("_mean")]
-  lines = ["| " + " | ".join([by, "seeds", *metrics]) + " |",
-           "|" + "---|" * (len(metrics) + 2)]
-  for s in summary:
-    cells = [f"{s[m + '_mean']:.4f} ± {s[m + '_std']:.4f}" if np.isfinite(s[m + "_mean"])
-             else "—" for m in metrics]
-    lines.append("| " + " | ".join([str(s[by]), str(s["seeds"]), *cells]) + " |")
-  return "\n".join(lines)
 
 
 def benchmark_summary(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -197,36 +144,6 @@ def plot_forget_accuracy(summary: Sequence[Mapping[str, Any]], path: str | os.Pa
   fig.savefig(path, dpi=120)
 
 
-def read_ulira(directory: str | os.PathLike) -> tuple[dict[str, dict], dict[str, dict]]:
-  """``<directory>/ulira.csv`` rows by method and ``roc/<method>.npz`` curves (fpr, tpr)."""
-  directory = Path(directory)
-  rows = {r["method"]: r for r in read_csv(directory / "ulira.csv")}
-  curves = {}
-  for path in sorted(directory.glob("roc/*.npz")):
-    with np.load(path) as z:
-      curves[path.stem] = {"fpr": z["fpr"], "tpr": z["tpr"]}
-  return rows, curves
-
-
-def plot_ulira_roc(curves: Mapping[str, Mapping[str, np.ndarray]],
-                   path: str | os.PathLike) -> None:
-  """U-LiRA ROC per method, log-log (low false-positive rates matter for per-sample attacks)."""
-  fig = Figure(figsize=(5.5, 5), layout="constrained")
-  ax = fig.add_subplot()
-  for method, c in curves.items():
-    ax.plot(c["fpr"], c["tpr"], label=method)
-  ax.plot([1e-4, 1], [1e-4, 1], color="gray", linestyle=":", label="chance")
-  ax.set_xscale("log")
-  ax.set_yscale("log")
-  ax.set_xlim(1e-3, 1)
-  ax.set_ylim(1e-3, 1)
-  ax.set_xlabel("false positive rate")
-  ax.set_ylabel("true positive rate")
-  ax.set_title("U-LiRA: unlearned vs retrained (chance = indistinguishable)")
-  ax.legend(fontsize=7)
-  fig.savefig(path, dpi=120)
-
-
 def figure_names(with_ulira: bool) -> tuple[str, ...]:
   return FIGURES + ((ULIRA_FIGURE,) if with_ulira else ())
 
@@ -239,8 +156,8 @@ def write_benchmark_report(directory: str | os.PathLike, title: str,
   """Writes ``report.md`` and its figures into ``directory``; returns the report's path.
 
   ``tuning``: {method: {"trials_complete", "trials_failed", "seeds", "mode", ...}} of the tuned
-  methods; ``stages_run``: {stage: why it ran in this run, or "reused"}; ``ulira_dir``: a
-  directory with ``ulira.csv`` and ``roc/<method>.npz`` (U-LiRA pipeline) or None.
+  methods; ``stages_run``: {stage: why it ran in this run, or "reused"}; ``ulira_dir``: the
+  U-LiRA stage's directory (``ulira.csv``, ``roc/<method>.npz``) or None.
   """
   directory = Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
@@ -281,6 +198,11 @@ def write_benchmark_report(directory: str | os.PathLike, title: str,
       paper_table(summary, ulira), "",
       f"![RetDev against RTE]({FIGURES[0]})", "",
       f"![Forget accuracy]({FIGURES[1]})", ""]
+  if ulira:
+    lines += ["## U-LiRA", "",
+              "Per-sample unlearning inference against retraining (the `ulira` stage, files in "
+              "`ulira/`): 0.5 = indistinguishable from retraining, 1.0 = always told apart.", "",
+              ulira_table(list(ulira.values())), "", HPARAMS_NOTE, ""]
   if curves:
     lines += [f"![U-LiRA ROC]({ULIRA_FIGURE})", ""]
   lines += ["## Hyper-parameters", ""]

@@ -1,0 +1,208 @@
+"""The IAM audit's report: Table 1 with each unlearning type's operating points and K sweep,
+Tables 5, 2 and 8 and the class-level read-out, and the figures."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from jaxmu.attacks.audit import ATTACKS, SCORING_FUNCTIONS
+from jaxmu.report import mean_std
+
+LEVELS = (1e-3, 1e-2, 1e-1)  # the operating points: TPR at these FPRs, TNR at these FNRs
+
+
+def render_report(config, rows, runs_per_type: Mapping[str, int]) -> str:
+  """report.md: Table 1 (attacks x unlearning types, K = 1) with each type's operating points
+  and K sweep, Table 2 (ScoreUI), Table 8 (approximate methods) and its class-level read-out.
+  ``runs_per_type``: {unlearning type: its number of runs}, in the config's order."""
+  types = tuple(runs_per_type)
+  binui = [r for r in rows if r["table"] == "binui"]
+  attacks = list(dict.fromkeys(r["attack"] for r in binui))
+  ks = sorted({int(r["k"]) for r in binui})
+  out = [f"# IAM audit: {config.dataset.name} / {config.model.name}, {', '.join(types)}", "",
+         f"{config.num_shadows} shadow OUT models; runs pooled per unlearning type ("
+         + ", ".join(f"{t}: {runs_per_type[t]} {'seeds' if t == 'set_random' else 'classes'}"
+                     for t in types)
+         + "). Numbers in %: mean ± std over disjoint shadow groups (iam-spec 7.1). Positives = "
+         "retained samples, scored by 1 − unlearning score (iam-spec 9.1): TPR@FPR is the share of "
+         "retained samples recognised while at most that share of forgotten samples is called "
+         "retained; TNR@FNR the share of forgotten samples detected.", "",
+         "## Table 1: BinUI AUC, K = 1 (exact unlearning: retrained targets)", "",
+         "| attack | " + " | ".join(types) + " |", "|---" * (len(types) + 1) + "|"]
+  k1 = lambda a, t: [r for r in binui
+                     if r["attack"] == a and int(r["k"]) == 1 and r["forget"] == t]
+  for a in attacks:
+    out.append(f"| {ATTACKS[a][0]} | "
+               + " | ".join(mean_std([r["auc"] for r in k1(a, t)]) for t in types) + " |")
+  for t in types:
+    out += ["", f"### Operating points, K = 1: {t}", "",
+            "| attack | AUC | balanced acc. | " + " | ".join(f"TPR@FPR={lv:g}" for lv in LEVELS)
+            + " | " + " | ".join(f"TNR@FNR={lv:g}" for lv in LEVELS) + " | groups |",
+            "|---" * (4 + 2 * len(LEVELS)) + "|"]
+    for a in attacks:
+      sel = k1(a, t)
+      cells = [mean_std([r[m] for r in sel]) for m in
+               ("auc", "balanced_accuracy", *(f"tpr@{lv:g}" for lv in LEVELS),
+                *(f"tnr@{lv:g}" for lv in LEVELS))]
+      out.append(f"| {ATTACKS[a][0]} | " + " | ".join(cells) + f" | {len(sel)} |")
+    iam_rows = k1("iam_on", t)
+    if iam_rows:
+      out += ["", f"Mean IAM-On unlearning score (K = 1, {t}): forgotten "
+              f"{np.mean([r['score_forgotten'] for r in iam_rows]):.3f}, retained "
+              f"{np.mean([r['score_retained'] for r in iam_rows]):.3f} (iam-spec 10.1f)."]
+    out += ["", f"### Number of shadow models K (AUC %, mean ± std over groups; Fig. 5): {t}", "",
+            "| attack | " + " | ".join(f"K={k}" for k in ks) + " |", "|---" * (len(ks) + 1) + "|"]
+    for a in attacks:
+      cells = [mean_std([r["auc"] for r in binui
+                          if r["attack"] == a and int(r["k"]) == k and r["forget"] == t])
+               for k in ks]
+      out.append(f"| {ATTACKS[a][0]} | " + " | ".join(cells) + " |")
+  out += _scoring_tables(rows, types) + _score_ui_table(rows) + _approx_tables(config, rows, types)
+  out += ["", "Figures: roc.png (log-log ROC per attack, K = 1, group 0), auc_vs_k.png, "
+          "iam_hist.png (IAM-On score of forgotten vs retained samples); all three for "
+          f"{types[0]}.",
+          ""]
+  return "\n".join(out)
+
+
+def _scoring_tables(rows, types):
+  scoring = [r for r in rows if r["table"] == "scoring"]
+  if not scoring:
+    return []
+  out = ["", "## Table 5: scoring functions (K = 1, retrained targets)", "",
+         "IAM's Gumbel fit against other reference distributions and shadow-free scores "
+         "(iam-spec 10.4): AUC etc. in %, mean ± std over shadow groups; the mean unlearning "
+         "score of forgotten and retained samples."]
+  for t in types:
+    out += ["", f"### {t}", "", "| scoring function | AUC | balanced acc. | TPR@FPR=0.01 | "
+            "TNR@FNR=0.01 | score forgotten | score retained |", "|---" * 7 + "|"]
+    for key in SCORING_FUNCTIONS:
+      sel = [r for r in scoring if r["attack"] == key and r["forget"] == t]
+      if sel:
+        out.append(f"| {SCORING_FUNCTIONS[key][0]} | " + " | ".join(
+            [mean_std([r[m] for r in sel]) for m in ("auc", "balanced_accuracy", "tpr@0.01",
+                                                       "tnr@0.01")]
+            + [f"{np.mean([r[m] for r in sel]):.3f}" for m in ("score_forgotten",
+                                                               "score_retained")]) + " |")
+  return out
+
+
+def _score_ui_table(rows):
+  score = [r for r in rows if r["table"] == "score_ui"]
+  if not score:
+    return []
+  out = ["", "## Table 2: ScoreUI (membership against the ground-truth degree b / B)", "",
+         "Min-max normalised membership (1 − unlearning score) of the continued-training "
+         "checkpoints against their degree b / B (iam-spec 7.5): mean over start models, mean ± "
+         "std over K = 1 shadow groups. KL: 20-bin histogram divergence of degrees from scores.",
+         "", "| attack | Spearman | Pearson | MSE | KL | groups |", "|---|---|---|---|---|---|"]
+  for a in dict.fromkeys(r["attack"] for r in score):
+    sel = [r for r in score if r["attack"] == a]
+    out.append(f"| {ATTACKS[a][0]} | " + " | ".join(
+        mean_std([r[m] for r in sel], 1, 3) for m in ("spearman", "pearson", "mse", "kl"))
+        + f" | {len(sel)} |")
+  return out
+
+
+def _approx_tables(config, rows, types):
+  approx = [r for r in rows if r["table"] == "approx"]
+  if not approx:
+    return []
+  out = ["", "## Table 8: approximate unlearning audited with IAM-On (K = 1)", "",
+         "Membership = 1 − IAM unlearning score, mean over samples (± std over samples), "
+         "averaged over shadow groups. Under-unlearning: forgotten samples keep more membership "
+         f"than after retraining (by > {config.approx.margin}); over-unlearning: retained "
+         "samples lose membership (iam-spec 9.4); forgotten below retrain: forgotten samples "
+         "look less like members than after retraining, itself a trace of the method."]
+  for t in types:
+    sel_t = [r for r in approx if r["forget"] == t]
+    out += ["", f"### {t}", "",
+            "| method | membership retained | membership forgotten | AUC % | read-out |",
+            "|---|---|---|---|---|"]
+    ref = [r for r in sel_t if r["method"] == "retrain"]
+    ref_f = np.mean([r["member_forgotten"] for r in ref])
+    ref_r = np.mean([r["member_retained"] for r in ref])
+    for method in dict.fromkeys(r["method"] for r in sel_t):
+      sel = [r for r in sel_t if r["method"] == method]
+      mf = np.mean([r["member_forgotten"] for r in sel])
+      mr = np.mean([r["member_retained"] for r in sel])
+      sf = np.mean([r["member_forgotten_std"] for r in sel])
+      sr = np.mean([r["member_retained_std"] for r in sel])
+      margin = config.approx.margin
+      verdict = [w for w, bad in (("under-unlearning", mf - ref_f > margin),
+                                  ("forgotten below retrain", ref_f - mf > margin),
+                                  ("over-unlearning", ref_r - mr > margin)) if bad]
+      out.append(f"| {method} | {mr:.3f} ± {sr:.3f} | {mf:.3f} ± {sf:.3f} | "
+                 f"{mean_std([r['auc'] for r in sel])} | "
+                 f"{'reference' if method == 'retrain' else ', '.join(verdict) or 'as retrain'} |")
+  classes = [r for r in rows if r["table"] == "approx_class" and r["run"] == "overall"]
+  if classes:
+    metrics = ("auc", "bce", "last_1", "last_0", "b_std", "c_std1", "c_std0")
+    out += ["", "## Table 8, class-level read-out (iam-spec 9.3)", "",
+            "Over all runs of a type (per run: `approx_class.csv`), mean over shadow groups: AUC, "
+            "class-weighted BCE of membership against b (1 = retained), last-1 / last-0 (mean "
+            "membership of the 10% least member-like retained / most member-like forgotten "
+            "samples), b-std (std of the per-run BCE), c-std1 / c-std0 (std of the per-run mean "
+            "membership of retained / forgotten samples)."]
+    for t in types:
+      sel_t = [r for r in classes if r["forget"] == t]
+      out += ["", f"### {t}", "", "| method | " + " | ".join(metrics) + " |",
+              "|---" * (len(metrics) + 1) + "|"]
+      for method in dict.fromkeys(r["method"] for r in sel_t):
+        sel = [r for r in sel_t if r["method"] == method]
+        out.append(f"| {method} | "
+                   + " | ".join(f"{np.mean([r[m] for r in sel]):.3f}" for m in metrics) + " |")
+  return out
+
+
+def write_figures(directory, rows, kept):
+  """roc.png, auc_vs_k.png and iam_hist.png of the first unlearning type, K = 1, group 0
+  (``kept``: that audit's scores per attack and its forget flags, ``_flags``)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  from sklearn.metrics import roc_curve
+
+  flags = kept.pop("_flags").astype(bool)
+  binui = [r for r in rows if r["table"] == "binui"]
+  forget = binui[0]["forget"]  # the first unlearning type (all three figures)
+  binui = [r for r in binui if r["forget"] == forget]
+  colors = dict(zip(ATTACKS, plt.cm.tab20(np.arange(20))))
+  outside = dict(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+  fig, ax = plt.subplots(figsize=(5, 5))
+  for a, s in kept.items():
+    fpr, tpr, _ = roc_curve(~flags, 1 - s)
+    ax.loglog(np.maximum(fpr, 1e-5), np.maximum(tpr, 1e-5), label=ATTACKS[a][0], color=colors[a])
+  ax.plot([1e-5, 1], [1e-5, 1], "k:", lw=0.8)
+  ax.set(xlabel="FPR (forgotten called retained)", ylabel="TPR (retained recognised)",
+         title=f"BinUI ROC, K = 1, {forget}")
+  ax.legend(**outside)
+  fig.savefig(directory / "roc.png", dpi=120, bbox_inches="tight")
+  plt.close(fig)
+
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for a in dict.fromkeys(r["attack"] for r in binui):
+    ks = sorted({int(r["k"]) for r in binui if r["attack"] == a})
+    auc = [np.mean([r["auc"] for r in binui if r["attack"] == a and int(r["k"]) == k]) for k in ks]
+    ax.plot(ks, auc, marker="o", label=ATTACKS[a][0], color=colors[a])
+  all_ks = sorted({int(r["k"]) for r in binui})
+  ax.set(xscale="log", xlabel="K shadow models", ylabel="AUC",
+         title=f"BinUI AUC against K, {forget}")
+  ax.set_xticks(all_ks, [str(k) for k in all_ks])
+  ax.minorticks_off()
+  ax.legend(**outside)
+  fig.savefig(directory / "auc_vs_k.png", dpi=120, bbox_inches="tight")
+  plt.close(fig)
+
+  fig, ax = plt.subplots(figsize=(5, 4))
+  if "iam_on" in kept:
+    bins = np.linspace(0, 1, 41)
+    ax.hist(kept["iam_on"][~flags], bins, density=True, alpha=0.6, label="retained")
+    ax.hist(kept["iam_on"][flags], bins, density=True, alpha=0.6, label="forgotten")
+    ax.legend()
+  ax.set(xlabel="IAM-On unlearning score", ylabel="density",
+         title=f"IAM-On scores, K = 1, {forget}")
+  fig.savefig(directory / "iam_hist.png", dpi=120, bbox_inches="tight")
+  plt.close(fig)

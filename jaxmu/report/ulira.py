@@ -1,0 +1,96 @@
+"""The U-LiRA report: the table of methods by their distance from indistinguishability, the ROC
+figure (its own report.md when U-LiRA runs alone; a section of the DeepUnlearn report when it
+runs as that pipeline's stage)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from jaxmu.report import read_csv
+
+ULIRA_FIGURE = "ulira_roc.png"
+
+
+def read_ulira(directory: str | os.PathLike) -> tuple[dict[str, dict], dict[str, dict]]:
+  """``<directory>/ulira.csv`` rows by method and ``roc/<method>.npz`` curves (fpr, tpr)."""
+  directory = Path(directory)
+  rows = {r["method"]: r for r in read_csv(directory / "ulira.csv")}
+  curves = {}
+  for path in sorted(directory.glob("roc/*.npz")):
+    with np.load(path) as z:
+      curves[path.stem] = {"fpr": z["fpr"], "tpr": z["tpr"]}
+  return rows, curves
+
+
+def plot_ulira_roc(curves: Mapping[str, Mapping[str, np.ndarray]],
+                   path: str | os.PathLike) -> None:
+  """U-LiRA ROC per method, log-log (low false-positive rates matter for per-sample attacks)."""
+  fig = Figure(figsize=(5.5, 5), layout="constrained")
+  ax = fig.add_subplot()
+  for method, c in curves.items():
+    ax.plot(c["fpr"], c["tpr"], label=method)
+  ax.plot([1e-4, 1], [1e-4, 1], color="gray", linestyle=":", label="chance")
+  ax.set_xscale("log")
+  ax.set_yscale("log")
+  ax.set_xlim(1e-3, 1)
+  ax.set_ylim(1e-3, 1)
+  ax.set_xlabel("false positive rate")
+  ax.set_ylabel("true positive rate")
+  ax.set_title("U-LiRA: unlearned vs retrained (chance = indistinguishable)")
+  ax.legend(fontsize=7)
+  fig.savefig(path, dpi=120)
+
+
+def ulira_table(rows: list[dict]) -> str:
+  """Methods ranked by the distance of their U-LiRA balanced accuracy from 0.5 (`ulira.csv` rows)."""
+  reference = "reference_member_prob" in rows[0]
+  header = ["method", "U-LiRA acc.", "95% CI", "AUC", "samples", "mean P(unlearned)",
+            "pop. MIA (forget vs val)", "hyper-parameters"]
+  if reference:
+    header.append("reference 0/1 P(member)")
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for r in sorted(rows, key=lambda r: abs(r["balanced_accuracy"] - 0.5)):
+    cells = [str(r["method"]), f"{r['balanced_accuracy']:.4f}",
+             f"[{r['ci_low']:.4f}, {r['ci_high']:.4f}]", f"{r['auc']:.4f}",
+             f"{int(r['num_samples'])}", f"{r['mean_member_prob']:.4f}",
+             f"{r['population_mia']:.4f} ± {r['population_mia_std']:.4f}", str(r["hparams"])]
+    if reference:
+      cells.append(f"{r['reference_member_prob']:.4f}")
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def describe(lira, num_models: int) -> str:
+  """What the U-LiRA table holds (``lira``: the config's LiRA split settings)."""
+  return (
+      f"{lira.num_splits} splits x {lira.num_forget_draws} forget draws = {num_models} "
+      f"unlearning runs per method ({lira.scheme} splits, forget share {lira.forget_ratio}). "
+      "Per forgotten sample, a Gaussian of the scaled logit of the unlearned models that forgot "
+      "it against one of the retrained models that never saw it, each fitted without the scored "
+      "model (Hayes et al. 2024; `jaxmu.attacks.lira.ulira`). **U-LiRA acc.** is the balanced "
+      "accuracy of telling them apart: 0.5 = indistinguishable from retraining (best), 1.0 = "
+      "always told apart. Methods ranked by their distance from 0.5; samples = forgotten samples "
+      "with at least 2 observations in each group. Population MIA: DeepUnlearn's attack "
+      "(0.5 ideal), mean ± std over models.")
+
+
+def ulira_report(config, rows: list[dict], times: dict) -> str:
+  """report.md of U-LiRA alone: the table, the ROC figure (roc.png) and the training run."""
+  return "\n".join([
+      f"# U-LiRA: {config.dataset.name} / {config.model.name}", "",
+      describe(config.ulira.lira, int(rows[0]["models"])), "",
+      ulira_table(rows), "",
+      "![U-LiRA ROC](roc.png)", "",
+      f"Training: {times['models']} models (originals and retrained) as one stack, "
+      f"{times['epochs']} epochs, {times['stack_seconds']:.1f} s wall time.",
+      HPARAMS_NOTE, ""])
+
+
+HPARAMS_NOTE = ("Hyper-parameters: `search` = the main search's best trial, `defaults` = the "
+                "method's defaults. Not done here: the reference's per-split search (200 trials "
+                "on each of 32 splits); every split uses the same hyper-parameters.")
