@@ -3,8 +3,9 @@
 A method unlearns a whole *stack* of models at once (each model a seed with its own original
 weights and its own retain/forget/val index sets). It is written as pure per-model step functions
 (``step(carry, orders, key, hp, inputs, labels, step_index, epoch, lr_factor)``) that `run_epochs`
-drives over epochs for the whole stack under the context's execution strategy (vmap, loop or
-sharded; see `jaxmu.parallel`). Continuous hyper-parameters are per-model float32 arrays (one
+hands to the one epoch driver, `jaxmu.engine`, under the context's `parallel.Strategy`. A step
+brings only what is the method's own: its batches (`batch`, `inputs`), its loss over `forward`
+(which applies the recipe's compute dtype), and `descend`, the shared gradient update. Continuous hyper-parameters are per-model float32 arrays (one
 compiled program serves many trials); discrete ones (epochs, batch sizes) are Python ints.
 
 Structural edits (freeze, re-initialise, mask, transpose, prune, add noise) are pytree operations
@@ -26,7 +27,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxmu import parallel, train
+from jaxmu import engine, parallel, train
 from jaxmu.data import augment as augment_lib
 
 SOURCES = ("retain", "forget", "val")
@@ -56,7 +57,7 @@ class Context:
   model_ids: tuple[int, ...]  # each model's PRNG stream: fold_in(key, model_id)
   num_classes: int
   input_shape: tuple[int, ...]
-  strategy: str = "auto"
+  strategy: parallel.Strategy = parallel.Strategy("loop")
   train_epochs: int = 0  # epochs of the original training (retrain, epoch budgets)
   train_hparams: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
@@ -72,7 +73,7 @@ class Context:
     data = data if isinstance(data, train.DeviceData) else train.DeviceData.create(data)
     return Context(model, recipe, data, originals, inits, **sets, model_ids=tuple(model_ids),
                    num_classes=num_classes, input_shape=tuple(data.inputs.shape[1:]),
-                   strategy=strategy, train_epochs=train_epochs,
+                   strategy=parallel.Strategy.create(strategy), train_epochs=train_epochs,
                    train_hparams=dict(train_hparams or {}))
 
   @property
@@ -257,18 +258,13 @@ def copy_tree(tree: Any) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
-def batch(order: jax.Array, step_index, batch_size: int, cycle: bool = False) -> jax.Array:
-  """Batch ``step_index`` of an epoch order (-1 = padding). ``cycle`` wraps around the model's
-  own number of batches (``itertools.cycle`` over a shorter loader)."""
-  if cycle:
-    steps = jnp.maximum(-(-(order >= 0).sum() // batch_size), 1)
-    step_index = step_index % steps
-  return jax.lax.dynamic_slice(order, (step_index * batch_size,), (batch_size,))
+batch = engine.batch
 
 
 def inputs(recipe: train.Recipe, images: jax.Array, labels: jax.Array, idx: jax.Array,
            key: jax.Array | None = None):
-  """Normalised inputs, labels and validity of a batch of indices (augmented when ``key``)."""
+  """Normalised float32 inputs, labels and validity of a batch of indices (augmented when
+  ``key``); `forward` casts the inputs to the recipe's compute dtype."""
   valid = idx >= 0
   safe = jnp.where(valid, idx, 0)
   raw = images[safe]
@@ -277,16 +273,22 @@ def inputs(recipe: train.Recipe, images: jax.Array, labels: jax.Array, idx: jax.
   return augment_lib.normalize(raw, recipe.mean, recipe.std), labels[safe], valid
 
 
-def forward(model, params, batch_stats, x, valid, *, training: bool, key: jax.Array | None = None):
-  """Logits and the BatchNorm statistics, updated in train mode (``training``; also enables
-  stochastic depth with ``key``), unchanged in eval mode."""
-  variables = train.as_variables(params, batch_stats)
+def forward(model, recipe: train.Recipe, params, batch_stats, x, valid, *, training: bool,
+            key: jax.Array | None = None):
+  """Float32 logits and the BatchNorm statistics, updated in train mode (``training``; also
+  enables stochastic depth with ``key``), unchanged in eval mode.
+
+  Mixed precision as in training (`train.compute_variables`): inputs and params are cast to
+  ``recipe.dtype`` for the pass, master params and BatchNorm statistics stay float32."""
+  variables = train.compute_variables(recipe, params, batch_stats)
+  x = x.astype(recipe.dtype)
   rngs = {"droppath": key} if key is not None else {}
   if training and batch_stats:
     logits, updates = model.apply(variables, x, train=True, mask=valid, rngs=rngs,
                                   mutable=["batch_stats"])
-    return logits, updates["batch_stats"]
-  return model.apply(variables, x, train=training, mask=valid, rngs=rngs), batch_stats
+    return logits.astype(jnp.float32), updates["batch_stats"]
+  logits = model.apply(variables, x, train=training, mask=valid, rngs=rngs)
+  return logits.astype(jnp.float32), batch_stats
 
 
 def masked_mean(values: jax.Array, valid: jax.Array) -> jax.Array:
@@ -325,6 +327,21 @@ def keep_if_empty(valid: jax.Array, new: Any, old: Any) -> Any:
   return jax.tree.map(lambda a, b: jnp.where(valid.any(), a, b), new, old)
 
 
+def descend(state: "TrainCarry", loss_fn: Callable, valid: jax.Array, hp: Mapping[str, jax.Array],
+            lr_factor, *, optimizer_kind: str = "sgd", weight_decay=None, trainable: Any = None,
+            grad_scale: Any = None) -> "TrainCarry":
+  """The update every gradient method shares: ``loss_fn(params) -> (loss, batch_stats)`` is
+  differentiated and one optimiser step taken with ``hp``'s learning_rate (times ``lr_factor``),
+  weight_decay (unless ``weight_decay`` is given) and momentum; ``trainable``/``grad_scale`` as in
+  `sgd_update`. A batch without any valid sample (``valid``) changes nothing."""
+  grads, batch_stats = jax.grad(loss_fn, has_aux=True)(state.params)
+  decay = hp["weight_decay"] if weight_decay is None else weight_decay
+  params, opt_state = sgd_update(optimizer_kind, state.params, state.opt_state, grads,
+                                 hp["learning_rate"] * lr_factor, decay, hp["momentum"],
+                                 trainable, grad_scale)
+  return keep_if_empty(valid, TrainCarry(params, batch_stats, opt_state), state)
+
+
 # --------------------------------------------------------------------------------------------
 # The stack engine
 # --------------------------------------------------------------------------------------------
@@ -349,80 +366,33 @@ class TrainCarry:
                       jax.vmap(functools.partial(init_opt, optimizer_kind))(params))
 
 
-@functools.lru_cache(maxsize=None)
-def _compiled(step: Callable, statics: tuple, strategy: str) -> Callable:
-  return parallel.Strategy(strategy).compile(functools.partial(step, *statics), num_per_model=3)
-
-
-@functools.lru_cache(maxsize=None)
-def _compiled_orders(batch_size: int, shuffle: bool) -> Callable:
-  if shuffle:
-    return jax.jit(jax.vmap(lambda s, k: train.epoch_order(s, k, batch_size)))
-
-  def ordered(index_set, key):
-    del key
-    steps = -(-index_set.shape[0] // batch_size)
-    return jnp.pad(index_set, (0, steps * batch_size - index_set.shape[0]), constant_values=-1)
-
-  return jax.jit(jax.vmap(ordered))
-
-
-def steps_per_epoch(index_sets: np.ndarray, batch_size: int) -> int:
-  """Batches in an epoch over the longest index set of the stack (ceil, drop_last=False)."""
-  return max(math.ceil(int(index_sets.shape[1]) / batch_size), 1)
-
-
-def run_epochs(ctx: Context, step: Callable, statics: tuple, carry: Any, sources: Mapping[str, tuple[np.ndarray, int, bool]],
-               hp: Mapping[str, jax.Array], key: jax.Array, epochs: int, *, first_epoch: int = 0,
+def run_epochs(ctx: Context, step: Callable, statics: tuple, carry: Any,
+               sources: Mapping[str, tuple[np.ndarray, int, bool]], hp: Mapping[str, jax.Array],
+               key: jax.Array, epochs: int, *, first_epoch: int = 0,
                lr_factor: Callable[[int], float] = lambda epoch: 1.0,
                num_steps: int | None = None) -> Any:
-  """Runs ``step`` over the whole stack for ``epochs`` epochs; returns the stacked carry.
+  """Runs a method's ``step`` over the context's stack with `jaxmu.engine` (its docstring gives
+  the step's signature); returns the stacked carry.
 
-  Args:
-    step: a module-level pure function ``step(*statics, carry, orders, key, hp, images, labels,
-      step_index, epoch, lr_factor) -> (carry, metrics)`` for one model; ``orders`` maps each
-      source name to the model's epoch order (slice it with `batch`); ``key`` is the model's key
-      for this epoch (fold in the step index).
-    statics: hashable arguments bound first (model, recipe, static options): the compiled
-      program is cached per (step, statics, strategy), so runs that differ only in per-model
-      numbers reuse it.
-    sources: name -> (index sets [N, L], batch size, shuffle). Steps per epoch follow the first
-      source unless ``num_steps`` is given.
-    hp: per-model float32 [N] hyper-parameters (see `per_model`).
-    key: the run's key; model m uses fold_in(key, model_id), then the epoch number.
-    lr_factor: host-side learning-rate multiplier per epoch (0-based epoch index).
+  ``sources``: name -> (index sets [N, L], batch size, shuffle) (`engine.Source`); ``hp``:
+  per-model float32 [N] hyper-parameters (`per_model`); model m draws from
+  ``fold_in(key, model_id)``, then the epoch number.
   """
-  strat = parallel.Strategy.create(ctx.strategy)
-  compiled = _compiled(step, statics, strat.name)
-  n = ctx.num_models
-  keys = ctx.keys(key)
-  first = next(iter(sources))
-  steps = num_steps or steps_per_epoch(sources[first][0], sources[first][1])
-  for epoch in range(first_epoch, first_epoch + epochs):
-    epoch_keys = jax.vmap(lambda k: jax.random.fold_in(k, epoch))(keys)
-    orders = {}
-    for i, (name, (sets, size, shuffle)) in enumerate(sources.items()):
-      order_keys = jax.vmap(lambda k, i=i: jax.random.fold_in(k, 1000 + i))(epoch_keys)
-      orders[name] = _compiled_orders(size, shuffle)(jnp.asarray(sets), order_keys)
-    internal = strat.enter(carry)
-    args = [strat.enter_args(a) for a in (orders, epoch_keys, dict(hp))]
-    factor = jnp.float32(lr_factor(epoch))
-    for s in range(steps):
-      internal, _ = compiled(internal, *args, ctx.data.inputs, ctx.data.labels, jnp.int32(s),
-                             jnp.int32(epoch), factor)
-    carry = strat.exit(internal, n)
-  return carry
+  return engine.run(step, statics, carry, {k: engine.Source(*s) for k, s in sources.items()},
+                    dict(hp), ctx.data.inputs, ctx.data.labels, ctx.keys(key), ctx.strategy,
+                    epochs, first_epoch=first_epoch, lr_factor=lr_factor, num_steps=num_steps)
 
 
 def stack_map(ctx: Context, fn: Callable, statics: tuple, *per_model_args, shared=()) -> Any:
   """``fn(*statics, *per_model, *shared)`` for every model of the stack (no carry)."""
-  return _compiled_map(fn, statics, parallel.resolve(ctx.strategy), len(per_model_args))(
+  return _compiled_map(fn, statics, ctx.strategy, len(per_model_args))(
       *per_model_args, *shared)
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_map(fn: Callable, statics: tuple, strategy: str, num_per_model: int) -> Callable:
-  return parallel.Strategy(strategy).map(functools.partial(fn, *statics), num_per_model)
+def _compiled_map(fn: Callable, statics: tuple, strategy: parallel.Strategy,
+                  num_per_model: int) -> Callable:
+  return strategy.map(functools.partial(fn, *statics), num_per_model)
 
 
 # --------------------------------------------------------------------------------------------
@@ -454,7 +424,7 @@ def finetune_step(model, recipe, spec: FinetuneSpec, carry, orders, key, hp, ima
   x, y, valid = inputs(recipe, images, labels, idx, aug_key if spec.augment else None)
 
   def loss_fn(params):
-    logits, batch_stats = forward(model, params, state.batch_stats, x, valid,
+    logits, batch_stats = forward(model, recipe, params, state.batch_stats, x, valid,
                                   training=spec.bn_train, key=drop_key)
     loss = masked_mean(cross_entropy(logits, y), valid)
     if spec.proximal:
@@ -463,12 +433,9 @@ def finetune_step(model, recipe, spec: FinetuneSpec, carry, orders, key, hp, ima
       loss = loss + hp["prox_weight"] / 2 * sum(jax.tree.leaves(sq))
     return loss, batch_stats
 
-  grads, batch_stats = jax.grad(loss_fn, has_aux=True)(state.params)
-  params, opt_state = sgd_update(
-      spec.optimizer, state.params, state.opt_state, grads, hp["learning_rate"] * lr_factor,
-      hp["weight_decay"], hp["momentum"], extras.get("trainable"), extras.get("grad_scale"))
-  new = TrainCarry(params, batch_stats, opt_state)
-  return (keep_if_empty(valid, new, state), extras), {}
+  new = descend(state, loss_fn, valid, hp, lr_factor, optimizer_kind=spec.optimizer,
+                trainable=extras.get("trainable"), grad_scale=extras.get("grad_scale"))
+  return (new, extras), {}
 
 
 def finetune(ctx: Context, variables: Mapping[str, Any], hp: Mapping[str, Any], key: jax.Array,

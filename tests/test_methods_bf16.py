@@ -1,0 +1,65 @@
+"""``Recipe.dtype="bfloat16"`` reaches every unlearning method: every convolution of the programs a
+method lowers (forward and backward passes) runs on bf16 operands.
+
+The lowered StableHLO (``jax_dump_ir_to``) is inspected, not the compiled CPU program, which
+upcasts bf16 arithmetic to f32.
+"""
+
+import dataclasses
+import re
+
+import jax
+import pytest
+from conftest import make_context
+
+from jaxmu import methods as methods_lib
+
+# Each method shrunk to a step or two (structure unchanged: every phase still runs).
+CHEAP = {
+    "random_labels": {"num_epochs": 1}, "salun": {"num_epochs": 1},
+    "gradient_ascent": {"num_epochs": 1}, "neggrad_plus": {"num_epochs": 1},
+    "negative_gradient": {"num_epochs": 1}, "cf_k": {"num_epochs": 1},
+    "eu_k": {"num_epochs": 1, "training_epoch_factor": 1}, "bad_teacher": {"num_epochs": 1},
+    "scrub": {"sgda_num_epochs": 2, "msteps": 1}, "finetune": {"num_epochs": 1},
+    "l_codec": {"n_perturbations": 4, "perturb_chunk": 4, "hessian_samples": 8, "cg_iters": 2},
+    "iam_ascent": {"num_epochs": 1}, "boundary_expanding": {"num_epochs": 1}, "ssd": {},
+    "iam_fisher": {}, "forsaken": {"num_epochs": 1, "batches": 1},
+    "fcs": {"num_epochs": 2}, "msg": {"num_epochs": 1}, "cfw": {"num_epochs": 1},
+    "ct": {"num_epochs": 1}, "prmq": {"num_epochs": 1.0}, "kde": {"num_epochs": 1,
+                                                                   "retain_num_epochs": 1},
+    "rni": {"num_epochs": 2, "fine_num_epochs": 1, "reset_num_epochs": 1},
+    "retrain": {"num_epochs": 1}, "fisher": {}, "influence": {"num_epochs": 1, "num_samples": 64},
+}
+# Operand types of a convolution: "stablehlo.convolution(...) ... : (tensor<..xT>, tensor<..xT>)".
+_CONV = re.compile(r"stablehlo\.convolution\b.*:\s*\((tensor<[^>]*>),\s*(tensor<[^>]*>)\)")
+
+
+@pytest.fixture(scope="module")
+def bf16_ctx():
+  ctx = make_context()
+  return dataclasses.replace(ctx, recipe=dataclasses.replace(ctx.recipe, dtype="bfloat16"))
+
+
+def _convolutions(directory):
+  """(lhs type, rhs type) of every convolution in the dumped modules."""
+  return [match.groups() for path in directory.glob("*.mlir")
+          for match in map(_CONV.search, path.read_text().splitlines()) if match]
+
+
+def test_every_method_is_covered():
+  assert set(CHEAP) == set(methods_lib.METHODS) - {"original"}
+
+
+@pytest.mark.parametrize("name", sorted(CHEAP))
+def test_method_computes_in_bf16(bf16_ctx, name, tmp_path):
+  method = methods_lib.get(name)
+  jax.clear_caches()  # cached programs would not be lowered (and dumped) again
+  jax.config.update("jax_dump_ir_to", str(tmp_path))
+  try:
+    method.run(bf16_ctx, CHEAP[name], jax.random.key(0))
+  finally:
+    jax.config.update("jax_dump_ir_to", "")
+  convs = _convolutions(tmp_path)
+  assert convs, f"{name}: no convolution lowered"
+  f32 = [op for op in convs if "xf32>" in op[0] or "xf32>" in op[1]]
+  assert not f32, f"{name}: {len(f32)} of {len(convs)} convolutions in float32, e.g. {f32[0]}"
