@@ -32,7 +32,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from jaxmu import checkpoint, parallel
+from jaxmu import checkpoint, engine, parallel
 from jaxmu.data import augment as augment_lib
 
 HPARAMS = ("learning_rate", "weight_decay", "momentum")
@@ -210,27 +210,16 @@ def pad_index_sets(index_sets: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
-def epoch_order(index_set: jax.Array, key: jax.Array, batch_size: int) -> jax.Array:
-  """A random permutation of the valid (>= 0) entries, padded with -1 to whole batches.
-
-  Random keys are drawn for every slot, so the permutation of a model's n valid indices does not
-  depend on how long its padded row is (threefry draws are prefix-stable).
-  """
-  valid = index_set >= 0
-  u = jnp.where(valid, jax.random.uniform(key, index_set.shape), 2.0)
-  order = index_set[jnp.argsort(u)]
-  steps = -(-index_set.shape[0] // batch_size)
-  return jnp.pad(order, (0, steps * batch_size - order.shape[0]), constant_values=-1)
-
-
-def train_step(model, recipe: Recipe, state: TrainState, order: jax.Array, key: jax.Array,
-               inputs: jax.Array, labels: jax.Array, step_index, epoch, t_max):
-  """One SGD step of one model on batch ``step_index`` of its epoch ``order``.
+def train_step(model, recipe: Recipe, state: TrainState, orders, key: jax.Array, hp, inputs,
+               labels, step_index, epoch, lr_factor):
+  """One SGD step of one model on batch ``step_index`` of its epoch order ``orders["train"]``
+  (an `engine` step; ``hp["t_max"]`` is the cosine period, the learning rate follows from the
+  state's step count or ``epoch``, ``lr_factor`` is unused).
 
   Returns the new state and ``loss_sum``, ``correct``, ``count`` over the real samples.
   """
-  idx = parallel.shard_batch(
-      jax.lax.dynamic_slice(order, (step_index * recipe.batch_size,), (recipe.batch_size,)))
+  del lr_factor
+  idx = parallel.shard_batch(engine.batch(orders["train"], step_index, recipe.batch_size))
   valid = idx >= 0
   safe = jnp.where(valid, idx, 0)
   aug_key, drop_key = jax.random.split(jax.random.fold_in(key, step_index))
@@ -256,7 +245,7 @@ def train_step(model, recipe: Recipe, state: TrainState, order: jax.Array, key: 
     return per_sample.sum() / jnp.maximum(count, 1.0), (logits, batch_stats, per_sample.sum())
 
   grads, (logits, batch_stats, loss_sum) = jax.grad(loss_fn, has_aux=True)(state.params)
-  lr = state.hparams["learning_rate"] * schedule_factor(recipe, epoch, state.step, t_max)
+  lr = state.hparams["learning_rate"] * schedule_factor(recipe, epoch, state.step, hp["t_max"])
   updates, opt_state = optimizer(recipe, state.hparams, lr).update(
       grads, state.opt_state, state.params)
   new = state.replace(params=optax.apply_updates(state.params, updates), batch_stats=batch_stats,
@@ -275,24 +264,10 @@ def logits(model, recipe: Recipe, variables, inputs: jax.Array, batch: jax.Array
   return model.apply(variables, x, train=False).astype(jnp.float32)
 
 
-# Compiled programs are cached per (model, recipe, strategy): fits that differ only in
-# per-model numbers (learning rate, weight decay, data) reuse them.
-
-
 @functools.lru_cache(maxsize=None)
-def _compiled_step(model, recipe: Recipe, strategy: str) -> Callable:
-  return parallel.Strategy(strategy).compile(
-      functools.partial(train_step, model, recipe), num_per_model=2)
-
-
-@functools.lru_cache(maxsize=None)
-def _compiled_orders(batch_size: int) -> Callable:
-  return jax.jit(jax.vmap(lambda s, k: epoch_order(s, k, batch_size)))
-
-
-@functools.lru_cache(maxsize=None)
-def _compiled_logits(model, recipe: Recipe, strategy: str) -> Callable:
-  return parallel.Strategy(strategy).map(functools.partial(logits, model, recipe), 1)
+def _compiled_logits(model, recipe: Recipe, strategy: parallel.Strategy) -> Callable:
+  """Cached per (model, recipe, strategy): predictions that differ only in variables share it."""
+  return strategy.map(functools.partial(logits, model, recipe), 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,15 +275,10 @@ def _compiled_logits(model, recipe: Recipe, strategy: str) -> Callable:
 # --------------------------------------------------------------------------------------------
 
 
-def model_keys(key: jax.Array, model_ids: Sequence[int]) -> jax.Array:
-  """Each model's own PRNG stream: ``fold_in(key, model_id)``."""
-  return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(model_ids, jnp.uint32))
-
-
 def predict(model, variables: Mapping[str, Any], data: DeviceData, indices: np.ndarray,
-            recipe: Recipe, strategy: str = "auto", batch_size: int = 1024) -> np.ndarray:
+            recipe: Recipe, strategy: parallel.Strategy | str = "auto", batch_size: int = 1024) -> np.ndarray:
   """Per-model per-sample logits [N, len(indices), C] (eval-mode BatchNorm, no augmentation)."""
-  fn = _compiled_logits(model, recipe, parallel.resolve(strategy))
+  fn = _compiled_logits(model, recipe, parallel.Strategy.create(strategy))
   return predict_batches(fn, variables, data, indices, batch_size)
 
 
@@ -327,7 +297,7 @@ def predict_batches(fn: Callable, variables: Mapping[str, Any], data: DeviceData
 
 
 def evaluate(model, variables: Mapping[str, Any], data: DeviceData, index_sets, recipe: Recipe,
-             strategy: str = "auto", batch_size: int = 1024) -> dict[str, np.ndarray]:
+             strategy: parallel.Strategy | str = "auto", batch_size: int = 1024) -> dict[str, np.ndarray]:
   """Accuracy and mean loss of each model on its own index set.
 
   ``index_sets``: one array shared by all models, or one per model (list or padded [N, L]).
@@ -363,7 +333,8 @@ def _logsumexp(x: np.ndarray) -> np.ndarray:
 
 
 def fit(model, state: TrainState, data: DeviceData, index_sets, recipe: Recipe, epochs: int,
-        key: jax.Array, *, model_ids: Sequence[int] | None = None, strategy: str = "auto",
+        key: jax.Array, *, model_ids: Sequence[int] | None = None,
+        strategy: parallel.Strategy | str = "auto",
         val_sets=None, checkpoints=None, checkpoint_every: int = 1,
         on_epoch: Callable[[int, dict[str, np.ndarray]], None] | None = None,
         max_models_per_program: int | None = None, progress: bool | str = True) -> FitResult:
@@ -419,12 +390,10 @@ def _merge_results(parts: Sequence[FitResult]) -> FitResult:
 
 def _fit_stack(model, state, data, index_sets, recipe, epochs, key, model_ids, strategy, val_sets,
                checkpoints, checkpoint_every, on_epoch, progress) -> FitResult:
-  strat = parallel.Strategy.create(strategy)
+  strategy = parallel.Strategy.create(strategy)
   n = index_sets.shape[0]
-  keys = model_keys(key, model_ids)
-  steps = -(-index_sets.shape[1] // recipe.batch_size)
+  steps = engine.steps_per_epoch(index_sets, recipe.batch_size)
   t_max = recipe.t_max or (epochs if recipe.schedule_unit == "epoch" else epochs * steps)
-  state = jax.tree.map(jnp.copy, state)  # steps donate their state; the caller keeps theirs
   best, best_acc, history, start = None, None, [], 0
   if val_sets is not None:
     best, best_acc = jax.tree.map(jnp.copy, state.variables), np.full((n,), -np.inf)
@@ -435,27 +404,16 @@ def _fit_stack(model, state, data, index_sets, recipe, epochs, key, model_ids, s
     history = [{k: np.asarray(v) for k, v in record.items()}
                for record in checkpoints.metadata(start)["history"]]
 
-  orders_fn = _compiled_orders(recipe.batch_size)
-  step_fn = _compiled_step(model, recipe, strat.name)
-  index_dev = jnp.asarray(index_sets)
-  bar = tqdm(range(start, epochs), desc=progress if isinstance(progress, str) else "train",
+  runs = engine.epochs(
+      train_step, (model, recipe), state, {"train": engine.Source(index_sets, recipe.batch_size)},
+      {"t_max": jnp.full((n,), t_max, jnp.float32)}, data.inputs, data.labels,
+      engine.model_keys(key, model_ids), strategy, range(start, epochs), streams=engine.TRAINING)
+  bar = tqdm(runs, desc=progress if isinstance(progress, str) else "train",
              disable=not progress, initial=start, total=epochs, leave=False)
-  for epoch in bar:
-    epoch_keys = jax.vmap(lambda k: jax.random.fold_in(k, epoch))(keys)
-    orders = orders_fn(index_dev, jax.vmap(lambda k: jax.random.fold_in(k, 0))(epoch_keys))
-    step_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(epoch_keys)
-    internal = strat.enter(state)
-    orders_in, step_keys_in = strat.enter_args(orders), strat.enter_args(step_keys)
-    totals = []
-    for s in range(steps):
-      internal, metrics = step_fn(internal, orders_in, step_keys_in, data.inputs, data.labels,
-                                  jnp.int32(s), jnp.float32(epoch), jnp.float32(t_max))
-      totals.append(metrics)
-    state = strat.exit(internal, n)
-    summed = jax.device_get(jax.tree.map(lambda *m: sum(m), *totals))
-    count = np.maximum(summed["count"][:n], 1)
-    record = {"epoch": epoch + 1, "loss": summed["loss_sum"][:n] / count,
-              "accuracy": summed["correct"][:n] / count,
+  for epoch, state, summed in bar:
+    count = np.maximum(summed["count"], 1)
+    record = {"epoch": epoch + 1, "loss": summed["loss_sum"] / count,
+              "accuracy": summed["correct"] / count,
               "learning_rate": np.asarray(state.hparams["learning_rate"]) * float(
                   schedule_factor(recipe, epoch, 0, t_max))}
     if val_sets is not None:

@@ -38,7 +38,7 @@ def test_bf16_forward_is_within_2e2_of_fp32(digits):
   model = models.get("small_cnn", 10, width=8)
   variables = train.init_variables(model, jax.random.split(jax.random.key(0), 2), (8, 8, 1))
   batch = jnp.arange(256)
-  out = {dt: train._compiled_logits(model, _recipe(dt), "vmap")(variables, digits.inputs, batch)
+  out = {dt: train._compiled_logits(model, _recipe(dt), parallel.Strategy("vmap"))(variables, digits.inputs, batch)
          for dt in ("float32", "bfloat16")}
   assert out["bfloat16"].dtype == jnp.float32
   error = _relative_error(out["bfloat16"], out["float32"])
@@ -115,7 +115,7 @@ _FOUR_DEVICES = textwrap.dedent("""
     import jax, numpy as np, jax.numpy as jnp
     assert jax.local_device_count() == 4, jax.devices()
     import tests.test_train as t
-    from jaxmu import parallel, train
+    from jaxmu import engine, parallel, train
     x, y = t._data()
     sets = t.SETS * 3  # N = 6 models on 4 devices: padded to 8
     model, state = t._setup(num_models=6, lrs=(0.1, 0.05, 0.02, 0.03, 0.04, 0.06))
@@ -127,11 +127,12 @@ _FOUR_DEVICES = textwrap.dedent("""
     t._assert_trees_equal(data.state, loop.state, atol=1e-5)
     strat = parallel.Strategy("sharded:data=2")
     assert dict(strat._mesh.shape) == {"models": 2, "data": 2}
-    step = train._compiled_step(model, t.RECIPE, strat.name)
-    order = jnp.tile(jnp.arange(128, dtype=jnp.int32), (6, 1))
-    hlo = step.lower(strat.enter(state), strat.enter_args(order),
+    step = engine._compiled_step(train.train_step, (model, t.RECIPE), strat)
+    orders = {"train": jnp.tile(jnp.arange(128, dtype=jnp.int32), (6, 1))}
+    hlo = step.lower(strat.enter(state), strat.enter_args(orders),
                      strat.enter_args(jax.random.split(jax.random.key(0), 6)),
-                     jnp.asarray(x), jnp.asarray(y), jnp.int32(0), jnp.float32(0),
+                     strat.enter_args({"t_max": jnp.ones((6,), jnp.float32)}),
+                     jnp.asarray(x), jnp.asarray(y), jnp.int32(0), jnp.int32(0),
                      jnp.float32(1)).compile().as_text()
     assert "all-reduce" in hlo  # gradients and BatchNorm statistics summed over the data axis
     try:

@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxmu import checkpoint, models, train
+from jaxmu import checkpoint, models, parallel, train
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = train.Recipe(batch_size=32, augment="flip", mean=(0.5,), std=(0.25,))
@@ -70,6 +70,20 @@ def test_vmap_and_loop_agree():
   b = _fit(model, state, x, y, SETS, strategy="loop")
   _assert_trees_equal(a.state.params, b.state.params, atol=1e-5)
   _assert_trees_equal(a.state.batch_stats, b.state.batch_stats, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["loop", "vmap"])
+def test_scanned_epochs_equal_dispatched_steps(kind):
+  """An epoch as one compiled program (fori_loop over the steps) gives the per-step numbers,
+  metrics included."""
+  model, state = _setup()
+  x, y = _data()
+  steps = _fit(model, state, x, y, SETS, strategy=parallel.Strategy(kind, scan=False))
+  scanned = _fit(model, state, x, y, SETS, strategy=parallel.Strategy(kind, scan=True))
+  _assert_trees_equal(scanned.state, steps.state, atol=1e-6)
+  for a, b in zip(scanned.history, steps.history, strict=True):
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-6)
+    np.testing.assert_array_equal(a["accuracy"], b["accuracy"])
 
 
 def test_samples_outside_a_models_index_set_do_not_touch_it():
