@@ -34,6 +34,9 @@ BATCH = {"utkface": 128}
 # Inputs the paper models see: 32x32x3 (MNIST grey replicated), UTKFace 224.
 DATA_OPTIONS = {"digits": {"image_size": 32, "channels": 3}}
 # The 18 methods of the benchmark (deepunlearn-spec 4.1), in the order of its tables.
+# U-LiRA (deepunlearn-spec 7.2): its methods, and its epochs where they differ from the recipe's.
+ULIRA_METHODS = ("original", "finetune", "msg", "cfw", "prmq", "ct", "kde")
+ULIRA_EPOCHS = {"cifar10": 91}
 DEEPUNLEARN_METHODS = ("finetune", "gradient_ascent", "random_labels", "neggrad_plus",
                        "bad_teacher", "salun", "scrub", "fisher", "influence", "cf_k", "eu_k",
                        "fcs", "msg", "cfw", "prmq", "ct", "kde", "rni")
@@ -97,8 +100,33 @@ def get_config(arg: str | None = None):
 
   c.parallel = ml_collections.ConfigDict()
   c.parallel.strategy = "auto"  # auto | vmap | loop | sharded
+  c.parallel.epoch = "auto"  # auto | scan (an epoch as one program) | steps (one call per step)
   c.parallel.max_models_per_program = 0  # 0 = the whole stack in one program
 
+  # U-LiRA (deepunlearn-spec 7; jaxmu.pipelines.ulira_stage): the optional stage after evaluate,
+  # with the search's best hyper-parameters, in <workdir>/ulira. Reference scale (spec 7.1-7.2):
+  # 64 splits of the training part (half of it IN per split) x 10 forget draws (10% of IN) = 640
+  # unlearning runs per method, 64 originals and 640 retrained models from one initialisation.
+  c.ulira = ml_collections.ConfigDict()
+  c.ulira.enabled = False
+  c.ulira.lira = ml_collections.ConfigDict()  # jaxmu.data.splits.lira
+  c.ulira.lira.num_splits = 64
+  c.ulira.lira.num_forget_draws = 10
+  c.ulira.lira.scheme = "deepunlearn"  # or "balanced": every sample IN in exactly half the splits
+  c.ulira.lira.val_ratio = 0.05
+  c.ulira.lira.forget_ratio = 0.1
+  c.ulira.lira.seed = 123
+  c.ulira.init_seed = 0  # every model starts from this one initialisation (spec 7.2)
+  c.ulira.epochs = ULIRA_EPOCHS.get(dataset, c.train.epochs)
+  c.ulira.methods = ULIRA_METHODS  # with c.unlearn.<method>, updated by the search's result
+  c.ulira.fix_variance = False  # U-LiRA's Gaussians: per-sample variances (True: pooled)
+  c.ulira.reference_variant = True  # also the reference's 0/1-correctness score (spec 7.4)
+  c.ulira.signal_batch_models = 64  # models per prediction (host memory: models x samples x classes)
+  # Models per training / unlearning program; only one chunk's states are in memory at a time
+  # (64 ResNet-18 on one 80 GB GPU is an estimate, not measured: lower it if memory runs out).
+  c.ulira.max_models_per_program = 64
+
   c.checkpoint_every = 10  # epochs
-  c.stop_after = ""  # a stage name: splits, init, train, search, unlearn, evaluate, report
+  # a stage name: splits, init, train, search, unlearn, evaluate, ulira, report
+  c.stop_after = ""
   return c

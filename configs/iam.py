@@ -155,7 +155,8 @@ def get_config(arg: str | None = None):
   c.reuse = ml_collections.ConfigDict({"shadows": "", "targets": ""})
 
   c.parallel = ml_collections.ConfigDict()
-  c.parallel.strategy = "auto"
+  c.parallel.strategy = "auto"  # auto | vmap | loop | sharded
+  c.parallel.epoch = "auto"  # auto | scan | steps
   c.parallel.max_models_per_program = 0
   c.checkpoint_every = 5 if quick else 10
   c.stop_after = ""  # a stage of jaxmu.pipelines.iam.STAGES

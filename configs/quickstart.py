@@ -2,20 +2,22 @@
 
     python launch/deepunlearn.py --config=configs/quickstart.py --workdir=runs/quickstart
     python launch/iam.py --config=configs/quickstart.py:iam --workdir=runs/quickstart/iam
-    (or `make demo`, which runs both and U-LiRA)
+    (or `make demo`, which runs both)
 
 Trains, for each of 4 seeds, an "original" model (retain + forget) and a "retrained" model
 (retain only) from the same initialisation, all as one stack (about a minute on a 2-core CPU,
 compilation included; originals reach test accuracy >= 0.95, retain accuracy near 1.0); tunes MSG
 and CT (the paper's recommended methods) with 4 TPE trials each on the stack of seeds 0 and 1;
 runs every unlearning method of the registry on the stack of all originals (MSG and CT with their
-best trial, the others with the reference defaults); evaluates every (method, seed) and writes
-runs/quickstart/report.md (ranked table, figures), results.csv and summary.csv. `make demo`
-(this config up to its search, U-LiRA from configs/ulira.py:cpu, then the rest) took 236 s wall,
-322 CPU-seconds, on an idle 2-core CPU on 2026-11-23, compilation included.
+best trial, the others with the reference defaults); evaluates every (method, seed); runs U-LiRA
+as its stage with configs/ulira.py's `cpu` settings and the searched hyper-parameters (in
+runs/quickstart/ulira); and writes runs/quickstart/report.md (ranked table with U-LiRA, figures),
+results.csv and summary.csv. `make demo` (this config, then the IAM audit) took 236 s wall, 322
+CPU-seconds, on an idle 2-core CPU on 2026-11-23, compilation included (measured when U-LiRA ran
+as a separate launcher between two runs of this config, with the same numbers).
 """
 
-from configs import deepunlearn, iam
+from configs import deepunlearn, iam, ulira
 from jaxmu import methods as methods_lib
 
 
@@ -38,6 +40,8 @@ def get_config(arg: str | None = None):
   config.search.mode = "tpe"  # single objective: the norm of objective10
   config.search.trials = 4
   config.search.seeds = (0, 1)
+  config.ulira.enabled = True
+  ulira.cpu_settings(config.ulira)
   return config
 
 

@@ -15,7 +15,7 @@ from sklearn.model_selection import StratifiedShuffleSplit, cross_val_score
 
 from configs import quickstart
 from jaxmu import checkpoint, models, report
-from jaxmu.pipelines import deepunlearn
+from jaxmu.pipelines import common, deepunlearn
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("finetune", "ct")
@@ -32,6 +32,7 @@ def _tiny_config():
   config.search.trials = 2
   config.search.seeds = (0, 1)
   config.search.sampler_seed = 4  # its first TPE trials all draw batch 64: one compiled program
+  config.ulira.enabled = False  # test_ulira_stage enables a tiny one
   return config
 
 
@@ -111,9 +112,9 @@ def _population_mia(forget, other):
 def test_row_metrics_match_an_independent_computation(tiny_run):
   workdir, _ = tiny_run
   config = _tiny_config()
-  dataset = deepunlearn.load_dataset(config)
+  dataset = common.load_dataset(config.dataset)
   model = models.get(config.model.name, dataset.num_classes)
-  like = deepunlearn.abstract_variables(model, 2, dataset.inputs.shape[1:])
+  like = common.abstract_variables(model, 2, dataset.inputs.shape[1:])
   parts = dict(np.load(workdir / "splits.npz"))
   seed = 1
   x = (dataset.inputs.astype(np.float64) / 255 - config.data.mean[0]) / config.data.std[0]
@@ -179,21 +180,38 @@ def test_changed_hparams_rerun_only_that_method_and_the_report_says_so(tiny_run,
   assert "Stages reused from earlier runs: splits, init, train, search_ct, unlearn_ct." in text
 
 
-def test_ulira_results_appearing_redo_only_the_report(tiny_run, tmp_path):
+def test_ulira_stage_uses_the_search_of_the_run_and_the_report_shows_it(tiny_run, tmp_path):
+  """U-LiRA enabled on a finished run: only its sub-stages and the report run; CT unlearns with
+  the searched hyper-parameters; the report has its column, section and ROC figure."""
   workdir = _copy(tiny_run[0], tmp_path)
   before = _finished(workdir)
-  (workdir / "ulira" / "roc").mkdir(parents=True)
-  report.write_csv(workdir / "ulira" / "ulira.csv", [
-      {"method": "ct", "balanced_accuracy": 0.61, "ci_low": 0.55, "ci_high": 0.67, "auc": 0.6,
-       "num_samples": 50}])
-  np.savez(workdir / "ulira" / "roc" / "ct.npz", fpr=np.r_[0.0, 0.5, 1.0], tpr=np.r_[0.0, 0.7, 1.0])
-  deepunlearn.run(_tiny_config(), workdir)
+  config = _tiny_config()
+  config.ulira.enabled = True
+  config.ulira.lira.num_splits, config.ulira.lira.num_forget_draws = 4, 2
+  config.ulira.lira.forget_ratio = 0.5
+  config.ulira.epochs = 1
+  config.ulira.methods = ("original", "ct")
+  assert deepunlearn.run(config, workdir) == workdir / "report.md"
   after = _finished(workdir)
   assert {s for s in after if after[s] != before[s]} == {"report"}
   assert _manifest(workdir, "report")["reason"] == "config changed"
+  ulira_dir = workdir / "ulira"
+  assert set(_finished(ulira_dir)) == {"splits", "init", "train", "unlearn_original",
+                                       "unlearn_ct", "ulira"}  # no report of its own
+  rows = {r["method"]: r for r in report.read_csv(ulira_dir / "ulira.csv")}
+  assert (rows["ct"]["hparams"], rows["original"]["hparams"]) == ("search", "defaults")
+  best = json.loads((workdir / "search" / "ct.json").read_text())["best_params"]
+  used = json.loads((ulira_dir / "unlearned" / "ct.json").read_text())["hparams"]
+  assert {k: used[k] for k in best} == best
   text = (workdir / "report.md").read_text()
-  assert "| U-LiRA |" in text and "0.610 [0.550, 0.670]" in text
+  assert "| U-LiRA |" in text and "## U-LiRA" in text
+  ct = rows["ct"]
+  assert f"{ct['balanced_accuracy']:.3f} [{ct['ci_low']:.3f}, {ct['ci_high']:.3f}]" in text
   assert (workdir / report.ULIRA_FIGURE).exists() and f"]({report.ULIRA_FIGURE})" in text
+  assert "ulira/train (new)" in text
+  deepunlearn.run(config, workdir)  # everything reused, U-LiRA's sub-stages included
+  assert _finished(workdir) == after and set(_finished(ulira_dir)) == {
+      "splits", "init", "train", "unlearn_original", "unlearn_ct", "ulira"}
 
 
 def test_stop_after_search_continues_the_study_and_stops(tiny_run, tmp_path):

@@ -16,20 +16,22 @@ from configs import ulira as ulira_config
 from jaxmu import checkpoint, models, report, search, train
 from jaxmu.attacks import lira, mia
 from jaxmu.data import splits as splits_lib
-from jaxmu.pipelines import deepunlearn, ulira
+from jaxmu.pipelines import common, ulira, ulira_stage
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ("--config.lira.num_splits=4", "--config.lira.num_forget_draws=2",
-        "--config.lira.forget_ratio=0.5", "--config.train.epochs=2", "--config.checkpoint_every=1",
-        "--config.methods=('original', 'finetune')", "--config.unlearn.finetune.num_epochs=1")
+TINY = ("--config.ulira.lira.num_splits=4", "--config.ulira.lira.num_forget_draws=2",
+        "--config.ulira.lira.forget_ratio=0.5", "--config.ulira.epochs=2",
+        "--config.checkpoint_every=1", "--config.ulira.methods=('original', 'finetune')",
+        "--config.unlearn.finetune.num_epochs=1")
 
 
 def _tiny_config():
   config = ulira_config.get_config("cpu")
-  config.lira.num_splits, config.lira.num_forget_draws, config.lira.forget_ratio = 4, 2, 0.5
-  config.train.epochs = 2
+  lira_config = config.ulira.lira
+  lira_config.num_splits, lira_config.num_forget_draws, lira_config.forget_ratio = 4, 2, 0.5
+  config.ulira.epochs = 2
   config.checkpoint_every = 1
-  config.methods = ("original", "finetune")
+  config.ulira.methods = ("original", "finetune")
   config.unlearn.finetune.num_epochs = 1
   return config
 
@@ -45,7 +47,7 @@ def run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("ulira")
   config = _tiny_config()
   seen = {"fit": [], "ctx": []}
-  real_fit, real_context = train.fit, ulira.chunk_context
+  real_fit, real_context = train.fit, ulira_stage.chunk_context
 
   def fit(model, state, data, index_sets, *args, **kwargs):
     seen["fit"].append([s[s >= 0] for s in np.asarray(index_sets)])
@@ -57,9 +59,9 @@ def run(tmp_path_factory):
 
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(train, "fit", fit)
-    mp.setattr(ulira, "chunk_context", chunk_context)
+    mp.setattr(ulira_stage, "chunk_context", chunk_context)
     path = ulira.run(config, workdir)
-  dataset = deepunlearn.load_dataset(config)
+  dataset = common.load_dataset(config.dataset)
   return dict(config=config, workdir=workdir, path=path, seen=seen, dataset=dataset,
               parts=splits_lib.load(workdir / "splits.npz", dataset))
 
@@ -69,7 +71,7 @@ def test_outputs_follow_the_report_contract(run):
   assert run["path"] == wd / "report.md"
   rows = report.read_csv(wd / "ulira.csv")
   with open(wd / "ulira.csv") as f:
-    assert tuple(f.readline().strip().split(",")[:6]) == ulira.CSV_COLUMNS
+    assert tuple(f.readline().strip().split(",")[:6]) == ulira_stage.CSV_COLUMNS
   assert [r["method"] for r in rows] == ["original", "finetune"]
   for row in rows:
     assert 0 <= row["ci_low"] <= row["balanced_accuracy"] <= row["ci_high"] <= 1
@@ -111,9 +113,9 @@ def test_original_signals_come_from_each_split_original(run):
   """`original` unlearns nothing: model (s, f) must predict exactly as split s's original."""
   wd, config, dataset = run["workdir"], run["config"], run["dataset"]
   model = models.get(config.model.name, dataset.num_classes)
-  like = deepunlearn.abstract_variables(model, 4, dataset.inputs.shape[1:])
+  like = common.abstract_variables(model, 4, dataset.inputs.shape[1:])
   originals = checkpoint.restore(wd / "models" / "original", like)
-  recipe = deepunlearn.recipe_from_config(config)
+  recipe = common.recipe(config)
   logits = train.predict(model, originals, train.DeviceData.create(dataset),
                          np.arange(dataset.num_train), recipe).astype(np.float64)
   labels = np.asarray(dataset.labels)[:dataset.num_train]
@@ -182,8 +184,8 @@ def test_chunked_stacks_give_the_same_models(run, tmp_path):
   shutil.copytree(run["workdir"], workdir)
   before = _finished(workdir)
   config = _tiny_config()
-  config.parallel.max_models_per_program = 4
-  config.methods = ("finetune",)
+  config.ulira.max_models_per_program = 4
+  config.ulira.methods = ("finetune",)
   config.stop_after = "unlearn"
   ulira.run(config, workdir)
   after = _finished(workdir)
@@ -218,15 +220,14 @@ def test_bad_config_is_a_clear_error(tmp_path):
   with pytest.raises(ValueError, match="not a stage"):
     ulira.run(config, tmp_path)
   config.stop_after = ""
-  config.methods = ("finetun",)
+  config.ulira.methods = ("finetun",)
   with pytest.raises(ValueError, match="unknown unlearning method"):
     ulira.run(config, tmp_path)
-  config.methods = ("finetune",)
-  config.lira.num_splits, config.lira.num_forget_draws = 1, 1
-  with pytest.raises(ValueError, match="raise lira.num_splits"):
+  config.ulira.methods = ("finetune",)
+  config.ulira.lira.num_splits, config.ulira.lira.num_forget_draws = 1, 1
+  with pytest.raises(ValueError, match="raise ulira.lira.num_splits"):
     ulira.run(config, tmp_path / "few")
   (tmp_path / "main").mkdir()
   (tmp_path / "main" / "config.json").write_text(json.dumps({"seeds": [0, 1]}))
-  config.methods = ("finetune",)
   with pytest.raises(ValueError, match="another pipeline's run"):
     ulira.run(config, tmp_path / "main")

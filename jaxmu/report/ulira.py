@@ -47,7 +47,7 @@ def plot_ulira_roc(curves: Mapping[str, Mapping[str, np.ndarray]],
 
 
 def ulira_table(rows: list[dict]) -> str:
-  """Methods ranked by the distance of their U-LiRA balanced accuracy from 0.5 (`ulira.csv` rows)."""
+  """Methods (`ulira.csv` rows) ranked by the distance of their balanced accuracy from 0.5."""
   reference = "reference_member_prob" in rows[0]
   header = ["method", "U-LiRA acc.", "95% CI", "AUC", "samples", "mean P(unlearned)",
             "pop. MIA (forget vs val)", "hyper-parameters"]
