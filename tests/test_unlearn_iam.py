@@ -176,10 +176,10 @@ def test_boundary_expanding_resnet18_cifar_stem_and_the_missing_relu(size):
                                     jnp.arange(4))
   extra = {"kernel": jnp.ones((512, 1)) * 0.01, "bias": jnp.zeros((1,))}
   plain = ctx.model.apply(variables, x, train=False)
-  wide, _ = iam_methods.widened_forward(ctx.model, variables["params"], variables["batch_stats"],
-                                        extra, x, valid, training=False)
+  wide, _ = iam_methods.widened_forward(ctx.model, ctx.recipe, variables["params"],
+                                        variables["batch_stats"], extra, x, valid, training=False)
   np.testing.assert_allclose(wide[:, :10], plain, rtol=1e-5, atol=1e-5)
-  no_relu, _ = iam_methods.widened_forward(ctx.model, variables["params"],
+  no_relu, _ = iam_methods.widened_forward(ctx.model, ctx.recipe, variables["params"],
                                            variables["batch_stats"], extra, x, valid,
                                            training=False, drop_stem_relu=True)
   assert iam_methods.drops_stem_relu(ctx.model) and not np.allclose(no_relu, wide)

@@ -464,3 +464,28 @@ def cosine(epochs: int) -> Callable[[int], float]:
 def stacked(tree: Any, n: int) -> Any:
   """A per-model tree (e.g. a mask) repeated along a new leading model axis."""
   return jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *jnp.shape(x))), tree)
+
+
+# --------------------------------------------------------------------------------------------
+# A step's loader batch; a gradient the step needs itself
+# --------------------------------------------------------------------------------------------
+
+
+def loader_inputs(recipe: train.Recipe, order: jax.Array, step_index, batch_size: int,
+                  key: jax.Array, images: jax.Array, labels: jax.Array, augment: bool):
+  """Step ``step_index``'s batch of ``order`` as a training loader yields it: (x, y, valid,
+  dropout key), augmented when ``augment``; both keys come from fold_in(key, step_index), as in
+  `finetune_step`."""
+  idx = batch(order, step_index, batch_size)
+  aug_key, drop_key = jax.random.split(jax.random.fold_in(key, step_index))
+  x, y, valid = inputs(recipe, images, labels, idx, aug_key if augment else None)
+  return x, y, valid, drop_key
+
+
+def along(grads: Any, batch_stats: Any) -> Callable:
+  """A ``loss_fn`` for `descend` whose gradient is exactly ``grads`` (for a step that needs the
+  gradient itself: to accumulate it, or to apply it to another network)."""
+  def loss_fn(params):
+    dots = jax.tree.map(lambda p, g: jnp.vdot(p, jax.lax.stop_gradient(g)), params, grads)
+    return sum(jax.tree.leaves(dots)), batch_stats
+  return loss_fn

@@ -100,20 +100,23 @@ def _is_unit_module(module, method_name):
   return isinstance(module, (nn.Conv, nn.Dense)) and method_name == "__call__"
 
 
-def _unit_features(model, params, stats, x, valid):
-  """Per-unit mean activations of every Conv / Dense output (one vector), and the modules'
-  (path, width) in that order."""
-  _, state = model.apply(train.as_variables(params, stats), x, train=False, mask=valid,
-                         capture_intermediates=_is_unit_module, mutable=["intermediates"])
+def _unit_features(model, recipe, params, stats, x, valid):
+  """Float32 logits of an eval-mode pass in the recipe's compute dtype, the per-unit mean
+  activations of every Conv / Dense output (one vector), and the modules' (path, width) in that
+  order."""
+  logits, state = model.apply(train.compute_variables(recipe, params, stats),
+                              x.astype(recipe.dtype), train=False, mask=valid,
+                              capture_intermediates=_is_unit_module, mutable=["intermediates"])
   feats, layout = [], []
   for path, out in jax.tree_util.tree_flatten_with_path(state["intermediates"])[0]:
     keys = tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
     module = keys[:-1]  # drop "__call__"
+    out = out.astype(jnp.float32)
     w = valid.reshape((-1,) + (1,) * (out.ndim - 1)).astype(out.dtype)
     count = jnp.maximum(valid.sum(), 1) * math.prod(out.shape[1:-1])
     feats.append((out * w).sum(axis=tuple(range(out.ndim - 1))) / count)
     layout.append((module, out.shape[-1]))
-  return jnp.concatenate(feats), tuple(layout)
+  return logits.astype(jnp.float32), jnp.concatenate(feats), tuple(layout)
 
 
 def _selection_mask(params, layout, selected):
@@ -136,7 +139,7 @@ def _selection_mask(params, layout, selected):
 
 def _ce(model, recipe, params, stats, images, labels, idx):
   x, y, valid = base.inputs(recipe, images, labels, idx)
-  logits = model.apply(train.as_variables(params, stats), x, train=False, mask=valid)
+  logits, _ = base.forward(model, recipe, params, stats, x, valid, training=False)
   return base.masked_mean(base.cross_entropy(logits, y), valid)
 
 
@@ -152,12 +155,11 @@ def _lcodec_model(model, recipe, spec: _Spec, params, stats, key, forget_idx, re
 
   def perturbed(k):
     xp = x + hp["perturb_scale"] * jax.random.normal(k, x.shape)
-    feats, _ = _unit_features(model, params, stats, xp, valid)
-    logits = model.apply(train.as_variables(params, stats), xp, train=False, mask=valid)
+    logits, feats, _ = _unit_features(model, recipe, params, stats, xp, valid)
     return feats, base.masked_mean(base.cross_entropy(logits, y), valid)
 
   pkey, nkey = jax.random.split(key)
-  _, layout = _unit_features(model, params, stats, x, valid)
+  _, _, layout = _unit_features(model, recipe, params, stats, x, valid)
   keys = jax.random.split(pkey, spec.n_perturbations)
   feats, response = jax.lax.map(perturbed, keys, batch_size=min(spec.perturb_chunk,
                                                                  spec.n_perturbations))
@@ -209,28 +211,29 @@ class _ValSpec:
 def _val_grad_step(model, recipe, spec: _ValSpec, carry, orders, key, hp, images, labels,
                    step_index, epoch, lr_factor):
   """The reference's 2-epoch SGD(lr 0.1) training of a copy on the val set, summing gradients."""
-  del key, epoch, lr_factor
-  params, stats, total, count = carry
+  del key, epoch
+  state, total, count = carry
   idx = base.batch(orders["val"], step_index, spec.batch_size)
-  grads = jax.grad(lambda p: _ce(model, recipe, p, stats, images, labels, idx))(params)
-  valid = (idx >= 0).any()
-  params = jax.tree.map(lambda p, g: p - hp["val_learning_rate"] * g, params, grads)
-  new = (params, stats, jax.tree.map(jnp.add, total, grads), count + 1)
-  return jax.tree.map(lambda a, b: jnp.where(valid, a, b), new, carry), {}
+  grads = jax.grad(lambda p: _ce(model, recipe, p, state.batch_stats, images, labels, idx))(
+      state.params)  # zero on an all-padding batch
+  valid = idx >= 0
+  sgd = {"learning_rate": hp["val_learning_rate"], "momentum": 0.0}
+  state = base.descend(state, base.along(grads, state.batch_stats), valid, sgd, lr_factor,
+                       weight_decay=0.0)
+  return (state, jax.tree.map(jnp.add, total, grads), count + valid.any()), {}
 
 
 def _delta_grad(ctx, hp, key):
   """Difference of the per-epoch mean gradients of the 2-epoch val training (faithful)."""
-  params = base.copy_tree(ctx.originals["params"])
-  stats = ctx.originals.get("batch_stats", {})
+  state = base.TrainCarry.create(ctx.originals)
   hpm = base.per_model(hp, ("val_learning_rate",), ctx.num_models)
   sources = {"val": (ctx.val, 128, True)}
   banks = []
   for epoch in range(2):
-    carry = (params, stats, base.tree_zeros_like(params), jnp.zeros((ctx.num_models,), jnp.int32))
-    params, _, total, count = base.run_epochs(ctx, _val_grad_step,
-                                              (ctx.model, ctx.recipe, _ValSpec()), carry,
-                                              sources, hpm, key, 1, first_epoch=epoch)
+    carry = (state, base.tree_zeros_like(state.params), jnp.zeros((ctx.num_models,), jnp.int32))
+    state, total, count = base.run_epochs(ctx, _val_grad_step,
+                                          (ctx.model, ctx.recipe, _ValSpec()), carry,
+                                          sources, hpm, key, 1, first_epoch=epoch)
     banks.append(jax.tree.map(
         lambda t: t / jnp.maximum(count, 1).reshape((-1,) + (1,) * (t.ndim - 1)), total))
   return jax.tree.map(jnp.subtract, banks[1], banks[0])

@@ -39,18 +39,6 @@ def _no_hp(ctx):
   return {"unused": jnp.zeros((ctx.num_models,), jnp.float32)}
 
 
-def _batch_inputs(recipe, spec, orders, source, key, images, labels, step_index):
-  idx = base.batch(orders[source], step_index, spec.batch_size)
-  aug_key, drop_key = jax.random.split(jax.random.fold_in(key, step_index))
-  x, y, valid = base.inputs(recipe, images, labels, idx, aug_key if spec.augment else None)
-  return x, y, valid, drop_key
-
-
-def _ce(model, params, batch_stats, x, y, valid, training, key):
-  logits, new_stats = base.forward(model, params, batch_stats, x, valid, training=training, key=key)
-  return base.masked_mean(base.cross_entropy(logits, y), valid), new_stats
-
-
 # --------------------------------------------------------------------------------------------
 # Gradient ascent (iam-spec 8 `ascent`)
 # --------------------------------------------------------------------------------------------
@@ -67,31 +55,28 @@ class _LoaderSpec:
 def _ascent_step(model, recipe, spec: _LoaderSpec, carry, orders, key, hp, images, labels,
                  step_index, epoch, lr_factor):
   del epoch
-  x, y, valid, drop_key = _batch_inputs(recipe, spec, orders, "forget", key, images, labels,
-                                        step_index)
-  lr = hp["learning_rate"] * lr_factor
+  x, y, valid, drop_key = base.loader_inputs(recipe, orders["forget"], step_index,
+                                             spec.batch_size, key, images, labels, spec.augment)
   net, helper = carry
-  if spec.faithful:  # the direction comes from `helper`, a fresh network trained on the forget set
-    grads, stats = jax.grad(
-        lambda p: _ce(model, p, helper.batch_stats, x, y, valid, True, drop_key),
-        has_aux=True)(helper.params)
-    params, opt_state = base.sgd_update("sgd", helper.params, helper.opt_state, grads, lr,
-                                        hp["weight_decay"], hp["momentum"])
-    helper = base.TrainCarry(params, stats, opt_state)
-    net_stats = net["batch_stats"]  # no forward pass through the model being unlearned
-  else:
-    grads, net_stats = jax.grad(
-        lambda p: _ce(model, p, net["batch_stats"], x, y, valid, spec.bn_train, drop_key),
-        has_aux=True)(net["params"])
-  net = {"params": jax.tree.map(lambda p, g: p + lr * g, net["params"], grads),
-         "batch_stats": net_stats}
-  return base.keep_if_empty(valid, (net, helper), carry), {}
+  source = helper if spec.faithful else net  # faithful: a fresh network trained on the forget set
+
+  def ce(params):
+    logits, stats = base.forward(model, recipe, params, source.batch_stats, x, valid,
+                                 training=spec.bn_train, key=drop_key)
+    return base.masked_mean(base.cross_entropy(logits, y), valid), stats
+
+  grads, stats = jax.grad(ce, has_aux=True)(source.params)
+  if spec.faithful:
+    helper = base.descend(helper, base.along(grads, stats), valid, hp, lr_factor)
+    stats = net.batch_stats  # no forward pass through the model being unlearned
+  ascent = base.along(jax.tree.map(jnp.negative, grads), stats)
+  net = base.descend(net, ascent, valid, {**hp, "momentum": 0.0}, lr_factor, weight_decay=0.0)
+  return (net, helper), {}
 
 
 def _iam_ascent(ctx: base.Context, hp, key) -> dict:
   spec = _LoaderSpec(hp.batch_size, hp.augment, True, bool(hp.faithful))
-  net = {"params": base.copy_tree(ctx.originals["params"]),
-         "batch_stats": base.copy_tree(ctx.originals.get("batch_stats", {}))}
+  net = base.TrainCarry.create(ctx.originals)
   if spec.faithful:
     fresh = train.init_variables(ctx.model, ctx.keys(jax.random.fold_in(key, 7)), ctx.input_shape)
     helper = base.TrainCarry.create(fresh)
@@ -102,7 +87,7 @@ def _iam_ascent(ctx: base.Context, hp, key) -> dict:
                            sources, base.per_model(hp, ("learning_rate", "weight_decay", "momentum"),
                                                    ctx.num_models),
                            key, hp.num_epochs, lr_factor=base.cosine(hp.num_epochs))
-  return train.as_variables(net["params"], net["batch_stats"])
+  return net.variables
 
 
 IAM_ASCENT = base.register(base.Method(
@@ -133,11 +118,11 @@ def drops_stem_relu(model) -> bool:
   return isinstance(model, resnet.ResNet) and model.stem == "cifar"
 
 
-def widened_forward(model, params, batch_stats, extra, x, valid, *, training: bool, key=None,
-                    drop_stem_relu: bool = False):
+def widened_forward(model, recipe, params, batch_stats, extra, x, valid, *, training: bool,
+                    key=None, drop_stem_relu: bool = False):
   """Logits [B, C+1] of the widened network: the model's logits plus one unit, ``feat @
   extra["kernel"] + extra["bias"]`` on the classifier's input features (found by intercepting the
-  top-level head module). ``drop_stem_relu`` feeds the stem BatchNorm's output to the first block
+  top-level head module), in the recipe's compute dtype. ``drop_stem_relu`` feeds the stem BatchNorm's output to the first block
   without its ReLU (the reference's ResNet backbone; ResNet cifar stem only)."""
   head = models.head_path(params)
   captured = {}
@@ -154,31 +139,29 @@ def widened_forward(model, params, batch_stats, extra, x, valid, *, training: bo
       args = (captured["stem"],) + tuple(args[1:])
     if path == head:
       out = next_fun(*args, **kwargs)
-      return jnp.concatenate([out, args[0] @ extra["kernel"] + extra["bias"]], axis=-1)
+      unit = args[0] @ extra["kernel"].astype(out.dtype) + extra["bias"].astype(out.dtype)
+      return jnp.concatenate([out, unit], axis=-1)
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(interceptor):
-    return base.forward(model, params, batch_stats, x, valid, training=training, key=key)
+    return base.forward(model, recipe, params, batch_stats, x, valid, training=training, key=key)
 
 
 def _boundary_step(model, recipe, spec: _LoaderSpec, carry, orders, key, hp, images, labels,
                    step_index, epoch, lr_factor):
-  del epoch, labels
-  x, _, valid, drop_key = _batch_inputs(recipe, spec, orders, "forget", key, images,
-                                        jnp.zeros((images.shape[0],), jnp.int32), step_index)
+  del epoch
+  x, _, valid, drop_key = base.loader_inputs(recipe, orders["forget"], step_index,
+                                             spec.batch_size, key, images, labels, spec.augment)
   drop = spec.faithful and drops_stem_relu(model)
 
   def loss_fn(p):
-    logits, stats = widened_forward(model, p["model"], carry.batch_stats, p["extra"], x, valid,
-                                    training=spec.bn_train, key=drop_key, drop_stem_relu=drop)
+    logits, stats = widened_forward(model, recipe, p["model"], carry.batch_stats, p["extra"], x,
+                                    valid, training=spec.bn_train, key=drop_key,
+                                    drop_stem_relu=drop)
     target = jnp.full((x.shape[0],), logits.shape[-1] - 1, jnp.int32)  # the extra label C
     return base.masked_mean(base.cross_entropy(logits, target), valid), stats
 
-  grads, stats = jax.grad(loss_fn, has_aux=True)(carry.params)
-  params, opt_state = base.sgd_update("sgd", carry.params, carry.opt_state, grads,
-                                      hp["learning_rate"] * lr_factor, hp["weight_decay"],
-                                      hp["momentum"])
-  return base.keep_if_empty(valid, base.TrainCarry(params, stats, opt_state), carry), {}
+  return base.descend(carry, loss_fn, valid, hp, lr_factor), {}
 
 
 def _extra_row(key, fan_in: int) -> dict:
@@ -238,10 +221,15 @@ def _importance_step(model, recipe, spec: _LoaderSpec, source: str, carry, order
   (``clip_grad_norm_``: factor min(1, 1 / (norm + 1e-6))), squared and summed; counts batches."""
   del hp, epoch, lr_factor
   params, stats, total, count = carry
-  x, y, valid, drop_key = _batch_inputs(recipe, spec, orders, source, key, images, labels,
-                                        step_index)
-  grads, stats = jax.grad(
-      lambda p: _ce(model, p, stats, x, y, valid, spec.bn_train, drop_key), has_aux=True)(params)
+  x, y, valid, drop_key = base.loader_inputs(recipe, orders[source], step_index,
+                                             spec.batch_size, key, images, labels, spec.augment)
+
+  def ce(p):
+    logits, new_stats = base.forward(model, recipe, p, stats, x, valid, training=spec.bn_train,
+                                     key=drop_key)
+    return base.masked_mean(base.cross_entropy(logits, y), valid), new_stats
+
+  grads, stats = jax.grad(ce, has_aux=True)(params)
   factor = jnp.minimum(1.0, 1.0 / (optax.tree.norm(grads) + 1e-6))
   total = jax.tree.map(lambda t, g: t + (g * factor) ** 2, total, grads)
   return base.keep_if_empty(valid, (params, stats, total, count + 1), carry), {}
@@ -312,11 +300,11 @@ def _fisher_step(model, recipe, spec: _FisherSpec, carry, orders, key, hp, image
   forward of the whole batch; sample i's gradient flows through the batch statistics)."""
   del hp, epoch, lr_factor
   params, stats, total, count = carry
-  x, y, valid, drop_key = _batch_inputs(recipe, spec, orders, "retain", key, images, labels,
-                                        step_index)
+  x, y, valid, drop_key = base.loader_inputs(recipe, orders["retain"], step_index,
+                                             spec.batch_size, key, images, labels, spec.augment)
 
   def losses(p):
-    logits, new_stats = base.forward(model, p, stats, x, valid, training=spec.bn_train,
+    logits, new_stats = base.forward(model, recipe, p, stats, x, valid, training=spec.bn_train,
                                      key=drop_key)
     return base.cross_entropy(logits, y) * valid, new_stats
 
@@ -500,7 +488,7 @@ def _profile(model, recipe, spec, params, stats, images, labels, idx, training):
   logits, ys, valids = [], [], []
   for b in range(idx.shape[0] // spec.batch_size):
     x, y, valid = base.inputs(recipe, images, labels, idx[b * spec.batch_size:(b + 1) * spec.batch_size])
-    out, new = base.forward(model, params, stats, x, valid, training=training)
+    out, new = base.forward(model, recipe, params, stats, x, valid, training=training)
     stats = jax.tree.map(lambda a, o: jnp.where(valid.any(), a, o), new, stats)
     logits.append(out), ys.append(y), valids.append(valid)
   conf, present = class_confidence(jnp.concatenate(logits), jnp.concatenate(ys),
@@ -515,7 +503,7 @@ def _forsaken_step(model, recipe, spec: _ForsakenSpec, carry, orders, key, hp, i
   then an Adam step on the generator's trainable part (intended only)."""
   del key, step_index, epoch, lr_factor
   forget = orders["forget"]
-  theta, stats, gen, opt_state, best, best_loss, q0, present0, gen_key = carry
+  theta, stats, gen, best, best_loss, q0, present0, gen_key = carry
   flat, unravel = ravel_pytree(theta)
   q_f, present, stats = _profile(model, recipe, spec, theta, stats, images, labels, forget,
                                  spec.faithful)
@@ -527,14 +515,14 @@ def _forsaken_step(model, recipe, spec: _ForsakenSpec, carry, orders, key, hp, i
     loss = _bernoulli_kl(q0, q_new, present & present0) + hp["penalty"] * jnp.mean(jnp.abs(v))
     return loss, new
 
-  (loss, new), grads = jax.value_and_grad(loss_fn, has_aux=True)(gen)
+  (loss, new), grads = jax.value_and_grad(loss_fn, has_aux=True)(gen.params)
   better = loss < best_loss
   best = jax.tree.map(lambda a, b: jnp.where(better, a, b), new, best)
   best_loss = jnp.where(better, loss, best_loss)
   if not spec.faithful:
-    updates, opt_state = optax.adam(hp["learning_rate"]).update(grads, opt_state, gen)
-    gen = optax.apply_updates(gen, updates)
-  return (new, stats, gen, opt_state, best, best_loss, q0, present0, gen_key), {}
+    gen = base.descend(gen, base.along(grads, {}), jnp.ones((1,), bool),
+                       {**hp, "momentum": 0.0}, 1.0, optimizer_kind="adam", weight_decay=0.0)
+  return (new, stats, gen, best, best_loss, q0, present0, gen_key), {}
 
 
 def _forsaken_init(model, recipe, spec, params, stats, val_order, retain_order, images, labels):
@@ -565,8 +553,7 @@ def _forsaken(ctx: base.Context, hp, key) -> dict:
       shared=(ctx.data.inputs, ctx.data.labels))
   gen = base.stacked({"out_weights": jnp.zeros((ctx.num_classes, HIDDEN)),
                       "gains": jnp.ones((HIDDEN,)), "bias_scale": jnp.ones(())}, ctx.num_models)
-  opt_state = jax.vmap(optax.adam(1e-4).init)(gen)
-  carry = (params, stats, gen, opt_state, base.copy_tree(params),
+  carry = (params, stats, base.TrainCarry.create({"params": gen}, "adam"), base.copy_tree(params),
            jnp.full((ctx.num_models,), 1e5, jnp.float32), q0, present0,
            generator_key(ctx, key))
   epochs = 1 if spec.faithful else hp.num_epochs
@@ -574,7 +561,7 @@ def _forsaken(ctx: base.Context, hp, key) -> dict:
   carry = base.run_epochs(ctx, _forsaken_step, (ctx.model, ctx.recipe, spec), carry,
                           {"forget": (_padded_prefix(ctx.forget, n), n, False)},
                           hpm, jax.random.fold_in(key, 4), epochs, num_steps=1)
-  return train.as_variables(carry[4], carry[1])
+  return train.as_variables(carry[3], carry[1])
 
 
 def generator_key(ctx: base.Context, key) -> jax.Array:

@@ -113,7 +113,7 @@ def _fisher_step(model, recipe, opts: FisherOptions, carry, orders, key, hp, ima
   idx = base.batch(orders["retain"], step_index, opts.batch_size)
   x, _, valid = base.inputs(recipe, images, labels, idx)
   logits, pullback = jax.vjp(
-      lambda p: base.forward(model, p, batch_stats, x, valid, training=False)[0], params)
+      lambda p: base.forward(model, recipe, p, batch_stats, x, valid, training=False)[0], params)
   num = jnp.maximum(valid.sum(), 1)
   probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
   weight = (probs * valid[:, None]).sum(0) / num  # mean_batch p[:, y]
@@ -213,8 +213,8 @@ class GradOptions:
   weighted: bool = False
 
 
-def _sample_losses(model, params, batch_stats, x, y, valid):
-  logits, _ = base.forward(model, params, batch_stats, x, valid, training=False)
+def _sample_losses(model, recipe, params, batch_stats, x, y, valid):
+  logits, _ = base.forward(model, recipe, params, batch_stats, x, valid, training=False)
   return base.cross_entropy(logits, y) * valid
 
 
@@ -227,8 +227,8 @@ def _grad_sum_step(model, recipe, opts: GradOptions, carry, orders, key, hp, ima
   x, y, valid = base.inputs(recipe, images, labels, idx)
   w = (jax.lax.dynamic_slice(weights, (step_index * opts.batch_size,), (opts.batch_size,))
        if opts.weighted else 1.0)
-  grads = jax.grad(lambda p: jnp.sum(w * _sample_losses(model, p, batch_stats, x, y, valid)))(
-      params)
+  grads = jax.grad(
+      lambda p: jnp.sum(w * _sample_losses(model, recipe, p, batch_stats, x, y, valid)))(params)
   acc = jax.tree.map(jnp.add, acc, grads)
   return (params, batch_stats, acc, count + valid.sum(), weights), {}
 
@@ -251,8 +251,8 @@ def _per_sample_grads(model, recipe, params, batch_stats, images, labels, idx):
   x, y, valid = base.inputs(recipe, images, labels, idx)
 
   def one(xi, yi):
-    loss = lambda p: _sample_losses(model, p, batch_stats, xi[None], yi[None],  # noqa: E731
-                                    jnp.ones((1,), bool))[0]
+    loss = lambda p: _sample_losses(model, recipe, p, batch_stats, xi[None],  # noqa: E731
+                                    yi[None], jnp.ones((1,), bool))[0]
     return ravel_pytree(jax.grad(loss)(params))[0]
 
   return jax.vmap(one)(x, y) * valid[:, None], valid
