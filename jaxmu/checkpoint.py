@@ -42,132 +42,132 @@ _STATE, _META = "state", "metadata.json"
 
 
 def _is_typed_key(x: Any) -> bool:
-    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+  return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
 def _key_str(k: Any) -> str:
-    for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey / FlattenedIndexKey
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
+  for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey / FlattenedIndexKey
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
 
 
 def _stored(x: Any) -> jax.ShapeDtypeStruct:
-    """Shape and dtype stored for leaf ``x`` (the key data of a typed PRNG key)."""
-    if _is_typed_key(x):
-        return jax.eval_shape(jax.random.key_data, x)
-    dtype = x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
-    return jax.ShapeDtypeStruct(np.shape(x), dtype)
+  """Shape and dtype stored for leaf ``x`` (the key data of a typed PRNG key)."""
+  if _is_typed_key(x):
+    return jax.eval_shape(jax.random.key_data, x)
+  dtype = x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
+  return jax.ShapeDtypeStruct(np.shape(x), dtype)
 
 
 def _signature(tree: Any) -> dict[str, dict]:
-    """``{"a/b/0": {"shape": [...], "dtype": "float32"}}`` of the leaves as stored on disk."""
-    sig = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        leaf = _stored(leaf)
-        sig["/".join(_key_str(k) for k in path)] = {"shape": list(leaf.shape),
-                                                    "dtype": str(leaf.dtype)}
-    return sig
+  """``{"a/b/0": {"shape": [...], "dtype": "float32"}}`` of the leaves as stored on disk."""
+  sig = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    leaf = _stored(leaf)
+    sig["/".join(_key_str(k) for k in path)] = {"shape": list(leaf.shape),
+                                                "dtype": str(leaf.dtype)}
+  return sig
 
 
 def save(path: str | os.PathLike, tree: Any, metadata: dict | None = None) -> None:
-    """Saves ``tree`` (and JSON ``metadata``) atomically to directory ``path``, replacing it."""
-    path = Path(path).absolute()  # orbax needs absolute paths
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-    try:
-        stored = jax.tree.map(lambda x: jax.random.key_data(x) if _is_typed_key(x) else x, tree)
-        with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(tmp / _STATE, stored)
-            ckptr.wait_until_finished()
-        meta = {"metadata": metadata or {}, "leaves": _signature(tree)}
-        (tmp / _META).write_text(json.dumps(meta, indent=1))
-        publish_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+  """Saves ``tree`` (and JSON ``metadata``) atomically to directory ``path``, replacing it."""
+  path = Path(path).absolute()  # orbax needs absolute paths
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+  try:
+    stored = jax.tree.map(lambda x: jax.random.key_data(x) if _is_typed_key(x) else x, tree)
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(tmp / _STATE, stored)
+      ckptr.wait_until_finished()
+    meta = {"metadata": metadata or {}, "leaves": _signature(tree)}
+    (tmp / _META).write_text(json.dumps(meta, indent=1))
+    publish_dir(tmp, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
 
 
 def _read(path: Path) -> dict:
-    try:
-        return json.loads((Path(path) / _META).read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no checkpoint at {path}") from None
+  try:
+    return json.loads((Path(path) / _META).read_text())
+  except FileNotFoundError:
+    raise FileNotFoundError(f"no checkpoint at {path}") from None
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
-    """The metadata dict saved with the checkpoint at ``path``."""
-    return _read(Path(path))["metadata"]
+  """The metadata dict saved with the checkpoint at ``path``."""
+  return _read(Path(path))["metadata"]
 
 
 def restore(path: str | os.PathLike, like: Any) -> Any:
-    """Restores the checkpoint at ``path`` into the structure, shapes and dtypes of ``like``.
+  """Restores the checkpoint at ``path`` into the structure, shapes and dtypes of ``like``.
 
-    ``like`` may be concrete or abstract (``jax.ShapeDtypeStruct`` leaves). Raises ValueError
-    when the checkpoint was written for another model or state (leaf paths or shapes differ);
-    dtypes are cast to those of ``like``.
-    """
-    path = Path(path).absolute()
-    saved = {p: tuple(leaf["shape"]) for p, leaf in _read(path)["leaves"].items()}
-    wanted = {p: tuple(leaf["shape"]) for p, leaf in _signature(like).items()}
-    if saved != wanted:
-        diffs = [f"{p}: checkpoint {saved.get(p, 'absent')}, expected {wanted.get(p, 'absent')}"
-                 for p in sorted(set(saved) | set(wanted)) if saved.get(p) != wanted.get(p)]
-        raise ValueError(
-            f"checkpoint {path} was written for another model/state: {len(diffs)} leaves differ "
-            f"in path or shape, first: " + "; ".join(diffs[:5]))
+  ``like`` may be concrete or abstract (``jax.ShapeDtypeStruct`` leaves). Raises ValueError
+  when the checkpoint was written for another model or state (leaf paths or shapes differ);
+  dtypes are cast to those of ``like``.
+  """
+  path = Path(path).absolute()
+  saved = {p: tuple(leaf["shape"]) for p, leaf in _read(path)["leaves"].items()}
+  wanted = {p: tuple(leaf["shape"]) for p, leaf in _signature(like).items()}
+  if saved != wanted:
+    diffs = [f"{p}: checkpoint {saved.get(p, 'absent')}, expected {wanted.get(p, 'absent')}"
+             for p in sorted(set(saved) | set(wanted)) if saved.get(p) != wanted.get(p)]
+    raise ValueError(
+        f"checkpoint {path} was written for another model/state: {len(diffs)} leaves differ "
+        f"in path or shape, first: " + "; ".join(diffs[:5]))
 
-    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
-    def abstract(x):
-        sharding = getattr(x, "sharding", None)
-        if _is_typed_key(x) or not isinstance(sharding, jax.sharding.Sharding):
-            sharding = default
-        data = _stored(x)
-        return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=sharding)
+  def abstract(x):
+    sharding = getattr(x, "sharding", None)
+    if _is_typed_key(x) or not isinstance(sharding, jax.sharding.Sharding):
+      sharding = default
+    data = _stored(x)
+    return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=sharding)
 
-    with ocp.StandardCheckpointer() as ckptr:
-        restored = ckptr.restore(path / _STATE, jax.tree.map(abstract, like))
-    return jax.tree.map(
-        lambda x, r: jax.random.wrap_key_data(r, dtype=x.dtype)
-        if _is_typed_key(x) else r, like, restored)
+  with ocp.StandardCheckpointer() as ckptr:
+    restored = ckptr.restore(path / _STATE, jax.tree.map(abstract, like))
+  return jax.tree.map(
+      lambda x, r: jax.random.wrap_key_data(r, dtype=x.dtype)
+      if _is_typed_key(x) else r, like, restored)
 
 
 class TrainingCheckpoints:
-    """Periodic checkpoints of a training loop: ``<dir>/<epoch>/``, keeping the last ``keep``.
+  """Periodic checkpoints of a training loop: ``<dir>/<epoch>/``, keeping the last ``keep``.
 
-    Every checkpoint is published by :func:`save` (temp dir + rename), so an epoch listed by
-    :meth:`latest` is always complete; a crash mid-save leaves only a hidden temp dir, removed by
-    the next save.
-    """
+  Every checkpoint is published by :func:`save` (temp dir + rename), so an epoch listed by
+  :meth:`latest` is always complete; a crash mid-save leaves only a hidden temp dir, removed by
+  the next save.
+  """
 
-    def __init__(self, directory: str | os.PathLike, keep: int = 2):
-        if keep < 1:
-            raise ValueError(f"keep must be >= 1, got {keep}")
-        self.dir, self.keep = Path(directory), keep
+  def __init__(self, directory: str | os.PathLike, keep: int = 2):
+    if keep < 1:
+      raise ValueError(f"keep must be >= 1, got {keep}")
+    self.dir, self.keep = Path(directory), keep
 
-    def path(self, epoch: int) -> Path:
-        return self.dir / f"{epoch:08d}"
+  def path(self, epoch: int) -> Path:
+    return self.dir / f"{epoch:08d}"
 
-    def epochs(self) -> list[int]:
-        """Epochs with a complete checkpoint, ascending."""
-        if not self.dir.exists():
-            return []
-        return sorted(int(p.name) for p in self.dir.iterdir() if re.fullmatch(r"\d{8}", p.name))
+  def epochs(self) -> list[int]:
+    """Epochs with a complete checkpoint, ascending."""
+    if not self.dir.exists():
+      return []
+    return sorted(int(p.name) for p in self.dir.iterdir() if re.fullmatch(r"\d{8}", p.name))
 
-    def latest(self) -> int | None:
-        epochs = self.epochs()
-        return epochs[-1] if epochs else None
+  def latest(self) -> int | None:
+    epochs = self.epochs()
+    return epochs[-1] if epochs else None
 
-    def save(self, epoch: int, tree: Any, metadata: dict | None = None) -> None:
-        save(self.path(epoch), tree, metadata)
-        for old in self.epochs()[:-self.keep]:
-            shutil.rmtree(self.path(old))
-        for stale in self.dir.glob(".*.tmp-*"):  # left by a crashed save
-            shutil.rmtree(stale, ignore_errors=True)
+  def save(self, epoch: int, tree: Any, metadata: dict | None = None) -> None:
+    save(self.path(epoch), tree, metadata)
+    for old in self.epochs()[:-self.keep]:
+      shutil.rmtree(self.path(old))
+    for stale in self.dir.glob(".*.tmp-*"):  # left by a crashed save
+      shutil.rmtree(stale, ignore_errors=True)
 
-    def restore(self, epoch: int, like: Any) -> Any:
-        return restore(self.path(epoch), like)
+  def restore(self, epoch: int, like: Any) -> Any:
+    return restore(self.path(epoch), like)
 
-    def metadata(self, epoch: int) -> dict:
-        return read_metadata(self.path(epoch))
+  def metadata(self, epoch: int) -> dict:
+    return read_metadata(self.path(epoch))

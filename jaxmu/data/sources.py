@@ -19,126 +19,126 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dataset:
-    """A whole dataset in memory: official train part followed by official test part.
+  """A whole dataset in memory: official train part followed by official test part.
 
-    Attributes:
-      name: source name (`load`'s first argument).
-      inputs: uint8, NHWC for images, [N, D] for tabular data.
-      labels: int32 [N], 0-based.
-      num_classes: number of classes.
-      num_train: size of the official training part (the first `num_train` rows).
-    """
+  Attributes:
+    name: source name (`load`'s first argument).
+    inputs: uint8, NHWC for images, [N, D] for tabular data.
+    labels: int32 [N], 0-based.
+    num_classes: number of classes.
+    num_train: size of the official training part (the first `num_train` rows).
+  """
 
-    name: str
-    inputs: np.ndarray
-    labels: np.ndarray
-    num_classes: int
-    num_train: int
+  name: str
+  inputs: np.ndarray
+  labels: np.ndarray
+  num_classes: int
+  num_train: int
 
-    def __post_init__(self):
-        if self.inputs.dtype != np.uint8 or self.inputs.ndim not in (2, 4):
-            raise ValueError(f"inputs must be uint8 of rank 2 ([N, D]) or 4 (NHWC), got "
-                             f"{self.inputs.dtype} of shape {self.inputs.shape}")
-        if self.labels.dtype != np.int32 or self.labels.shape != self.inputs.shape[:1]:
-            raise ValueError(f"labels must be int32 of shape {self.inputs.shape[:1]}, got "
-                             f"{self.labels.dtype} of shape {self.labels.shape}")
-        if len(self.labels) and not 0 <= self.labels.min() <= self.labels.max() < self.num_classes:
-            raise ValueError(f"labels must lie in [0, num_classes={self.num_classes})")
-        if not 0 <= self.num_train <= len(self.labels):
-            raise ValueError(f"num_train must lie in [0, {len(self.labels)}], got {self.num_train}")
+  def __post_init__(self):
+    if self.inputs.dtype != np.uint8 or self.inputs.ndim not in (2, 4):
+      raise ValueError(f"inputs must be uint8 of rank 2 ([N, D]) or 4 (NHWC), got "
+                       f"{self.inputs.dtype} of shape {self.inputs.shape}")
+    if self.labels.dtype != np.int32 or self.labels.shape != self.inputs.shape[:1]:
+      raise ValueError(f"labels must be int32 of shape {self.inputs.shape[:1]}, got "
+                       f"{self.labels.dtype} of shape {self.labels.shape}")
+    if len(self.labels) and not 0 <= self.labels.min() <= self.labels.max() < self.num_classes:
+      raise ValueError(f"labels must lie in [0, num_classes={self.num_classes})")
+    if not 0 <= self.num_train <= len(self.labels):
+      raise ValueError(f"num_train must lie in [0, {len(self.labels)}], got {self.num_train}")
 
-    @property
-    def num_test(self) -> int:
-        return len(self.labels) - self.num_train
+  @property
+  def num_test(self) -> int:
+    return len(self.labels) - self.num_train
 
-    @property
-    def is_image(self) -> bool:
-        return self.inputs.ndim == 4
+  @property
+  def is_image(self) -> bool:
+    return self.inputs.ndim == 4
 
-    @functools.cached_property
-    def fingerprint(self) -> str:
-        """sha256 (16 hex digits) of shape, dtype and bytes of inputs and labels, and num_train."""
-        h = hashlib.sha256()
-        for a in (self.inputs, self.labels):
-            h.update(f"{a.shape}{a.dtype}".encode())
-            h.update(np.ascontiguousarray(a).data)
-        h.update(str(self.num_train).encode())
-        return h.hexdigest()[:16]
+  @functools.cached_property
+  def fingerprint(self) -> str:
+    """sha256 (16 hex digits) of shape, dtype and bytes of inputs and labels, and num_train."""
+    h = hashlib.sha256()
+    for a in (self.inputs, self.labels):
+      h.update(f"{a.shape}{a.dtype}".encode())
+      h.update(np.ascontiguousarray(a).data)
+    h.update(str(self.num_train).encode())
+    return h.hexdigest()[:16]
 
 
 def _dataset(name, inputs, labels, num_classes, num_train) -> Dataset:
-    return Dataset(name, np.ascontiguousarray(inputs, np.uint8),
-                   np.asarray(labels, np.int32), int(num_classes), int(num_train))
+  return Dataset(name, np.ascontiguousarray(inputs, np.uint8),
+                 np.asarray(labels, np.int32), int(num_classes), int(num_train))
 
 
 # ---------------------------------------------------------------- image helpers
 
 
 def _resize(image: np.ndarray, size: int) -> np.ndarray:
-    """PIL bilinear resize of one HxWxC uint8 image to size x size (torchvision `Resize` on PIL)."""
-    from PIL import Image
-    pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-    return np.asarray(pil.resize((size, size), Image.BILINEAR)).reshape(size, size, -1)
+  """PIL bilinear resize of one HxWxC uint8 image to size x size (torchvision `Resize` on PIL)."""
+  from PIL import Image
+  pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+  return np.asarray(pil.resize((size, size), Image.BILINEAR)).reshape(size, size, -1)
 
 
 def _reshape(images: np.ndarray, image_size: int | None, channels: int | None) -> np.ndarray:
-    """Resizes a NHWC batch (host side, PIL bilinear) and replicates grey to `channels`."""
-    if image_size and images.shape[1:3] != (image_size, image_size):
-        images = np.stack([_resize(im, image_size) for im in images])
-    if channels and channels != images.shape[-1]:
-        if images.shape[-1] != 1:
-            raise ValueError(f"channels={channels} needs grey images, got {images.shape[-1]} channels")
-        images = np.repeat(images, channels, axis=-1)
-    return images
+  """Resizes a NHWC batch (host side, PIL bilinear) and replicates grey to `channels`."""
+  if image_size and images.shape[1:3] != (image_size, image_size):
+    images = np.stack([_resize(im, image_size) for im in images])
+  if channels and channels != images.shape[-1]:
+    if images.shape[-1] != 1:
+      raise ValueError(f"channels={channels} needs grey images, got {images.shape[-1]} channels")
+    images = np.repeat(images, channels, axis=-1)
+  return images
 
 
 def _read_image(path: pathlib.Path, image_size: int | None) -> np.ndarray:
-    """One image file as RGB uint8 HxWx3, resized to image_size (PIL bilinear) when given."""
-    from PIL import Image
-    with Image.open(path) as im:
-        image = np.asarray(im.convert("RGB"))
-    return _resize(image, image_size) if image_size and image.shape[:2] != (image_size,) * 2 else image
+  """One image file as RGB uint8 HxWx3, resized to image_size (PIL bilinear) when given."""
+  from PIL import Image
+  with Image.open(path) as im:
+    image = np.asarray(im.convert("RGB"))
+  return _resize(image, image_size) if image_size and image.shape[:2] != (image_size,) * 2 else image
 
 
 def _path(data_dir, path, name) -> pathlib.Path:
-    """The file or folder of a file-based source: `path=` or else `data_dir`."""
-    where = path or data_dir
-    if where is None:
-        raise ValueError(f"dataset {name!r} is read from local files: pass data_dir= (or path=)")
-    where = pathlib.Path(where).expanduser()
-    if not where.exists():
-        raise FileNotFoundError(f"dataset {name!r}: {where} does not exist")
-    return where
+  """The file or folder of a file-based source: `path=` or else `data_dir`."""
+  where = path or data_dir
+  if where is None:
+    raise ValueError(f"dataset {name!r} is read from local files: pass data_dir= (or path=)")
+  where = pathlib.Path(where).expanduser()
+  if not where.exists():
+    raise FileNotFoundError(f"dataset {name!r}: {where} does not exist")
+  return where
 
 
 # ---------------------------------------------------------------- sources
 
 
 def _digits(data_dir=None, image_size=None, channels=None) -> Dataset:
-    """sklearn's bundled 8x8 digits (1,797 images, offline): the embedded default.
+  """sklearn's bundled 8x8 digits (1,797 images, offline): the embedded default.
 
-    Official train/test = `train_test_split(test_size=0.2, stratify=y, random_state=0)` (1,437 / 360).
-    Pixels 0..16 become uint8 round(x * 255 / 16). `image_size=32, channels=3` resizes (PIL bilinear)
-    and replicates the grey channel, as the reference does for MNIST (deepunlearn-spec 1.2).
-    """
-    del data_dir
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-    x, y = load_digits(return_X_y=True)
-    train, test = train_test_split(np.arange(len(y)), test_size=0.2, stratify=y, random_state=0)
-    order = np.concatenate([train, test])
-    images = np.round(x[order] * 255 / 16).astype(np.uint8).reshape(-1, 8, 8, 1)
-    return _dataset("digits", _reshape(images, image_size, channels), y[order], 10, len(train))
+  Official train/test = `train_test_split(test_size=0.2, stratify=y, random_state=0)` (1,437 / 360).
+  Pixels 0..16 become uint8 round(x * 255 / 16). `image_size=32, channels=3` resizes (PIL bilinear)
+  and replicates the grey channel, as the reference does for MNIST (deepunlearn-spec 1.2).
+  """
+  del data_dir
+  from sklearn.datasets import load_digits
+  from sklearn.model_selection import train_test_split
+  x, y = load_digits(return_X_y=True)
+  train, test = train_test_split(np.arange(len(y)), test_size=0.2, stratify=y, random_state=0)
+  order = np.concatenate([train, test])
+  images = np.round(x[order] * 255 / 16).astype(np.uint8).reshape(-1, 8, 8, 1)
+  return _dataset("digits", _reshape(images, image_size, channels), y[order], 10, len(train))
 
 
 def _synthetic(data_dir=None, num_train=64, num_test=16, shape=(8, 8, 1), num_classes=10,
                seed=0) -> Dataset:
-    """Random uint8 inputs of any `shape` and uniform random labels, deterministic in `seed`."""
-    del data_dir
-    rng = np.random.default_rng(seed)
-    n = num_train + num_test
-    inputs = rng.integers(0, 256, (n, *shape), dtype=np.uint8)
-    return _dataset("synthetic", inputs, rng.integers(0, num_classes, n), num_classes, num_train)
+  """Random uint8 inputs of any `shape` and uniform random labels, deterministic in `seed`."""
+  del data_dir
+  rng = np.random.default_rng(seed)
+  n = num_train + num_test
+  inputs = rng.integers(0, 256, (n, *shape), dtype=np.uint8)
+  return _dataset("synthetic", inputs, rng.integers(0, num_classes, n), num_classes, num_train)
 
 
 _TFDS = {  # name -> (num_classes, default load options: the reference's model input)
@@ -150,146 +150,146 @@ _TFDS = {  # name -> (num_classes, default load options: the reference's model i
 
 
 def _read_native(source, split, chunk=4096) -> tuple[np.ndarray, np.ndarray]:
-    """All (images, labels) of a tfds split, in the order of the original files.
+  """All (images, labels) of a tfds split, in the order of the original files.
 
-    tfds stores the examples of these datasets sorted by md5(split name + str(original index))
-    (`tfds.core.hashing`, stable across tfds versions); record j is therefore original example
-    `argsort(hashes)[j]`. (Check: CIFAR-10's first train record is "train_16399", as in the tfds
-    catalog.)
-    """
-    n = len(source)
-    chunks = (list(range(s, min(n, s + chunk))) for s in range(0, n, chunk))
-    records = [record for keys in chunks for record in source.__getitems__(keys)]
-    hashes = [int(hashlib.md5(f"{split}{i}".encode()).hexdigest(), 16) for i in range(n)]
-    native = np.empty(n, np.int64)
-    native[np.argsort(hashes)] = np.arange(n)  # native[i] = record position of example i
-    return (np.stack([records[j]["image"] for j in native]),
-            np.array([records[j]["label"] for j in native]))
+  tfds stores the examples of these datasets sorted by md5(split name + str(original index))
+  (`tfds.core.hashing`, stable across tfds versions); record j is therefore original example
+  `argsort(hashes)[j]`. (Check: CIFAR-10's first train record is "train_16399", as in the tfds
+  catalog.)
+  """
+  n = len(source)
+  chunks = (list(range(s, min(n, s + chunk))) for s in range(0, n, chunk))
+  records = [record for keys in chunks for record in source.__getitems__(keys)]
+  hashes = [int(hashlib.md5(f"{split}{i}".encode()).hexdigest(), 16) for i in range(n)]
+  native = np.empty(n, np.int64)
+  native[np.argsort(hashes)] = np.arange(n)  # native[i] = record position of example i
+  return (np.stack([records[j]["image"] for j in native]),
+          np.array([records[j]["label"] for j in native]))
 
 
 def _tfds(name, data_dir=None, image_size=None, channels=None) -> Dataset:
-    """MNIST, Fashion-MNIST, CIFAR-10/100 from a prepared tensorflow-datasets folder.
+  """MNIST, Fashion-MNIST, CIFAR-10/100 from a prepared tensorflow-datasets folder.
 
-    Reads with `tfds.data_source(download=False)` (no TensorFlow needed); never downloads. MNIST and
-    Fashion-MNIST become 32x32x3 by default like the reference (deepunlearn-spec 1.1/1.2: PIL
-    bilinear `Resize((32, 32))` + RGB replication); pass `image_size=None, channels=None` to keep
-    28x28x1. CIFAR-100 uses the fine labels. The official train/test parts keep the order of the
-    original files, which torchvision reads too, so reference split files index the same examples.
-    """
-    import tensorflow_datasets as tfds
-    parts = []
-    for split in ("train", "test"):
-        try:
-            source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-        except Exception as e:  # tfds raises NotImplementedError, FileNotFoundError, ... when absent
-            flag = f" --data_dir={data_dir}" if data_dir else ""
-            raise FileNotFoundError(
-                f"dataset {name!r} is not prepared (array_record format) in the tfds data_dir "
-                f"{data_dir or '~/tensorflow_datasets'}: run `python launch/prepare_data.py "
-                f"--dataset={name}{flag}` on a machine with internet (needs `pip install "
-                f"'jaxmu[tfds]'`). tfds said: {e}") from e
-        parts.append(_read_native(source, split))
-    (x_train, y_train), (x_test, y_test) = parts
-    inputs = _reshape(np.concatenate([x_train, x_test]), image_size, channels)
-    return _dataset(name, inputs, np.concatenate([y_train, y_test]), _TFDS[name][0], len(y_train))
+  Reads with `tfds.data_source(download=False)` (no TensorFlow needed); never downloads. MNIST and
+  Fashion-MNIST become 32x32x3 by default like the reference (deepunlearn-spec 1.1/1.2: PIL
+  bilinear `Resize((32, 32))` + RGB replication); pass `image_size=None, channels=None` to keep
+  28x28x1. CIFAR-100 uses the fine labels. The official train/test parts keep the order of the
+  original files, which torchvision reads too, so reference split files index the same examples.
+  """
+  import tensorflow_datasets as tfds
+  parts = []
+  for split in ("train", "test"):
+    try:
+      source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    except Exception as e:  # tfds raises NotImplementedError, FileNotFoundError, ... when absent
+      flag = f" --data_dir={data_dir}" if data_dir else ""
+      raise FileNotFoundError(
+          f"dataset {name!r} is not prepared (array_record format) in the tfds data_dir "
+          f"{data_dir or '~/tensorflow_datasets'}: run `python launch/prepare_data.py "
+          f"--dataset={name}{flag}` on a machine with internet (needs `pip install "
+          f"'jaxmu[tfds]'`). tfds said: {e}") from e
+    parts.append(_read_native(source, split))
+  (x_train, y_train), (x_test, y_test) = parts
+  inputs = _reshape(np.concatenate([x_train, x_test]), image_size, channels)
+  return _dataset(name, inputs, np.concatenate([y_train, y_test]), _TFDS[name][0], len(y_train))
 
 
 def _utkface(data_dir=None, path=None, image_size=224) -> Dataset:
-    """UTKFace "Aligned&Cropped" JPEGs `<age>_<gender>_<race>_<datetime>.jpg[.chip.jpg]` in one folder.
+  """UTKFace "Aligned&Cropped" JPEGs `<age>_<gender>_<race>_<datetime>.jpg[.chip.jpg]` in one folder.
 
-    deepunlearn-spec 1.3: label = clip(floor(age / 20), 0, 4); perm = default_rng(123).permutation(N),
-    test = perm[:int(0.2 N)], train = the rest; global order = train then test (each in perm order);
-    images resized (PIL bilinear) to `image_size` (224). Deviations: files are **sorted by name**
-    (the reference used filesystem order, which is not reproducible), and images are converted to
-    RGB (the reference opened them as stored).
-    """
-    root = _path(data_dir, path, "utkface")
-    files = sorted(p for p in root.iterdir() if p.name.endswith(".jpg"))
-    if not files:
-        raise FileNotFoundError(f"utkface: no .jpg files in {root}")
-    try:
-        ages = np.array([int(p.name.split("_")[0]) for p in files])
-    except ValueError as e:
-        raise ValueError(f"utkface: file names must start with '<age>_': {e}") from e
-    perm = np.random.default_rng(123).permutation(len(files))
-    n_test = int(0.2 * len(files))
-    order = np.concatenate([perm[n_test:], perm[:n_test]])
-    images = np.stack([_read_image(files[i], image_size) for i in order])
-    return _dataset("utkface", images, np.clip(ages[order] // 20, 0, 4), 5, len(files) - n_test)
+  deepunlearn-spec 1.3: label = clip(floor(age / 20), 0, 4); perm = default_rng(123).permutation(N),
+  test = perm[:int(0.2 N)], train = the rest; global order = train then test (each in perm order);
+  images resized (PIL bilinear) to `image_size` (224). Deviations: files are **sorted by name**
+  (the reference used filesystem order, which is not reproducible), and images are converted to
+  RGB (the reference opened them as stored).
+  """
+  root = _path(data_dir, path, "utkface")
+  files = sorted(p for p in root.iterdir() if p.name.endswith(".jpg"))
+  if not files:
+    raise FileNotFoundError(f"utkface: no .jpg files in {root}")
+  try:
+    ages = np.array([int(p.name.split("_")[0]) for p in files])
+  except ValueError as e:
+    raise ValueError(f"utkface: file names must start with '<age>_': {e}") from e
+  perm = np.random.default_rng(123).permutation(len(files))
+  n_test = int(0.2 * len(files))
+  order = np.concatenate([perm[n_test:], perm[:n_test]])
+  images = np.stack([_read_image(files[i], image_size) for i in order])
+  return _dataset("utkface", images, np.clip(ages[order] // 20, 0, 4), 5, len(files) - n_test)
 
 
 def _cinic10(data_dir=None, path=None) -> Dataset:
-    """CINIC-10 from its standard layout `<root>/{train,valid,test}/<class>/*.png` (iam-spec 5).
+  """CINIC-10 from its standard layout `<root>/{train,valid,test}/<class>/*.png` (iam-spec 5).
 
-    Classes are the sorted folder names of `train` (airplane .. truck, CINIC's standard order), files
-    sorted within each class, as torchvision `ImageFolder` orders them. Official train = `train`
-    (90,000); official test = `valid` followed by `test` (180,000), IAM's held-out set.
-    """
-    root = _path(data_dir, path, "cinic10")
-    classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
+  Classes are the sorted folder names of `train` (airplane .. truck, CINIC's standard order), files
+  sorted within each class, as torchvision `ImageFolder` orders them. Official train = `train`
+  (90,000); official test = `valid` followed by `test` (180,000), IAM's held-out set.
+  """
+  root = _path(data_dir, path, "cinic10")
+  classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
 
-    def part(split):
-        folder = root / split
-        unknown = {d.name for d in folder.iterdir() if d.is_dir()} - set(classes)
-        if unknown:
-            raise ValueError(f"cinic10: classes {sorted(unknown)} in {folder} are not in "
-                             f"{root / 'train'}")
-        files = [(f, c) for c, name in enumerate(classes) for f in sorted((folder / name).glob("*.png"))]
-        return [f for f, _ in files], [c for _, c in files]
+  def part(split):
+    folder = root / split
+    unknown = {d.name for d in folder.iterdir() if d.is_dir()} - set(classes)
+    if unknown:
+      raise ValueError(f"cinic10: classes {sorted(unknown)} in {folder} are not in "
+                       f"{root / 'train'}")
+    files = [(f, c) for c, name in enumerate(classes) for f in sorted((folder / name).glob("*.png"))]
+    return [f for f, _ in files], [c for _, c in files]
 
-    (train_files, train_labels), *held_out = [part(s) for s in ("train", "valid", "test")]
-    files = train_files + [f for fs, _ in held_out for f in fs]
-    labels = train_labels + [c for _, cs in held_out for c in cs]
-    images = np.stack([_read_image(f, None) for f in files])
-    return _dataset("cinic10", images, labels, len(classes), len(train_files))
+  (train_files, train_labels), *held_out = [part(s) for s in ("train", "valid", "test")]
+  files = train_files + [f for fs, _ in held_out for f in fs]
+  labels = train_labels + [c for _, cs in held_out for c in cs]
+  images = np.stack([_read_image(f, None) for f in files])
+  return _dataset("cinic10", images, labels, len(classes), len(train_files))
 
 
 def _purchase100(data_dir=None, path=None) -> Dataset:
-    """Purchase-100: rows `label (1..100), 600 binary features` (iam-spec 5).
+  """Purchase-100: rows `label (1..100), 600 binary features` (iam-spec 5).
 
-    Reads the standard comma-separated text file (`dataset_purchase`) or IAM's `purchase.npy`
-    ([N, 601], column 0 = label); a folder is searched for those two names. num_train = N: there is
-    no official split (IAM's 80/20 held-out split is made by `splits.iam`).
-    """
-    where = _path(data_dir, path, "purchase100")
-    if where.is_dir():
-        found = [where / n for n in ("purchase.npy", "dataset_purchase") if (where / n).exists()]
-        if not found:
-            raise FileNotFoundError(f"purchase100: neither purchase.npy nor dataset_purchase in {where}")
-        where = found[0]
-    if where.suffix == ".npy":
-        rows = np.load(where)
-    else:
-        rows = np.loadtxt(where, delimiter=",", dtype=np.int64)
-    if rows.ndim != 2 or rows.shape[1] != 601:
-        raise ValueError(f"purchase100: expected rows of 601 values (label, 600 features), "
-                         f"got shape {rows.shape}")
-    labels, features = rows[:, 0].astype(np.int64) - 1, rows[:, 1:]
-    if labels.min() < 0 or labels.max() >= 100 or not np.isin(features, (0, 1)).all():
-        raise ValueError("purchase100: labels must lie in 1..100 and features in {0, 1}")
-    return _dataset("purchase100", features, labels, 100, len(labels))
+  Reads the standard comma-separated text file (`dataset_purchase`) or IAM's `purchase.npy`
+  ([N, 601], column 0 = label); a folder is searched for those two names. num_train = N: there is
+  no official split (IAM's 80/20 held-out split is made by `splits.iam`).
+  """
+  where = _path(data_dir, path, "purchase100")
+  if where.is_dir():
+    found = [where / n for n in ("purchase.npy", "dataset_purchase") if (where / n).exists()]
+    if not found:
+      raise FileNotFoundError(f"purchase100: neither purchase.npy nor dataset_purchase in {where}")
+    where = found[0]
+  if where.suffix == ".npy":
+    rows = np.load(where)
+  else:
+    rows = np.loadtxt(where, delimiter=",", dtype=np.int64)
+  if rows.ndim != 2 or rows.shape[1] != 601:
+    raise ValueError(f"purchase100: expected rows of 601 values (label, 600 features), "
+                     f"got shape {rows.shape}")
+  labels, features = rows[:, 0].astype(np.int64) - 1, rows[:, 1:]
+  if labels.min() < 0 or labels.max() >= 100 or not np.isin(features, (0, 1)).all():
+    raise ValueError("purchase100: labels must lie in 1..100 and features in {0, 1}")
+  return _dataset("purchase100", features, labels, 100, len(labels))
 
 
 def _npz(data_dir=None, path=None, num_classes=None) -> Dataset:
-    """User arrays from an .npz file: `x` (uint8, [N, D], [N, H, W] or NHWC), `y` (integer labels
-    0..C-1, [N]) and optionally `num_train` (default N: everything is training data)."""
-    where = _path(data_dir, path, "npz")
-    with np.load(where) as z:
-        missing = {"x", "y"} - set(z.files)
-        if missing:
-            raise ValueError(f"npz: {where} lacks arrays {sorted(missing)} "
-                             "(needs x, y, optional num_train)")
-        x, y = z["x"], z["y"]
-        num_train = int(z["num_train"]) if "num_train" in z.files else len(y)
-    if x.dtype != np.uint8 or x.ndim not in (2, 3, 4):
-        raise ValueError(f"npz: x must be uint8 of shape [N, D], [N, H, W] or [N, H, W, C], got "
-                         f"{x.dtype} {x.shape}")
-    if not np.issubdtype(y.dtype, np.integer) or y.shape != x.shape[:1]:
-        raise ValueError(f"npz: y must be integers of shape {x.shape[:1]}, got {y.dtype} {y.shape}")
-    if len(y) and y.min() < 0:
-        raise ValueError("npz: labels y must be >= 0")
-    x = x[..., None] if x.ndim == 3 else x
-    return _dataset("npz", x, y, num_classes or int(y.max()) + 1, num_train)
+  """User arrays from an .npz file: `x` (uint8, [N, D], [N, H, W] or NHWC), `y` (integer labels
+  0..C-1, [N]) and optionally `num_train` (default N: everything is training data)."""
+  where = _path(data_dir, path, "npz")
+  with np.load(where) as z:
+    missing = {"x", "y"} - set(z.files)
+    if missing:
+      raise ValueError(f"npz: {where} lacks arrays {sorted(missing)} "
+                       "(needs x, y, optional num_train)")
+    x, y = z["x"], z["y"]
+    num_train = int(z["num_train"]) if "num_train" in z.files else len(y)
+  if x.dtype != np.uint8 or x.ndim not in (2, 3, 4):
+    raise ValueError(f"npz: x must be uint8 of shape [N, D], [N, H, W] or [N, H, W, C], got "
+                     f"{x.dtype} {x.shape}")
+  if not np.issubdtype(y.dtype, np.integer) or y.shape != x.shape[:1]:
+    raise ValueError(f"npz: y must be integers of shape {x.shape[:1]}, got {y.dtype} {y.shape}")
+  if len(y) and y.min() < 0:
+    raise ValueError("npz: labels y must be >= 0")
+  x = x[..., None] if x.ndim == 3 else x
+  return _dataset("npz", x, y, num_classes or int(y.max()) + 1, num_train)
 
 
 _SOURCES = {
@@ -304,20 +304,20 @@ _SOURCES = {
 
 
 def load(name: str, data_dir: str | None = None, **options) -> Dataset:
-    """Loads dataset `name` as one `Dataset` (official train part, then official test part).
+  """Loads dataset `name` as one `Dataset` (official train part, then official test part).
 
-    Args:
-      name: one of digits, synthetic, mnist, fashion_mnist, cifar10, cifar100, utkface, cinic10,
-        purchase100, npz.
-      data_dir: the tfds data_dir for the tfds sources; the folder (utkface, cinic10, purchase100)
-        or file (purchase100, npz) for file-based sources, which also accept `path=`.
-      **options: source options (see each source): e.g. digits `image_size=32, channels=3`;
-        synthetic `num_train, num_test, shape, num_classes, seed`; mnist `image_size=None,
-        channels=None` for the native 28x28x1; utkface `image_size`.
-    """
-    if name not in _SOURCES:
-        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(sorted(_SOURCES))}")
-    return _SOURCES[name](data_dir=data_dir, **options)
+  Args:
+    name: one of digits, synthetic, mnist, fashion_mnist, cifar10, cifar100, utkface, cinic10,
+      purchase100, npz.
+    data_dir: the tfds data_dir for the tfds sources; the folder (utkface, cinic10, purchase100)
+      or file (purchase100, npz) for file-based sources, which also accept `path=`.
+    **options: source options (see each source): e.g. digits `image_size=32, channels=3`;
+      synthetic `num_train, num_test, shape, num_classes, seed`; mnist `image_size=None,
+      channels=None` for the native 28x28x1; utkface `image_size`.
+  """
+  if name not in _SOURCES:
+    raise ValueError(f"unknown dataset {name!r}; known: {', '.join(sorted(_SOURCES))}")
+  return _SOURCES[name](data_dir=data_dir, **options)
 
 
 # ---------------------------------------------------------------- recipes
@@ -348,7 +348,7 @@ _RECIPES = {
     },
 }
 _LOCAL = {  # datasets of neither reference
-    # digits: mean/std of round(x*255/16)/255 over the official train part; no augmentation.
+  # digits: mean/std of round(x*255/16)/255 over the official train part; no augmentation.
     "digits": dict(mean=(0.3054,), std=(0.3760,), augment="none", image_size=8, channels=1),
     "synthetic": dict(mean=(0.0,), std=(1.0,), augment="none", image_size=None, channels=None),
     "npz": dict(mean=(0.0,), std=(1.0,), augment="none", image_size=None, channels=None),
@@ -356,19 +356,19 @@ _LOCAL = {  # datasets of neither reference
 
 
 def recipe(name: str, reference: str = "deepunlearn") -> ml_collections.ConfigDict:
-    """Reference normalisation and augmentation for `name`: ConfigDict(mean, std, augment,
-    image_size, channels).
+  """Reference normalisation and augmentation for `name`: ConfigDict(mean, std, augment,
+  image_size, channels).
 
-    `reference="deepunlearn"` gives deepunlearn-spec 1.1/1.2; `reference="iam"` gives iam-spec 5
-    (CIFAR-100 constants differ slightly; Purchase: no augmentation and no normalisation, mean 0,
-    std 1). A dataset only one reference used (cinic10, purchase100 / mnist, fashion_mnist, utkface)
-    gets that reference's values under either name. `mean`/`std` of length 1 apply to every channel.
-    IAM applies flip then crop, DeepUnlearn crop then flip: the same distribution ("crop_flip").
-    """
-    if reference not in _RECIPES:
-        raise ValueError(f"reference must be one of {sorted(_RECIPES)}, got {reference!r}")
-    other = _RECIPES["iam" if reference == "deepunlearn" else "deepunlearn"]
-    for table in (_RECIPES[reference], other, _LOCAL):
-        if name in table:
-            return ml_collections.ConfigDict(table[name])
-    raise ValueError(f"unknown dataset {name!r}; known: {', '.join(sorted(_SOURCES))}")
+  `reference="deepunlearn"` gives deepunlearn-spec 1.1/1.2; `reference="iam"` gives iam-spec 5
+  (CIFAR-100 constants differ slightly; Purchase: no augmentation and no normalisation, mean 0,
+  std 1). A dataset only one reference used (cinic10, purchase100 / mnist, fashion_mnist, utkface)
+  gets that reference's values under either name. `mean`/`std` of length 1 apply to every channel.
+  IAM applies flip then crop, DeepUnlearn crop then flip: the same distribution ("crop_flip").
+  """
+  if reference not in _RECIPES:
+    raise ValueError(f"reference must be one of {sorted(_RECIPES)}, got {reference!r}")
+  other = _RECIPES["iam" if reference == "deepunlearn" else "deepunlearn"]
+  for table in (_RECIPES[reference], other, _LOCAL):
+    if name in table:
+      return ml_collections.ConfigDict(table[name])
+  raise ValueError(f"unknown dataset {name!r}; known: {', '.join(sorted(_SOURCES))}")
