@@ -121,7 +121,7 @@ def _objectives(unlearned: dict[str, dict],
 
 
 def objectives(ctx: methods_lib.Context, unlearned, retrained, *, recipe: train.Recipe | None = None,
-               strategy: str | None = None) -> np.ndarray:
+               strategy: parallel.Strategy | str | None = None) -> np.ndarray:
   """DeepUnlearn's "objective10" (deepunlearn-spec 5.2) of every model of the stack: [N, 4].
 
   For model m, with U = ``unlearned`` and R = ``retrained`` (stacked variables, N models as in
