@@ -1,7 +1,7 @@
 """U-LiRA alone: unlearning methods against retraining (deepunlearn-spec 7, Hayes et al. 2024).
 
     python launch/ulira.py --config=configs/ulira.py:dataset=cifar10,model=resnet18 \
-        --workdir=runs/cifar10_resnet18/ulira --config.search_dir=runs/cifar10_resnet18/search
+        --workdir=runs/ulira_cifar10_resnet18 --config.search_dir=runs/cifar10_resnet18/search
     python launch/ulira.py --config=configs/ulira.py:cpu --workdir=runs/ulira_cpu
 
 The settings are a DeepUnlearn config's ``ulira`` section (configs/deepunlearn.py); within a

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # an uninstalled j
 from absl import app, flags  # noqa: E402
 
 from jaxmu import cli, report  # noqa: E402
-from jaxmu.pipelines import iam  # noqa: E402
+from jaxmu.pipelines import iam_matrix  # noqa: E402
 
 _WORKDIRS = flags.DEFINE_list("workdirs", None, "IAM work directories or glob patterns.")
 _OUT = flags.DEFINE_string("out", "runs/arch", "Output directory.")
@@ -34,7 +34,7 @@ def main(argv):
       if not found:
         raise ValueError(f"no work directory matches {pattern!r}")
       workdirs += [w for w in found if w not in workdirs]
-    rows, text = iam.arch_matrix(workdirs, _FORGET.value)
+    rows, text = iam_matrix.arch_matrix(workdirs, _FORGET.value)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

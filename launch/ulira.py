@@ -1,8 +1,9 @@
-"""Runs U-LiRA of unlearning methods against retraining over a workdir (resumable).
+"""Runs U-LiRA alone over a workdir (resumable); within a DeepUnlearn run it is that pipeline's
+`ulira` stage (`--config.ulira.enabled=True`).
 
-    python launch/ulira.py --config=configs/ulira.py:cpu --workdir=runs/quickstart/ulira
+    python launch/ulira.py --config=configs/ulira.py:cpu --workdir=runs/ulira_cpu
     python launch/ulira.py --config=configs/ulira.py:dataset=cifar10,model=resnet18 \
-        --workdir=runs/cifar10_resnet18/ulira --config.search_dir=runs/cifar10_resnet18/search
+        --workdir=runs/ulira_cifar10_resnet18 --config.search_dir=runs/cifar10_resnet18/search
 """
 
 import sys

@@ -18,6 +18,7 @@ from jaxmu import report, stages, train
 from jaxmu.attacks import iam, signals
 from jaxmu.attacks.audit import ATTACKS, SCORING_FUNCTIONS
 from jaxmu.data import augment
+from jaxmu.pipelines import common, iam_matrix
 from jaxmu.pipelines import iam as pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,7 +168,7 @@ def test_splits_match_the_split_function(workdir, npz):
 
 def test_signals_are_eval_mode_clean_logits(workdir, npz):
   config = _tiny_config(npz)
-  pipe = pipeline._Pipeline(config, stages.Workdir(workdir), pipeline.load_dataset(config))
+  pipe = pipeline._Pipeline(config, stages.Workdir(workdir), common.load_dataset(config.dataset))
   retrain = pipe.restore("retrain", len(pipe.runs))
   pool = pipe.parts["pool"][:50]
   direct = train.logits(pipe.model, pipe.recipe, jax.tree.map(lambda x: x[0], retrain),
@@ -189,7 +190,7 @@ def test_augmented_queries_flag_gives_the_training_view(workdir, npz):
   config.dataset.name, config.dataset.options = "digits", {}
   config.data.augment = "flip"
   config.signals.augmented_queries = True
-  pipe = pipeline._Pipeline(config, stages.Workdir(workdir), pipeline.load_dataset(config))
+  pipe = pipeline._Pipeline(config, stages.Workdir(workdir), common.load_dataset(config.dataset))
   view = np.asarray(pipe.query_data().inputs)
   want = np.asarray(augment.augment(jax.random.key(config.signals.view_seed), pipe.data.inputs,
                                     "flip"))
@@ -266,8 +267,9 @@ def test_incremental_continues_the_base_runs_models(workdir, tmp_path, npz):
   base = np.load(workdir / "splits.npz")
   assert len(parts["pool"]) == 300 and parts["flags_0"].sum() == 30
   np.testing.assert_array_equal(parts["shadow_train"], base["shadow_train"])
-  pipe = pipeline._Pipeline(config, stages.Workdir(tmp_path), pipeline.load_dataset(config))
-  old = pipeline._Pipeline(_tiny_config(npz), stages.Workdir(workdir), pipeline.load_dataset(config))
+  pipe = pipeline._Pipeline(config, stages.Workdir(tmp_path), common.load_dataset(config.dataset))
+  old = pipeline._Pipeline(_tiny_config(npz), stages.Workdir(workdir),
+                           common.load_dataset(config.dataset))
   for group, n in (("shadows", 2), ("original", 1), ("retrain", 3)):
     for a, b in zip(jax.tree.leaves(pipe.restore(group, n)), jax.tree.leaves(old.restore(group, n))):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -287,7 +289,7 @@ def test_reused_models_train_nothing_and_give_the_same_numbers(workdir, npz, tmp
     assert (tmp_path / "models" / group).exists()
   assert (tmp_path / "binui.csv").read_text() == (workdir / "binui.csv").read_text()
   # The matrix: one cell per run; the same cell twice is an error.
-  rows, text = pipeline.arch_matrix([workdir])
+  rows, text = iam_matrix.arch_matrix([workdir])
   want = [r for r in report.read_csv(workdir / "binui.csv")
           if r["forget"] == "set_random" and int(r["k"]) == 1 and r["attack"] == "iam_on"]
   cell = [r for r in rows if r["attack"] == "iam_on"]
@@ -296,7 +298,7 @@ def test_reused_models_train_nothing_and_give_the_same_numbers(workdir, npz, tmp
   assert cell[0]["auc"] == pytest.approx(np.mean([r["auc"] for r in want]))
   assert "| target \\ shadow | purchase_mlp[num_features=64] |" in text
   with pytest.raises(ValueError, match="two work directories"):
-    pipeline.arch_matrix([workdir, tmp_path])
+    iam_matrix.arch_matrix([workdir, tmp_path])
 
 
 def test_reuse_checks_architecture_and_splits(workdir, npz, tmp_path):

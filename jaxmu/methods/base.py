@@ -467,6 +467,29 @@ def stacked(tree: Any, n: int) -> Any:
 
 
 # --------------------------------------------------------------------------------------------
+# Steps whose loss reads one train-mode forward pass
+# --------------------------------------------------------------------------------------------
+
+
+def optimizer_hp(hp: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """The learning_rate, weight_decay and momentum `descend` reads, from ``prefix + name``."""
+  return {name: hp[prefix + name] for name in ("learning_rate", "weight_decay", "momentum")}
+
+
+def descend_on_logits(model, recipe: train.Recipe, state: TrainCarry, x, valid, key,
+                      logits_loss: Callable, hp: Mapping[str, jax.Array], lr_factor,
+                      **options) -> TrainCarry:
+  """`descend` on ``logits_loss(logits)`` of one `forward` of ``x`` in train mode (BatchNorm
+  statistics updated, stochastic depth from ``key``); ``options`` as `descend`'s."""
+  def loss_fn(params):
+    logits, batch_stats = forward(model, recipe, params, state.batch_stats, x, valid,
+                                  training=True, key=key)
+    return logits_loss(logits), batch_stats
+
+  return descend(state, loss_fn, valid, hp, lr_factor, **options)
+
+
+# --------------------------------------------------------------------------------------------
 # A step's loader batch; a gradient the step needs itself
 # --------------------------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ Data flows one way: each stage reads only what the stages before it wrote.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import time
@@ -104,13 +105,10 @@ class _Pipeline:
     self.like = common.abstract_variables(self.model, len(self.seeds), self.input_shape)
     self.tuning: dict[str, dict] = {}  # method -> its search result, for later stages
     self._contexts: dict[str, methods_lib.Context] = {}
-    self._parts = None
 
-  @property
+  @functools.cached_property
   def parts(self):
-    if self._parts is None:
-      self._parts = splits_lib.load(self.wd.path("splits.npz"), self.dataset)
-    return self._parts
+    return splits_lib.load(self.wd.path("splits.npz"), self.dataset)
 
   def splits(self):
     c = self.config

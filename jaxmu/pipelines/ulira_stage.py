@@ -35,6 +35,7 @@ the method's own models that never saw it, on 0/1 correctness; that score is rep
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import time
@@ -89,13 +90,10 @@ class _ULiRA:
     self.model = models.get(config.model.name, dataset.num_classes,
                             **config.model.options.to_dict())
     self.input_shape = dataset.inputs.shape[1:]
-    self._parts = None
 
-  @property
+  @functools.cached_property
   def parts(self):
-    if self._parts is None:
-      self._parts = splits_lib.load(self.wd.path("splits.npz"), self.dataset)
-    return self._parts
+    return splits_lib.load(self.wd.path("splits.npz"), self.dataset)
 
   def like(self, num: int):
     return common.abstract_variables(self.model, num, self.input_shape)
