@@ -234,9 +234,9 @@ def test_neggrad_plus_loss_is_the_weighted_difference(ctx):
   r, f = _valid(ctx.retain[0]), _valid(ctx.forget[0])
   retain = (_inputs(ctx, r), jnp.asarray(labels[r]), jnp.ones(len(r), bool))
   forget = (_inputs(ctx, f), jnp.asarray(labels[f]), jnp.ones(len(f), bool))
-  got = jax.jit(ascent.neggrad_loss, static_argnums=0)(
-      ctx.model, variables["params"], variables["params"], variables["batch_stats"], retain,
-      forget, 0.7, 0.5)
+  got = jax.jit(ascent.neggrad_loss, static_argnums=(0, 1))(
+      ctx.model, ctx.recipe, variables["params"], variables["params"], variables["batch_stats"],
+      retain, forget, 0.7, 0.5)
   logits_r = np.asarray(ctx.model.apply(variables, retain[0], train=False), np.float64)
   logits_f = np.asarray(ctx.model.apply(variables, forget[0], train=False), np.float64)
 

@@ -26,20 +26,12 @@ def ga_step(model, recipe, spec: AscentSpec, carry, orders, key, hp, images, lab
             epoch, lr_factor):
   """One SGD step minimising −CE on a shuffled forget batch, BatchNorm in train mode."""
   del epoch
-  state = carry
   idx = base.batch(orders["forget"], step_index, spec.batch_size)
   x, y, valid = base.inputs(recipe, images, labels, idx)
 
-  def loss_fn(params):
-    logits, batch_stats = base.forward(model, params, state.batch_stats, x, valid, training=True,
-                                       key=jax.random.fold_in(key, step_index))
-    return -base.masked_mean(base.cross_entropy(logits, y), valid), batch_stats
-
-  grads, batch_stats = jax.grad(loss_fn, has_aux=True)(state.params)
-  params, opt_state = base.sgd_update("sgd", state.params, state.opt_state, grads,
-                                      hp["learning_rate"] * lr_factor, hp["weight_decay"],
-                                      hp["momentum"])
-  return base.keep_if_empty(valid, base.TrainCarry(params, batch_stats, opt_state), state), {}
+  return base.descend_on_logits(
+      model, recipe, carry, x, valid, jax.random.fold_in(key, step_index),
+      lambda logits: -base.masked_mean(base.cross_entropy(logits, y), valid), hp, lr_factor), {}
 
 
 def _gradient_ascent(ctx: base.Context, hp, key) -> dict:
@@ -71,11 +63,11 @@ class NegGradSpec:
   faithful: bool
 
 
-def neggrad_loss(model, params, anchor, batch_stats, retain, forget, alpha, prox_weight):
+def neggrad_loss(model, recipe, params, anchor, batch_stats, retain, forget, alpha, prox_weight):
   """α·(CE(retain) + (w/2)·Σ‖θ−θ_0‖²) − (1−α)·CE(forget), BatchNorm in eval mode."""
   (xr, yr, vr), (xf, yf, vf) = retain, forget
-  logits_r, _ = base.forward(model, params, batch_stats, xr, vr, training=False)
-  logits_f, _ = base.forward(model, params, batch_stats, xf, vf, training=False)
+  logits_r, _ = base.forward(model, recipe, params, batch_stats, xr, vr, training=False)
+  logits_f, _ = base.forward(model, recipe, params, batch_stats, xf, vf, training=False)
   sq = sum(jnp.sum((p - a) ** 2) for p, a in zip(jax.tree.leaves(params), jax.tree.leaves(anchor)))
   ce_r = base.masked_mean(base.cross_entropy(logits_r, yr), vr)
   ce_f = base.masked_mean(base.cross_entropy(logits_f, yf), vf)
@@ -95,13 +87,14 @@ def neggrad_step(model, recipe, spec: NegGradSpec, carry, orders, key, hp, image
   # gets the searched weight decay; intended: the searched weight_decay is the proximal weight.
   prox = 0.0 if spec.faithful else hp["weight_decay"]
   decay = hp["weight_decay"] if spec.faithful else 0.0
-  grads = jax.grad(neggrad_loss, argnums=1)(model, state.params, extras["anchor"],
-                                           state.batch_stats, retain, forget, hp["alpha"], prox)
-  params, opt_state = base.sgd_update("sgd", state.params, state.opt_state, grads,
-                                      hp["learning_rate"] * lr_factor, decay, hp["momentum"],
-                                      trainable=extras["trainable"])
-  new = base.TrainCarry(params, state.batch_stats, opt_state)
-  return (base.keep_if_empty(retain[2], new, state), extras), {}
+
+  def loss_fn(params):
+    return neggrad_loss(model, recipe, params, extras["anchor"], state.batch_stats, retain, forget,
+                        hp["alpha"], prox), state.batch_stats
+
+  new = base.descend(state, loss_fn, retain[2], hp, lr_factor, weight_decay=decay,
+                     trainable=extras["trainable"])
+  return (new, extras), {}
 
 
 def _neggrad_plus(ctx: base.Context, hp, key) -> dict:
@@ -162,21 +155,13 @@ def negative_gradient_loss(logits, y, is_forget, valid):
 def negative_gradient_step(model, recipe, spec: NegativeGradientSpec, carry, orders, key, hp,
                            images, labels, step_index, epoch, lr_factor):
   del epoch
-  state = carry
   idx = base.batch(orders["combined"], step_index, spec.batch_size)
   real, is_forget = relabel.split_combined(idx, images.shape[0])
   x, y, valid = base.inputs(recipe, images, labels, real)
 
-  def loss_fn(params):
-    logits, batch_stats = base.forward(model, params, state.batch_stats, x, valid, training=True,
-                                       key=jax.random.fold_in(key, step_index))
-    return negative_gradient_loss(logits, y, is_forget, valid), batch_stats
-
-  grads, batch_stats = jax.grad(loss_fn, has_aux=True)(state.params)
-  params, opt_state = base.sgd_update("sgd", state.params, state.opt_state, grads,
-                                      hp["learning_rate"] * lr_factor, hp["weight_decay"],
-                                      hp["momentum"])
-  return base.keep_if_empty(valid, base.TrainCarry(params, batch_stats, opt_state), state), {}
+  return base.descend_on_logits(
+      model, recipe, carry, x, valid, jax.random.fold_in(key, step_index),
+      lambda logits: negative_gradient_loss(logits, y, is_forget, valid), hp, lr_factor), {}
 
 
 def _negative_gradient(ctx: base.Context, hp, key) -> dict:

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from jaxmu import train
 from jaxmu.methods import base, relabel
@@ -45,23 +43,14 @@ def bad_teacher_step(model, recipe, spec: BadTeacherSpec, carry, orders, key, hp
   idx = base.batch(orders["combined"], step_index, spec.batch_size)
   real, is_forget = relabel.split_combined(idx, images.shape[0])
   x, _, valid = base.inputs(recipe, images, labels, real)
-  competent, incompetent = teachers
-  t_comp, _ = base.forward(model, competent["params"], competent.get("batch_stats", {}), x, valid,
-                           training=False)
-  t_inc, _ = base.forward(model, incompetent["params"], incompetent.get("batch_stats", {}), x,
-                          valid, training=False)
-
-  def loss_fn(params):
-    logits, batch_stats = base.forward(model, params, state.batch_stats, x, valid, training=True,
-                                       key=jax.random.fold_in(key, step_index))
-    return bad_teacher_loss(logits, t_comp, t_inc, is_forget, valid,
-                            hp["kl_temperature"]), batch_stats
-
-  grads, batch_stats = jax.grad(loss_fn, has_aux=True)(state.params)
-  params, opt_state = base.sgd_update("adam", state.params, state.opt_state, grads,
-                                      hp["learning_rate"] * lr_factor, hp["weight_decay"], 0.0)
-  new = base.TrainCarry(params, batch_stats, opt_state)
-  return (base.keep_if_empty(valid, new, state), teachers), {}
+  t_comp, t_inc = (base.forward(model, recipe, t["params"], t.get("batch_stats", {}), x, valid,
+                                training=False)[0] for t in teachers)
+  new = base.descend_on_logits(
+      model, recipe, state, x, valid, jax.random.fold_in(key, step_index),
+      lambda logits: bad_teacher_loss(logits, t_comp, t_inc, is_forget, valid,
+                                      hp["kl_temperature"]),
+      {**hp, "momentum": 0.0}, lr_factor, optimizer_kind="adam")  # Adam reads no momentum
+  return (new, teachers), {}
 
 
 def random_model(model, input_shape, key):
@@ -139,24 +128,18 @@ def scrub_step(model, recipe, spec: ScrubSpec, carry, orders, key, hp, images, l
   source = "forget" if spec.maximize else "retain"
   idx = base.batch(orders[source], step_index, spec.batch_size)
   x, y, valid = base.inputs(recipe, images, labels, idx)
-  t_logits, _ = base.forward(model, teacher["params"], teacher.get("batch_stats", {}), x, valid,
-                             training=False)
+  t_logits, _ = base.forward(model, recipe, teacher["params"], teacher.get("batch_stats", {}), x,
+                             valid, training=False)
 
-  def loss_fn(params):
-    logits, batch_stats = base.forward(model, params, state.batch_stats, x, valid, training=True,
-                                       key=jax.random.fold_in(key, step_index))
+  def loss(logits):
     kl = distill_kl(logits, t_logits, hp["kd_T"], valid)
     if spec.maximize:
-      return -kl, batch_stats
-    ce = base.masked_mean(base.cross_entropy(logits, y), valid)
-    return hp["gamma"] * ce + hp["alpha"] * kl, batch_stats
+      return -kl
+    return hp["gamma"] * base.masked_mean(base.cross_entropy(logits, y), valid) + hp["alpha"] * kl
 
-  grads, batch_stats = jax.grad(loss_fn, has_aux=True)(state.params)
-  params, opt_state = base.sgd_update(
-      "sgd", state.params, state.opt_state, grads, hp["sgda_learning_rate"] * lr_factor,
-      hp["sgda_weight_decay"], hp["sgda_momentum"])
-  new = base.TrainCarry(params, batch_stats, opt_state)
-  return (base.keep_if_empty(valid, new, state), teacher), {}
+  new = base.descend_on_logits(model, recipe, state, x, valid, jax.random.fold_in(key, step_index),
+                               loss, base.optimizer_hp(hp, "sgda_"), lr_factor)
+  return (new, teacher), {}
 
 
 def forget_val_sets(ctx: base.Context) -> np.ndarray:

@@ -85,19 +85,11 @@ def relabel_step(model, recipe, spec: RelabelSpec, carry, orders, key, hp, image
   real, is_forget = split_combined(idx, images.shape[0])
   x, y, valid = base.inputs(recipe, images, labels, real)
   y = jnp.where(is_forget, forget_labels(key, real, spec.num_classes), y)
-  drop_key = jax.random.fold_in(key, step_index)
-
-  def loss_fn(params):
-    logits, batch_stats = base.forward(model, params, state.batch_stats, x, valid, training=True,
-                                       key=drop_key)
-    return base.masked_mean(base.cross_entropy(logits, y), valid), batch_stats
-
-  grads, batch_stats = jax.grad(loss_fn, has_aux=True)(state.params)
-  params, opt_state = base.sgd_update(
-      "sgd", state.params, state.opt_state, grads, hp["learning_rate"] * lr_factor,
-      hp["weight_decay"], hp["momentum"], grad_scale=mask if spec.masked else None)
-  new = base.TrainCarry(params, batch_stats, opt_state)
-  return (base.keep_if_empty(valid, new, state), mask), {}
+  new = base.descend_on_logits(
+      model, recipe, state, x, valid, jax.random.fold_in(key, step_index),
+      lambda logits: base.masked_mean(base.cross_entropy(logits, y), valid), hp, lr_factor,
+      grad_scale=mask if spec.masked else None)
+  return (new, mask), {}
 
 
 def relabel_train(ctx: base.Context, variables, hp, key, epochs: int, batch_size: int,
@@ -162,7 +154,8 @@ def saliency_step(model, recipe, spec: SaliencySpec, carry, orders, key, hp, ima
   x, y, valid = base.inputs(recipe, images, labels, idx)
 
   def loss_fn(params):
-    logits, _ = base.forward(model, params, variables["batch_stats"], x, valid, training=False)
+    logits, _ = base.forward(model, recipe, params, variables["batch_stats"], x, valid,
+                             training=False)
     return -base.masked_mean(base.cross_entropy(logits, y), valid)
 
   grads = jax.grad(loss_fn)(variables["params"])
