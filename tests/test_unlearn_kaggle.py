@@ -217,7 +217,8 @@ def test_msg_probe_is_retain_grad_minus_forget_grad(tiny_ctx):
 
     def ce(params, idx):  # train-mode BN, mean CE over the batch
       x, y, valid = base.inputs(ctx.recipe, images, labels, jnp.asarray(idx))
-      logits, _ = base.forward(ctx.model, params, variables["batch_stats"], x, valid, training=True)
+      logits, _ = base.forward(ctx.model, ctx.recipe, params, variables["batch_stats"], x, valid,
+                             training=True)
       return base.masked_mean(base.cross_entropy(logits, y), valid)
 
     expect = jax.tree.map(lambda a, b: a - b, jax.grad(ce)(variables["params"], subset[m]),

@@ -18,14 +18,12 @@ import dataclasses
 import math
 from typing import Any, Callable
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxmu import train
-from jaxmu.models import resnet
+from jaxmu import engine, train
 from jaxmu.methods import base
 
 NO_LIMIT = 2.0 ** 30  # "max_steps" of a phase that runs whole epochs
@@ -166,25 +164,17 @@ def loss_step(model, recipe, spec: LossSpec, carry, orders, key, hp, images, lab
   idx = base.batch(order, step_index, spec.batch_size)
   x, y, valid = base.inputs(recipe, images, labels, idx)
   per_epoch = jnp.maximum(-(-(order >= 0).sum() // spec.batch_size), 1)
-  active = valid.any() & (epoch * per_epoch + step_index < hp["max_steps"])
+  valid = valid & (epoch * per_epoch + step_index < hp["max_steps"])  # beyond: an empty batch
   teacher = None
   if "teacher" in extras:
     t_vars = extras["teacher"]
-    teacher, _ = base.forward(model, t_vars["params"], t_vars.get("batch_stats", {}), x, valid,
-                              training=False)
+    teacher, _ = base.forward(model, recipe, t_vars["params"], t_vars.get("batch_stats", {}), x,
+                              valid, training=False)
     teacher = jax.lax.stop_gradient(teacher)
-
-  def loss_fn(params):
-    logits, batch_stats = base.forward(model, params, state.batch_stats, x, valid, training=True,
-                                       key=jax.random.fold_in(key, step_index))
-    return _loss(spec.loss, logits, y, valid, teacher, hp), batch_stats
-
-  grads, batch_stats = jax.grad(loss_fn, has_aux=True)(state.params)
-  params, opt_state = base.sgd_update("sgd", state.params, state.opt_state, grads,
-                                      hp["learning_rate"] * lr_factor, hp["weight_decay"],
-                                      hp["momentum"])
-  new = base.TrainCarry(params, batch_stats, opt_state)
-  return (base.keep_if_empty(active[None], new, state), extras), {}
+  new = base.descend_on_logits(model, recipe, state, x, valid, jax.random.fold_in(key, step_index),
+                               lambda logits: _loss(spec.loss, logits, y, valid, teacher, hp), hp,
+                               lr_factor)
+  return (new, extras), {}
 
 
 def run_loss(ctx: base.Context, variables, hp: dict, key, spec: LossSpec, epochs: int, *,
@@ -226,24 +216,9 @@ def masked_finetune(ctx: base.Context, variables, hp, key, batch_size: int, epoc
                        lr_factor=lr_factor, trainable=trainable, grad_scale=grad_scale)
 
 
-def sgd_hp(hp, prefix: str = "") -> dict:
-  return {name: hp[prefix + name] for name in ("learning_rate", "weight_decay", "momentum")}
-
-
 # --------------------------------------------------------------------------------------------
 # FCS (kgltop1)
 # --------------------------------------------------------------------------------------------
-
-
-@flax.struct.dataclass
-class FcsCarry:
-  """Weights, BN statistics and FCS's three SGD states (own momentum buffers on all params)."""
-
-  params: Any
-  batch_stats: Any
-  opt: Any  # stage 1 (optimizer.*)
-  opt_r: Any  # retain round
-  opt_f: Any  # forget round (per-step cosine)
 
 
 def fcs_forget_lr(base_lr, eta_min, t, t_max):
@@ -253,73 +228,58 @@ def fcs_forget_lr(base_lr, eta_min, t, t_max):
 
 def _fcs_uniform_step(model, recipe, batch_size, carry, orders, key, hp, images, labels,
                       step_index, epoch, lr_factor):
-  """Stage 1: KL(U || softmax f(x)) (batchmean) on a forget batch; step ``opt``."""
-  del epoch, lr_factor
+  """Stage 1: KL(U || softmax f(x)) (batchmean) on a forget batch with ``optimizer.*``."""
+  del epoch
   x, _, valid = base.inputs(recipe, images, labels, base.batch(orders["forget"], step_index,
                                                                batch_size))
 
-  def loss_fn(params):
-    logits, bs = base.forward(model, params, carry.batch_stats, x, valid, training=True,
-                              key=jax.random.fold_in(key, step_index))
+  def loss(logits):
     c = logits.shape[-1]
-    kl = jnp.sum((jnp.log(1.0 / c) - jax.nn.log_softmax(logits)) / c, -1)
-    return base.masked_mean(kl, valid), bs
+    return base.masked_mean(jnp.sum((jnp.log(1.0 / c) - jax.nn.log_softmax(logits)) / c, -1), valid)
 
-  grads, bs = jax.grad(loss_fn, has_aux=True)(carry.params)
-  params, opt = base.sgd_update("sgd", carry.params, carry.opt, grads, hp["learning_rate"],
-                                hp["weight_decay"], hp["momentum"])
-  return base.keep_if_empty(valid, carry.replace(params=params, batch_stats=bs, opt=opt), carry), {}
+  return base.descend_on_logits(model, recipe, carry, x, valid,
+                                jax.random.fold_in(key, step_index), loss, hp, lr_factor), {}
 
 
 def _fcs_forget_step(model, recipe, batch_size, carry, orders, key, hp, images, labels,
                      step_index, epoch, lr_factor):
   """Forget round: zip(forget, second shuffled retain order); contrastive loss
-  mean_ij(-log_softmax_j(f(x_f) stopgrad(f(x_r))^T / T)); step ``opt_f`` at the per-step cosine lr."""
+  mean_ij(-log_softmax_j(f(x_f) stopgrad(f(x_r))^T / T)); ``forget_optimizer.*`` at the per-step
+  cosine lr."""
   del lr_factor
   forget, retain = orders["forget"], orders["retain"]
   steps_f = jnp.maximum(-(-(forget >= 0).sum() // batch_size), 1)
   steps_r = -(-(retain >= 0).sum() // batch_size)
   xf, _, vf = base.inputs(recipe, images, labels, base.batch(forget, step_index, batch_size))
   xr, _, vr = base.inputs(recipe, images, labels, base.batch(retain, step_index, batch_size))
-  active = vf.any() & (step_index < steps_r)  # zip stops at the shorter loader
+  vf = vf & (step_index < steps_r)  # zip stops at the shorter loader
   kf, kr = jax.random.split(jax.random.fold_in(key, step_index))
 
   def loss_fn(params):
-    lf, bs = base.forward(model, params, carry.batch_stats, xf, vf, training=True, key=kf)
-    lr_, bs = base.forward(model, params, bs, xr, vr, training=True, key=kr)
+    lf, bs = base.forward(model, recipe, params, carry.batch_stats, xf, vf, training=True, key=kf)
+    lr_, bs = base.forward(model, recipe, params, bs, xr, vr, training=True, key=kr)
     s = lf @ jax.lax.stop_gradient(lr_).T / hp["temperature"]
     s = jnp.where(vr[None, :], s, -1e30)
     pair = vf[:, None] & vr[None, :]
     loss = -jnp.sum(jnp.where(pair, jax.nn.log_softmax(s, -1), 0.0)) / jnp.maximum(pair.sum(), 1)
     return loss, bs
 
-  grads, bs = jax.grad(loss_fn, has_aux=True)(carry.params)
   t = epoch * jnp.minimum(steps_f, steps_r) + step_index  # scheduler steps taken so far
   lr = fcs_forget_lr(hp["forget_learning_rate"], hp["eta_min"], t, steps_f * hp["num_epochs"])
-  params, opt_f = base.sgd_update("sgd", carry.params, carry.opt_f, grads, lr,
-                                  hp["forget_weight_decay"], hp["forget_momentum"])
-  new = carry.replace(params=params, batch_stats=bs, opt_f=opt_f)
-  return base.keep_if_empty(active[None], new, carry), {}
+  return base.descend(carry, loss_fn, vf, {**base.optimizer_hp(hp, "forget_"), "learning_rate": lr},
+                      1.0), {}
 
 
 def _fcs_retain_step(model, recipe, batch_size, carry, orders, key, hp, images, labels,
                      step_index, epoch, lr_factor):
-  """Retain round: CE on a retain batch; step ``opt_r`` (lr = retain lr x batch_size / 64)."""
+  """Retain round: CE on a retain batch with ``retain_optimizer.*`` (lr x batch_size / 64)."""
   del epoch, lr_factor
   x, y, valid = base.inputs(recipe, images, labels, base.batch(orders["retain"], step_index,
                                                                batch_size))
-
-  def loss_fn(params):
-    logits, bs = base.forward(model, params, carry.batch_stats, x, valid, training=True,
-                              key=jax.random.fold_in(key, step_index))
-    return base.masked_mean(base.cross_entropy(logits, y), valid), bs
-
-  grads, bs = jax.grad(loss_fn, has_aux=True)(carry.params)
-  params, opt_r = base.sgd_update("sgd", carry.params, carry.opt_r, grads,
-                                  hp["retain_learning_rate"] * batch_size / 64,
-                                  hp["retain_weight_decay"], hp["retain_momentum"])
-  return base.keep_if_empty(valid, carry.replace(params=params, batch_stats=bs, opt_r=opt_r),
-                            carry), {}
+  return base.descend_on_logits(
+      model, recipe, carry, x, valid, jax.random.fold_in(key, step_index),
+      lambda logits: base.masked_mean(base.cross_entropy(logits, y), valid),
+      base.optimizer_hp(hp, "retain_"), batch_size / 64), {}
 
 
 _FCS_FLOATS = ("learning_rate", "momentum", "weight_decay", "retain_learning_rate",
@@ -341,22 +301,22 @@ def _fcs(ctx: base.Context, hp, key) -> dict:
   """
   n, bs, epochs = ctx.num_models, hp.batch_size, hp.num_epochs
   floats = base.per_model(hp, _FCS_FLOATS, n)
-  params = base.copy_tree(ctx.originals["params"])
-  opt = jax.vmap(lambda p: base.init_opt("sgd", p))(params)
-  carry = FcsCarry(params, base.copy_tree(ctx.originals.get("batch_stats", {})), opt,
-                   base.copy_tree(opt), base.copy_tree(opt))
+  state = base.TrainCarry.create(ctx.originals)  # with the stage-1 optimiser
+  opt_f, opt_r = base.copy_tree(state.opt_state), base.copy_tree(state.opt_state)
   statics = (ctx.model, ctx.recipe, bs)
-  carry = base.run_epochs(ctx, _fcs_uniform_step, statics, carry,
+  state = base.run_epochs(ctx, _fcs_uniform_step, statics, state,
                           {"forget": (ctx.forget, bs, True)}, floats,
                           jax.random.fold_in(key, 0), 1)
   for ep in range(epochs):
-    carry = base.run_epochs(ctx, _fcs_forget_step, statics, carry,
+    state = base.run_epochs(ctx, _fcs_forget_step, statics, state.replace(opt_state=opt_f),
                             {"forget": (ctx.forget, bs, True), "retain": (ctx.retain, bs, True)},
                             floats, jax.random.fold_in(key, 1), 1, first_epoch=ep)
-    carry = base.run_epochs(ctx, _fcs_retain_step, statics, carry,
+    opt_f = state.opt_state
+    state = base.run_epochs(ctx, _fcs_retain_step, statics, state.replace(opt_state=opt_r),
                             {"retain": (ctx.retain, bs, True)}, floats,
                             jax.random.fold_in(key, 2), 1, first_epoch=ep)
-  return train.as_variables(carry.params, carry.batch_stats)
+    opt_r = state.opt_state
+  return state.variables
 
 
 FCS = base.register(base.Method(
@@ -387,7 +347,7 @@ def msg_triangle(epochs: int) -> Callable[[int], float]:
 def _probe_subset(retain, forget, key):
   """A random subset of the model's retain set with |forget| entries (``randperm[:|forget|]``),
   padded with -1 to the forget width."""
-  perm = train.epoch_order(retain, key, 1)
+  perm = engine.shuffled_order(retain, key, 1)
   width = forget.shape[0]
   perm = jnp.pad(perm, (0, max(width - perm.shape[0], 0)), constant_values=-1)[:width]
   return jnp.where(jnp.arange(width) < (forget >= 0).sum(), perm, -1)

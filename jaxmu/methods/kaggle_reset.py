@@ -180,10 +180,9 @@ def _kde(ctx: base.Context, hp, key) -> dict:
   state = kaggle.run_loss(ctx, variables, {**warm, "c_kl": 1.0}, jax.random.fold_in(key, 1), spec,
                           hp.num_epochs, source="val" if hp.faithful else "retain",
                           shuffle=not hp.faithful, extras={"teacher": base.copy_tree(ctx.originals)})
-  retain = {name: v for name, v in zip(
-      ("learning_rate", "weight_decay", "momentum"),
-      base.per_model(hp, ("retain_learning_rate", "retain_weight_decay", "retain_momentum"),
-                     n).values())}
+  retain = base.optimizer_hp(
+      base.per_model(hp, ("retain_learning_rate", "retain_weight_decay", "retain_momentum"), n),
+      "retain_")
   state = kaggle.run_loss(ctx, state.variables,
                           {**retain, **temperature, "c_soft": 1.0, "c_ce": 1.0, "c_kl": 1.0},
                           jax.random.fold_in(key, 2), spec, hp.retain_num_epochs,
