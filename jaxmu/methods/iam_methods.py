@@ -83,10 +83,9 @@ def _iam_ascent(ctx: base.Context, hp, key) -> dict:
   else:
     helper = None
   sources = {"forget": (ctx.forget, hp.batch_size, True)}
+  hpm = base.per_model(hp, ("learning_rate", "weight_decay", "momentum"), ctx.num_models)
   net, _ = base.run_epochs(ctx, _ascent_step, (ctx.model, ctx.recipe, spec), (net, helper),
-                           sources, base.per_model(hp, ("learning_rate", "weight_decay", "momentum"),
-                                                   ctx.num_models),
-                           key, hp.num_epochs, lr_factor=base.cosine(hp.num_epochs))
+                           sources, hpm, key, hp.num_epochs, lr_factor=base.cosine(hp.num_epochs))
   return net.variables
 
 
@@ -120,10 +119,11 @@ def drops_stem_relu(model) -> bool:
 
 def widened_forward(model, recipe, params, batch_stats, extra, x, valid, *, training: bool,
                     key=None, drop_stem_relu: bool = False):
-  """Logits [B, C+1] of the widened network: the model's logits plus one unit, ``feat @
-  extra["kernel"] + extra["bias"]`` on the classifier's input features (found by intercepting the
-  top-level head module), in the recipe's compute dtype. ``drop_stem_relu`` feeds the stem BatchNorm's output to the first block
-  without its ReLU (the reference's ResNet backbone; ResNet cifar stem only)."""
+  """Float32 logits [B, C+1] of the widened network, computed in the recipe's dtype: the model's
+  logits plus one unit, ``feat @ extra["kernel"] + extra["bias"]`` on the classifier's input
+  features (found by intercepting the top-level head module). ``drop_stem_relu`` feeds the stem
+  BatchNorm's output to the first block without its ReLU (the reference's ResNet backbone; ResNet
+  cifar stem only)."""
   head = models.head_path(params)
   captured = {}
 
@@ -487,7 +487,8 @@ def _profile(model, recipe, spec, params, stats, images, labels, idx, training):
   mode moves the BatchNorm statistics batch after batch as PyTorch's loader would)."""
   logits, ys, valids = [], [], []
   for b in range(idx.shape[0] // spec.batch_size):
-    x, y, valid = base.inputs(recipe, images, labels, idx[b * spec.batch_size:(b + 1) * spec.batch_size])
+    x, y, valid = base.inputs(recipe, images, labels,
+                              idx[b * spec.batch_size:(b + 1) * spec.batch_size])
     out, new = base.forward(model, recipe, params, stats, x, valid, training=training)
     stats = jax.tree.map(lambda a, o: jnp.where(valid.any(), a, o), new, stats)
     logits.append(out), ys.append(y), valids.append(valid)
