@@ -81,7 +81,7 @@ class Context:
     return self.retain.shape[0]
 
   def keys(self, key: jax.Array) -> jax.Array:
-    return train.model_keys(key, self.model_ids)
+    return engine.model_keys(key, self.model_ids)
 
   def index_sets(self, source: str) -> np.ndarray:
     if source not in SOURCES:
