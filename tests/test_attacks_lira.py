@@ -38,7 +38,9 @@ def _fit_np(shadows, keep, average, fix_variance):
   avg = np.array([(np.median if average == "median" else np.mean)(g) if len(g) else np.nan
                   for g in groups])
   avg[np.isnan(avg)] = np.nanmean(avg)
-  if fix_variance:
+  if fix_variance == "global":  # Carlini's np.std(dat_in): all kept values themselves
+    std = np.full_like(avg, np.std(np.concatenate(groups)))
+  elif fix_variance:
     std = np.full_like(avg, np.std(np.concatenate([g - a for g, a in zip(groups, avg)])))
   else:
     std = np.array([np.std(g) if len(g) else np.nan for g in groups])
@@ -47,7 +49,8 @@ def _fit_np(shadows, keep, average, fix_variance):
 
 
 @pytest.mark.parametrize("x64,tol", PRECISIONS)
-@pytest.mark.parametrize("fix_variance,average", [(False, "median"), (True, "mean")])
+@pytest.mark.parametrize("fix_variance,average",
+                         [(False, "median"), (True, "mean"), ("global", "median")])
 def test_carlini_online_matches_numpy(x64, tol, fix_variance, average):
   with jax.enable_x64(x64):
     target, shadows, in_mask = _shadows(np.random.default_rng(), x64)
@@ -61,7 +64,7 @@ def test_carlini_online_matches_numpy(x64, tol, fix_variance, average):
 
 
 @pytest.mark.parametrize("x64,tol", PRECISIONS)
-@pytest.mark.parametrize("fix_variance,one_sided", [(False, False), (True, True)])
+@pytest.mark.parametrize("fix_variance,one_sided", [(False, False), (True, True), ("global", True)])
 def test_carlini_offline_matches_numpy(x64, tol, fix_variance, one_sided):
   with jax.enable_x64(x64):
     target, shadows, in_mask = _shadows(np.random.default_rng(), x64)
@@ -96,6 +99,28 @@ def test_iam_reference_lira_matches_numpy(x64, tol):
   assert scipy.stats.spearmanr(np.asarray(on), np.abs(t - o)).statistic > 0.999
 
 
+def test_carlini_global_variance_is_not_iam_lira_on():
+  """One IN observation per sample (the original model) and per-sample OUT stds from 0.2 to 5:
+  the pooled IN std is 0, so the pooled variant ranks as the IAM code's LiRA-On (by
+  |phi_unl - phi_ori|, iam-spec 12.6); Carlini's global stds keep the OUT Gaussian in play."""
+  rng = np.random.default_rng(0)
+  n, k = 300, 4
+  mu, sd = rng.normal(0, 3, n), rng.uniform(0.2, 5, n)
+  shadows = mu + sd * rng.standard_normal((k, n))
+  original = mu + 3 + rng.standard_normal(n)
+  target = np.where(rng.random(n) < 0.5, original, mu) + 0.5 * rng.standard_normal(n)
+  refs = np.concatenate([shadows, original[None]])
+  in_mask = np.zeros(refs.shape, bool)
+  in_mask[-1] = True
+  iam_on = -np.asarray(lira.iam_reference_lira_online(target, original, shadows))
+  rho = lambda f: scipy.stats.spearmanr(lira.carlini_lira_online(target, refs, in_mask, f),
+                                        iam_on).statistic
+  assert rho(True) > 0.999
+  assert rho("global") < 0.9
+  with pytest.raises(ValueError, match="fix_variance"):
+    lira.carlini_lira_online(target, refs, in_mask, "pooled")
+
+
 def test_degenerate_inputs_give_finite_scores():
   """K = 1, ties (zero variance), a single IN shadow, probabilities' extremes as signals."""
   target = np.array([0.0, 1.0, 1.0, -103.0, 103.0, 2.0], np.float32)
@@ -104,7 +129,7 @@ def test_degenerate_inputs_give_finite_scores():
   mask = np.array([[True, False, True, False, True, False]])
   for shadows in (one, tied):
     m = np.repeat(mask, len(shadows), 0)
-    scores = [lira.carlini_lira_online(target, shadows, m, fix_variance=f) for f in (0, 1)]
+    scores = [lira.carlini_lira_online(target, shadows, m, fix_variance=f) for f in (0, 1, "global")]
     scores += [lira.carlini_lira_offline(target, shadows, one_sided=s) for s in (0, 1)]
     scores += [lira.iam_reference_lira_offline(target, shadows, s) for s in (0, 1)]
     scores += [lira.iam_reference_lira_online(target, target, shadows)]

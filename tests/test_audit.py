@@ -12,8 +12,8 @@ import scipy.stats
 
 import jaxmu.attacks
 from jaxmu.attacks import baselines, iam, lira, metrics, rmia, signals
-from jaxmu.attacks.audit import (ATTACKS, SCORING_FUNCTIONS, Population, UnleakData, audit_file,
-                                 load_file, scoring_functions, summary_rows)
+from jaxmu.attacks.audit import (ATTACKS, IAM_VARIANTS, SCORING_FUNCTIONS, Population, UnleakData,
+                                 audit_file, load_file, scoring_functions, summary_rows)
 
 ROOT = Path(__file__).resolve().parents[1]
 N, C, K, Z, P = 120, 4, 3, 40, 50
@@ -95,8 +95,8 @@ def test_baselines_equal_direct_primitive_calls(result, inputs):
   direct = {
       "lira_on": lira.iam_reference_lira_online(phi(d["target"]), phi(d["original"]), sh_phi),
       "lira_off": lira.iam_reference_lira_offline(phi(d["target"]), sh_phi),
-      "carlini_lira_off": -lira.carlini_lira_offline(phi(d["target"]), sh_phi, fix_variance=True,
-                                                     one_sided=True),
+      "carlini_lira_off": -lira.carlini_lira_offline(phi(d["target"]), sh_phi,
+                                                     fix_variance="global", one_sided=True),
       "update": baselines.update_attack(phi(d["target"]), phi(d["original"]), sh_phi),
       "emia_r": baselines.emia_reference(d["target"][np.arange(N), y],
                                          d["shadows"][:, np.arange(N), y]),
@@ -119,7 +119,7 @@ def test_baselines_equal_direct_primitive_calls(result, inputs):
   refs = np.concatenate([np.asarray(sh_phi), np.asarray(phi(d["original"]))[None]])
   in_mask = np.arange(K + 1)[:, None] == K
   want = -lira.carlini_lira_online(phi(d["target"]), refs, np.broadcast_to(in_mask, refs.shape),
-                                   fix_variance=True)
+                                   fix_variance="global")
   np.testing.assert_allclose(result.scores["carlini_lira_on"], want, rtol=1e-6)
   bin_ui = iam.bin_ui(result.scores["rmia_on"], d["forget"].astype(int), num_bootstrap=0)
   assert result.metrics["rmia_on"]["auc"] == bin_ui["auc"]
@@ -258,3 +258,89 @@ def test_scoring_functions_equal_numpy_float64(inputs):
   with pytest.raises(ValueError, match="logits"):
     scoring_functions(p_y(d["original"], y), p_y(d["target"], y),
                       np.stack([p_y(s, y) for s in d["shadows"]]), y, d["shadow_train"])
+
+
+def _np_signals(y, temperature=1.0):
+  """p_y, taylor-soft-margin, phi and -CE of logits in float64 (iam-spec 2)."""
+  p_y = lambda z: _softmax(np.asarray(z, np.float64))[np.arange(len(y)), y]
+
+  def tsm(z):
+    u = np.asarray(z, np.float64) / temperature
+    u[np.arange(len(y)), y] -= 0.6
+    t = 1 + u + u**2 / 2 + u**3 / 6
+    return t[np.arange(len(y)), y] / t.sum(-1)
+
+  return {"prob": p_y, "tsm": tsm, "phi": lambda z: np.log(p_y(z)) - np.log1p(-p_y(z)),
+          "neg_loss": lambda z: np.log(p_y(z))}
+
+
+def test_carlini_rows_use_global_variance(result, inputs):
+  """Carlini's fix_variance: one std of all IN values (the original's phi over samples) and one
+  of all OUT values (shadows x samples), in float64; the row no longer ranks as LiRA-On."""
+  d = inputs
+  phi = _np_signals(d["labels"])["phi"]
+  t, o = phi(d["target"]), phi(d["original"])
+  sh = np.stack([phi(s) for s in d["shadows"]])
+  mu_out, s_out = np.median(sh, 0), sh.std()
+  on = scipy.stats.norm.logpdf(t, mu_out, s_out) - scipy.stats.norm.logpdf(t, o, o.std())
+  np.testing.assert_allclose(result.scores["carlini_lira_on"], on, rtol=1e-5, atol=1e-4)
+  off = scipy.stats.norm.logsf(t, mu_out, s_out)
+  np.testing.assert_allclose(result.scores["carlini_lira_off"], off, rtol=1e-5, atol=1e-4)
+  # K >= 2: LiRA-On ranks by |phi_unl - phi_ori| alone; K = 1 (Table 1): the IN and OUT scales
+  # differ, so the quadratic forms differ.
+  rho = scipy.stats.spearmanr(result.scores["lira_on"], result.scores["carlini_lira_on"]).statistic
+  assert rho < 0.95
+  out = jaxmu.attacks.audit(d["original"], d["target"], d["shadows"][:1], d["labels"], d["forget"],
+                            attacks=("lira_on", "carlini_lira_on"))
+  assert abs(out.metrics["lira_on"]["auc"] - out.metrics["carlini_lira_on"]["auc"]) > 1e-3
+
+
+def test_iam_variants_equal_numpy_float64(result, inputs):
+  """Table 1's extra rows: Gaussian IAM-On on p, TSM (temperature 1), phi and -CE, and IAM-On on
+  the un-normalised Gumbel map (iam-spec 3.3, 10.1), each computed here in float64."""
+  from tests.test_attacks_iam import reference_iam
+  d = inputs
+  maps = _np_signals(d["labels"])
+  for attack, (signal, dist) in IAM_VARIANTS.items():
+    f = maps[signal]
+    want = reference_iam(f(d["target"]), f(d["original"]), np.stack([f(s) for s in d["shadows"]]),
+                         100, dist, fix_variance=True)
+    np.testing.assert_allclose(result.scores[attack], want, atol=2e-5, err_msg=attack)
+  r = lambda z: -np.log(1e-2 - np.log(1e-5 + maps["prob"](z)))
+  want = reference_iam(r(d["target"]), r(d["original"]), np.stack([r(s) for s in d["shadows"]]),
+                       100, "gumbel", fix_variance=True)
+  np.testing.assert_allclose(result.scores["iam_on_wo_norm"], want, atol=2e-5)
+  # The Gumbel fit is affine-invariant: with IAM-On's epsilons the un-normalised row is IAM-On.
+  np.testing.assert_allclose(result.scores["iam_on_wo_norm"], result.scores["iam_on"], atol=2e-5)
+  # The Carlini-logit variant is Table 5's Gauss-On.
+  table5 = scoring_functions(d["original"], d["target"], d["shadows"], d["labels"],
+                             d["shadow_train"], temperature=1.0)
+  np.testing.assert_array_equal(result.scores["iam_gauss_phi"], table5["gauss_on"])
+
+
+def test_purchase_epsilons(inputs):
+  """The reference's Purchase IAM-Off (iam-spec 12.5): targets and shadows mapped with (0.1, 1e-6)
+  but normalised with the min/max of (1e-2, 1e-5); the constant normalised with its own; and the
+  un-normalised IAM-On with (0.1, 1e-6). Default epsilons unchanged."""
+  from tests.test_attacks_iam import reference_iam
+  d = inputs
+  r = lambda p, e1, e2: -np.log(e1 - np.log(e2 + p))
+  norm = lambda p, e, n: (r(p, *e) - r(0, *n)) / (r(1, *n) - r(0, *n))
+  p_y = _np_signals(d["labels"])["prob"]
+  ref, vision = (0.1, 1e-6), (1e-2, 1e-5)
+  got = jaxmu.attacks.audit(d["original"], d["target"], d["shadows"], d["labels"],
+                            attacks=("iam_on", "iam_off", "iam_on_wo_norm"),
+                            shadow_train=d["shadow_train"], off_eps=ref, norm_eps=vision).scores
+  s_sh = np.stack([norm(p_y(s), ref, vision) for s in d["shadows"]])
+  c = np.mean([norm(_softmax(z)[np.arange(len(y)), y], ref, ref).mean()
+               for z, y in d["shadow_train"]])
+  want = reference_iam(norm(p_y(d["target"]), ref, vision), c, s_sh, 100, "gumbel", True)
+  np.testing.assert_allclose(got["iam_off"], want, atol=2e-5)
+  sh = np.stack([r(p_y(s), *ref) for s in d["shadows"]])
+  want = reference_iam(r(p_y(d["target"]), *ref), r(p_y(d["original"]), *ref), sh, 100, "gumbel",
+                       True)
+  np.testing.assert_allclose(got["iam_on_wo_norm"], want, atol=2e-5)
+  default = jaxmu.attacks.audit(d["original"], d["target"], d["shadows"], d["labels"],
+                                attacks=("iam_on", "iam_off"), shadow_train=d["shadow_train"])
+  np.testing.assert_array_equal(got["iam_on"], default.scores["iam_on"])
+  assert np.abs(got["iam_off"] - default.scores["iam_off"]).max() > 1e-2

@@ -21,6 +21,7 @@ Two input modes:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
@@ -33,6 +34,11 @@ from jaxmu.attacks import baselines, iam, lira, metrics, rmia, signals
 ATTACKS = {
     "iam_on": ("IAM-On", ()),
     "iam_off": ("IAM-Off", ("off",)),
+    "iam_gauss_prob": ("IAM-variant: prob, Gaussian (online)", ("logits",)),
+    "iam_gauss_tsm": ("IAM-variant: taylor-soft-margin, Gaussian (online)", ("logits",)),
+    "iam_gauss_phi": ("IAM-variant: Carlini logit, Gaussian (online)", ()),
+    "iam_gauss_loss": ("IAM-variant: -CE loss, Gaussian (online)", ("logits",)),
+    "iam_on_wo_norm": ("IAM-On w/o [0,1] normalisation", ()),
     "lira_on": ("LiRA-On", ()),
     "lira_off": ("LiRA-Off", ()),
     "carlini_lira_on": ("LiRA-On (Carlini)", ()),
@@ -49,6 +55,14 @@ ATTACKS = {
 RMIA_SETTINGS = {"cifar10": (0.33, 2.0), "cinic10": (0.33, 2.0), "cifar100": (0.6, 1.0),
                  "purchase100": (0.2, 2.0), "texas100": (0.2, 2.0), "location": (0.2, 2.0)}
 SIGNALS = ("prob", "raw")
+# Table 1's IAM variants (iam-spec 7.1, 10.1 "extra": ``p_IPapprox_{proby,tsm,carlogi,losy}_simp``):
+# attack -> (signal: p_y, taylor-soft-margin, phi, -CE; IAM distribution), online with the
+# original model's signal as the fit. ``iam_gauss_phi`` is `SCORING_FUNCTIONS`' gauss_on.
+IAM_VARIANTS = {"iam_gauss_prob": ("prob", "norm"), "iam_gauss_tsm": ("tsm", "norm"),
+                "iam_gauss_phi": ("phi", "norm"), "iam_gauss_loss": ("neg_loss", "norm")}
+# The vision IAM-On's Gumbel-map epsilons (iam-spec 2); the reference's Purchase/Texas IAM-Off and
+# un-normalised IAM-On use (0.1, 1e-6), with IAM-Off's targets and shadows normalised by these.
+IAM_EPS = (1e-2, 1e-5)
 
 
 class Population(NamedTuple):
@@ -80,9 +94,21 @@ class AuditResult(NamedTuple):
 
 
 # The signals of iam-spec 2 as one compiled program per shape (eagerly, every op compiles alone).
-_gumbel_signal = jax.jit(lambda z, y: signals.normalized_gumbel(signals.true_class_prob(z, y)))
+@functools.partial(jax.jit, static_argnames=("eps", "normalize", "norm_eps"))
+def _gumbel_signal(z, y, eps=IAM_EPS, normalize=True, norm_eps=None):
+  """IAM's signal r_hat(p_y) (or r(p_y) without ``normalize``) of logits, `signals.gumbel_map`."""
+  return signals.gumbel_map(signals.true_class_prob(z, y), *eps, normalize, norm_eps)
+
+
 _scaled_logit = jax.jit(signals.scaled_logit)
 _tsm = jax.jit(signals.taylor_soft_margin)
+_SIGNALS = {"prob": jax.jit(signals.true_class_prob), "phi": _scaled_logit, "gumbel": _gumbel_signal,
+            "neg_loss": jax.jit(lambda z, y: -signals.cross_entropy(z, y))}
+
+
+def _signal(name, logits, labels, temperature):
+  """The signal ``name`` (`_SIGNALS` or "tsm" at ``temperature``) of logits [..., C]."""
+  return _tsm(logits, labels, temperature) if name == "tsm" else _SIGNALS[name](logits, labels)
 
 
 def _shape_error(name, got, want):
@@ -122,6 +148,7 @@ def audit(original, target, shadows, labels=None, forget_mask=None, *, attacks=N
           off_constant: float | None = None, unleak: UnleakData | Any = None,
           signal: str = "prob", one_sided_lira: bool = False, rmia_a: float = 0.33,
           temperature: float = 2.0, gamma: float = 2.0, num_interp: int = 100,
+          off_eps: Sequence[float] = IAM_EPS, norm_eps: Sequence[float] | None = None,
           levels=metrics.LEVELS, num_bootstrap: int = 0, seed: int = 0) -> AuditResult:
   """Scores every query sample with IAM and the baselines (iam-spec 3, 4); BinUI metrics (9.1).
 
@@ -141,21 +168,31 @@ def audit(original, target, shadows, labels=None, forget_mask=None, *, attacks=N
     unleak: a fitted UnLeak classifier (`baselines.unleak_attack_model`) or `UnleakData`.
     signal: signal mode only: "prob" or "raw" (module docstring).
     one_sided_lira: IAM's LiRA-Off for class unlearning types (iam-spec 12.7): one-sided.
-    rmia_a, temperature, gamma: RMIA's offline a, taylor-soft-margin temperature and gamma
-      (`RMIA_SETTINGS` holds the IAM code's per-dataset values; default CIFAR-10).
+    rmia_a, temperature, gamma: RMIA's offline a, taylor-soft-margin temperature (also of
+      ``iam_gauss_tsm``) and gamma (`RMIA_SETTINGS` holds the IAM code's per-dataset values;
+      default CIFAR-10).
     num_interp: IAM's A. levels, num_bootstrap: passed to `metrics.roc_metrics`.
+    off_eps: (eps1, eps2) of the Gumbel map for IAM-Off and ``iam_on_wo_norm`` (iam-spec 2;
+      IAM-On always uses `IAM_EPS`). The reference's Purchase/Texas: (0.1, 1e-6).
+    norm_eps: the epsilons whose r(0) and r(1) normalise IAM-Off's target and shadow signals
+      (None: ``off_eps``); IAM-Off's constant is always normalised with ``off_eps``. The
+      reference's Purchase/Texas: `IAM_EPS` (its mismatch, iam-spec 12.5).
     seed: the Random baseline's numpy seed and UnLeak's classifier seed.
 
   Returns: `AuditResult`.
 
-  Follows iam-spec 3-4 through the primitives; the Carlini family (LiRA-On/Off (Carlini)) is
-  Carlini et al.'s LiRA with a pooled ("fixed") variance: offline one-sided over the OUT shadows,
-  online with the original model as the IN observation. Deviation: the IAM code has only its own
-  LiRA family; the Carlini rows are extra.
+  Follows iam-spec 3-4 through the primitives, and Table 1's extra rows (iam-spec 10.1):
+  `IAM_VARIANTS` and ``iam_on_wo_norm`` (IAM-On on the un-normalised r(p_y) with ``off_eps``).
+  The Carlini family (LiRA-On/Off (Carlini)) is Carlini et al.'s LiRA with the global variance of
+  Carlini's code (`lira.carlini_lira_online` with ``fix_variance="global"``): offline one-sided
+  over the OUT shadows, online with the original model as the IN observation. Deviation: the IAM
+  code has only its own LiRA family; the Carlini rows are extra.
   """
   mode, original, target, shadows, labels = _check_inputs(original, target, shadows, labels)
   if signal not in SIGNALS:
     raise ValueError(f"signal must be one of {SIGNALS}; got {signal!r}")
+  off_eps = tuple(float(e) for e in off_eps)
+  norm_eps = off_eps if norm_eps is None else tuple(float(e) for e in norm_eps)
   n, k = target.shape[0], shadows.shape[0]
   if forget_mask is not None:
     forget_mask = np.asarray(forget_mask)
@@ -178,22 +215,36 @@ def audit(original, target, shadows, labels=None, forget_mask=None, *, attacks=N
 
   # The signals each family reads (iam-spec 2).
   if mode == "logits":
-    gumbel = lambda z: _gumbel_signal(z, labels)
     phi = lambda z: _scaled_logit(z, labels)
   elif signal == "prob":
     _check_prob(original, target, shadows)
-    gumbel = signals.normalized_gumbel
     phi = lambda p: jnp.log(jnp.clip(p, 1e-30, 1.0)) - jnp.log(jnp.clip(1.0 - p, 1e-30, 1.0))
   else:
-    gumbel = phi = jnp.asarray
+    phi = jnp.asarray
+
+  def gumbel(x, eps=IAM_EPS, normalize=True, norm_eps=None):
+    if mode == "logits":
+      return _gumbel_signal(x, labels, eps, normalize, norm_eps)
+    return signals.gumbel_map(x, *eps, normalize, norm_eps) if signal == "prob" else jnp.asarray(x)
+
   scores = {}
   if "iam_on" in attacks or "iam_off" in attacks:
     s_target, s_sh = gumbel(target), gumbel(shadows)
     if "iam_on" in attacks:
       scores["iam_on"] = iam.iam_score(s_target, gumbel(original), s_sh, num_interp)
     if "iam_off" in attacks:
-      c = off_constant if off_constant is not None else _off_constant(shadow_train, mode, signal, gumbel)
+      if (off_eps, norm_eps) != (IAM_EPS, IAM_EPS):
+        s_target, s_sh = (gumbel(x, off_eps, True, norm_eps) for x in (target, shadows))
+      c = off_constant if off_constant is not None else _off_constant(shadow_train, mode, off_eps)
       scores["iam_off"] = iam.iam_score(s_target, c, s_sh, num_interp)
+  if "iam_on_wo_norm" in attacks:
+    raw = lambda x: gumbel(x, off_eps, False)
+    scores["iam_on_wo_norm"] = iam.iam_score(raw(target), raw(original), raw(shadows), num_interp)
+  for a in (a for a in attacks if a in IAM_VARIANTS):
+    name, dist = IAM_VARIANTS[a]
+    f = phi if name == "phi" else functools.partial(_signal, name, labels=labels,
+                                                    temperature=temperature)
+    scores[a] = iam.iam_score(f(target), f(original), f(shadows), num_interp, dist=dist)
   if any(a in attacks for a in ("lira_on", "lira_off", "carlini_lira_on", "carlini_lira_off",
                                 "update")):
     p_target, p_original, p_sh = phi(target), phi(original), phi(shadows)
@@ -206,9 +257,10 @@ def audit(original, target, shadows, labels=None, forget_mask=None, *, attacks=N
       in_mask = np.zeros(refs.shape, bool)
       in_mask[-1] = True
       scores["carlini_lira_on"] = -lira.carlini_lira_online(p_target, refs, in_mask,
-                                                            fix_variance=True)
+                                                            fix_variance="global")
     if "carlini_lira_off" in attacks:
-      scores["carlini_lira_off"] = -lira.carlini_lira_offline(p_target, p_sh, fix_variance=True,
+      scores["carlini_lira_off"] = -lira.carlini_lira_offline(p_target, p_sh,
+                                                              fix_variance="global",
                                                               one_sided=True)
     if "update" in attacks:
       scores["update"] = baselines.update_attack(p_target, p_original, p_sh)
@@ -279,14 +331,13 @@ def scoring_functions(original, target, shadows, labels, shadow_train, *, temper
   _, original, target, shadows, labels = _check_inputs(original, target, shadows, labels)
   if shadows.ndim != 3:
     raise ValueError("scoring_functions needs logits [N, C] per model with labels [N]")
-  maps = {"prob": signals.true_class_prob, "phi": _scaled_logit, "gumbel": _gumbel_signal}
   simple = baselines.simple_scores(target, labels, temperature)
   out = {}
   for key, (_, signal, dist) in SCORING_FUNCTIONS.items():
     if dist is None:
       out[key] = np.asarray(simple[signal], np.float64)
       continue
-    f = maps[signal]
+    f = functools.partial(_signal, signal, temperature=temperature)
     if key.endswith("_on"):
       fit = f(original, labels)
     else:
@@ -312,8 +363,9 @@ def _check_prob(*arrays):
                        "per-sample signals")
 
 
-def _off_constant(shadow_train, mode, signal, gumbel):
-  """IAM-Off's c from the shadows' outputs on their own training data (iam-spec 3.1)."""
+def _off_constant(shadow_train, mode, eps):
+  """IAM-Off's c from the shadows' outputs on their own training data (iam-spec 3.1), each
+  signal normalised with its own epsilons ``eps`` (iam-spec 12.5)."""
   if mode != "logits":
     raise ValueError("in signal mode give IAM-Off's constant as off_constant=")
   means = []
@@ -323,7 +375,7 @@ def _off_constant(shadow_train, mode, signal, gumbel):
     z, y = np.asarray(pair[0]), np.asarray(pair[1])
     if z.ndim != 2 or y.shape != z.shape[:1]:
       raise ValueError(f"shadow_train[{k}]: logits {z.shape} and labels {y.shape} must be [T, C], [T]")
-    means.append(_gumbel_signal(z, y))
+    means.append(_gumbel_signal(z, y, eps))
   return iam.iam_off_constant(means)
 
 

@@ -19,7 +19,8 @@ from jaxmu.attacks.lira import _out_gaussian
 
 
 def _emia_loss(true_class_logit):
-  """log(1 + exp(-z_y)) of the raw true-class logit (``from_correct_logit_to_loss``), stably."""
+  """log(1 + exp(-z_y)) of the raw true-class logit: ``from_correct_logit_to_loss``, whose
+  ``np.logaddexp(0, -z)`` is this softplus."""
   return jax.nn.softplus(-true_class_logit)
 
 
@@ -31,8 +32,7 @@ def emia_reference(target_logit, shadow_logits):
   is ``np.interp(l_target, sorted, linspace(0, 1, K + 2))``, the target loss's percentile.
 
   Args: target_logit [N], shadow_logits [K, N]: true-class logits z_y of the unlearned and the
-  shadow models. Returns [N] in [0, 1]. Deviation: softplus instead of the naive
-  log(1 + exp(-z)), which overflows to inf for z < -88 in float32 (score 1 either way).
+  shadow models. Returns [N] in [0, 1].
   """
   target_logit = _checks.signal(target_logit, "target_logit", 1)
   shadow_logits = _checks.shadows(shadow_logits, target_logit.shape[0], "shadow_logits")

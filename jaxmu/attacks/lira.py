@@ -47,20 +47,25 @@ def _fit(shadows, keep, average, fix_variance):
 
   Centre: nanmedian or nanmean over the kept models; std: nanstd (ddof 0) over them, or with
   ``fix_variance`` the std of all kept deviations from their centres pooled over models and
-  samples. A sample with no kept model takes the mean centre (and std) of the other samples.
+  samples, or with ``fix_variance="global"`` the std of all kept values themselves (Carlini's
+  ``np.std(dat_in)``). A sample with no kept model takes the mean centre (and std) of the others.
   """
   x = jnp.where(keep, shadows, jnp.nan)
   centre = (jnp.nanmedian if average == "median" else jnp.nanmean)(x, axis=0)
   centre = jnp.where(jnp.isnan(centre), jnp.nanmean(centre), centre)
+  if fix_variance == "global":
+    return centre, jnp.full_like(centre, jnp.nanstd(x))
   if fix_variance:
     return centre, jnp.full_like(centre, jnp.nanstd(x - centre))
   std = jnp.nanstd(x, axis=0)
   return centre, jnp.where(jnp.isnan(std), jnp.nanmean(std), std)
 
 
-def _check_options(average, groups):
+def _check_options(average, fix_variance, groups):
   if average not in ("median", "mean"):
     raise ValueError(f"average must be 'median' or 'mean'; got {average!r}")
+  if fix_variance not in (False, True, "global"):
+    raise ValueError(f"fix_variance must be False, True or 'global'; got {fix_variance!r}")
   for name, keep in groups.items():
     if not bool(jnp.any(keep)):
       raise ValueError(f"no {name} shadow observation at all: check in_mask")
@@ -71,8 +76,15 @@ def carlini_lira_online(target, shadows, in_mask, fix_variance=False, average="m
 
   Follows tensorflow/privacy ``advanced_mia.compute_score_lira(option='both')`` with one query per
   sample: IN statistics from the shadows with ``in_mask`` True, OUT from the others; ``average``
-  is its ``median_or_mean``; ``fix_variance`` its global std. tensorflow/privacy returns
+  is its ``median_or_mean``; ``fix_variance=True`` its pooled std. tensorflow/privacy returns
   log p_out - log p_in (members small); this is its negation (members large).
+
+  ``fix_variance="global"`` is Carlini's own ``generate_ours(fix_variance=True)``
+  (``mi_lira_2021/plot.py``): one std of all IN values over models and samples, and one of all
+  OUT values. It stays informative with a single IN observation per sample, where the per-sample
+  and the pooled IN stds are 0. Deviation: Carlini's code reuses the IN std for the OUT Gaussian
+  (``std_out = np.std(dat_in)``), which with equal scales ranks like the zero-variance IAM LiRA-On
+  at K = 1; here each group has its own.
 
   Args:
     target: [N] signal of the model under attack.
@@ -82,7 +94,7 @@ def carlini_lira_online(target, shadows, in_mask, fix_variance=False, average="m
   Deviation: zero stds are floored at 1e-10 instead of adding 1e-30 (module docstring).
   """
   target, shadows, in_mask = _inputs(target, shadows, in_mask)
-  _check_options(average, {"IN": in_mask, "OUT": ~in_mask})
+  _check_options(average, fix_variance, {"IN": in_mask, "OUT": ~in_mask})
   mu_in, s_in = _fit(shadows, in_mask, average, fix_variance)
   mu_out, s_out = _fit(shadows, ~in_mask, average, fix_variance)
   return norm.logpdf(target, mu_in, _scale(s_in)) - norm.logpdf(target, mu_out, _scale(s_out))
@@ -97,13 +109,15 @@ def carlini_lira_offline(target, shadows, in_mask=None, fix_variance=False, aver
   Lambda = 1 - Pr[Z > t], Z ~ N(mu_out, s_out^2)): returned as -log Pr[Z > t], a monotone
   transform of Lambda that keeps its resolution where Lambda rounds to 1 (members).
 
+  ``fix_variance``: as `carlini_lira_online` ("global": the std of all OUT values).
+
   Args:
     target: [N]; shadows: [K, N]; in_mask: [K, N] or None (every shadow is OUT for every sample).
   Returns: [N] membership scores.
   Deviation: zero stds floored at 1e-10; one-sided returned as -log(1 - Lambda).
   """
   target, shadows, in_mask = _inputs(target, shadows, in_mask)
-  _check_options(average, {"OUT": ~in_mask})
+  _check_options(average, fix_variance, {"OUT": ~in_mask})
   mu, s = _fit(shadows, ~in_mask, average, fix_variance)
   if one_sided:
     z = (target - mu) / _scale(s)  # -log Pr[Z > t], accurate in both tails
