@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxmu import airbench, engine, models, parallel, train
 from jaxmu import data as data_lib
-from jaxmu import models, train
-from jaxmu.models import airbench
+from jaxmu.models import airbench as net_lib
 
 MEAN, STD = (0.3054,), (0.3760,)
 # Narrow widths keep a CPU test to seconds; the published widths are (64, 256, 256).
@@ -26,7 +26,7 @@ def trained(digits):
   """One narrow airbench94 trained with the published recipe except batch 128 (1,437 images give
   11 steps an epoch; batch 1024 would give one)."""
   _, data = digits
-  model = airbench.airbench94(10, WIDTHS)
+  model = net_lib.airbench94(10, WIDTHS)
   hyper = airbench.Hyper(batch_size=128, mean=MEAN, std=STD)
   sets = [np.arange(1437)]
   variables = airbench.init_variables(model, jax.random.split(jax.random.key(0), 1), data, sets,
@@ -46,7 +46,7 @@ def test_registry_builds_airbench94():
 def test_whitening_kernel_whitens_2x2_patches():
   rng = np.random.default_rng(0)
   images = rng.normal(size=(20, 9, 7, 3)) * np.array([1.0, 2.0, 0.5]) + 0.3
-  kernel = np.asarray(airbench.whitening_kernel(jnp.asarray(images, jnp.float32)), np.float64)
+  kernel = np.asarray(net_lib.whitening_kernel(jnp.asarray(images, jnp.float32)), np.float64)
   assert kernel.shape == (2, 2, 3, 24)
   patches = np.stack([images[n, i:i + 2, j:j + 2].reshape(-1)  # (dh, dw, c) order, as the kernel
                       for n in range(20) for i in range(8) for j in range(6)])
@@ -60,8 +60,8 @@ def test_whitening_kernel_whitens_2x2_patches():
 
 def test_dirac_init_passes_the_first_channels_through():
   key = jax.random.key(3)
-  kernel = np.asarray(airbench.dirac_init()(key, (3, 3, 4, 6)))
-  base = np.asarray(airbench.torch_default_kernel_init(key, (3, 3, 4, 6)))
+  kernel = np.asarray(net_lib.dirac_init()(key, (3, 3, 4, 6)))
+  base = np.asarray(net_lib.torch_default_kernel_init(key, (3, 3, 4, 6)))
   identity = np.zeros((3, 3, 4, 4))
   identity[1, 1, np.arange(4), np.arange(4)] = 1
   np.testing.assert_array_equal(kernel[..., :4], identity)
@@ -71,10 +71,10 @@ def test_dirac_init_passes_the_first_channels_through():
 def test_schedules_follow_the_reference_formulas():
   total = 109
   steps = np.arange(total + 1)
-  np.testing.assert_allclose(airbench.lr_factor(steps, total),
+  np.testing.assert_allclose(net_lib.lr_factor(steps, total),
                              np.interp(steps, [0, int(0.23 * total), total], [0.2, 1, 0.07]),
                              rtol=1e-6)
-  np.testing.assert_allclose(airbench.lookahead_decay(steps, total),
+  np.testing.assert_allclose(net_lib.lookahead_decay(steps, total),
                              0.95 ** 5 * (steps / total) ** 3, rtol=1e-6)
 
 
@@ -115,14 +115,15 @@ def test_one_step_and_a_lookahead_sync_match_numpy(digits, trained):
   labels = rng.integers(0, 10, len(inputs)).astype(np.int32)
   x = (inputs[:b].astype(np.float32) / 255 - MEAN[0]) / STD[0]
   params = dict(variables["params"], stem_whiten=dict(
-      variables["params"]["stem_whiten"], kernel=airbench.whitening_kernel(jnp.asarray(x))[None]))
+      variables["params"]["stem_whiten"], kernel=net_lib.whitening_kernel(jnp.asarray(x))[None]))
   variables = dict(variables, params=params)
-  step = airbench._compiled_step(model, hyper, "vmap")
+  step = engine._compiled_step(airbench.train_step, (model, hyper), parallel.Strategy("vmap"))
   buffers = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape) * 1e-3, jnp.float32),
                          params)
-  order = jnp.arange(1437, dtype=jnp.int32)[None]  # the fixture's index set length
+  order = {"train": jnp.arange(1437, dtype=jnp.int32)[None]}  # the fixture's index set length
   keys = jax.random.split(jax.random.key(0), 1)
-  total = jnp.asarray([100], jnp.int32)
+  hp = {"flip_key": keys, "total_steps": jnp.asarray([100], jnp.int32),
+        "epoch_steps": jnp.asarray([1], jnp.int32)}
   # The step's random draws: one flip per image from the flip key (even epochs keep it), and a
   # translation by the offset in [0, 4]^2 of the 2-pixel reflect-padded image.
   flips = np.asarray(jax.vmap(lambda i: jax.random.bernoulli(jax.random.fold_in(keys[0], i)))(
@@ -144,8 +145,8 @@ def test_one_step_and_a_lookahead_sync_match_numpy(digits, trained):
   for epoch, step_count in ((0, 0), (4, 7)):  # whitening bias trains before epoch 3 only
     state = airbench.State(_copy(params), _copy(variables["batch_stats"]), _copy(buffers),
                            _copy(variables), jnp.asarray([step_count], jnp.int32))
-    new, _ = step(state, order, keys, keys, total, jnp.asarray([1], jnp.int32),
-                  jnp.asarray(inputs), jnp.asarray(labels), jnp.int32(0), jnp.int32(epoch))
+    new, _ = step(state, order, keys, hp, jnp.asarray(inputs), jnp.asarray(labels), jnp.int32(0),
+                  jnp.int32(epoch), jnp.float32(1))
     factor = np.interp(step_count, [0, 23, 100], [0.2, 1, 0.07])
     want = _numpy_step(_flat(v0["params"]), grads, _flat(jax.tree.map(lambda a: a[0], buffers)),
                        hyper, factor, epoch < 3)
@@ -158,8 +159,8 @@ def test_one_step_and_a_lookahead_sync_match_numpy(digits, trained):
   ema = jax.tree.map(lambda a: a * 0.5, variables)
   state = airbench.State(_copy(params), _copy(variables["batch_stats"]), _copy(buffers), _copy(ema),
                          jnp.asarray([4], jnp.int32))
-  new, _ = step(state, order, keys, keys, total, jnp.asarray([1], jnp.int32),
-                jnp.asarray(inputs), jnp.asarray(labels), jnp.int32(0), jnp.int32(0))
+  new, _ = step(state, order, keys, hp, jnp.asarray(inputs), jnp.asarray(labels), jnp.int32(0),
+                jnp.int32(0), jnp.float32(1))
   unsynced = _numpy_step(_flat(v0["params"]), grads, _flat(jax.tree.map(lambda a: a[0], buffers)),
                          hyper, np.interp(4, [0, 23, 100], [0.2, 1, 0.07]), True)
   alpha = 0.95 ** 5 * (5 / 100) ** 3
@@ -201,3 +202,27 @@ def test_tta_is_the_mean_of_mirrored_and_shifted_passes(digits, trained):
   padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
   want = mirror(x) / 2 + (mirror(padded[:, :32, :32]) + mirror(padded[:, 2:, 2:])) / 4
   np.testing.assert_allclose(got[0], want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["loop", "vmap"])
+def test_scanned_epochs_equal_dispatched_steps(digits, kind):
+  """A stack of two with unequal index sets (3 and 2 steps an epoch, whitening bias trained in
+  the first of two epochs): an epoch as one compiled program gives the per-step numbers. XLA
+  fuses the step differently inside the loop, and the whitened activations are large (first
+  BatchNorm variances near 1e7), so float32 rounding differs by up to about 1e-3 of a leaf's
+  scale; a wrong order, key, flip or schedule differs by its whole scale."""
+  _, data = digits
+  model = net_lib.airbench94(10, WIDTHS)
+  hyper = airbench.Hyper(batch_size=128, epochs=2, whiten_bias_epochs=1, mean=MEAN, std=STD)
+  sets = [np.arange(400), np.arange(1000, 1300)]
+  variables = airbench.init_variables(model, jax.random.split(jax.random.key(2), 2), data, sets,
+                                      hyper)
+  steps, scanned = (airbench.fit(model, variables, data, sets, hyper, jax.random.key(3),
+                                 model_ids=[5, 7], strategy=parallel.Strategy(kind, scan=scan),
+                                 progress=False) for scan in (False, True))
+  for a, b in zip(jax.tree.leaves(scanned.variables), jax.tree.leaves(steps.variables),
+                  strict=True):
+    np.testing.assert_allclose(a, b, atol=1e-2 * np.abs(b).max(), rtol=0)
+  for a, b in zip(scanned.history, steps.history, strict=True):
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+    np.testing.assert_array_equal(a["accuracy"], b["accuracy"])
