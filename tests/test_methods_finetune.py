@@ -10,7 +10,7 @@ from conftest import ARCH_SIZES, arch_model
 from jaxmu import data as data_lib
 from jaxmu import models, train
 from jaxmu import methods as methods_lib
-from jaxmu.methods import base, blocks
+from jaxmu.methods import base, finetune
 
 
 def _flat(tree):
@@ -31,20 +31,20 @@ def test_selection_is_the_last_k_stages_and_the_classifier():
     return {p for p in _flat(jax.tree.map(lambda s: np.zeros(()), params))
             if p[0].startswith(prefixes)}
 
-  assert blocks.selected_paths(resnet, 1) == named(resnet, ("layer4_", "fc"))
-  assert blocks.selected_paths(resnet, 2) == named(resnet, ("layer3_", "layer4_", "fc"))
-  assert blocks.selected_paths(resnet, 10) == named(resnet, ("layer", "fc"))
-  assert blocks.selected_paths(vit, 1) == named(vit, ("stage3_", "head"))
-  assert blocks.selected_paths(vit, 2) == named(vit, ("stage2_", "stage3_", "head"))
-  assert blocks.selected_paths(vit, 10) == named(vit, ("stage1_", "stage2_", "stage3_", "head"))
-  faithful = blocks.selected_paths(vit, 1, faithful=True)
+  assert finetune.selected_paths(resnet, 1) == named(resnet, ("layer4_", "fc"))
+  assert finetune.selected_paths(resnet, 2) == named(resnet, ("layer3_", "layer4_", "fc"))
+  assert finetune.selected_paths(resnet, 10) == named(resnet, ("layer", "fc"))
+  assert finetune.selected_paths(vit, 1) == named(vit, ("stage3_", "head"))
+  assert finetune.selected_paths(vit, 2) == named(vit, ("stage2_", "stage3_", "head"))
+  assert finetune.selected_paths(vit, 10) == named(vit, ("stage1_", "stage2_", "stage3_", "head"))
+  faithful = finetune.selected_paths(vit, 1, faithful=True)
   assert faithful == {p for p in named(vit, ("stage3_", "head")) if p[-1] != "attention_biases"}
 
 
 def test_step_decay_factors_are_the_reference_list():
   r = 0.3
-  assert blocks.step_decay_factors(10, r) == [1, 1, 1, 1, 1, 1, r, r, r, r * r]
-  assert blocks.step_decay_factors(3, r) == [1, 1, r]  # decay points (1, 2, 2)
+  assert finetune.step_decay_factors(10, r) == [1, 1, 1, 1, 1, 1, r, r, r, r * r]
+  assert finetune.step_decay_factors(3, r) == [1, 1, r]  # decay points (1, 2, 2)
 
 
 @pytest.mark.parametrize("name", ["cf_k", "eu_k"])

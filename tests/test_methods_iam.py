@@ -11,7 +11,7 @@ from conftest import ARCH_SIZES, make_context
 from jaxmu import models, train
 from jaxmu import methods as methods_lib
 from jaxmu.data import augment as augment_lib
-from jaxmu.methods import iam_lcodec, iam_methods
+from jaxmu.methods import forsaken, lcodec, relabel
 
 IAM = ("iam_ascent", "boundary_expanding", "ssd", "iam_fisher", "forsaken", "l_codec")
 
@@ -176,13 +176,13 @@ def test_boundary_expanding_resnet18_cifar_stem_and_the_missing_relu(size):
                                     jnp.arange(4))
   extra = {"kernel": jnp.ones((512, 1)) * 0.01, "bias": jnp.zeros((1,))}
   plain = ctx.model.apply(variables, x, train=False)
-  wide, _ = iam_methods.widened_forward(ctx.model, ctx.recipe, variables["params"],
+  wide, _ = relabel.widened_forward(ctx.model, ctx.recipe, variables["params"],
                                         variables["batch_stats"], extra, x, valid, training=False)
   np.testing.assert_allclose(wide[:, :10], plain, rtol=1e-5, atol=1e-5)
-  no_relu, _ = iam_methods.widened_forward(ctx.model, ctx.recipe, variables["params"],
+  no_relu, _ = relabel.widened_forward(ctx.model, ctx.recipe, variables["params"],
                                            variables["batch_stats"], extra, x, valid,
                                            training=False, drop_stem_relu=True)
-  assert iam_methods.drops_stem_relu(ctx.model) and not np.allclose(no_relu, wide)
+  assert relabel.drops_stem_relu(ctx.model) and not np.allclose(no_relu, wide)
   ctx = dataclasses.replace(ctx, forget=ctx.forget[:, :8])
   out = methods_lib.get("boundary_expanding").run(
       ctx, {"num_epochs": 1, "faithful": True, "batch_size": 8, "learning_rate": 0.01}).states
@@ -224,7 +224,7 @@ def test_forsaken_faithful_is_one_step_of_a_random_generator(tiny_ctx):
   key, chunk = jax.random.key(2), 512
   out = methods_lib.get("forsaken").run(tiny_ctx, {"faithful": True, "chunk": chunk}, key).states
   _check_runs(tiny_ctx, out)
-  gen_keys = iam_methods.generator_key(tiny_ctx, key)
+  gen_keys = forsaken.generator_key(tiny_ctx, key)
   for m in range(2):
     params = jax.tree.map(lambda a: a[m], tiny_ctx.originals["params"])
     stats = jax.tree.map(lambda a: a[m], tiny_ctx.originals["batch_stats"])
@@ -285,14 +285,14 @@ def test_foci_matches_a_numpy_greedy_selection():
   rng = np.random.default_rng(1)
   x = rng.normal(size=(120, 9)).astype(np.float32)
   y = (np.sin(2 * x[:, 4]) + 0.7 * x[:, 1] ** 2 + 0.05 * rng.normal(size=120)).astype(np.float32)
-  got = np.asarray(iam_lcodec.foci(jnp.asarray(y), jnp.asarray(x), 5, chunk=4))
+  got = np.asarray(lcodec.foci(jnp.asarray(y), jnp.asarray(x), 5, chunk=4))
   want = _numpy_foci(y.astype(np.float64), x.astype(np.float64), 5)
   assert list(got[got >= 0]) == want and set(want[:2]) == {1, 4}
 
 
 def test_l_codec_changes_only_the_selected_units_and_is_stack_parallel(tiny_ctx):
   hp = methods_lib.get("l_codec").hparams({"n_perturbations": 16, "max_units": 3, "cg_iters": 5})
-  out, mask = iam_lcodec.lcodec_with_selection(tiny_ctx, hp, jax.random.key(1))
+  out, mask = lcodec.lcodec_with_selection(tiny_ctx, hp, jax.random.key(1))
   _check_runs(tiny_ctx, out)
   changed = 0
   for path, a, b, m in zip(_paths(out["params"]), _leaves(out["params"]),
@@ -307,7 +307,7 @@ def test_l_codec_changes_only_the_selected_units_and_is_stack_parallel(tiny_ctx)
   alone = dataclasses.replace(
       tiny_ctx, originals=jax.tree.map(lambda x: x[1:], tiny_ctx.originals),
       retain=tiny_ctx.retain[1:], forget=tiny_ctx.forget[1:], val=tiny_ctx.val[1:], model_ids=(1,))
-  single, _ = iam_lcodec.lcodec_with_selection(alone, hp, jax.random.key(1))
+  single, _ = lcodec.lcodec_with_selection(alone, hp, jax.random.key(1))
   for a, b in zip(_leaves(jax.tree.map(lambda x: x[1:], out)), _leaves(single)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 

@@ -17,7 +17,8 @@ from conftest import ARCH_SIZES, arch_model, search_space_table
 from jaxmu import data as data_lib
 from jaxmu import models, train
 from jaxmu import methods as methods_lib
-from jaxmu.methods import base, kaggle, kaggle_reset
+from jaxmu.methods import base
+from jaxmu.methods.kaggle import fcs, perturb, reinit
 
 KAGGLE = ("fcs", "msg", "cfw", "prmq", "ct", "kde", "rni")
 TINY_HP = {  # 1-2 epochs, batch 64: programs shared between tests
@@ -37,11 +38,11 @@ def _np(tree):
 
 
 def _unflat(flat, like):
-  return jax.tree.unflatten(jax.tree.structure(like), [flat["/".join(p)] for p in kaggle.leaf_paths(like)])
+  return jax.tree.unflatten(jax.tree.structure(like), [flat["/".join(p)] for p in reinit.leaf_paths(like)])
 
 
 def _flat(tree):
-  return {"/".join(p): np.asarray(x) for p, x in zip(kaggle.leaf_paths(tree), jax.tree.leaves(tree))}
+  return {"/".join(p): np.asarray(x) for p, x in zip(reinit.leaf_paths(tree), jax.tree.leaves(tree))}
 
 
 def _arch_ctx(model_name, size, **model_kw):
@@ -157,7 +158,7 @@ def test_fcs_forget_lr_is_torch_cosine_annealing_stepped_per_batch(base_lr, eta_
       lr = ((1 + math.cos(math.pi * t / t_max)) / (1 + math.cos(math.pi * (t - 1) / t_max))
             * (lr - eta_min) + eta_min)
     torch_lrs.append(lr)
-  ours = [float(kaggle.fcs_forget_lr(base_lr, eta_min, t, t_max)) for t in range(t_max + 1)]
+  ours = [float(fcs.fcs_forget_lr(base_lr, eta_min, t, t_max)) for t in range(t_max + 1)]
   np.testing.assert_allclose(ours, torch_lrs, rtol=1e-5)
   assert ours[-1] == pytest.approx(eta_min, rel=1e-5)
 
@@ -168,9 +169,9 @@ def test_fcs_forget_lr_is_torch_cosine_annealing_stepped_per_batch(base_lr, eta_
 
 
 def test_msg_triangle_factors():
-  assert [kaggle.msg_triangle(5)(e) for e in range(5)] == pytest.approx([1 / 3, 2 / 3, 1, 2 / 3, 1 / 3])
-  assert [kaggle.msg_triangle(1)(e) for e in range(1)] == [1.0]
-  assert [kaggle.msg_triangle(2)(e) for e in range(2)] == [1.0, 0.5]
+  assert [reinit.msg_triangle(5)(e) for e in range(5)] == pytest.approx([1 / 3, 2 / 3, 1, 2 / 3, 1 / 3])
+  assert [reinit.msg_triangle(1)(e) for e in range(1)] == [1.0]
+  assert [reinit.msg_triangle(2)(e) for e in range(2)] == [1.0, 0.5]
 
 
 def test_msg_reinit_smallest_gradients_and_grad_mask():
@@ -182,9 +183,9 @@ def test_msg_reinit_smallest_gradients_and_grad_mask():
   grads = jax.tree.map(lambda x: rng.permutation(x.size).reshape(x.shape).astype(np.float32)
                        * rng.choice([-1, 1], x.shape), params)  # distinct |g|
   rate = 0.3
-  counts = kaggle.msg_counts(params, rate)
-  new, scale = jax.jit(kaggle.msg_reinit)(params, grads, counts, jax.random.key(1))
-  paths = kaggle.leaf_paths(params)
+  counts = reinit.msg_counts(params, rate)
+  new, scale = jax.jit(reinit.msg_reinit)(params, grads, counts, jax.random.key(1))
+  paths = reinit.leaf_paths(params)
   for path, p, g, q, s in zip(paths, *map(jax.tree.leaves, (params, grads, new, scale))):
     q, s = np.asarray(q), np.asarray(s)
     if path[0] == "fc":  # linear layers untouched, gradient unscaled
@@ -210,7 +211,7 @@ def test_msg_reinit_smallest_gradients_and_grad_mask():
 def test_msg_probe_is_retain_grad_minus_forget_grad(tiny_ctx):
   ctx = dataclasses.replace(tiny_ctx, forget=tiny_ctx.forget[:, :50])  # one batch per pass
   subset = np.stack([tiny_ctx.retain[0][:50], tiny_ctx.retain[1][:50]])
-  grads, _ = kaggle.msg_probe(ctx, jnp.asarray(subset), 64, jax.random.key(0))
+  grads, _ = reinit.msg_probe(ctx, jnp.asarray(subset), 64, jax.random.key(0))
   images, labels = ctx.data.inputs, ctx.data.labels
   for m in range(2):
     variables = jax.tree.map(lambda x: x[m], ctx.originals)
@@ -249,7 +250,7 @@ def test_cfw_class_weights_are_sklearn_balanced(tiny_ctx):
   for m in range(2):
     idx = tiny_ctx.retain[m][tiny_ctx.retain[m] >= 0]
     y = labels[idx]
-    ours = np.asarray(kaggle.balanced_class_weights(tiny_ctx.num_classes, jnp.asarray(tiny_ctx.retain[m]),
+    ours = np.asarray(perturb.balanced_class_weights(tiny_ctx.num_classes, jnp.asarray(tiny_ctx.retain[m]),
                                                     tiny_ctx.data.labels))
     np.testing.assert_allclose(ours[np.unique(y)], compute_class_weight("balanced", classes=np.unique(y), y=y),
                                rtol=1e-5)
@@ -269,7 +270,7 @@ def test_cfw_confuser_touches_only_the_stem_conv_with_its_std(resnet_ctx):
 @pytest.mark.slow  # the mini variant too: compiles too long for `make test`
 def test_cfw_confuser_is_a_noop_on_tinyvit(vit_ctx):
   params = jax.tree.map(lambda x: x[0], vit_ctx.originals["params"])
-  same = kaggle.confuse(params, 0.6, jax.random.key(0))
+  same = perturb.confuse(params, 0.6, jax.random.key(0))
   for a, b in zip(jax.tree.leaves(same), jax.tree.leaves(params)):
     np.testing.assert_array_equal(a, b)
 
@@ -282,13 +283,13 @@ def test_cfw_confuser_is_a_noop_on_tinyvit(vit_ctx):
 def test_prmq_prunes_the_global_fraction_then_redraws_kernels(tiny_ctx):
   params = _np(jax.tree.map(lambda x: x[0], tiny_ctx.originals["params"]))
   prunable = {"stem_conv/kernel", "layer1_0/conv/kernel", "fc/kernel", "fc/bias"}
-  assert {"/".join(p) for p in kaggle_reset.prunable_paths(params)} == prunable
+  assert {"/".join(p) for p in reinit.prunable_paths(params)} == prunable
   amount = 0.7
   pool = np.concatenate([np.abs(v).ravel() for k, v in _flat(params).items() if k in prunable])
   k = round(amount * pool.size)
-  count = kaggle_reset.prune_count(params, amount)
+  count = reinit.prune_count(params, amount)
   assert count == k
-  pruned = _flat(jax.jit(kaggle_reset.prmq_prune)(params, count))
+  pruned = _flat(jax.jit(reinit.prmq_prune)(params, count))
   zeros = sum(int((pruned[name] == 0).sum()) for name in prunable)
   assert zeros == k
   threshold = np.sort(pool)[k - 1]  # NumPy global L1 threshold
@@ -298,7 +299,7 @@ def test_prmq_prunes_the_global_fraction_then_redraws_kernels(tiny_ctx):
       np.testing.assert_array_equal(pruned[name][pruned[name] != 0], orig[pruned[name] != 0])
     else:
       np.testing.assert_array_equal(pruned[name], orig)
-  redrawn = _flat(jax.jit(kaggle_reset.prmq_reinit)(
+  redrawn = _flat(jax.jit(reinit.prmq_reinit)(
       jax.tree.map(jnp.asarray, _unflat(pruned, params)), jax.random.key(0)))
   for name in prunable:
     was_zero = pruned[name] == 0
@@ -313,10 +314,10 @@ def test_prmq_prunes_the_global_fraction_then_redraws_kernels(tiny_ctx):
 
 def test_prmq_step_budget_crosses_epochs_and_fp16_round_trip(tiny_ctx):
   # int(len(retain_loader) * num_epochs) + 1 per model: 600 -> 10 batches, 560 -> 9 batches.
-  np.testing.assert_array_equal(kaggle_reset.prmq_steps(tiny_ctx, 64, 1.3),
+  np.testing.assert_array_equal(reinit.prmq_steps(tiny_ctx, 64, 1.3),
                                 [int(10 * 1.3) + 1, int(9 * 1.3) + 1])
   x = {"a": jnp.asarray([1.0 + 2 ** -13, 3.14159265]), "n": jnp.asarray([3], jnp.int32)}
-  out = kaggle_reset.fp16_round_trip(x)
+  out = reinit.fp16_round_trip(x)
   np.testing.assert_array_equal(out["a"], np.asarray(x["a"]).astype(np.float16).astype(np.float32))
   assert out["n"].dtype == jnp.int32
 
@@ -367,7 +368,7 @@ def test_kde_resets_exactly_stem_conv_and_head(resnet_ctx):
     assert np.abs(new[name]).max() <= bound
     if new[name].size > 1000:  # uniform: std bound / sqrt(3)
       assert new[name].std() == pytest.approx(bound / math.sqrt(3), rel=0.05)
-  assert kaggle_reset.kde_reset_modules({"patch_embed": {}, "head": {}}) == ("head",)  # TinyViT
+  assert reinit.kde_reset_modules({"patch_embed": {}, "head": {}}) == ("head",)  # TinyViT
 
 
 def test_kde_warmup_data_source_faithful_val_or_retain(tiny_ctx):
@@ -396,8 +397,8 @@ def _resnet_tree():
 @pytest.mark.parametrize("faithful,num_bn", [(False, 40), (True, 34)])
 def test_rni_selection_rules_per_model(faithful, num_bn):
   variables = _resnet_tree()
-  paths = ["/".join(p) for p in kaggle.leaf_paths(variables["params"])]
-  bn = np.array(kaggle_reset.rni_bn_flags(variables, faithful))
+  paths = ["/".join(p) for p in reinit.leaf_paths(variables["params"])]
+  bn = np.array(reinit.rni_bn_flags(variables, faithful))
   assert len(paths) == 62 and bn.sum() == num_bn
   expected_bn = {p for p in paths if "bn" in p or (not faithful and "downsample_1" in p)}
   assert {p for p, f in zip(paths, bn) if f} == expected_bn
@@ -405,7 +406,7 @@ def test_rni_selection_rules_per_model(faithful, num_bn):
   stack = base.stacked(params, 2)
   keys = jax.random.split(jax.random.key(7), 2)
   already = jnp.zeros((2, 62), bool).at[0, np.flatnonzero(~bn)[:10]].set(True)
-  select = jax.vmap(lambda p, a, c, s, k: kaggle_reset.rni_select(tuple(bn), False, True, p, a, c, s, k))
+  select = jax.vmap(lambda p, a, c, s, k: reinit.rni_select(tuple(bn), False, True, p, a, c, s, k))
   noisy, selected, now = select(stack, already, jnp.asarray([6, 6]), jnp.asarray([0.04, 0.04]), keys)
   selected, noise = np.asarray(selected), np.stack(
       [np.asarray(x) != 0 for x in jax.tree.leaves(noisy)], axis=1)
@@ -416,18 +417,18 @@ def test_rni_selection_rules_per_model(faithful, num_bn):
     np.testing.assert_array_equal(np.asarray(now[m]), np.asarray(already[m]) | selected[m])
   assert noise[1].sum() == 6  # int(0.7 * 9) noisy keys when none was selected before
   assert not np.array_equal(selected[0], selected[1])  # per-model draws
-  _, fine, _ = jax.vmap(lambda p, a, c, s, k: kaggle_reset.rni_select(tuple(bn), True, False, p, a, c, s, k))(
+  _, fine, _ = jax.vmap(lambda p, a, c, s, k: reinit.rni_select(tuple(bn), True, False, p, a, c, s, k))(
       stack, already, jnp.asarray([6, 6]), jnp.asarray([0.04, 0.04]), keys)
   assert np.asarray(fine).all()
 
 
 def test_rni_fine_lr_schedule():
   sched = [2e-4, 2e-4, 2e-4, 1e-3, 1e-3, 1e-4]
-  np.testing.assert_allclose(kaggle_reset.rni_fine_lr(sched, 3, 2), [1e-3, 1e-3])
-  np.testing.assert_allclose(kaggle_reset.rni_fine_lr(0.01, 7, 2), [0.01, 0.01])
-  np.testing.assert_allclose(kaggle_reset.rni_fine_lr([[0.1], [0.2]], 2, 2), [0.1, 0.2])
+  np.testing.assert_allclose(reinit.rni_fine_lr(sched, 3, 2), [1e-3, 1e-3])
+  np.testing.assert_allclose(reinit.rni_fine_lr(0.01, 7, 2), [0.01, 0.01])
+  np.testing.assert_allclose(reinit.rni_fine_lr([[0.1], [0.2]], 2, 2), [0.1, 0.2])
   with pytest.raises(ValueError, match="deepunlearn-spec 4.20"):
-    kaggle_reset.rni_fine_lr(sched, 6, 2)
+    reinit.rni_fine_lr(sched, 6, 2)
 
 
 def test_rni_stack_equals_each_model_alone(tiny_ctx):

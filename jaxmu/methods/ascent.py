@@ -1,4 +1,5 @@
-"""Gradient-ascent methods: GA, NG+ and negative_gradient (deepunlearn-spec 4.4, 4.6, 4.21)."""
+"""Gradient-ascent methods: GA, NG+, negative_gradient (deepunlearn-spec 4.4, 4.6, 4.21) and
+IAM's iam_ascent (iam-spec 8 `ascent`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jaxmu import train
 from jaxmu.methods import base, relabel
 
 HP = ("learning_rate", "weight_decay", "momentum")
@@ -184,3 +186,62 @@ NEGATIVE_GRADIENT = base.register(base.Method(
     defaults={"num_epochs": 5, "batch_size": 256, "learning_rate": 0.1, "momentum": 0.9,
               "weight_decay": 5e-4},
     space=base.COMMON5, uses=("retain", "forget"), unlearn=_negative_gradient))
+
+
+# --------------------------------------------------------------------------------------------
+# IAM's gradient ascent (iam-spec 8 `ascent`)
+# --------------------------------------------------------------------------------------------
+
+
+def _ascent_step(model, recipe, spec: base.LoaderSpec, carry, orders, key, hp, images, labels,
+                 step_index, epoch, lr_factor):
+  del epoch
+  x, y, valid, drop_key = base.loader_inputs(recipe, orders["forget"], step_index,
+                                             spec.batch_size, key, images, labels, spec.augment)
+  net, helper = carry
+  source = helper if spec.faithful else net  # faithful: a fresh network trained on the forget set
+
+  def ce(params):
+    logits, stats = base.forward(model, recipe, params, source.batch_stats, x, valid,
+                                 training=spec.bn_train, key=drop_key)
+    return base.masked_mean(base.cross_entropy(logits, y), valid), stats
+
+  grads, stats = jax.grad(ce, has_aux=True)(source.params)
+  if spec.faithful:
+    helper = base.descend(helper, base.along(grads, stats), valid, hp, lr_factor)
+    stats = net.batch_stats  # no forward pass through the model being unlearned
+  ascent = base.along(jax.tree.map(jnp.negative, grads), stats)
+  net = base.descend(net, ascent, valid, {**hp, "momentum": 0.0}, lr_factor, weight_decay=0.0)
+  return (net, helper), {}
+
+
+def _iam_ascent(ctx: base.Context, hp, key) -> dict:
+  spec = base.LoaderSpec(hp.batch_size, hp.augment, True, bool(hp.faithful))
+  net = base.TrainCarry.create(ctx.originals)
+  if spec.faithful:
+    fresh = train.init_variables(ctx.model, ctx.keys(jax.random.fold_in(key, 7)), ctx.input_shape)
+    helper = base.TrainCarry.create(fresh)
+  else:
+    helper = None
+  sources = {"forget": (ctx.forget, hp.batch_size, True)}
+  hpm = base.per_model(hp, ("learning_rate", "weight_decay", "momentum"), ctx.num_models)
+  net, _ = base.run_epochs(ctx, _ascent_step, (ctx.model, ctx.recipe, spec), (net, helper),
+                           sources, hpm, key, hp.num_epochs, lr_factor=base.cosine(hp.num_epochs))
+  return net.variables
+
+
+IAM_ASCENT = base.register(base.Method(
+    name="iam_ascent", paper_name="GA (IAM)", reference="iam-spec 8 (`ascent`), 12.21",
+    defaults={"num_epochs": 5, "learning_rate": 0.01, "momentum": 0.9, "weight_decay": 5e-4,
+              "batch_size": 128, "augment": True, "faithful": False},
+    space={}, uses=("forget",), unlearn=_iam_ascent, aliases=("ascent",)))
+_iam_ascent.__doc__ = """Gradient ascent on the forget set, IAM's schedule (iam-spec 8 `ascent`).
+
+Each forget batch (128, augmented, shuffled), 5 epochs, per-epoch cosine lr 0.01 (T_max = 5):
+theta <- theta + lr_t * grad CE(theta; forget batch), a plain ascent step (no momentum, no weight
+decay, as the reference applies it). Intended: the gradient is the model's own, BatchNorm in train
+mode (the reference's models are in train mode, so the running statistics move).
+``faithful`` (iam-spec 8, 12.21): the gradient comes from a *freshly initialised* network of the
+same architecture (drawn per model from the run key; the reference uses manual_seed(1)) that takes
+an ordinary SGD step (momentum 0.9, wd 5e-4) on that gradient after each batch; the model being
+unlearned gets theta += lr_t * g and no forward pass (its BatchNorm statistics are unchanged)."""

@@ -244,6 +244,11 @@ def select(mask: Any, new: Any, old: Any) -> Any:
   return jax.tree.map(lambda m, a, b: jnp.where(m, a, b), mask, new, old)
 
 
+def no_hp(ctx: Context) -> dict[str, jax.Array]:
+  """A placeholder per-model hyper-parameter (the stack engine needs one per-model leaf)."""
+  return {"unused": jnp.zeros((ctx.num_models,), jnp.float32)}
+
+
 def tree_zeros_like(tree: Any) -> Any:
   return jax.tree.map(jnp.zeros_like, tree)
 
@@ -492,6 +497,17 @@ def descend_on_logits(model, recipe: train.Recipe, state: TrainCarry, x, valid, 
 # --------------------------------------------------------------------------------------------
 # A step's loader batch; a gradient the step needs itself
 # --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LoaderSpec:
+  """A step that reads IAM's loaders: Subsets of the training set with the training transforms
+  (iam-spec 12.1), hence ``augment=True`` by default."""
+
+  batch_size: int = 128
+  augment: bool = True
+  bn_train: bool = True
+  faithful: bool = False
 
 
 def loader_inputs(recipe: train.Recipe, order: jax.Array, step_index, batch_size: int,

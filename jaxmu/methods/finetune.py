@@ -1,5 +1,12 @@
-"""CF-k and EU-k: fine-tune (CF-k) or re-initialise and retrain (EU-k) only the last k blocks and
-the classifier (deepunlearn-spec 4.12, 4.13; the SCRUB notebook's baselines).
+"""Fine-tuning methods: FT, CF-k and EU-k (deepunlearn-spec 4.3, 4.12, 4.13; IAM's `finetune`).
+
+FT (iam-spec 8): each epoch is one shuffled pass over the retain set with cross-entropy, BatchNorm
+in train mode, SGD with coupled weight decay and a per-epoch cosine schedule (T_max = epochs).
+DeepUnlearn feeds plain (not augmented) inputs; IAM's variant (`IAM_HPARAMS`) augments and uses lr
+0.01, batch 128.
+
+CF-k and EU-k fine-tune (CF-k) or re-initialise and retrain (EU-k) only the last k blocks and the
+classifier (the SCRUB notebook's baselines).
 
 Selection (`jaxmu.models.last_blocks`): the last ``num_blocks`` stages (ResNet ``layer1..4``;
 TinyViT stages 1..3, each with its PatchMerging) plus the classifier (``fc`` / ``head``; not
@@ -37,6 +44,31 @@ import numpy as np
 
 from jaxmu import models
 from jaxmu.methods import base
+
+# --------------------------------------------------------------------------------------------
+# FT
+# --------------------------------------------------------------------------------------------
+
+IAM_HPARAMS = {"num_epochs": 5, "batch_size": 128, "learning_rate": 0.01, "momentum": 0.9,
+               "weight_decay": 5e-4, "augment": True}
+
+
+def _finetune(ctx: base.Context, hp, key) -> dict:
+  spec = base.FinetuneSpec(batch_size=hp.batch_size, augment=hp.augment)
+  return base.finetune(ctx, ctx.originals, hp, key, spec, hp.num_epochs,
+                       lr_factor=base.cosine(hp.num_epochs))
+
+
+FINETUNE = base.register(base.Method(
+    name="finetune", paper_name="FT", reference="deepunlearn-spec 4.3; iam-spec 8 (IAM_HPARAMS)",
+    defaults={"num_epochs": 5, "batch_size": 256, "learning_rate": 0.1, "momentum": 0.9,
+              "weight_decay": 5e-4, "augment": False},
+    space=base.COMMON5, uses=("retain",), unlearn=_finetune))
+
+
+# --------------------------------------------------------------------------------------------
+# CF-k and EU-k: the last k blocks
+# --------------------------------------------------------------------------------------------
 
 ATTENTION_BIASES = "attention_biases"
 

@@ -1,5 +1,6 @@
-"""SRL and SalUn: training on retain ∪ randomly relabelled forget (deepunlearn-spec 4.5, 4.8).
+"""Relabelling methods: SRL, SalUn (deepunlearn-spec 4.5, 4.8) and IAM's boundary expanding.
 
+SRL and SalUn train on retain ∪ randomly relabelled forget. 
 Both build, for every model, one *discernible* index set: its retain indices followed by its
 forget indices offset by the dataset size (`combined_sets`), so a batch knows which samples come
 from the forget set (`split_combined`). A forget sample's label is replaced by a uniform draw over
@@ -10,6 +11,9 @@ SalUn first computes a saliency mask from forget gradients (`saliency_mask`) and
 training gradient by it; weight decay and momentum still move masked-out weights, as in PyTorch.
 
 Also home of the helpers the other retain ∪ forget methods share (BT, negative_gradient).
+
+Boundary expanding (iam-spec 8 `boundary_expanding`) relabels every forget sample to an extra
+class C of a widened classifier (`widened_forward`).
 """
 
 from __future__ import annotations
@@ -17,10 +21,13 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmu import models, train
+from jaxmu.models import resnet
 from jaxmu.methods import base
 
 LABEL_TAG = 0x5EED  # fold-in tag of the random-label stream within a model's epoch key
@@ -225,3 +232,107 @@ SALUN = base.register(base.Method(
     space={**base.COMMON5, "threshold": "float", "mask_learning_rate": "learning_rate",
            "mask_momentum": "momentum", "mask_weight_decay": "weight_decay"},
     uses=("retain", "forget"), unlearn=_salun))
+
+
+# --------------------------------------------------------------------------------------------
+# Boundary expanding (iam-spec 8 `boundary_expanding`)
+# --------------------------------------------------------------------------------------------
+
+
+def drops_stem_relu(model) -> bool:
+  """Whether the reference's widened backbone lacks the stem ReLU for this model (IAM's CIFAR
+  ResNet: children[:-1] keeps conv1, bn1 and the layers, but its ReLU is functional)."""
+  return isinstance(model, resnet.ResNet) and model.stem == "cifar"
+
+
+def widened_forward(model, recipe, params, batch_stats, extra, x, valid, *, training: bool,
+                    key=None, drop_stem_relu: bool = False):
+  """Float32 logits [B, C+1] of the widened network, computed in the recipe's dtype: the model's
+  logits plus one unit, ``feat @ extra["kernel"] + extra["bias"]`` on the classifier's input
+  features (found by intercepting the top-level head module). ``drop_stem_relu`` feeds the stem
+  BatchNorm's output to the first block without its ReLU (the reference's ResNet backbone; ResNet
+  cifar stem only)."""
+  head = models.head_path(params)
+  captured = {}
+
+  def interceptor(next_fun, args, kwargs, context):
+    path = context.module.path
+    if context.method_name != "__call__":
+      return next_fun(*args, **kwargs)
+    if drop_stem_relu and path == ("stem_bn",):
+      out = next_fun(*args, **kwargs)
+      captured["stem"] = out
+      return out
+    if drop_stem_relu and path == ("layer1_0",):
+      args = (captured["stem"],) + tuple(args[1:])
+    if path == head:
+      out = next_fun(*args, **kwargs)
+      unit = args[0] @ extra["kernel"].astype(out.dtype) + extra["bias"].astype(out.dtype)
+      return jnp.concatenate([out, unit], axis=-1)
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(interceptor):
+    return base.forward(model, recipe, params, batch_stats, x, valid, training=training, key=key)
+
+
+def _boundary_step(model, recipe, spec: base.LoaderSpec, carry, orders, key, hp, images, labels,
+                   step_index, epoch, lr_factor):
+  del epoch
+  x, _, valid, drop_key = base.loader_inputs(recipe, orders["forget"], step_index,
+                                             spec.batch_size, key, images, labels, spec.augment)
+  drop = spec.faithful and drops_stem_relu(model)
+
+  def loss_fn(p):
+    logits, stats = widened_forward(model, recipe, p["model"], carry.batch_stats, p["extra"], x,
+                                    valid, training=spec.bn_train, key=drop_key,
+                                    drop_stem_relu=drop)
+    target = jnp.full((x.shape[0],), logits.shape[-1] - 1, jnp.int32)  # the extra label C
+    return base.masked_mean(base.cross_entropy(logits, target), valid), stats
+
+  return base.descend(carry, loss_fn, valid, hp, lr_factor), {}
+
+
+def _extra_row(key, fan_in: int) -> dict:
+  """Row C of PyTorch's Linear(fan_in, C+1) default init: U(+-1/sqrt(fan_in))."""
+  bound = fan_in ** -0.5
+  kw, kb = jax.random.split(key)
+  return {"kernel": jax.random.uniform(kw, (fan_in, 1), jnp.float32, -bound, bound),
+          "bias": jax.random.uniform(kb, (1,), jnp.float32, -bound, bound)}
+
+
+def _boundary_expanding(ctx: base.Context, hp, key) -> dict:
+  head = models.head_path(ctx.originals["params"])
+  kernel = ctx.originals["params"][head[0]]["kernel"]  # [N, F, C]
+  extra = jax.vmap(lambda k: _extra_row(k, kernel.shape[1]))(
+      ctx.keys(jax.random.fold_in(key, 11)))
+  widened = {"params": {"model": ctx.originals["params"], "extra": extra},
+             "batch_stats": ctx.originals.get("batch_stats", {})}
+  spec = base.LoaderSpec(hp.batch_size, hp.augment, True, bool(hp.faithful))
+  sources = {"forget": (ctx.forget, hp.batch_size, True)}
+  carry = base.run_epochs(ctx, _boundary_step, (ctx.model, ctx.recipe, spec),
+                          base.TrainCarry.create(widened), sources,
+                          base.per_model(hp, ("learning_rate", "weight_decay", "momentum"),
+                                         ctx.num_models), key, hp.num_epochs)
+  params = dict(base.copy_tree(ctx.originals["params"]))
+  params[head[0]] = carry.params["model"][head[0]]  # rows 0..C-1 of the widened classifier
+  return train.as_variables(params, base.copy_tree(ctx.originals.get("batch_stats", {})))
+
+
+BOUNDARY_EXPANDING = base.register(base.Method(
+    name="boundary_expanding", paper_name="BE", reference="iam-spec 8 (`boundary_expanding`), 12.21",
+    defaults={"num_epochs": 10, "learning_rate": 1e-5, "momentum": 0.9, "weight_decay": 5e-4,
+              "batch_size": 128, "augment": True, "faithful": False},
+    space={}, uses=("forget",), unlearn=_boundary_expanding))
+_boundary_expanding.__doc__ = """Boundary expanding as IAM runs it (iam-spec 8; Chen et al. CVPR'23).
+
+The network is widened by one output unit (row C, PyTorch Linear default init, per model from the
+run key) as a pytree operation: `widened_forward` applies the model and appends
+``features @ w_C + b_C`` on the head's input. The whole widened network is trained with
+cross-entropy towards the extra label C on forget batches (10 epochs over the forget loader =
+the reference's 10 x len(forget_loader) iterations; SGD lr 1e-5, momentum 0.9, wd 5e-4, BatchNorm
+in train mode, constant lr). Then rows 0..C-1 of the widened classifier are copied into a copy of
+the original; the updated feature extractor (and its BatchNorm statistics) is discarded, as the
+reference does (unlike the paper, which keeps the fine-tuned network: iam-spec 12.21).
+``faithful``: the reference's widened ResNet backbone lacks the stem ReLU (`drops_stem_relu`); for
+other architectures (and the ImageNet-stem ResNet, whose torchvision children keep the ReLU) the
+flag changes nothing."""

@@ -1,7 +1,10 @@
-"""FF (Fisher forgetting) and IU (influence unlearning): one-shot second-order edits
-(deepunlearn-spec 4.10, 4.11; the Unlearn-Sparse / Unlearn-Saliency code they copy).
+"""Second-order edits: FF (Fisher forgetting), IU (influence unlearning) and IAM's Fisher
+forgetting (deepunlearn-spec 4.10, 4.11, the Unlearn-Sparse / Unlearn-Saliency code they copy;
+iam-spec 8 `fisher`).
 
-Both compute gradients with BatchNorm in eval mode and never train.
+FF and IU compute gradients with BatchNorm in eval mode and never train. ``iam_fisher`` (IAM's
+variant, see `_iam_fisher`) takes per-sample gradients in train mode and keeps the re-estimated
+BatchNorm statistics; it shares FF's layout mapping (`_axes`).
 
 **FF** (`fisher`): a diagonal "Fisher" over the retain set, computed as the reference does: per
 batch (unshuffled, ``batch_size``), one forward pass, then for every class y the gradient g_y of the
@@ -56,6 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from jaxmu import train
 from jaxmu.methods import base
 
 WOODFISHER_N = 1000
@@ -75,11 +79,6 @@ def _check_faithful_tinyvit(ctx: base.Context, hp, method: str) -> None:
 def _prefix(index_sets: np.ndarray, num_samples: int) -> np.ndarray:
   """The first ``num_samples`` indices of each model's set in split order (0 = all)."""
   return index_sets if num_samples <= 0 else index_sets[:, :num_samples]
-
-
-def _no_hp(ctx: base.Context) -> dict[str, jax.Array]:
-  """A placeholder per-model hyper-parameter (the stack engine needs one per-model leaf)."""
-  return {"unused": jnp.zeros((ctx.num_models,), jnp.float32)}
 
 
 def _bcast(values: jax.Array, leaf: jax.Array) -> jax.Array:
@@ -148,7 +147,7 @@ def fisher_diagonal(ctx: base.Context, variables, batch_size: int, num_samples: 
   sources = {"retain": (_prefix(ctx.retain, num_samples), batch_size, False)}
   key = jax.random.key(0) if key is None else key
   _, _, fisher, count = base.run_epochs(ctx, _fisher_step, (ctx.model, ctx.recipe, opts), carry,
-                                        sources, _no_hp(ctx), key, 1)
+                                        sources, base.no_hp(ctx), key, 1)
   count = jnp.maximum(count, 1).astype(jnp.float32)
   return jax.tree.map(lambda f: f / _bcast(count, f), fisher)
 
@@ -242,7 +241,7 @@ def _grad_sum(ctx, variables, index_sets, batch_size, key, weights=None):
            jnp.zeros((ctx.num_models,), jnp.int32), weights)
   opts = GradOptions("data", batch_size, weighted)
   out = base.run_epochs(ctx, _grad_sum_step, (ctx.model, ctx.recipe, opts), carry,
-                        {"data": (index_sets, batch_size, False)}, _no_hp(ctx), key, 1)
+                        {"data": (index_sets, batch_size, False)}, base.no_hp(ctx), key, 1)
   return out[2], out[3]
 
 
@@ -345,7 +344,7 @@ def _influence(ctx: base.Context, hp, key) -> dict:
     carry = (base.copy_tree(params), base.copy_tree(batch_stats), v_flat,
              jnp.zeros_like(v_flat), jnp.zeros((n,), bool))
     out = base.run_epochs(ctx, _faithful_step, (ctx.model, ctx.recipe, ScanOptions(chunk)),
-                          carry, source, _no_hp(ctx), key, 1, num_steps=num_chunks)
+                          carry, source, base.no_hp(ctx), key, 1, num_steps=num_chunks)
     k_flat = out[2]
   else:
     size = num_chunks * chunk
@@ -354,7 +353,7 @@ def _influence(ctx: base.Context, hp, key) -> dict:
              jnp.zeros((n, chunk, v_flat.shape[1]), jnp.float32))
     opts = GramOptions(chunk, num_chunks)
     out = base.run_epochs(ctx, _gram_step, (ctx.model, ctx.recipe, opts), carry, source,
-                          _no_hp(ctx), key, 1, num_steps=len(_pairs(num_chunks)[0]))
+                          base.no_hp(ctx), key, 1, num_steps=len(_pairs(num_chunks)[0]))
     gram, gv = out[3], out[4]
     weights = jnp.linalg.solve(WOODFISHER_N * jnp.eye(size) + gram, gv[..., None])[..., 0]
     gt_alpha, _ = _grad_sum(ctx, variables, prefix, chunk, key, weights)
@@ -377,3 +376,120 @@ INFLUENCE = base.register(base.Method(
               "grad_chunk": 64, "faithful": False},
     space={"num_epochs": "num_epochs", "batch_size": "batch_size", "alpha": "normal_sigma"},
     uses=("retain", "forget"), unlearn=_influence))
+
+
+# --------------------------------------------------------------------------------------------
+# IAM's Fisher forgetting (iam-spec 8 `fisher`)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _IamFisherSpec:
+  batch_size: int = 32
+  augment: bool = True
+  bn_train: bool = True
+
+
+def _iam_fisher_step(model, recipe, spec: _IamFisherSpec, carry, orders, key, hp, images,
+                     labels, step_index, epoch, lr_factor):
+  """Adds the squared per-sample gradients of -log p(y_i | x_i) over one batch (train-mode
+  forward of the whole batch; sample i's gradient flows through the batch statistics)."""
+  del hp, epoch, lr_factor
+  params, stats, total, count = carry
+  x, y, valid, drop_key = base.loader_inputs(recipe, orders["retain"], step_index,
+                                             spec.batch_size, key, images, labels, spec.augment)
+
+  def losses(p):
+    logits, new_stats = base.forward(model, recipe, p, stats, x, valid, training=spec.bn_train,
+                                     key=drop_key)
+    return base.cross_entropy(logits, y) * valid, new_stats
+
+  _, vjp, new_stats = jax.vjp(losses, params, has_aux=True)
+  per_sample = jax.vmap(lambda e: vjp(e)[0])(jnp.eye(x.shape[0], dtype=jnp.float32))
+  total = jax.tree.map(lambda t, g: t + jnp.sum(g ** 2, axis=0), total, per_sample)
+  new = (params, new_stats, total, count + valid.sum())
+  return base.keep_if_empty(valid, new, carry), {}
+
+
+
+def fisher_mean_var(params, fisher, absent, alpha, num_classes: int):
+  """One model's (mu, var) of Golatkar's ``get_mean_var`` as IAM runs it (iam-spec 8).
+
+  var = clamp(1 / (F + 1e-8), max=1e3), clamped at 1e2 when PyTorch's shape[0] == C; times alpha;
+  for ndim > 1 averaged over PyTorch's dim 1; at classes absent from the retain set (``absent``
+  [C] bool; one_class) of a C-sized shape[0]: mu = 0 and var = 1e-4; then var x 10 where
+  shape[0] == C or ndim == 1. mu = theta.
+  """
+  def one(path, p, f):
+    out_axis, in_axis = _axes(path, p)
+    is_c = p.shape[out_axis] == num_classes
+    var = jnp.minimum(1.0 / (f + 1e-8), 1e3)
+    if is_c:
+      var = jnp.minimum(var, 1e2)
+    var = alpha * var
+    if in_axis is not None:
+      var = jnp.broadcast_to(jnp.mean(var, axis=in_axis, keepdims=True), p.shape)
+    mu = p
+    if is_c:
+      shape = [1] * p.ndim
+      shape[out_axis] = num_classes
+      gone = jnp.reshape(absent, shape)
+      mu = jnp.where(gone, 0.0, mu)
+      var = jnp.where(gone, 1e-4, var)
+    if is_c or p.ndim == 1:
+      var = var * 10
+    return mu, var
+  pairs = jax.tree_util.tree_map_with_path(one, params, fisher)
+  is_pair = lambda x: isinstance(x, tuple)  # noqa: E731
+  return (jax.tree.map(lambda t: t[0], pairs, is_leaf=is_pair),
+          jax.tree.map(lambda t: t[1], pairs, is_leaf=is_pair))
+
+
+def absent_classes(ctx: base.Context) -> np.ndarray:
+  """[N, C] bool: classes with no sample in each model's retain set."""
+  labels = np.asarray(ctx.data.labels)
+  return np.stack([np.bincount(labels[r[r >= 0]], minlength=ctx.num_classes)[:ctx.num_classes] == 0
+                   for r in ctx.retain])
+
+
+def _iam_fisher(ctx: base.Context, hp, key) -> dict:
+  spec = _IamFisherSpec(hp.batch_size, hp.augment, True)
+  params = base.copy_tree(ctx.originals["params"])
+  stats = base.copy_tree(ctx.originals.get("batch_stats", {}))
+  carry = (params, stats, base.tree_zeros_like(params), jnp.zeros((ctx.num_models,), jnp.int32))
+  params, stats, total, count = base.run_epochs(
+      ctx, _iam_fisher_step, (ctx.model, ctx.recipe, spec), carry,
+      {"retain": (ctx.retain, hp.batch_size, False)}, base.no_hp(ctx),
+      jax.random.fold_in(key, 1), 1)
+  fisher = jax.tree.map(
+      lambda t: t / jnp.maximum(count, 1).reshape((-1,) + (1,) * (t.ndim - 1)), total)
+  alpha = base.per_model(hp, ("alpha",), ctx.num_models)["alpha"]
+  absent = jnp.asarray(absent_classes(ctx))
+
+  def noisy(p, f, gone, a, k):
+    mu, var = fisher_mean_var(p, f, gone, a, ctx.num_classes)
+    leaves, treedef = jax.tree.flatten(mu)
+    keys = jax.random.split(k, len(leaves))
+    noise = [jax.random.normal(kk, x.shape, x.dtype) for kk, x in zip(keys, leaves)]
+    return jax.tree.map(lambda m, v, e: m + jnp.sqrt(v) * e, mu, var,
+                        jax.tree.unflatten(treedef, noise))
+
+  params = jax.jit(jax.vmap(noisy))(params, fisher, absent, alpha,
+                                    ctx.keys(jax.random.fold_in(key, 2)))
+  return train.as_variables(params, stats)
+
+
+IAM_FISHER = base.register(base.Method(
+    name="iam_fisher", paper_name="FF (IAM)", reference="iam-spec 8 (`fisher`), 12.21",
+    defaults={"alpha": 1e-9, "batch_size": 32, "augment": True},
+    space={}, uses=("retain",), unlearn=_iam_fisher))
+_iam_fisher.__doc__ = """IAM's Fisher forgetting (iam-spec 8 `fisher`; Golatkar et al. 2020).
+
+Empirical diagonal Fisher on the retain set, F = (1/N) sum_i (grad log p(y_i | x_i))^2, one pass in
+batches of 32 (augmented, in order), per-sample gradients of a train-mode batch forward (so the
+BatchNorm running statistics are re-estimated on augmented retain data and kept, as the
+reference). Then `fisher_mean_var` (alpha 1e-9, the one_class rule for classes absent from the
+retain set) and theta = mu + sqrt(var) N(0, 1), per model from the run key. Interpretation: how the
+reference obtains per-sample gradients of a batch of 32 in train mode is not specified; here each
+sample's gradient flows through the batch's BatchNorm statistics. A BatchNorm layer with exactly C
+channels is treated as a C-sized layer, as PyTorch's shape[0] == C test does."""
