@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxmu.models import airbench, resnet, small, tinyvit
+from jaxmu.models import airbench, densenet, resnet, small, tinyvit, vgg
 
 Path = tuple[str, ...]
 
@@ -32,6 +32,9 @@ _FACTORIES = {
     "small_cnn": small.small_cnn,
     "purchase_mlp": small.purchase_mlp,
     "airbench94": airbench.airbench94,
+    "vgg11": vgg.vgg11,
+    "vgg16": vgg.vgg16,
+    "densenet121": densenet.densenet121,
 }
 NAMES = tuple(_FACTORIES)
 _BLOCK = re.compile(r"^(layer\d+|stage\d+)_(?:block)?(\d+|merge)$")
