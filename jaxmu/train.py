@@ -308,8 +308,7 @@ def evaluate(model, variables: Mapping[str, Any], data: DeviceData, index_sets, 
   union, inverse = np.unique(sets[sets >= 0], return_inverse=True)
   logits = predict(model, variables, data, union, recipe, strategy, batch_size)
   labels = np.asarray(data.labels)[union]
-  log_probs = logits - _logsumexp(logits)
-  loss = -np.take_along_axis(log_probs, labels[None, :, None], -1)[..., 0]
+  loss = numpy_cross_entropy(logits, labels)
   correct = logits.argmax(-1) == labels
   position = np.full(sets.shape, -1)
   position[sets >= 0] = inverse
@@ -327,9 +326,11 @@ def _is_shared(index_sets) -> bool:
   return isinstance(index_sets, np.ndarray) and index_sets.ndim == 1
 
 
-def _logsumexp(x: np.ndarray) -> np.ndarray:
-  m = x.max(-1, keepdims=True)
-  return m + np.log(np.exp(x - m).sum(-1, keepdims=True))
+def numpy_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+  """Per-model per-sample -log p_y of [M, N, C] logits and [N] labels, in NumPy."""
+  log_probs = logits - logits.max(-1, keepdims=True)
+  log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
+  return -np.take_along_axis(log_probs, labels[None, :, None], -1)[..., 0]
 
 
 def fit(model, state: TrainState, data: DeviceData, index_sets, recipe: Recipe, epochs: int,

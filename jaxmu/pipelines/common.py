@@ -1,5 +1,5 @@
 """The kit every pipeline shares: datasets, abstract variables, the recipe and the strategy of a
-config, unlearning contexts and stages, model chunks and the NumPy cross-entropy.
+config, unlearning contexts and stages, model chunks.
 
 Pipelines build on this module and on the layers below it; no pipeline imports another.
 """
@@ -100,9 +100,3 @@ def chunks(total: int, size: int) -> list[tuple[int, int]]:
   size = size or total
   return [(start, min(start + size, total)) for start in range(0, total, size)]
 
-
-def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-  """Per-model per-sample -log p_y of [M, N, C] logits and [N] labels, in NumPy."""
-  log_probs = logits - logits.max(-1, keepdims=True)
-  log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
-  return -np.take_along_axis(log_probs, labels[None, :, None], -1)[..., 0]

@@ -333,7 +333,7 @@ def stack_metrics(model, variables, references: Mapping[str, Any], data: train.D
   labels = np.asarray(data.labels)
   index = np.concatenate([parts[s] for s in SPLITS])
   logits = np.asarray(train.predict(model, variables, data, index, recipe, strategy), np.float64)
-  loss = common.cross_entropy(logits, labels[index])
+  loss = train.numpy_cross_entropy(logits, labels[index])
   correct = logits.argmax(-1) == labels[index]
   bounds = np.cumsum([0] + [len(parts[s]) for s in SPLITS])
   cut = {s: slice(bounds[i], bounds[i + 1]) for i, s in enumerate(SPLITS)}
