@@ -4,7 +4,7 @@ iam-spec 8 `fisher`).
 
 FF and IU compute gradients with BatchNorm in eval mode and never train. ``iam_fisher`` (IAM's
 variant, see `_iam_fisher`) takes per-sample gradients in train mode and keeps the re-estimated
-BatchNorm statistics; it shares FF's layout mapping (`_axes`).
+BatchNorm statistics; it shares FF's variance rule up to its one_class step (`_clamped_variance`).
 
 **FF** (`fisher`): a diagonal "Fisher" over the retain set, computed as the reference does: per
 batch (unshuffled, ``batch_size``), one forward pass, then for every class y the gradient g_y of the
@@ -161,18 +161,26 @@ def _axes(path, leaf) -> tuple[int, int | None]:
   return 0, 1
 
 
+def _clamped_variance(path, f, alpha, num_classes: int):
+  """One leaf's variance before the x10 rule (FF and iam_fisher): min(1 / (F + 1e-8), 1e3), at
+  most 1e2 where the output axis is C-sized, times alpha, averaged over the input axis; with the
+  output axis and whether it is C-sized."""
+  out_axis, in_axis = _axes(path, f)
+  is_class = f.shape[out_axis] == num_classes
+  var = jnp.minimum(1.0 / (f + 1e-8), 1e3)
+  if is_class:
+    var = jnp.minimum(var, 1e2)
+  var = alpha * var
+  if in_axis is not None:
+    var = jnp.broadcast_to(jnp.mean(var, axis=in_axis, keepdims=True), f.shape)
+  return var, out_axis, is_class
+
+
 def fisher_variance(fisher, alpha, num_classes: int):
   """FF's noise variance of one model (deepunlearn-spec 4.10 step 3), in the Flax layout."""
 
   def one(path, f):
-    out_axis, in_axis = _axes(path, f)
-    is_class = f.shape[out_axis] == num_classes
-    var = jnp.minimum(1.0 / (f + 1e-8), 1e3)
-    if is_class:
-      var = jnp.minimum(var, 1e2)
-    var = alpha * var
-    if in_axis is not None:
-      var = jnp.broadcast_to(jnp.mean(var, axis=in_axis, keepdims=True), f.shape)
+    var, _, is_class = _clamped_variance(path, f, alpha, num_classes)
     if is_class or f.ndim == 1:
       var = var * 10.0
     return var
@@ -421,14 +429,7 @@ def fisher_mean_var(params, fisher, absent, alpha, num_classes: int):
   shape[0] == C or ndim == 1. mu = theta.
   """
   def one(path, p, f):
-    out_axis, in_axis = _axes(path, p)
-    is_c = p.shape[out_axis] == num_classes
-    var = jnp.minimum(1.0 / (f + 1e-8), 1e3)
-    if is_c:
-      var = jnp.minimum(var, 1e2)
-    var = alpha * var
-    if in_axis is not None:
-      var = jnp.broadcast_to(jnp.mean(var, axis=in_axis, keepdims=True), p.shape)
+    var, out_axis, is_c = _clamped_variance(path, f, alpha, num_classes)
     mu = p
     if is_c:
       shape = [1] * p.ndim
