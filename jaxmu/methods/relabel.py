@@ -1,9 +1,9 @@
 """Relabelling methods: SRL, SalUn (deepunlearn-spec 4.5, 4.8) and IAM's boundary expanding.
 
-SRL and SalUn train on retain ∪ randomly relabelled forget. 
-Both build, for every model, one *discernible* index set: its retain indices followed by its
-forget indices offset by the dataset size (`combined_sets`), so a batch knows which samples come
-from the forget set (`split_combined`). A forget sample's label is replaced by a uniform draw over
+SRL and SalUn train on retain ∪ randomly relabelled forget. Both build, for every model, one
+*discernible* index set: its retain indices followed by its forget indices offset by the dataset
+size (`combined_sets`), so a batch knows which samples come from the forget set
+(`split_combined`). A forget sample's label is replaced by a uniform draw over
 all C classes (the true class included, as the reference's ``RandomRelabelDataset``), drawn anew
 for every model (its own key), every epoch and every sample (`forget_labels`).
 
