@@ -107,7 +107,8 @@ def get_config(arg: str | None = None):
 
   a, tau = {"cifar100": (0.6, 1.0), "purchase100": (0.2, 2.0)}.get(dataset, (0.33, 2.0))
   c.audit = ml_collections.ConfigDict()  # iam-spec 3.5, 4.1, 7.1
-  c.audit.attacks = ("iam_on", "iam_off", "lira_on", "lira_off", "carlini_lira_on",
+  c.audit.attacks = ("iam_on", "iam_off", "iam_gauss_prob", "iam_gauss_tsm", "iam_gauss_phi",
+                     "iam_gauss_loss", "iam_on_wo_norm", "lira_on", "lira_off", "carlini_lira_on",
                      "carlini_lira_off", "rmia_on", "rmia_off", "emia_r", "emia_p", "update",
                      "unleak", "random")
   c.audit.k_sweep = ()  # () = 1, 2, 4, ... up to num_shadows

@@ -50,9 +50,9 @@ def vit():
 
 def test_registry():
   assert models.NAMES == ("resnet18", "resnet34", "resnet50", "tinyvit_11m", "small_cnn", "purchase_mlp",
-                          "airbench94")
+                          "airbench94", "vgg11", "vgg16", "densenet121")
   with pytest.raises(ValueError, match="resnet18.*purchase_mlp"):
-    models.get("vgg16", 10)
+    models.get("vgg19", 10)
   with pytest.raises(ValueError, match="stem"):
     models.get("resnet18", 10, stem="tiny")
   with pytest.raises(ValueError, match="init"):
