@@ -1,0 +1,511 @@
+"""A plan of a pipeline run, without data and without training (`launch/plan.py`).
+
+    p = plan.make(config, workdir="runs/cifar10_resnet18")   # the pipeline follows from config
+    print(p.markdown()); p.write("runs/plan")                 # plan.md and plan.json
+
+Per stage, in the pipeline's order: the models it trains or unlearns, its stack chunks
+(programs), its training sample-passes (epochs x samples per model, summed) and forward
+sample-passes (validation, signals, evaluation), its FLOPs and device time at a stated sustained
+rate, an estimate of device memory per program, the disk of its outputs, and whether the stage
+records of an existing workdir would let the run reuse it.
+
+Counts follow the config and the datasets' known sizes (`dataset_info`; nothing is loaded).
+FLOPs of one training step per model are XLA's count of the *lowered* (not compiled) engine step
+`train.train_step` on abstract variables (`jax.eval_shape`); a forward sample costs the lowered
+`train.logits` of a batch divided by its size. Estimates, each labelled as such in the output:
+unlearning sample-passes (`_unlearn_passes`), memory per program (`_arch`: the vmapped stack's
+training states, a step's activations and the dataset on the device), and reuse (the records'
+outputs and dependency hashes, and the config sections each stage reads against the workdir's
+``config.json``; the run itself also checks the data's fingerprint).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from jaxmu import models, search, stages, train
+from jaxmu import methods as methods_lib
+from jaxmu.pipelines import common
+from jaxmu.pipelines import iam_setting
+
+# The default sustained rate of the device-time estimate (docs/benchmarks.md, "Plan's default
+# rate"): an assumption until issue [9/9] measures it.
+RATE_TFLOPS = 100.0
+PIPELINES = ("deepunlearn", "ulira", "iam")
+LOGIT_BYTES = 4  # float32 logits and scaled logits
+INDEX_BYTES = 8  # int64 split indices
+
+
+class DatasetInfo(NamedTuple):
+  num_train: int
+  num_test: int
+  shape: tuple[int, ...]  # one input as the models see it
+  num_classes: int
+
+
+# Sizes of the official parts (train, test), native input shape and classes; UTKFace: the 23,708
+# "Aligned&Cropped" images, 20% test; CINIC-10: test = valid + test; Purchase: no test part.
+_SIZES = {"digits": (1437, 360, (8, 8, 1), 10), "mnist": (60000, 10000, (28, 28, 1), 10),
+          "fashion_mnist": (60000, 10000, (28, 28, 1), 10),
+          "cifar10": (50000, 10000, (32, 32, 3), 10), "cifar100": (50000, 10000, (32, 32, 3), 100),
+          "utkface": (18967, 4741, (224, 224, 3), 5), "cinic10": (90000, 180000, (32, 32, 3), 10),
+          "purchase100": (197324, 0, (600,), 100)}
+_DEFAULT_OPTIONS = {"mnist": {"image_size": 32, "channels": 3},
+                    "fashion_mnist": {"image_size": 32, "channels": 3}}
+
+
+def dataset_info(spec: ml_collections.ConfigDict) -> DatasetInfo:
+  """A config's ``dataset`` section's sizes and input shape, from known metadata (no loading).
+
+  A stand-in table until `jaxmu.data.sources` carries the datasets' metadata (issue [2/9]).
+  """
+  options = {**_DEFAULT_OPTIONS.get(spec.name, {}), **spec.options.to_dict()}
+  if spec.name == "synthetic":
+    return DatasetInfo(options.get("num_train", 64), options.get("num_test", 16),
+                       tuple(options.get("shape", (8, 8, 1))), options.get("num_classes", 10))
+  if spec.name not in _SIZES:
+    raise ValueError(f"dataset {spec.name!r} has no known sizes to plan with; known: "
+                     f"{', '.join(sorted(_SIZES))}, synthetic")
+  num_train, num_test, shape, classes = _SIZES[spec.name]
+  if len(shape) == 3:
+    size = options.get("image_size") or shape[0]
+    shape = (size, size, options.get("channels") or shape[2])
+  return DatasetInfo(num_train, num_test, shape, classes)
+
+
+def pipeline_of(config: ml_collections.ConfigDict) -> str:
+  """The pipeline a config belongs to: IAM configs have ``score_ui``, U-LiRA-alone configs
+  ``search_dir``, DeepUnlearn configs ``search``."""
+  if "score_ui" in config:
+    return "iam"
+  if "search_dir" in config:
+    return "ulira"
+  if "search" in config:
+    return "deepunlearn"
+  raise ValueError("the config belongs to no known pipeline (no score_ui, search_dir or search)")
+
+
+# ------------------------------------------------------------------------------------ costs
+
+
+class Arch(NamedTuple):
+  """One architecture's costs: per training step of one model at ``batch`` (XLA's count of the
+  lowered step), per forward sample, its variables and training state (bytes), a step's
+  activations (estimate) and its dataset on the device."""
+
+  name: str
+  batch: int
+  step_flops: float
+  forward_flops: float  # per sample
+  variable_bytes: int
+  state_bytes: int
+  activation_bytes: int
+  data_bytes: int
+
+  @property
+  def flops_per_sample(self) -> float:
+    return self.step_flops / self.batch
+
+  def program_bytes(self, models: int) -> int:
+    """Device memory of a vmapped program over ``models`` of them (estimate)."""
+    return self.data_bytes + models * (self.state_bytes + self.activation_bytes)
+
+
+def _bytes(tree) -> int:
+  return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def _kept_outputs(jaxpr) -> int:
+  """Bytes of the outputs of every convolution and matrix product of a jaxpr (nested ones
+  included)."""
+  total = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name in ("conv_general_dilated", "dot_general"):
+      total += sum(v.aval.size * v.aval.dtype.itemsize for v in eqn.outvars)
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        if hasattr(sub, "eqns"):
+          total += _kept_outputs(sub)
+        elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
+          total += _kept_outputs(sub.jaxpr)
+  return total
+
+
+@functools.lru_cache(maxsize=None)
+def _arch(name: str, options: tuple, num_classes: int, shape: tuple, recipe: train.Recipe,
+          num_samples: int) -> Arch:
+  """The costs of a model (see `Arch`), from lowered programs on abstract values.
+
+  Activations (estimate): the outputs of a training step's convolutions and matrix products,
+  three times over (each layer's output, its normalised and its activated form are kept for the
+  backward pass).
+  """
+  model = models.get(name, num_classes, **dict(options))
+  stacked = common.abstract_variables(model, 1, shape)
+  one = lambda tree: jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), tree)
+  state = one(jax.eval_shape(lambda v: train.create_state(v, recipe), stacked))
+  variables = one(stacked)
+  spec = jax.ShapeDtypeStruct
+  b = recipe.batch_size
+  scalar = lambda dtype: spec((), dtype)
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  inputs, labels = spec((b, *shape), jnp.uint8), spec((b,), jnp.int32)
+  step = functools.partial(train.train_step, model, recipe)
+  args = (state, {"train": spec((b,), jnp.int32)}, key, {"t_max": scalar(jnp.float32)}, inputs,
+          labels, scalar(jnp.int32), scalar(jnp.int32), scalar(jnp.float32))
+  step_flops = jax.jit(step).lower(*args).cost_analysis()["flops"]
+  forward = jax.jit(functools.partial(train.logits, model, recipe)).lower(
+      variables, inputs, spec((b,), jnp.int32)).cost_analysis()["flops"]
+  kept = _kept_outputs(jax.make_jaxpr(step)(*args).jaxpr)
+  return Arch(name, b, float(step_flops), float(forward) / b, _bytes(variables), _bytes(state),
+              3 * kept, num_samples * math.prod(shape))
+
+
+# ------------------------------------------------------------------------------------ stages
+
+
+@dataclasses.dataclass
+class StagePlan:
+  """One stage of the plan (counts per the whole stage; ``arch`` names the model it runs)."""
+
+  name: str
+  reads: tuple[str, ...] = ()  # config sections its hash reads
+  deps: tuple[str, ...] = ()
+  arch: str = "model"
+  models: int = 0
+  chunk: int = 0  # models per program
+  programs: int = 0
+  sample_passes: int = 0  # training (or, estimated, unlearning) sample-passes
+  forward_passes: int = 0
+  disk_bytes: int = 0
+  estimated: bool = False  # sample_passes come from `_unlearn_passes`
+  outputs_in: str = ""  # the sub-workdir holding its record ("ulira" inside DeepUnlearn)
+  record: str = ""  # its record's name, if not ``name``
+  flops: float = 0.0
+  device_seconds: float = 0.0
+  memory_bytes: int = 0
+  reuse: str = ""
+
+
+def _train_stage(name, reads, deps, arch, sets, epochs, chunk, forward=0, disk=0, **kw):
+  """A stage training one stack: ``sets`` = samples per model."""
+  chunk = chunk or len(sets)
+  return StagePlan(name, reads, deps, arch, models=len(sets), chunk=min(chunk, len(sets)),
+                   programs=-(-len(sets) // chunk) if sets else 0,
+                   sample_passes=epochs * sum(sets), forward_passes=forward, disk_bytes=disk, **kw)
+
+
+def _unlearn_passes(hparams: dict, retain: float, budget: int | None = None) -> int:
+  """Estimated sample-passes of one unlearning run: as many epochs as the method's
+  ``num_epochs`` (in a search with epoch ``budget``: the mean of 1..budget; 1 without one), each
+  a pass over the retain set or ``batches`` batches where the method has them; 0 for
+  ``original`` (no hyper-parameters: nothing runs)."""
+  if not hparams:
+    return 0
+  epochs = hparams.get("num_epochs", 1) if budget is None or "num_epochs" not in hparams else (
+      (budget + 1) / 2)
+  per_epoch = hparams["batches"] * hparams["batch_size"] if "batches" in hparams else retain
+  return round(epochs * per_epoch)
+
+
+def _unlearn_stage(name, reads, deps, hparams, runs, retain, chunk, disk, forward=0):
+  """A stage unlearning ``runs`` models (estimated sample-passes)."""
+  chunk = min(chunk or runs, runs)
+  return StagePlan(name, reads, deps, models=runs, chunk=chunk, programs=-(-runs // chunk),
+                   sample_passes=runs * _unlearn_passes(hparams, retain), forward_passes=forward,
+                   disk_bytes=disk, estimated=True)
+
+
+def _deepunlearn(c, info: DatasetInfo, var_bytes: int) -> list[StagePlan]:
+  n, total = len(c.seeds), info.num_train + info.num_test
+  val = math.ceil(c.split.val_ratio * info.num_train)
+  forget = math.ceil(c.split.forget_ratio * (info.num_train - val))
+  retain = info.num_train - val - forget
+  chunk = c.parallel.max_models_per_program
+  plans = [
+      StagePlan("splits", ("split", "dataset"), disk_bytes=INDEX_BYTES * total),
+      StagePlan("init", ("model", "seeds", "dataset"), models=n, disk_bytes=n * var_bytes),
+      _train_stage("train", ("train", "data", "parallel", "seeds"), ("splits", "init"), "model",
+                   [retain + forget] * n + [retain] * n, c.train.epochs, chunk,
+                   disk=2 * n * var_bytes)]
+  tuned = [m for m in c.search.methods if m in c.methods]
+  e_max = search.epoch_budget(c.train.epochs, c.search.epoch_fraction)
+  runs = c.search.trials * len(c.search.seeds)
+  plans.append(StagePlan(
+      "search", ("search",), ("train",), models=runs * len(tuned), chunk=len(c.search.seeds),
+      programs=runs * len(tuned) // max(len(c.search.seeds), 1), estimated=True,
+      sample_passes=runs * sum(_unlearn_passes(common.method_hparams(c, m), retain, e_max)
+                               for m in tuned),
+      forward_passes=runs * len(tuned) * total))
+  for m in c.methods:
+    plans.append(_unlearn_stage(f"unlearn_{m}", ("unlearn", "parallel"), ("train",),
+                                common.method_hparams(c, m), n, retain, n, n * var_bytes))
+  plans.append(StagePlan("evaluate", deps=("train",) + tuple(f"unlearn_{m}" for m in c.methods),
+                         forward_passes=(2 + len(c.methods)) * n * total))
+  if c.ulira.enabled:
+    plans += [dataclasses.replace(p, name=f"ulira/{p.name}", outputs_in="ulira", record=p.name)
+              for p in _ulira(c, info, var_bytes)[:-1]]
+  plans.append(StagePlan("report", ("methods",), ("evaluate",)))
+  return plans
+
+
+def _ulira(c, info: DatasetInfo, var_bytes: int) -> list[StagePlan]:
+  u = c.ulira
+  s, f = u.lira.num_splits, u.lira.num_forget_draws
+  val = int(info.num_train * u.lira.val_ratio)
+  ins = (info.num_train - val) // 2
+  retain = ins - int(ins * u.lira.forget_ratio)
+  signals = s * f * info.num_train * (LOGIT_BYTES + 1)  # scaled logits and correctness
+  chunk = u.max_models_per_program
+  plans = [
+      StagePlan("splits", ("ulira", "dataset"), disk_bytes=INDEX_BYTES * s * f * ins * 2),
+      StagePlan("init", ("model", "ulira", "dataset"), models=1, disk_bytes=var_bytes),
+      _train_stage("train", ("train", "ulira", "data", "parallel"), ("splits", "init"), "model",
+                   [ins] * s + [retain] * (s * f), u.epochs, chunk,
+                   forward=s * f * info.num_train, disk=s * var_bytes + signals)]
+  methods = tuple(c.ulira.methods)
+  for m in methods:
+    plans.append(_unlearn_stage(f"unlearn_{m}", ("unlearn", "ulira", "parallel"), ("train",),
+                                common.method_hparams(c, m), s * f, retain, chunk, signals,
+                                forward=s * f * info.num_train))
+  plans.append(StagePlan("ulira", ("ulira",), ("splits", "train") + tuple(
+      f"unlearn_{m}" for m in methods)))
+  plans.append(StagePlan("report", (), ("ulira",)))
+  return plans
+
+
+def _iam(c, info: DatasetInfo, var_bytes: dict[str, int]) -> list[StagePlan]:
+  runs = iam_setting.runs(c)
+  o, r, k = iam_setting.num_originals(c), len(runs), c.num_shadows
+  train_part = info.num_train if info.num_test else int((1 - c.split.holdout_ratio) * info.num_train)
+  held = info.num_test or info.num_train - train_part
+  incremental = c.setting == "incremental"
+  pool = c.incremental.pool_size if incremental else train_part - c.split.shadow_size
+  shadow_pool = c.shadow_dataset.shadow_size if c.setting == "shifted" else c.split.shadow_size
+  val = min(held - (held + 1) // 2, c.split.val_cap)
+  per_class = pool // info.num_classes  # balanced classes assumed
+  forget = {"set_random": c.split.forget_size, "one_class": per_class,
+            "class_percentage": int(c.split.class_ratio * per_class)}
+  retain = [pool - forget[run.forget] for run in runs]
+  chunk = c.parallel.max_models_per_program
+  shadow_train = int(c.split.shadow_train_frac * shadow_pool)
+  epochs, t_epochs = c.train.epochs, c.train.target_epochs
+  select = int(c.train.select_best)
+  trains = ("train", "data", "parallel", "model")
+  taken = dict(models=0, programs=0, chunk=0)
+  shadows = _train_stage(
+      "shadows", trains + ("shadow_model", "setting", "shadow_dataset"), ("splits",), "shadow",
+      [shadow_train] * k + [shadow_pool], epochs, chunk,
+      forward=select * epochs * (k * (shadow_pool - shadow_train) + shadow_pool),
+      disk=(k + 1) * var_bytes["shadow"])
+  ref_in = _train_stage("ref_in", trains + ("ref_in",), ("splits",), "model", [val],
+                        c.ref_in.epochs, 1, forward=select * c.ref_in.epochs * shadow_pool,
+                        disk=var_bytes["model"])
+  targets = _train_stage("targets", trains + ("original_per_seed",), ("splits",), "model",
+                         [pool] * o + retain, t_epochs, chunk,
+                         forward=select * t_epochs * (o + r) * val,
+                         disk=(o + r) * var_bytes["model"])
+  if c.reuse.shadows or incremental:
+    shadows = dataclasses.replace(shadows, sample_passes=0, forward_passes=0, **taken)
+  if c.reuse.targets:
+    ref_in, targets = (dataclasses.replace(p, sample_passes=0, forward_passes=0, **taken)
+                       for p in (ref_in, targets))
+  logits = (k + o + r) * pool + 2 * r * val + k * r * val + (k + 1) * shadow_pool
+  plans = [StagePlan("splits", ("split", "seeds", "num_shadows", "dataset", "setting"),
+                     disk_bytes=INDEX_BYTES * (train_part + held + k * shadow_pool)),
+           shadows, ref_in, targets,
+           StagePlan("signals", ("signals",), ("shadows", "ref_in", "targets"),
+                     forward_passes=logits, disk_bytes=logits * info.num_classes * LOGIT_BYTES),
+           StagePlan("binui", ("audit",), ("signals",))]
+  if c.audit.scoring_ablation:
+    plans.append(StagePlan("scoring", ("audit",), ("signals",)))
+  loops, breaks = c.score_ui.start_models, c.score_ui.breaks
+  if loops:
+    plans.append(_train_stage(
+        "score_ui", ("score_ui", "audit") + trains, ("signals",), "shadow", [pool] * loops,
+        c.score_ui.epochs, loops,
+        forward=loops * (c.score_ui.epochs * val + (breaks + 1) * (pool + val))))
+  methods = tuple(c.approx.methods)
+  for m in methods:
+    hparams = c.approx.hparams[m].to_dict() if m in c.approx.hparams else {}
+    plans.append(_unlearn_stage(f"approx_{m}", ("approx", "parallel"), ("targets",),
+                                {**methods_lib.get(m).defaults, **hparams}, r, sum(retain) / r,
+                                r, r * var_bytes["model"]))
+  if methods:
+    plans.append(StagePlan("approx", ("audit", "approx"), ("signals",) + tuple(
+        f"approx_{m}" for m in methods), forward_passes=len(methods) * r * pool))
+  plans.append(StagePlan("report", ("approx",), ("binui",)))
+  return plans
+
+
+# ------------------------------------------------------------------------------------ reuse
+
+
+def _first_difference(a: Any, b: Any, path: str) -> str | None:
+  """The first dotted path where two plain JSON trees differ, or None."""
+  if isinstance(a, dict) and isinstance(b, dict):
+    for key in sorted(set(a) | set(b)):
+      found = _first_difference(a.get(key), b.get(key), f"{path}.{key}")
+      if found:
+        return found
+    return None
+  return None if a == b else path
+
+
+def _reuse(plans: list[StagePlan], config, workdir: Path) -> None:
+  """Sets each stage's ``reuse``: "reused" or why it would run, from the stage records of
+  ``workdir`` (read only) and its ``config.json``."""
+  verdicts: dict[tuple[str, str], bool] = {}
+  for p in plans:
+    root = workdir / p.outputs_in
+    record = p.record or p.name
+    saved = root / "config.json"
+    # Workdir() creates stages/ and .tmp/; every workdir a run wrote already has both.
+    wd = stages.Workdir(root) if (root / "stages").is_dir() and (root / ".tmp").is_dir() else None
+    manifest = wd and wd.manifest(record)
+    if p.name.endswith("search"):
+      tuned = [m for m in config.search.methods if m in config.methods]
+      have = [m for m in tuned if (workdir / "search" / f"{m}.json").exists()]
+      ok = verdicts.get(("", "train"), False) and len(have) == len(tuned)
+      p.reuse = "continues the studies" if ok else f"runs ({len(have)} of {len(tuned)} results)"
+      verdicts[(p.outputs_in, record)] = True
+      continue
+    if manifest is None:
+      p.reuse = "new"
+    elif not all(wd.path(o).exists() for o in manifest["outputs"]):
+      p.reuse = "outputs missing"
+    elif changed := [d for d in p.deps if not verdicts.get((p.outputs_in, d), True)
+                     or manifest["deps"].get(d) != (wd.manifest(d) or {}).get("hash")]:
+      p.reuse = f"input '{changed[0]}' changed"
+    else:
+      old = json.loads(saved.read_text()) if saved.exists() else {}
+      new = json.loads(stages.to_json(config))
+      diff = next((d for s in p.reads if (d := _first_difference(old.get(s), new.get(s), s))),
+                  None)
+      p.reuse = f"config changed: {diff}" if diff else "reused"
+    verdicts[(p.outputs_in, record)] = p.reuse == "reused"
+
+
+# ------------------------------------------------------------------------------------ plan
+
+
+@dataclasses.dataclass
+class Plan:
+  pipeline: str
+  title: str
+  rate_tflops: float
+  stages: list[StagePlan]
+  archs: dict[str, Arch]
+  workdir: str | None
+
+  @property
+  def totals(self) -> dict[str, float]:
+    return {"flops": sum(s.flops for s in self.stages),
+            "device_hours": sum(s.device_seconds for s in self.stages) / 3600,
+            "sample_passes": sum(s.sample_passes for s in self.stages),
+            "models": sum(s.models for s in self.stages),
+            "programs": sum(s.programs for s in self.stages),
+            "disk_bytes": sum(s.disk_bytes for s in self.stages),
+            "max_memory_bytes": max(s.memory_bytes for s in self.stages)}
+
+  def to_json(self) -> dict:
+    return {"pipeline": self.pipeline, "title": self.title, "rate_tflops": self.rate_tflops,
+            "workdir": self.workdir,
+            "archs": {k: a._asdict() for k, a in self.archs.items()},
+            "stages": [dataclasses.asdict(s) for s in self.stages], "totals": self.totals,
+            "assumptions": ASSUMPTIONS}
+
+  def markdown(self) -> str:
+    gib = lambda b: f"{b / 2**30:.2f}"
+    lines = [f"# Plan: {self.title}", "",
+             f"Pipeline `{self.pipeline}`; device time at a sustained {self.rate_tflops:g} "
+             "TFLOP/s (an assumption: docs/benchmarks.md, \"Plan's default rate\"); memory as "
+             "one vmapped program per stack chunk (the strategy on a GPU).", ""]
+    for key, a in self.archs.items():
+      lines.append(f"- {key} `{a.name}`: {a.step_flops / 1e9:.3f} GFLOP per training step of "
+                   f"one model at batch {a.batch} (XLA, lowered step), {a.forward_flops / 1e6:.2f} "
+                   f"MFLOP per forward sample; variables {a.variable_bytes / 2**20:.1f} MiB, "
+                   f"training state {a.state_bytes / 2**20:.1f} MiB, step activations "
+                   f"{a.activation_bytes / 2**20:.1f} MiB (estimate) per model")
+    lines += ["", "| stage | models | programs | sample-passes | forward passes | PFLOP | device h "
+              "| memory GiB per program (est.) | disk GiB | workdir |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for s in self.stages:
+      passes = f"{s.sample_passes:,}" + (" (est.)" if s.estimated else "")
+      lines.append(f"| {s.name} | {s.models} | {s.programs} | {passes} | {s.forward_passes:,} | "
+                   f"{s.flops / 1e15:.3g} | {s.device_seconds / 3600:.3g} | "
+                   f"{gib(s.memory_bytes) if s.memory_bytes else '-'} | {gib(s.disk_bytes)} | "
+                   f"{s.reuse or '-'} |")
+    t = self.totals
+    lines += [f"| **total** | {t['models']} | {t['programs']} | {t['sample_passes']:,} | | "
+              f"{t['flops'] / 1e15:.3g} | {t['device_hours']:.3g} | {gib(t['max_memory_bytes'])} "
+              f"(max) | {gib(t['disk_bytes'])} | |", "", "Assumptions:", ""]
+    lines += [f"- {a}" for a in ASSUMPTIONS]
+    return "\n".join(lines) + "\n"
+
+  def write(self, directory: str | Path) -> Path:
+    """Writes ``plan.md`` and ``plan.json`` into ``directory``; returns the Markdown's path."""
+    directory = Path(directory)
+    with stages.atomic_write(directory / "plan.json", "w") as f:
+      f.write(stages.to_json(self.to_json(), indent=1) + "\n")
+    with stages.atomic_write(directory / "plan.md", "w") as f:
+      f.write(self.markdown())
+    return directory / "plan.md"
+
+
+ASSUMPTIONS = (
+    "sample-passes: epochs x samples per model, summed; padding steps of shorter stack-mates "
+    "are not counted",
+    "unlearning sample-passes (est.): per run, the method's num_epochs (1 without one; in the "
+    "search the mean of 1..the epoch budget) passes over the retain set (or its `batches` "
+    "batches)",
+    "FLOPs: sample-passes x (training step FLOPs / batch) + forward passes x forward FLOPs per "
+    "sample; attacks and scoring run on the host and are not counted",
+    "memory per program (est.): the dataset on the device + per model its training state and "
+    "3 x the outputs of a step's convolutions and matrix products",
+    "disk: the stage's outputs (models as float32 variables, signals, splits); training "
+    "checkpoints are temporary and not counted",
+    "workdir: the stage records and the config sections each stage reads against config.json; "
+    "the run also checks the data's fingerprint",
+)
+
+
+def make(config: ml_collections.ConfigDict, workdir: str | Path | None = None,
+         rate_tflops: float = RATE_TFLOPS) -> Plan:
+  """The plan of ``config``'s pipeline (`pipeline_of`); ``workdir``: an existing run whose stage
+  records say what would be reused (only read)."""
+  pipeline = pipeline_of(config)
+  info = dataset_info(config.dataset)
+  recipe = common.recipe(config)
+  target = (config.model.name, tuple(sorted(config.model.options.to_dict().items())))
+  archs = {"model": target}
+  if pipeline == "iam":
+    archs["shadow"] = iam_setting.architecture(config, "shadows")
+  samples = info.num_train + info.num_test
+  costs = {k: _arch(*a, info.num_classes, info.shape, recipe, samples) for k, a in archs.items()}
+  var_bytes = {k: a.variable_bytes for k, a in costs.items()}
+  if pipeline == "deepunlearn":
+    plans = _deepunlearn(config, info, var_bytes["model"])
+  elif pipeline == "ulira":
+    plans = _ulira(config, info, var_bytes["model"])
+  else:
+    plans = _iam(config, info, var_bytes)
+  for p in plans:
+    a = costs[p.arch]
+    p.flops = p.sample_passes * a.flops_per_sample + p.forward_passes * a.forward_flops
+    p.device_seconds = p.flops / (rate_tflops * 1e12)
+    p.memory_bytes = a.program_bytes(p.chunk) if p.sample_passes else 0
+  if workdir is not None and Path(workdir).is_dir():
+    _reuse(plans, config, Path(workdir))
+  title = f"{pipeline}: {config.dataset.name} / {config.model.name}"
+  return Plan(pipeline, title, rate_tflops, plans, costs,
+              None if workdir is None else str(workdir))
