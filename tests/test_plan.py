@@ -1,0 +1,171 @@
+"""The plan of a run (`jaxmu.plan`): every shipped config at full counts, hand-counted FLOPs and
+sample-passes, stage order, reuse of a real workdir, the launcher."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from configs import deepunlearn as deepunlearn_config
+from configs import iam as iam_config
+from configs import quickstart, ulira
+from jaxmu import plan
+from jaxmu.pipelines import deepunlearn, iam
+
+ROOT = Path(__file__).resolve().parents[1]
+ULIRA_STAGES = ("splits", "init", "train", "unlearn", "ulira", "report")
+# The arch setting's shadow architecture for each target model.
+OTHER_ARCH = {"resnet18": ("small_cnn", {}), "small_cnn": ("resnet18", {"stem": "cifar"}),
+              "purchase_mlp": ("purchase_mlp", {})}
+
+
+def _kinds(p):
+  """Stage names in order, per-method and U-LiRA sub-stages folded into their pipeline stage."""
+  out = []
+  for s in p.stages:
+    name = s.name.split("/")[0]
+    kind = name.split("_")[0] if name.startswith(("unlearn_", "approx_")) else name
+    if not out or out[-1] != kind:
+      out.append(kind)
+  return out
+
+
+def _check(p, stage_order):
+  kinds = _kinds(p)
+  assert kinds == [k for k in stage_order if k in kinds], kinds
+  assert p.totals["flops"] > 0 and p.totals["disk_bytes"] > 0
+  for s in p.stages:
+    assert s.programs <= s.models and (s.programs > 0 or not s.sample_passes), s
+    assert s.memory_bytes > 0 or not s.sample_passes, s
+    assert s.device_seconds == pytest.approx(s.flops / (p.rate_tflops * 1e12))
+  text = p.markdown()
+  assert all(f"| {s.name} |" in text for s in p.stages)
+
+
+def _stage(p, name):
+  return next(s for s in p.stages if s.name == name)
+
+
+@pytest.mark.parametrize("dataset", ("mnist", "fashion_mnist", "cifar10", "cifar100", "utkface"))
+def test_deepunlearn_every_dataset_and_model(dataset):
+  for model in ("resnet18", "tinyvit_11m"):
+    c = deepunlearn_config.get_config(f"dataset={dataset},model={model}")
+    c.ulira.enabled = True
+    p = plan.make(c)
+    assert p.pipeline == "deepunlearn"
+    _check(p, deepunlearn.STAGES)
+    n_train = {"mnist": 60000, "fashion_mnist": 60000, "utkface": 18967}.get(dataset, 50000)
+    train_part = n_train - -(-15 * n_train // 100)  # sklearn: ceil(0.15 n) held out
+    forget = -(-train_part // 10)
+    train = _stage(p, "train")
+    assert (train.models, train.programs) == (20, 1)
+    assert train.sample_passes == c.train.epochs * 10 * (train_part + train_part - forget)
+    assert _stage(p, "search").models == 18 * 100 * 3
+    assert sum(s.name.startswith("unlearn_") for s in p.stages) == 18
+    ulira_train = _stage(p, "ulira/train")
+    assert (ulira_train.models, ulira_train.programs) == (64 + 640, 11)
+
+
+def test_ulira_alone_counts_by_hand():
+  p = plan.make(ulira.get_config())
+  assert p.pipeline == "ulira"
+  _check(p, ULIRA_STAGES)
+  # CIFAR-10: val 2,500, IN 23,750, retain 21,375; 64 originals + 640 retrained, 91 epochs.
+  assert _stage(p, "train").sample_passes == 91 * (64 * 23750 + 640 * 21375) == 1_383_200_000
+  assert _stage(p, "unlearn_original").sample_passes == 0
+  assert _stage(p, "unlearn_finetune").sample_passes == 640 * 5 * 21375
+
+
+@pytest.mark.parametrize("dataset", ("cifar10", "cifar100", "cinic10", "purchase100", "digits"))
+def test_iam_every_dataset_setting_and_type(dataset):
+  for setting in ("exact", "arch", "shifted", "incremental"):
+    for forget in ("set_random", "class_percentage", "one_class", "set_random+class_percentage"):
+      c = iam_config.get_config(f"dataset={dataset},forget={forget},setting={setting}")
+      if setting == "arch":
+        c.shadow_model.name, c.shadow_model.options = OTHER_ARCH[c.model.name]
+      p = plan.make(c)
+      assert p.pipeline == "iam"
+      _check(p, iam.STAGES)
+      assert set(p.archs) == {"model", "shadow"}
+      assert p.archs["shadow"].name == (c.shadow_model.name or c.model.name)
+      shadows = _stage(p, "shadows")
+      assert shadows.models == (0 if setting == "incremental" else c.num_shadows + 1)
+      assert (shadows.sample_passes == 0) == (setting == "incremental")
+  c = iam_config.get_config(f"dataset={dataset}")
+  c.reuse.shadows = c.reuse.targets = "runs/elsewhere"
+  p = plan.make(c)
+  assert [_stage(p, s).sample_passes for s in ("shadows", "ref_in", "targets")] == [0, 0, 0]
+
+
+def test_iam_cifar100_counts_by_hand():
+  c = iam_config.get_config("dataset=cifar100")
+  p = plan.make(c)
+  # Shadows: 10 on int(0.8 x 20,000) + the origin on 20,000; targets: the original on the
+  # 30,000 pool, 10 set_random retrained on 29,500, 10 class_percentage on 30,000 - 30.
+  assert _stage(p, "shadows").sample_passes == 201 * (10 * 16000 + 20000)
+  assert _stage(p, "targets").sample_passes == 201 * (30000 + 10 * 29500 + 10 * 29970)
+  assert _stage(p, "score_ui").sample_passes == c.score_ui.epochs * 10 * 30000
+  assert _stage(p, "targets").models == 21
+
+
+def test_small_cnn_step_flops_match_a_hand_count():
+  """XLA's count of the lowered step against 3 x 2 x the multiply-adds of the convolutions and
+  the dense layer (forward, then backward twice as much), within a factor 1.5."""
+  c = quickstart.get_config()
+  arch = plan.make(c).archs["model"]
+  b, w = c.train.batch_size, 32  # 8x8x1 digits; small_cnn width 32
+  macs = b * (8 * 8 * 9 * 1 * w + 4 * 4 * 9 * w * 2 * w + 2 * w * 10)
+  assert 1 / 1.5 < arch.step_flops / (3 * 2 * macs) < 1.5
+  assert 1 / 1.5 < arch.forward_flops * b / (2 * macs) < 1.5
+  assert arch.variable_bytes >= 4 * (9 * w + 9 * w * 2 * w + 2 * w * 10)
+  assert arch.state_bytes > arch.variable_bytes
+
+
+def test_rate_scales_device_time():
+  c = quickstart.get_config()
+  slow, fast = plan.make(c, rate_tflops=50), plan.make(c, rate_tflops=200)
+  assert slow.totals["flops"] == fast.totals["flops"]
+  assert slow.totals["device_hours"] == pytest.approx(4 * fast.totals["device_hours"])
+
+
+def _snapshot(root):
+  return {str(p): p.stat().st_mtime_ns for p in Path(root).rglob("*")}
+
+
+def test_reuse_of_a_real_workdir(tmp_path):
+  config = quickstart.get_config()
+  config.stop_after = "init"
+  deepunlearn.run(config, tmp_path)
+  before = _snapshot(tmp_path)
+  reuse = {s.name: s.reuse for s in plan.make(config, tmp_path).stages}
+  assert _snapshot(tmp_path) == before  # only read
+  assert reuse["splits"] == reuse["init"] == "reused"
+  assert reuse["train"] == "new" and reuse["ulira/train"] == "new"
+  assert reuse["search"].startswith("runs")
+  config.seeds = (0, 1, 2)
+  reuse = {s.name: s.reuse for s in plan.make(config, tmp_path).stages}
+  assert (reuse["splits"], reuse["init"]) == ("reused", "config changed: seeds")
+  config.seeds = (0, 1, 2, 3)
+  config.split.val_ratio = 0.2
+  reuse = {s.name: s.reuse for s in plan.make(config, tmp_path).stages}
+  assert reuse["splits"] == "config changed: split.val_ratio"
+  assert reuse["init"] == "reused"  # it reads no split
+  config.split.val_ratio = 0.15
+  (tmp_path / "models" / "init").rename(tmp_path / "moved")
+  assert _stage(plan.make(config, tmp_path), "init").reuse == "outputs missing"
+  assert all(s.reuse == "" for s in plan.make(config, tmp_path / "absent").stages)
+
+
+def test_launcher_writes_plan_md_and_json(tmp_path):
+  out = subprocess.run(
+      [sys.executable, str(ROOT / "launch/plan.py"), "--config=configs/quickstart.py:iam",
+       f"--workdir={tmp_path}", "--rate_tflops=50", "--compilation_cache="],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr
+  assert "| shadows |" in out.stdout and "50 TFLOP/s" in out.stdout
+  saved = json.loads((tmp_path / "plan.json").read_text())
+  assert saved["pipeline"] == "iam" and saved["rate_tflops"] == 50
+  assert [s["name"] for s in saved["stages"]][:4] == ["splits", "shadows", "ref_in", "targets"]
+  assert (tmp_path / "plan.md").read_text().startswith("# Plan: iam: digits / small_cnn")
