@@ -17,6 +17,14 @@ N = 30,000, K = 16, A = 100, Carlini online LiRA with 64 shadows, and one `audit
 attack on CIFAR-100-shaped logits (N = 30,000, K = 1, a population of 5,000): the unit of the IAM
 pipeline's BinUI and ScoreUI loops (about a minute on 2 CPU cores).
 
+    python launch/benchmark.py --config=configs/bench.py:dispatch --compilation_cache='' \
+        --out=runs/bench_dispatch.json --out_md=runs/bench_dispatch.md
+
+`:dispatch` measures model-steps/s of `train.fit` for the small CNN (8x8x1, batch 64: digits)
+and the Purchase MLP (600 features, batch 128, 100 classes) at N = 1 and 16, vmap and loop, each
+epoch dispatched per step vs one compiled program (`Strategy.scan`), the two modes alternating
+(about 5 minutes on the 2-core CPU).
+
     python launch/benchmark.py --config=configs/bench.py:search --out=runs/bench_search.json
 
 `:search` times the hyper-parameter search (trials x seeds per second) with the 3 tuning seeds
@@ -28,7 +36,7 @@ import ml_collections
 
 def get_config(arg: str | None = None):
   c = ml_collections.ConfigDict()
-  c.section = "training"  # or "attacks"
+  c.section = "training"  # or "attacks", "search", "dispatch"
   # Model specs: a registry name, optionally with factory arguments ("resnet18:stem=cifar").
   c.models = ("small_cnn",)
   c.num_models = (1, 4, 16)
@@ -58,11 +66,18 @@ def get_config(arg: str | None = None):
     c.attacks = ml_collections.ConfigDict(dict(
         num_samples=30_000, iam_shadows=16, num_interp=100, iam_dists=("gumbel", "kde"),
         lira_shadows=64, repeats=5, audit_classes=100, audit_population=5000))
+  elif arg == "dispatch":
+    c.section = "dispatch"
+    c.dispatch = ml_collections.ConfigDict(dict(
+        models=("small_cnn", "purchase_mlp"), input_shapes=((8, 8, 1), (600,)),
+        batch_sizes=(64, 128), num_models=(1, 16), strategies=("vmap", "loop"),
+        batches_per_epoch=8, epochs=2, repeats=3))
+    c.num_classes = 100
   elif arg == "search":
     c.section = "search"
     c.search = ml_collections.ConfigDict(dict(
         methods=("finetune", "msg"), seeds=3, trials=4, train_epochs=10))
   elif arg:
-    raise ValueError(f"unknown bench config argument {arg!r}; use nothing, 'gpu', 'attacks' or "
-                     "'search'")
+    raise ValueError(f"unknown bench config argument {arg!r}; use nothing, 'gpu', 'attacks', "
+                     "'search' or 'dispatch'")
   return c

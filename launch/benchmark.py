@@ -1,7 +1,10 @@
 """Measures training throughput of stacks of models (per model family, stack size, strategy and
-compute dtype), or (``configs/bench.py:attacks``) the time of attack scoring, or
+compute dtype; the engine's training step dispatched per step), or
+(``configs/bench.py:dispatch``) model-steps/s of `train.fit` with per-step dispatch vs each epoch
+as one compiled program, or (``configs/bench.py:attacks``) the time of attack scoring, or
 (``configs/bench.py:search``) trials x seeds per second of the search; prints a table and
-writes JSON (and with ``--out_md`` a Markdown table with the issue [9/9] projections).
+writes JSON (and with ``--out_md`` a Markdown table: training rows with the issue [9/9]
+projections, or the dispatch rows side by side).
 
     python launch/benchmark.py --config=configs/bench.py --out=runs/bench.json
     python launch/benchmark.py --config=configs/bench.py:gpu --out=runs/bench_gpu.json \
@@ -13,13 +16,14 @@ step come from XLA's cost analysis of the compiled one-model training step
 (``compiled.cost_analysis()["flops"]``, forward + backward + update as compiled, not counted by
 hand); utilisation divides the achieved FLOP rate by the device's dense peak (`PEAK_TFLOPS`).
 
-Imports neither optuna nor tensorflow-datasets (except the ``search`` section), so it runs with only jax/flax/optax installed
-(e.g. on a lent GPU machine with PYTHONPATH=.).
+Imports neither optuna nor tensorflow-datasets (except the ``search`` section), so it runs with
+only jax/flax/optax installed (e.g. on a lent GPU machine with PYTHONPATH=.).
 """
 
 import functools
 import importlib.metadata
 import json
+import os
 import platform
 import sys
 import time
@@ -67,13 +71,13 @@ def parse_model(spec: str) -> tuple[str, dict]:
 
 def _setup(spec, num_models, strategy, dtype, config):
   """(step(internal, s) -> internal, internal state, XLA's FLOPs of one model's step) for a stack
-  of ``num_models`` models of ``spec`` on synthetic data."""
+  of ``num_models`` models of ``spec`` on synthetic data: the engine's step, dispatched per step."""
   import jax
   import jax.numpy as jnp
   import numpy as np
 
-  from jaxmu import models, parallel, train
-  from jaxmu.models import airbench
+  from jaxmu import airbench, models, parallel, train
+  from jaxmu.models import airbench as airbench_net
 
   name, kw = parse_model(spec)
   shape, b = tuple(config.input_shape), config.batch_size
@@ -83,32 +87,31 @@ def _setup(spec, num_models, strategy, dtype, config):
   labels = jnp.asarray(rng.integers(0, config.num_classes, num_samples).astype(np.int32))
   keys = jax.random.split(jax.random.key(0), num_models)
   strat = parallel.Strategy(strategy)
-  orders = jnp.tile(jnp.arange(num_samples, dtype=jnp.int32), (num_models, 1))
+  orders = {"train": jnp.tile(jnp.arange(num_samples, dtype=jnp.int32), (num_models, 1))}
   one = lambda t: jax.tree.map(lambda x: x[0], t)  # noqa: E731
   if name == "airbench94":
-    model = airbench.airbench94(config.num_classes, **kw)
-    hyper = airbench.Hyper(batch_size=b, mean=(0.5,), std=(0.25,), dtype=dtype)
+    model = airbench_net.airbench94(config.num_classes, **kw)
+    statics = (model, airbench.Hyper(batch_size=b, mean=(0.5,), std=(0.25,), dtype=dtype))
     variables = train.init_variables(model, keys, shape)
     state = airbench.State(variables["params"], variables["batch_stats"],
                            jax.tree.map(jnp.zeros_like, variables["params"]),
                            jax.tree.map(jnp.copy, variables), jnp.zeros((num_models,), jnp.int32))
-    totals = jnp.full((num_models,), 10 ** 9, jnp.int32)
-    epoch_steps = jnp.full((num_models,), config.batches_per_epoch, jnp.int32)
-    per_model = (orders, keys, keys, totals, epoch_steps)
-    step = airbench._compiled_step(model, hyper, strat.name)
-    shared = lambda s: (inputs, labels, jnp.int32(s % config.batches_per_epoch),  # noqa: E731
-                        jnp.int32(0))
-    single = functools.partial(airbench.train_step, model, hyper)
+    hp = {"flip_key": keys, "total_steps": jnp.full((num_models,), 10 ** 9, jnp.int32),
+          "epoch_steps": jnp.full((num_models,), config.batches_per_epoch, jnp.int32)}
+    step_fn = airbench.train_step
   else:
     model = models.get(name, config.num_classes, **kw)
     recipe = train.Recipe(batch_size=b, augment=config.augment, mean=(0.5,), std=(0.25,),
                           dtype=dtype)
+    statics = (model, recipe)
     state = train.create_state(train.init_variables(model, keys, shape), recipe)
-    per_model = (orders, keys)
-    step = train._compiled_step(model, recipe, strat.name)
-    shared = lambda s: (inputs, labels, jnp.int32(s % config.batches_per_epoch),  # noqa: E731
-                        jnp.float32(0), jnp.float32(1))
-    single = functools.partial(train.train_step, model, recipe)
+    hp = {"t_max": jnp.ones((num_models,), jnp.float32)}
+    step_fn = train.train_step
+  single = functools.partial(step_fn, *statics)
+  step = strat.compile(single, num_per_model=3)
+  per_model = (orders, keys, hp)
+  shared = lambda s: (inputs, labels, jnp.int32(s % config.batches_per_epoch),  # noqa: E731
+                      jnp.int32(0), jnp.float32(1))
   args = tuple(strat.enter_args(a) for a in per_model)
   flops = _FLOPS.get((spec, dtype, b))
   if (spec, dtype, b) not in _FLOPS:
@@ -250,6 +253,61 @@ def measure_search(config) -> list[dict]:
           for method in c.methods for stacked in (True, False)]
 
 
+def measure_dispatch(config) -> list[dict]:
+  """Model-steps/s of `train.fit` per model, stack size N and strategy kind, with each epoch as
+  one dispatch per step and as one compiled program (``Strategy.scan``). A first fit per mode
+  compiles; then the two modes' timed fits alternate ``repeats`` times (a shared machine's load
+  drift hits both), each ``epochs`` epochs of ``batches_per_epoch`` steps; the median is kept."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from jaxmu import models, parallel, train
+
+  c = config.dispatch
+  rng = np.random.default_rng(0)
+  rows = []
+  for spec, shape, b in zip(c.models, c.input_shapes, c.batch_sizes):
+    name, kw = parse_model(spec)
+    num_samples = b * c.batches_per_epoch
+    data = train.DeviceData(
+        jnp.asarray(rng.integers(0, 256, (num_samples, *shape), dtype=np.uint8)),
+        jnp.asarray(rng.integers(0, config.num_classes, num_samples).astype(np.int32)))
+    model = models.get(name, config.num_classes, **kw)
+    recipe = train.Recipe(batch_size=b, augment="none", mean=(0.5,), std=(0.25,))
+    for n in c.num_models:
+      state = train.create_state(train.init_variables(
+          model, jax.random.split(jax.random.key(0), n), shape), recipe)
+      sets = [np.arange(num_samples)] * n
+      for kind in c.strategies:
+        fit = lambda epochs, scan: train.fit(  # noqa: E731
+            model, state, data, sets, recipe, epochs, jax.random.key(1),
+            strategy=parallel.Strategy(kind, scan), progress=False).state.params
+        timed = {False: [], True: []}
+        first = {scan: _seconds(lambda scan=scan: fit(1, scan)) for scan in (False, True)}
+        for _ in range(c.repeats):
+          for scan in (False, True):
+            timed[scan].append(_seconds(lambda scan=scan: fit(c.epochs, scan)))
+        for scan in (False, True):
+          seconds = float(np.median(timed[scan]))
+          row = {"model": spec, "input_shape": list(shape), "batch_size": b, "num_models": n,
+                 "strategy": kind, "epoch": "scan" if scan else "steps",
+                 "steps_per_epoch": c.batches_per_epoch, "epochs": c.epochs,
+                 "first_fit_seconds": round(first[scan], 3),
+                 "seconds": [round(t, 4) for t in timed[scan]],
+                 "model_steps_per_s": round(n * c.epochs * c.batches_per_epoch / seconds, 1),
+                 "load_average": [round(x, 2) for x in os.getloadavg()]}
+          rows.append(row)
+  return rows
+
+
+def _seconds(fn) -> float:
+  import jax
+  start = time.perf_counter()
+  jax.block_until_ready(fn())
+  return time.perf_counter() - start
+
+
 def environment() -> dict:
   """Device, backend and library versions for the JSON and the printed table."""
   import jax
@@ -304,6 +362,26 @@ def markdown(result: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+def dispatch_markdown(result: dict) -> str:
+  """The dispatch rows side by side: per (model, N, strategy), steps vs scanned epochs."""
+  env = result["environment"]
+  lines = [f"Device: {env['device']} x{env['device_count']} ({env['backend']}), jax {env['jax']}, "
+           f"flax {env['flax']}, optax {env['optax']}, {env['date']}.", "",
+           "| model | input | batch | N | strategy | model-steps/s, steps | model-steps/s, scan | "
+           "scan / steps | first fit s, steps / scan | load average |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+  rows = result["rows"]
+  for steps, scan in zip(rows[::2], rows[1::2]):
+    lines.append(
+        f"| {steps['model']} | {'x'.join(map(str, steps['input_shape']))} | "
+        f"{steps['batch_size']} | {steps['num_models']} | {steps['strategy']} | "
+        f"{steps['model_steps_per_s']:,.1f} | {scan['model_steps_per_s']:,.1f} | "
+        f"{scan['model_steps_per_s'] / steps['model_steps_per_s']:.2f}x | "
+        f"{steps['first_fit_seconds']} / {scan['first_fit_seconds']} | "
+        f"{scan['load_average'][0]} |")
+  return "\n".join(lines) + "\n"
+
+
 def projections(rows) -> list[str]:
   """Issue [9/9] targets from the best measured rows: stack-of-16 speed-up over one model
   (ResNet-18 imagenet stem, bf16), the 20 DeepUnlearn CIFAR-10 reference models (10 x (182 epochs
@@ -339,6 +417,9 @@ def projections(rows) -> list[str]:
   return out
 
 
+_MARKDOWN = {"training": markdown, "dispatch": dispatch_markdown}
+
+
 def main(argv):
   del argv
   config = _CONFIG.value
@@ -349,20 +430,21 @@ def main(argv):
     if _OUT.value:
       Path(_OUT.value).parent.mkdir(parents=True, exist_ok=True)
       Path(_OUT.value).write_text(json.dumps(result, indent=1))
-    if _OUT_MD.value and config.section == "training":
+    if _OUT_MD.value and config.section in ("training", "dispatch"):
       Path(_OUT_MD.value).parent.mkdir(parents=True, exist_ok=True)
-      Path(_OUT_MD.value).write_text(markdown(result))
+      Path(_OUT_MD.value).write_text(_MARKDOWN[config.section](result))
 
   print(json.dumps(result["environment"]), flush=True)
-  if config.section in ("attacks", "search"):
-    rows = (measure_attacks if config.section == "attacks" else measure_search)(config)
+  if config.section in ("attacks", "search", "dispatch"):
+    rows = {"attacks": measure_attacks, "search": measure_search,
+            "dispatch": measure_dispatch}[config.section](config)
     for row in rows:
       print(json.dumps(row), flush=True)
   else:
     rows = training_rows(config, write)
   write(rows)
-  if config.section == "training":
-    print(markdown(result))
+  if config.section in _MARKDOWN:
+    print(_MARKDOWN[config.section](result))
   if _OUT.value:
     print(f"Wrote {_OUT.value}")
 
