@@ -79,14 +79,21 @@ def parse_flags(argv: list[str]) -> list[str]:
   return rest
 
 
-def run_pipeline(run: Callable[..., Path | None], config, workdir: str, argv: list[str],
-                 **kwargs) -> None:
-  """The body of a pipeline launcher's ``main``: refuses stray arguments, quiets orbax (it logs
-  every save and restore at INFO), runs ``run(config, workdir, **kwargs)`` and prints the report
-  it returns."""
+def run_pipeline(pipeline: str, run: Callable[..., Path | None], config, workdir: str,
+                 argv: list[str], **kwargs) -> None:
+  """The body of a pipeline launcher's ``main``: refuses stray arguments, validates the config
+  (`jaxmu.validate`: every problem on one line, then exit status 2, before any data loads or
+  anything is written), quiets orbax (it logs every save and restore at INFO), runs
+  ``run(config, workdir, **kwargs)`` and prints the report it returns."""
   from absl import app, logging
+  from jaxmu import validate
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  problems = validate.validate(pipeline, config)
+  if problems:
+    for problem in problems:
+      print(f"error: {problem}".replace("\n", " "), file=sys.stderr)
+    sys.exit(2)
   logging.set_verbosity(logging.WARNING)
   path = run(config, workdir, **kwargs)
   if path is not None and path.suffix == ".md":

@@ -27,7 +27,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-  cli.run_pipeline(deepunlearn.run, _CONFIG.value, _WORKDIR.value, argv,
+  cli.run_pipeline("deepunlearn", deepunlearn.run, _CONFIG.value, _WORKDIR.value, argv,
                    process=_WORKER.value)
 
 

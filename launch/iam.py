@@ -22,7 +22,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-  cli.run_pipeline(iam.run, _CONFIG.value, _WORKDIR.value, argv)
+  cli.run_pipeline("iam", iam.run, _CONFIG.value, _WORKDIR.value, argv)
 
 
 if __name__ == "__main__":

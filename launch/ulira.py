@@ -23,7 +23,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-  cli.run_pipeline(ulira.run, _CONFIG.value, _WORKDIR.value, argv)
+  cli.run_pipeline("ulira", ulira.run, _CONFIG.value, _WORKDIR.value, argv)
 
 
 if __name__ == "__main__":

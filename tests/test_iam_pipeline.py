@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from configs import iam as iam_configs
-from jaxmu import report, stages, train
+from jaxmu import report, stages, train, validate
 from jaxmu.attacks import iam, signals
 from jaxmu.attacks.audit import ATTACKS, SCORING_FUNCTIONS
 from jaxmu.data import augment
@@ -218,7 +218,7 @@ def test_bad_config_is_a_clear_error(tmp_path, npz):
     pipeline.run(config, tmp_path)
   config = _tiny_config(npz)
   config.audit.attacks = ("iam", )
-  with pytest.raises(ValueError, match="unknown attacks"):
+  with pytest.raises(validate.ConfigError, match="audit.attacks: unknown attack 'iam'"):
     pipeline.run(config, tmp_path)
   with pytest.raises(ValueError, match="unknown config arguments"):
     iam_configs.get_config("dataset=cifar10,modle=x")
@@ -232,6 +232,11 @@ def test_reference_recipes(dataset):
   assert config.train.learning_rate == (0.01 if dataset == "purchase100" else 0.1)
   assert config.model.name == ("purchase_mlp" if dataset == "purchase100" else "resnet18")
   assert pipeline.k_sweep(config) == (1, 2, 4, 8)
+  # ScoreUI (iam-spec 7.5): a break every int(E / 20) epochs of E = 170 / 201 / 201 / 71
+  every = {"cifar10": 8, "cifar100": 10, "cinic10": 10, "purchase100": 3}[dataset]
+  assert config.score_ui.breaks == 20
+  assert pipeline.score_ui_schedule(config) == tuple(range(every, 20 * every + 1, every))
+  assert config.score_ui.epochs == {"cifar10": 170, "purchase100": 71}.get(dataset, 201)
   assert [r.forget for r in pipeline.runs(config)] == (["set_random"] * 10
                                                         + ["class_percentage"] * 10)
 
@@ -260,7 +265,7 @@ def test_incremental_continues_the_base_runs_models(workdir, tmp_path, npz):
   config.incremental.base_workdir = str(workdir)
   config.incremental.pool_size = 300
   config.split.forget_size, config.split.fixed_forget = 30, 6
-  config.train.target_epochs = config.ref_in.epochs = 0
+  config.train.target_epochs, config.ref_in.epochs = 0, 1
   config.stop_after = "targets"
   pipeline.run(config, tmp_path)
   parts = np.load(tmp_path / "splits.npz")

@@ -246,7 +246,7 @@ def test_changed_training_reruns_its_dependents_and_new_studies(tiny_run, tmp_pa
 def test_tuning_seeds_must_be_a_subset_of_the_seeds(tmp_path):
   config = _tiny_config()
   config.search.seeds = (0, 7)
-  with pytest.raises(ValueError, match=r"search.seeds=\(0, 7\) must be a non-empty subset"):
+  with pytest.raises(ValueError, match=r"search.seeds: \(0, 7\) must be a non-empty subset"):
     deepunlearn.run(config, tmp_path)
 
 

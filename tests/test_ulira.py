@@ -221,7 +221,7 @@ def test_bad_config_is_a_clear_error(tmp_path):
     ulira.run(config, tmp_path)
   config.stop_after = ""
   config.ulira.methods = ("finetun",)
-  with pytest.raises(ValueError, match="unknown unlearning method"):
+  with pytest.raises(ValueError, match="ulira.methods: unknown method 'finetun'"):
     ulira.run(config, tmp_path)
   config.ulira.methods = ("finetune",)
   config.ulira.lira.num_splits, config.ulira.lira.num_forget_draws = 1, 1

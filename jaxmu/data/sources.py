@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import inspect
 import pathlib
+from typing import NamedTuple
 
 import ml_collections
 import numpy as np
@@ -301,6 +303,49 @@ _SOURCES = {
     "purchase100": _purchase100,
     "npz": _npz,
 }
+
+
+class Metadata(NamedTuple):
+  """What is known of a dataset before it is loaded (or prepared)."""
+  num_train: int  # official training part
+  num_test: int  # official test part (0: none, e.g. Purchase)
+  num_classes: int
+  shape: tuple[int, ...]  # one input, with the source's default options
+
+
+# The reference's sizes (deepunlearn-spec 1.1-1.3, iam-spec 5): UTKFace as its 23,708 files,
+# CINIC-10's test part = valid + test.
+KNOWN = {
+    "digits": Metadata(1437, 360, 10, (8, 8, 1)),
+    "mnist": Metadata(60000, 10000, 10, (32, 32, 3)),
+    "fashion_mnist": Metadata(60000, 10000, 10, (32, 32, 3)),
+    "cifar10": Metadata(50000, 10000, 10, (32, 32, 3)),
+    "cifar100": Metadata(50000, 10000, 100, (32, 32, 3)),
+    "cinic10": Metadata(90000, 180000, 10, (32, 32, 3)),
+    "utkface": Metadata(18967, 4741, 5, (224, 224, 3)),
+    "purchase100": Metadata(197324, 0, 100, (600,)),
+}
+
+
+# (size, channels) of the stored images where the source's default options change them
+_NATIVE = {"digits": (8, 1), "mnist": (28, 1), "fashion_mnist": (28, 1), "utkface": (200, 3)}
+
+
+def metadata(name: str, **options) -> Metadata | None:
+  """`KNOWN` metadata of ``name`` loaded with ``options`` (image_size, channels; synthetic's
+  num_train, num_test, shape, num_classes); None when only loading tells (npz, unknown names)."""
+  if name == "synthetic":
+    defaults = {k: p.default for k, p in inspect.signature(_synthetic).parameters.items()}
+    o = {**defaults, **options}
+    return Metadata(o["num_train"], o["num_test"], o["num_classes"], tuple(o["shape"]))
+  if name not in KNOWN:
+    return None
+  meta, options = KNOWN[name], {**_TFDS.get(name, (0, {}))[1], **options}
+  if len(meta.shape) == 1 or not {"image_size", "channels"} & set(options):
+    return meta
+  size, channels = _NATIVE.get(name, meta.shape[1:])
+  size = options.get("image_size") or size
+  return meta._replace(shape=(size, size, options.get("channels") or channels))
 
 
 def load(name: str, data_dir: str | None = None, **options) -> Dataset:

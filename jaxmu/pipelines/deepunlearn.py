@@ -43,7 +43,7 @@ import numpy as np
 import threadpoolctl
 from tqdm.auto import tqdm
 
-from jaxmu import checkpoint, models, parallel, report, search, stages, train
+from jaxmu import checkpoint, models, parallel, report, search, stages, train, validate
 from jaxmu import methods as methods_lib
 from jaxmu.attacks import metrics, mia
 from jaxmu.data import splits as splits_lib
@@ -62,12 +62,8 @@ COLUMNS = (*(f"{s}_acc" for s in SPLITS), "val_mia", "test_mia", "indisc", "rr",
 
 
 def tuning_positions(seeds: Sequence[int], tuning_seeds: Sequence[int]) -> list[int]:
-  """Positions of the tuning seeds in the stack of ``seeds``; ValueError unless a subset."""
-  missing = [s for s in tuning_seeds if s not in seeds]
-  if missing or not tuning_seeds:
-    raise ValueError(f"config.search.seeds={tuple(tuning_seeds)} must be a non-empty subset of "
-                     f"config.seeds={tuple(seeds)} (missing {missing}): the search tunes on the "
-                     "models of those seeds; add them to config.seeds or change search.seeds")
+  """Positions of the tuning seeds (a subset, checked by `jaxmu.validate`) in the stack of
+  ``seeds``."""
   return [list(seeds).index(s) for s in tuning_seeds]
 
 
@@ -75,8 +71,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, process: int = 0
   """Runs (or resumes) every stage up to ``config.stop_after``; returns the last output's path.
 
   ``process``: this worker's index when several processes share the workdir (it seeds the
-  search sampler, so workers propose different points).
+  search sampler, so workers propose different points). A config that `jaxmu.validate` finds
+  wrong raises its `ConfigError` before anything runs.
   """
+  validate.check("deepunlearn", config)
   pipe = _Pipeline(config, stages.Workdir(workdir), process)
   return stages.run_stages([pipe.splits, pipe.init, pipe.train, pipe.search, pipe.unlearn,
                             pipe.evaluate, pipe.ulira, pipe.report], config.stop_after)
@@ -88,8 +86,6 @@ class _Pipeline:
   def __init__(self, config, wd, process):
     self.config, self.wd, self.process = config, wd, process
     self.seeds = tuple(int(s) for s in config.seeds)
-    if not self.seeds:
-      raise ValueError("config.seeds is empty; give at least one seed, e.g. (0,)")
     self.methods = tuple(methods_lib.get(m).name for m in config.methods)
     self.tuned = tuple(m for m in (methods_lib.get(n).name for n in config.search.methods)
                        if m in self.methods)

@@ -25,7 +25,8 @@ Stages (``config.stop_after`` names the last one to run):
    scores (`audit.scoring_functions`, iam-spec 10.4), per type and K = 1 group
    (``config.audit.scoring_ablation``).
 8. ``score_ui``: each of the first ``score_ui.start_models`` shadows keeps training on the target
-   pool; its best-so-far states at ``breaks`` evenly spaced epochs give ground-truth degrees b / B;
+   pool for ``score_ui.epochs`` E; its best-so-far states after b * (E // B) epochs, b = 1..B
+   (``breaks``; the rest of the E epochs run too, as the reference), give degrees b / B;
    Spearman/Pearson/MSE/KL of every attack against them, per K = 1 shadow group (iam-spec 7.5,
    9.2).
 9. ``approx_<method>`` and ``approx``: IAM's approximate methods on the original of every run,
@@ -56,7 +57,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxmu import checkpoint, models, parallel, report, stages, train
+from jaxmu import checkpoint, models, parallel, report, stages, train, validate
 from jaxmu import methods as methods_lib
 from jaxmu.attacks import iam
 from jaxmu.data import augment as augment_lib
@@ -65,7 +66,8 @@ from jaxmu.pipelines import common
 from jaxmu.pipelines.iam_audit import (SignalAudit, approx_rows, bin_ui, mean_metrics,
                                        metric_row, score_ui_or_nan)
 from jaxmu.pipelines.iam_setting import (Setting, forget_types, k_sweep, num_originals, runs,
-                                         runs_of, score_ui_attacks, shadow_groups)
+                                         runs_of, score_ui_attacks, score_ui_schedule,
+                                         shadow_groups)
 from jaxmu.report import iam as iam_report
 
 STAGES = ("splits", "shadows", "ref_in", "targets", "signals", "binui", "scoring", "score_ui",
@@ -78,7 +80,9 @@ SIGNAL_FILES = ("query_shadows", "query_original", "query_retrain", "pop_retrain
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
-  """Runs (or resumes) every stage up to ``config.stop_after``; returns the last output's path."""
+  """Runs (or resumes) every stage up to ``config.stop_after``; returns the last output's path.
+  A config that `jaxmu.validate` finds wrong raises its `ConfigError` before anything runs."""
+  validate.check("iam", config)
   wd = stages.Workdir(workdir)
   wd.write_config(config)
   pipe = _Pipeline(config, wd, common.load_dataset(config.dataset))
@@ -122,7 +126,7 @@ class _Pipeline:
         for r, run in enumerate(self.runs):
           s = splits_lib.iam(
               self.dataset.num_train, self.dataset.num_test,
-              setting.target_shadow_size(c, self.dataset.num_train),
+              setting.target_shadow_size(c, self.dataset),
               seed=run.seed, forget=run.forget, forget_size=c.split.forget_size,
               fixed_forget=c.split.fixed_forget, labels=self.dataset.labels, forget_class=run.cls,
               class_ratio=c.split.class_ratio, num_shadows=c.num_shadows if r == 0 else 0,
@@ -372,10 +376,11 @@ class _Pipeline:
 
 
   def score_ui(self):
-    """ScoreUI (iam-spec 7.5, 9.2): shadows 0..L-1 keep training on the pool; their best-so-far
-    states at B breaks, with ground-truth membership degree b / B, are audited by every attack
-    of ``score_ui.attacks`` with each K = 1 shadow group. Per group: Spearman, Pearson, MSE (all
-    and per break) and histogram KL of each attack, averaged over the L start models."""
+    """ScoreUI (iam-spec 7.5, 9.2): shadows 0..L-1 keep training on the pool for E epochs; their
+    best-so-far states at the B breaks (`score_ui_schedule`: after b * (E // B) epochs), with
+    ground-truth membership degree b / B, are audited by every attack of ``score_ui.attacks``
+    with each K = 1 shadow group. Per group: Spearman, Pearson, MSE (all and per break) and
+    histogram KL of each attack, averaged over the L start models."""
     c, p = self.config, self.parts
     loops, breaks, epochs = c.score_ui.start_models, c.score_ui.breaks, c.score_ui.epochs
     if not loops:
@@ -388,9 +393,11 @@ class _Pipeline:
         start = jax.tree.map(lambda x: x[:loops], self.restore("shadows", c.num_shadows,
                                                                self.shadow_model))
         state = common.create_state(c, start, self.recipe)
+        schedule = score_ui_schedule(c)
+        every = schedule[0]
+        # fit saves every `every` epochs and after the last: keep them all until the breaks are read
         ckpts = checkpoint.TrainingCheckpoints(self.wd.path("checkpoints", "score_ui"),
-                                               keep=breaks)
-        every = epochs // breaks
+                                               keep=epochs // every + 1)
         train.fit(self.shadow_model, state, self.data, [p["pool"]] * loops, self.recipe, epochs,
                   jax.random.key(c.train.data_seed),
                   model_ids=[_IDS["score_ui"] + g for g in range(loops)],
@@ -398,7 +405,7 @@ class _Pipeline:
                   checkpoint_every=every, progress="score_ui")
         like = {"state": state, "best": state.variables, "best_acc": np.zeros(loops)}
         # Break 0: the shadow itself (degree 0); break b: best-so-far after b * every epochs.
-        states = [start] + [ckpts.restore(b * every, like)["best"] for b in range(1, breaks + 1)]
+        states = [start] + [ckpts.restore(e, like)["best"] for e in schedule]
         view = self.query_data()
         queries = [self.logits(self.shadow_model, v, p["pool"], view) for v in states]
         pops = [self.logits(self.shadow_model, v, p["val_0"]) for v in states]

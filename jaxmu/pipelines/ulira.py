@@ -11,7 +11,7 @@ from pathlib import Path
 import ml_collections
 
 from jaxmu import methods as methods_lib
-from jaxmu import search, stages
+from jaxmu import search, stages, validate
 from jaxmu.pipelines import common, ulira_stage
 
 
@@ -44,7 +44,9 @@ def _check_workdir(workdir: Path) -> None:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
-  """Runs (or resumes) every stage up to ``config.stop_after``; returns the last output's path."""
+  """Runs (or resumes) every stage up to ``config.stop_after``; returns the last output's path.
+  A config that `jaxmu.validate` finds wrong raises its `ConfigError` before anything runs."""
+  validate.check("ulira", config)
   _check_workdir(Path(workdir))
   methods = tuple(methods_lib.get(m).name for m in config.ulira.methods)
   hparams = {m: best_hparams(config, m) for m in methods}
