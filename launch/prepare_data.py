@@ -18,12 +18,12 @@ flags.mark_flag_as_required("dataset")
 
 
 def main(argv):
-    del argv
-    import tensorflow_datasets as tfds
-    builder = tfds.builder(_DATASET.value, data_dir=_DATA_DIR.value)
-    builder.download_and_prepare(file_format="array_record")
-    print(f"prepared {_DATASET.value} in {builder.data_dir}")
+  del argv
+  import tensorflow_datasets as tfds
+  builder = tfds.builder(_DATASET.value, data_dir=_DATA_DIR.value)
+  builder.download_and_prepare(file_format="array_record")
+  print(f"prepared {_DATASET.value} in {builder.data_dir}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+  app.run(main)

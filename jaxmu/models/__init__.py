@@ -41,84 +41,84 @@ _BLOCK = re.compile(r"^(layer\d+|stage\d+)_(?:block)?(\d+|merge)$")
 
 
 def get(name: str, num_classes: int, **kw) -> nn.Module:
-    """The model ``name`` (one of ``NAMES``) with ``num_classes`` outputs; ``kw`` goes to its factory."""
-    if name not in _FACTORIES:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(NAMES)}")
-    return _FACTORIES[name](num_classes, **kw)
+  """The model ``name`` (one of ``NAMES``) with ``num_classes`` outputs; ``kw`` goes to its factory."""
+  if name not in _FACTORIES:
+    raise ValueError(f"unknown model {name!r}; known models: {', '.join(NAMES)}")
+  return _FACTORIES[name](num_classes, **kw)
 
 
 def init(model: nn.Module, key: jax.Array, input_shape: tuple[int, ...]) -> dict:
-    """Variables (``params``, and ``batch_stats`` where the model has BatchNorm), built in eval mode."""
-    x = jnp.zeros((1, *input_shape), jnp.float32)
-    return dict(jax.jit(functools.partial(model.init, train=False))({"params": key}, x))
+  """Variables (``params``, and ``batch_stats`` where the model has BatchNorm), built in eval mode."""
+  x = jnp.zeros((1, *input_shape), jnp.float32)
+  return dict(jax.jit(functools.partial(model.init, train=False))({"params": key}, x))
 
 
 def count_params(params) -> int:
-    """Number of scalars in a tree of arrays (or ``jax.ShapeDtypeStruct``s)."""
-    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
+  """Number of scalars in a tree of arrays (or ``jax.ShapeDtypeStruct``s)."""
+  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
 
 
 def _leaf_paths(params) -> list[Path]:
-    return [tuple(k.key for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  return [tuple(k.key for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
 
 
 def _block_order(key: str) -> tuple[int, float]:
-    stage, index = _BLOCK.match(key).groups()
-    return int(re.sub(r"\D", "", stage)), math.inf if index == "merge" else int(index)
+  stage, index = _BLOCK.match(key).groups()
+  return int(re.sub(r"\D", "", stage)), math.inf if index == "merge" else int(index)
 
 
 def param_groups(params) -> list[tuple[str, tuple[Path, ...]]]:
-    """``[("stem", leaf paths), (block, leaf paths) in forward order..., ("head", leaf paths)]``.
+  """``[("stem", leaf paths), (block, leaf paths) in forward order..., ("head", leaf paths)]``.
 
-    Blocks are named like ``layer1.0`` (ResNet) or ``stage1.block0`` / ``stage1.merge`` (TinyViT).
-    "head" holds everything after the blocks (``fc``; TinyViT ``norm_head`` and ``head``).
-    """
-    stem, blocks, head = [], {}, []
-    for path in _leaf_paths(params):
-        if path[0].startswith(("stem", "patch_embed")):
-            stem.append(path)
-        elif _BLOCK.match(path[0]):
-            blocks.setdefault(path[0], []).append(path)
-        else:
-            head.append(path)
-    ordered = [(key.replace("_", ".", 1), tuple(blocks[key])) for key in sorted(blocks, key=_block_order)]
-    return [("stem", tuple(stem)), *ordered, ("head", tuple(head))]
+  Blocks are named like ``layer1.0`` (ResNet) or ``stage1.block0`` / ``stage1.merge`` (TinyViT).
+  "head" holds everything after the blocks (``fc``; TinyViT ``norm_head`` and ``head``).
+  """
+  stem, blocks, head = [], {}, []
+  for path in _leaf_paths(params):
+    if path[0].startswith(("stem", "patch_embed")):
+      stem.append(path)
+    elif _BLOCK.match(path[0]):
+      blocks.setdefault(path[0], []).append(path)
+    else:
+      head.append(path)
+  ordered = [(key.replace("_", ".", 1), tuple(blocks[key])) for key in sorted(blocks, key=_block_order)]
+  return [("stem", tuple(stem)), *ordered, ("head", tuple(head))]
 
 
 def head_path(params) -> Path:
-    """Path of the classifier layer: ``("fc",)`` or ``("head",)`` (a module prefix, not a leaf)."""
-    for name in ("fc", "head"):
-        if name in params:
-            return (name,)
-    raise ValueError(f"no classifier ('fc' or 'head') among {sorted(params)}")
+  """Path of the classifier layer: ``("fc",)`` or ``("head",)`` (a module prefix, not a leaf)."""
+  for name in ("fc", "head"):
+    if name in params:
+      return (name,)
+  raise ValueError(f"no classifier ('fc' or 'head') among {sorted(params)}")
 
 
 def last_blocks(params, k: int) -> set[Path]:
-    """Leaf paths of the last ``k`` stages plus the classifier: CF-k / EU-k (deepunlearn-spec 4.12).
+  """Leaf paths of the last ``k`` stages plus the classifier: CF-k / EU-k (deepunlearn-spec 4.12).
 
-    The reference's blocks are ResNet ``layer1..layer4`` and TinyViT ``layers[1..3]``, each with
-    its PatchMerging (TinyViT's MBConv stage 0 is not one); ``k`` beyond their number selects all.
-    The classifier is ``fc`` / ``head`` (not TinyViT's ``norm_head``).
-    """
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    stages: dict[str, list[Path]] = {}
-    for path in _leaf_paths(params):
-        match = _BLOCK.match(path[0])
-        if match and match[1] != "stage0":
-            stages.setdefault(match[1], []).append(path)
-    order = sorted(stages, key=lambda s: int(re.sub(r"\D", "", s)))
-    chosen = {p for stage in order[-k:] for p in stages[stage]}
-    return chosen | {p for p in _leaf_paths(params) if p[:1] == head_path(params)}
+  The reference's blocks are ResNet ``layer1..layer4`` and TinyViT ``layers[1..3]``, each with
+  its PatchMerging (TinyViT's MBConv stage 0 is not one); ``k`` beyond their number selects all.
+  The classifier is ``fc`` / ``head`` (not TinyViT's ``norm_head``).
+  """
+  if k < 1:
+    raise ValueError(f"k must be >= 1, got {k}")
+  stages: dict[str, list[Path]] = {}
+  for path in _leaf_paths(params):
+    match = _BLOCK.match(path[0])
+    if match and match[1] != "stage0":
+      stages.setdefault(match[1], []).append(path)
+  order = sorted(stages, key=lambda s: int(re.sub(r"\D", "", s)))
+  chosen = {p for stage in order[-k:] for p in stages[stage]}
+  return chosen | {p for p in _leaf_paths(params) if p[:1] == head_path(params)}
 
 
 def paths_mask(params, paths) -> object:
-    """Tree of bools shaped like ``params``: True at the leaves whose path is in ``paths``."""
-    paths = set(paths)
-    return jax.tree_util.tree_map_with_path(lambda p, _: tuple(k.key for k in p) in paths, params)
+  """Tree of bools shaped like ``params``: True at the leaves whose path is in ``paths``."""
+  paths = set(paths)
+  return jax.tree_util.tree_map_with_path(lambda p, _: tuple(k.key for k in p) in paths, params)
 
 
 def conv_kernel_mask(params) -> object:
-    """Tree of bools: True for conv kernels (leaves named ``kernel`` with >= 4 dims, so a stacked
-    tree with a leading model axis works too), False elsewhere (dense kernels, biases, norms)."""
-    return jax.tree_util.tree_map_with_path(lambda p, x: p[-1].key == "kernel" and x.ndim >= 4, params)
+  """Tree of bools: True for conv kernels (leaves named ``kernel`` with >= 4 dims, so a stacked
+  tree with a leading model axis works too), False elsewhere (dense kernels, biases, norms)."""
+  return jax.tree_util.tree_map_with_path(lambda p, x: p[-1].key == "kernel" and x.ndim >= 4, params)

@@ -19,48 +19,48 @@ from jaxmu.models.resnet import batch_norm, conv, torch_default_kernel_init, tor
 
 
 class SmallCNN(nn.Module):
-    """Params: stem_conv, stem_bn, layer1_0 {conv, bn}, fc."""
-    num_classes: int
-    width: int = 32
+  """Params: stem_conv, stem_bn, layer1_0 {conv, bn}, fc."""
+  num_classes: int
+  width: int = 32
 
-    @nn.compact
-    def __call__(self, x, train: bool, mask=None):
-        x = conv(self.width, 3, 1, 1, torch_default_kernel_init, "stem_conv")(x)
-        x = nn.relu(batch_norm(train, "stem_bn")(x, mask))
-        x = ConvBNReLU(2 * self.width, stride=2, name="layer1_0")(x, train, mask)
-        x = jnp.mean(x, axis=(1, 2))
-        return torch_dense(self.num_classes, x.shape[-1], "fc")(x)
+  @nn.compact
+  def __call__(self, x, train: bool, mask=None):
+    x = conv(self.width, 3, 1, 1, torch_default_kernel_init, "stem_conv")(x)
+    x = nn.relu(batch_norm(train, "stem_bn")(x, mask))
+    x = ConvBNReLU(2 * self.width, stride=2, name="layer1_0")(x, train, mask)
+    x = jnp.mean(x, axis=(1, 2))
+    return torch_dense(self.num_classes, x.shape[-1], "fc")(x)
 
 
 class ConvBNReLU(nn.Module):
-    features: int
-    stride: int = 1
+  features: int
+  stride: int = 1
 
-    @nn.compact
-    def __call__(self, x, train: bool, mask=None):
-        x = conv(self.features, 3, self.stride, 1, torch_default_kernel_init, "conv")(x)
-        return nn.relu(batch_norm(train, "bn")(x, mask))
+  @nn.compact
+  def __call__(self, x, train: bool, mask=None):
+    x = conv(self.features, 3, self.stride, 1, torch_default_kernel_init, "conv")(x)
+    return nn.relu(batch_norm(train, "bn")(x, mask))
 
 
 class PurchaseMLP(nn.Module):
-    """Params: stem_dense (in->1024), layer1_0 (->512), layer2_0 (->256), layer3_0 (->128), fc."""
-    num_classes: int = 100
-    num_features: int = 600
+  """Params: stem_dense (in->1024), layer1_0 (->512), layer2_0 (->256), layer3_0 (->128), fc."""
+  num_classes: int = 100
+  num_features: int = 600
 
-    @nn.compact
-    def __call__(self, x, train: bool = False, mask=None):
-        del train, mask  # no train-mode behaviour
-        if x.shape[-1] != self.num_features:
-            raise ValueError(f"purchase_mlp expects {self.num_features} features, got {x.shape}")
-        names = ("stem_dense", "layer1_0", "layer2_0", "layer3_0")
-        for name, width in zip(names, (1024, 512, 256, 128)):
-            x = jnp.tanh(torch_dense(width, x.shape[-1], name)(x))
-        return torch_dense(self.num_classes, x.shape[-1], "fc")(x)
+  @nn.compact
+  def __call__(self, x, train: bool = False, mask=None):
+    del train, mask  # no train-mode behaviour
+    if x.shape[-1] != self.num_features:
+      raise ValueError(f"purchase_mlp expects {self.num_features} features, got {x.shape}")
+    names = ("stem_dense", "layer1_0", "layer2_0", "layer3_0")
+    for name, width in zip(names, (1024, 512, 256, 128)):
+      x = jnp.tanh(torch_dense(width, x.shape[-1], name)(x))
+    return torch_dense(self.num_classes, x.shape[-1], "fc")(x)
 
 
 def small_cnn(num_classes: int, width: int = 32) -> SmallCNN:
-    return SmallCNN(num_classes, width)
+  return SmallCNN(num_classes, width)
 
 
 def purchase_mlp(num_classes: int = 100, num_features: int = 600) -> PurchaseMLP:
-    return PurchaseMLP(num_classes, num_features)
+  return PurchaseMLP(num_classes, num_features)
