@@ -1,7 +1,7 @@
 """The one epoch driver: every stack of models that takes optimisation steps runs through here.
 
 Training (`jaxmu.train.fit`), every unlearning method (`jaxmu.methods`) and airbench
-(`jaxmu.models.airbench`) supply a pure per-model step and call `epochs`; the driver owns the
+(`jaxmu.airbench`) supply a pure per-model step and call `epochs`; the driver owns the
 rest:
 
 - **epoch orders** per data source (`Source`): each model's index set shuffled from its own PRNG
@@ -10,7 +10,7 @@ rest:
   order key and the step key derive from it as `Streams` says;
 - the **strategy** (`jaxmu.parallel.Strategy`: vmap, loop or sharded) and, per strategy,
   **per-step dispatch** or **a whole epoch as one compiled program** (``lax.fori_loop`` over the
-  steps, state donated; ``Strategy.scan``);
+  steps, state donated; `parallel.Strategy.scans`);
 - **metrics**: a step returns a dict of per-model scalars; the driver sums them over the epoch.
 
 A step is a module-level pure function of one model::
@@ -158,7 +158,8 @@ def epochs(step: Callable, statics: tuple, carry: Any, sources: Mapping[str, Sou
   n = parallel.num_models(keys)
   first = next(iter(sources.values()))
   steps = num_steps or steps_per_epoch(first.index_sets, first.batch_size)
-  if strat.scan:
+  scan = strat.scans(carry)
+  if scan:
     program = _compiled_epoch(step, statics, strat, steps)
   else:
     program = _compiled_step(step, statics, strat)
@@ -174,7 +175,7 @@ def epochs(step: Callable, statics: tuple, carry: Any, sources: Mapping[str, Sou
     args = [strat.enter_args(a) for a in (orders, step_keys, hp)]
     shared = (images, labels)
     factor = jnp.float32(lr_factor(epoch))
-    if strat.scan:
+    if scan:
       internal, total = program(internal, *args, *shared, jnp.int32(epoch), factor)
     else:
       total = None

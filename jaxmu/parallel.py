@@ -18,7 +18,8 @@ the whole stack:
 
 Independently of the kind, an epoch runs either as one dispatch per step or as one compiled
 program (``scan``: all steps of an epoch in a ``fori_loop``; `jaxmu.engine`). ``"auto"`` picks
-both by backend (`resolve`, `resolve_epoch`).
+the kind by backend (`resolve`) and the epoch mode by backend and model family, per program
+(`Strategy.scans`).
 
 States live in a strategy's *internal* form while a loop runs (a list of per-model pytrees for
 ``loop``, a padded sharded pytree for ``sharded``) so nothing is restacked per step;
@@ -58,18 +59,12 @@ def resolve(name: str) -> str:
   return "sharded" if jax.local_device_count() > 1 else "vmap"
 
 
-def resolve_epoch(mode: str) -> bool:
-  """Whether epochs run as one compiled program (``scan``) or one dispatch per step (``steps``).
-
-  ``auto``: steps on CPU, where rolled loops of convolutions were measured slower than dispatched
-  steps (docs/benchmarks.md, "Dispatch"); scan on accelerators, where per-step dispatch is the
-  known cost of small models (not yet measured here: issue [9/9]).
-  """
+def resolve_epoch(mode: str) -> bool | None:
+  """``scan`` -> True (an epoch is one compiled program), ``steps`` -> False (one dispatch per
+  step), ``auto`` -> None (decided per program by `Strategy.scans`)."""
   if mode not in EPOCH_MODES:
     raise ValueError(f"unknown epoch mode {mode!r}; choose one of {EPOCH_MODES}")
-  if mode == "auto":
-    return jax.default_backend() != "cpu"
-  return mode == "scan"
+  return None if mode == "auto" else mode == "scan"
 
 
 def shard_batch(x: jax.Array) -> jax.Array:
@@ -108,10 +103,11 @@ def concat_models(trees: Sequence[Any]) -> Any:
 @dataclasses.dataclass(frozen=True)
 class Strategy:
   """A concrete execution strategy (see module docstring): how the model axis runs (``name``)
-  and whether an epoch is one compiled program (``scan``). Hashable: part of program caches."""
+  and whether an epoch is one compiled program (``scan``; None = by backend and model family,
+  `scans`). Hashable: part of program caches."""
 
   name: str
-  scan: bool = False
+  scan: bool | None = False
 
   def __post_init__(self):
     if self.name == "auto" or resolve(self.name) != self.name:
@@ -124,6 +120,21 @@ class Strategy:
     if isinstance(spec, Strategy):
       return spec
     return Strategy(resolve(spec), resolve_epoch(epoch))
+
+  def scans(self, carry: Any) -> bool:
+    """Whether the epochs of a stack with this ``carry`` run as one compiled program.
+
+    ``auto`` (``scan=None``): on accelerators always (per-step dispatch is the known cost of
+    small models there; not yet measured here, issue [9/9]); on CPU only for models without
+    convolutions (no stacked leaf of rank >= 5): measured on this 2-core CPU, a scanned epoch
+    was 1.1-1.3x faster than dispatched steps for the Purchase MLP and 11-20x slower for the
+    small CNN (docs/benchmarks.md, "Dispatch").
+    """
+    if self.scan is not None:
+      return self.scan
+    if jax.default_backend() != "cpu":
+      return True
+    return all(jnp.ndim(leaf) < 5 for leaf in jax.tree.leaves(carry))
 
   @property
   def kind(self) -> str:

@@ -86,6 +86,17 @@ def test_scanned_epochs_equal_dispatched_steps(kind):
     np.testing.assert_array_equal(a["accuracy"], b["accuracy"])
 
 
+def test_auto_epoch_mode_scans_mlps_but_not_conv_nets_on_cpu():
+  auto = parallel.Strategy.create("loop")
+  assert auto.scan is None and jax.default_backend() == "cpu"
+  _, cnn = _setup()
+  mlp = train.init_variables(models.get("purchase_mlp", 10), jax.random.split(jax.random.key(0), 2),
+                             (600,))
+  assert not auto.scans(cnn) and auto.scans(mlp)
+  assert parallel.Strategy.create("loop", "scan").scans(cnn)
+  assert not parallel.Strategy.create("loop", "steps").scans(mlp)
+
+
 def test_samples_outside_a_models_index_set_do_not_touch_it():
   model, state = _setup()
   x, y = _data()
