@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny trained stack to unlearn (2 small CNNs on digits)."""
 
+import dataclasses
 import os
 
 import jax
@@ -37,13 +38,18 @@ os.environ["JAXMU_CACHE"] = ""  # launchers run by tests keep no compilation cac
 
 def make_context(model_name="small_cnn", num_models=2, strategy="loop", image_size=None,
                  train_epochs=3, size="full", **model_kw):
-  """Digits (8x8x1, or image_size x image_size x 3), `num_models` originals trained briefly on
-  retain + forget; retain/forget/val differ per model so per-model handling is exercised."""
+  """Digits (8x8x1, or image_size x image_size x 3; 64 features for "purchase_mlp"), `num_models`
+  originals trained briefly on retain + forget; retain/forget/val differ per model so per-model
+  handling is exercised."""
   options = {"image_size": image_size, "channels": 3} if image_size else {}
   ds = data_lib.load("digits", **options)
+  if model_name == "purchase_mlp":
+    ds = dataclasses.replace(ds, inputs=ds.inputs.reshape(len(ds.inputs), -1))
+    model_kw = {"num_features": ds.inputs.shape[1], **model_kw}
   model = arch_model(model_name, ds.num_classes, size, **({"width": 8} if model_name == "small_cnn"
                                                           else {}) | model_kw)
-  recipe = train.Recipe(batch_size=64, augment="flip", mean=(0.3054,), std=(0.3760,))
+  recipe = train.Recipe(batch_size=64, augment="none" if model_name == "purchase_mlp" else "flip",
+                        mean=(0.3054,), std=(0.3760,))
   data = train.DeviceData.create(ds)
   rng = np.random.default_rng(0)
   perm = rng.permutation(1437)
@@ -83,3 +89,22 @@ def search_space_table(method, e_max):
     else:
       table[name] = (dist.low, dist.high, dist.log, None)
   return table, trial
+
+
+# Every method (but "original") shrunk to a step or two; its structure is unchanged: every phase
+# still runs.
+CHEAP_HPARAMS = {
+    "random_labels": {"num_epochs": 1}, "salun": {"num_epochs": 1},
+    "gradient_ascent": {"num_epochs": 1}, "neggrad_plus": {"num_epochs": 1},
+    "negative_gradient": {"num_epochs": 1}, "cf_k": {"num_epochs": 1},
+    "eu_k": {"num_epochs": 1, "training_epoch_factor": 1}, "bad_teacher": {"num_epochs": 1},
+    "scrub": {"sgda_num_epochs": 2, "msteps": 1}, "finetune": {"num_epochs": 1},
+    "l_codec": {"n_perturbations": 4, "perturb_chunk": 4, "hessian_samples": 8, "cg_iters": 2},
+    "iam_ascent": {"num_epochs": 1}, "boundary_expanding": {"num_epochs": 1}, "ssd": {},
+    "iam_fisher": {}, "forsaken": {"num_epochs": 1, "batches": 1},
+    "fcs": {"num_epochs": 2}, "msg": {"num_epochs": 1}, "cfw": {"num_epochs": 1},
+    "ct": {"num_epochs": 1}, "prmq": {"num_epochs": 1.0}, "kde": {"num_epochs": 1,
+                                                                   "retain_num_epochs": 1},
+    "rni": {"num_epochs": 2, "fine_num_epochs": 1, "reset_num_epochs": 1},
+    "retrain": {"num_epochs": 1}, "fisher": {}, "influence": {"num_epochs": 1, "num_samples": 64},
+}

@@ -10,26 +10,10 @@ import re
 
 import jax
 import pytest
-from conftest import make_context
+from conftest import CHEAP_HPARAMS, make_context
 
 from jaxmu import methods as methods_lib
 
-# Each method shrunk to a step or two (structure unchanged: every phase still runs).
-CHEAP = {
-    "random_labels": {"num_epochs": 1}, "salun": {"num_epochs": 1},
-    "gradient_ascent": {"num_epochs": 1}, "neggrad_plus": {"num_epochs": 1},
-    "negative_gradient": {"num_epochs": 1}, "cf_k": {"num_epochs": 1},
-    "eu_k": {"num_epochs": 1, "training_epoch_factor": 1}, "bad_teacher": {"num_epochs": 1},
-    "scrub": {"sgda_num_epochs": 2, "msteps": 1}, "finetune": {"num_epochs": 1},
-    "l_codec": {"n_perturbations": 4, "perturb_chunk": 4, "hessian_samples": 8, "cg_iters": 2},
-    "iam_ascent": {"num_epochs": 1}, "boundary_expanding": {"num_epochs": 1}, "ssd": {},
-    "iam_fisher": {}, "forsaken": {"num_epochs": 1, "batches": 1},
-    "fcs": {"num_epochs": 2}, "msg": {"num_epochs": 1}, "cfw": {"num_epochs": 1},
-    "ct": {"num_epochs": 1}, "prmq": {"num_epochs": 1.0}, "kde": {"num_epochs": 1,
-                                                                   "retain_num_epochs": 1},
-    "rni": {"num_epochs": 2, "fine_num_epochs": 1, "reset_num_epochs": 1},
-    "retrain": {"num_epochs": 1}, "fisher": {}, "influence": {"num_epochs": 1, "num_samples": 64},
-}
 # Operand types of a convolution: "stablehlo.convolution(...) ... : (tensor<..xT>, tensor<..xT>)".
 _CONV = re.compile(r"stablehlo\.convolution\b.*:\s*\((tensor<[^>]*>),\s*(tensor<[^>]*>)\)")
 
@@ -47,16 +31,16 @@ def _convolutions(directory):
 
 
 def test_every_method_is_covered():
-  assert set(CHEAP) == set(methods_lib.METHODS) - {"original"}
+  assert set(CHEAP_HPARAMS) == set(methods_lib.METHODS) - {"original"}
 
 
-@pytest.mark.parametrize("name", sorted(CHEAP))
+@pytest.mark.parametrize("name", sorted(CHEAP_HPARAMS))
 def test_method_computes_in_bf16(bf16_ctx, name, tmp_path):
   method = methods_lib.get(name)
   jax.clear_caches()  # cached programs would not be lowered (and dumped) again
   jax.config.update("jax_dump_ir_to", str(tmp_path))
   try:
-    method.run(bf16_ctx, CHEAP[name], jax.random.key(0))
+    method.run(bf16_ctx, CHEAP_HPARAMS[name], jax.random.key(0))
   finally:
     jax.config.update("jax_dump_ir_to", "")
   convs = _convolutions(tmp_path)

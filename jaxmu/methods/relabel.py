@@ -161,7 +161,7 @@ def saliency_step(model, recipe, spec: SaliencySpec, carry, orders, key, hp, ima
   x, y, valid = base.inputs(recipe, images, labels, idx)
 
   def loss_fn(params):
-    logits, _ = base.forward(model, recipe, params, variables["batch_stats"], x, valid,
+    logits, _ = base.forward(model, recipe, params, variables.get("batch_stats", {}), x, valid,
                              training=False)
     return -base.masked_mean(base.cross_entropy(logits, y), valid)
 
