@@ -79,6 +79,16 @@ def parse_flags(argv: list[str]) -> list[str]:
   return rest
 
 
+def exit_on_problems(pipeline: str, config) -> None:
+  """`jaxmu.validate` of ``config``: every problem on one line of stderr, then exit status 2."""
+  from jaxmu import validate
+  problems = validate.validate(pipeline, config)
+  if problems:
+    for problem in problems:
+      print(f"error: {problem}".replace("\n", " "), file=sys.stderr)
+    sys.exit(2)
+
+
 def run_pipeline(pipeline: str, run: Callable[..., Path | None], config, workdir: str,
                  argv: list[str], **kwargs) -> None:
   """The body of a pipeline launcher's ``main``: refuses stray arguments, validates the config
@@ -86,14 +96,9 @@ def run_pipeline(pipeline: str, run: Callable[..., Path | None], config, workdir
   anything is written), quiets orbax (it logs every save and restore at INFO), runs
   ``run(config, workdir, **kwargs)`` and prints the report it returns."""
   from absl import app, logging
-  from jaxmu import validate
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  problems = validate.validate(pipeline, config)
-  if problems:
-    for problem in problems:
-      print(f"error: {problem}".replace("\n", " "), file=sys.stderr)
-    sys.exit(2)
+  exit_on_problems(pipeline, config)
   logging.set_verbosity(logging.WARNING)
   path = run(config, workdir, **kwargs)
   if path is not None and path.suffix == ".md":

@@ -32,8 +32,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxmu import models, search, stages, train
+from jaxmu import models, search, stages, train, validate
 from jaxmu import methods as methods_lib
+from jaxmu.data import sources
 from jaxmu.pipelines import common
 from jaxmu.pipelines import iam_setting
 
@@ -45,41 +46,13 @@ LOGIT_BYTES = 4  # float32 logits and scaled logits
 INDEX_BYTES = 8  # int64 split indices
 
 
-class DatasetInfo(NamedTuple):
-  num_train: int
-  num_test: int
-  shape: tuple[int, ...]  # one input as the models see it
-  num_classes: int
-
-
-# Sizes of the official parts (train, test), native input shape and classes; UTKFace: the 23,708
-# "Aligned&Cropped" images, 20% test; CINIC-10: test = valid + test; Purchase: no test part.
-_SIZES = {"digits": (1437, 360, (8, 8, 1), 10), "mnist": (60000, 10000, (28, 28, 1), 10),
-          "fashion_mnist": (60000, 10000, (28, 28, 1), 10),
-          "cifar10": (50000, 10000, (32, 32, 3), 10), "cifar100": (50000, 10000, (32, 32, 3), 100),
-          "utkface": (18967, 4741, (224, 224, 3), 5), "cinic10": (90000, 180000, (32, 32, 3), 10),
-          "purchase100": (197324, 0, (600,), 100)}
-_DEFAULT_OPTIONS = {"mnist": {"image_size": 32, "channels": 3},
-                    "fashion_mnist": {"image_size": 32, "channels": 3}}
-
-
-def dataset_info(spec: ml_collections.ConfigDict) -> DatasetInfo:
-  """A config's ``dataset`` section's sizes and input shape, from known metadata (no loading).
-
-  A stand-in table until `jaxmu.data.sources` carries the datasets' metadata (issue [2/9]).
-  """
-  options = {**_DEFAULT_OPTIONS.get(spec.name, {}), **spec.options.to_dict()}
-  if spec.name == "synthetic":
-    return DatasetInfo(options.get("num_train", 64), options.get("num_test", 16),
-                       tuple(options.get("shape", (8, 8, 1))), options.get("num_classes", 10))
-  if spec.name not in _SIZES:
+def dataset_info(spec: ml_collections.ConfigDict) -> sources.Metadata:
+  """A config's ``dataset`` section's sizes, classes and input shape, from known metadata."""
+  info = sources.metadata(spec.name, **spec.options.to_dict())
+  if info is None:
     raise ValueError(f"dataset {spec.name!r} has no known sizes to plan with; known: "
-                     f"{', '.join(sorted(_SIZES))}, synthetic")
-  num_train, num_test, shape, classes = _SIZES[spec.name]
-  if len(shape) == 3:
-    size = options.get("image_size") or shape[0]
-    shape = (size, size, options.get("channels") or shape[2])
-  return DatasetInfo(num_train, num_test, shape, classes)
+                     f"{', '.join(sorted(sources.KNOWN))}, synthetic")
+  return info
 
 
 def pipeline_of(config: ml_collections.ConfigDict) -> str:
@@ -225,7 +198,7 @@ def _unlearn_stage(name, reads, deps, hparams, runs, retain, chunk, disk, forwar
                    disk_bytes=disk, estimated=True)
 
 
-def _deepunlearn(c, info: DatasetInfo, var_bytes: int) -> list[StagePlan]:
+def _deepunlearn(c, info: sources.Metadata, var_bytes: int) -> list[StagePlan]:
   n, total = len(c.seeds), info.num_train + info.num_test
   val = math.ceil(c.split.val_ratio * info.num_train)
   forget = math.ceil(c.split.forget_ratio * (info.num_train - val))
@@ -258,7 +231,7 @@ def _deepunlearn(c, info: DatasetInfo, var_bytes: int) -> list[StagePlan]:
   return plans
 
 
-def _ulira(c, info: DatasetInfo, var_bytes: int) -> list[StagePlan]:
+def _ulira(c, info: sources.Metadata, var_bytes: int) -> list[StagePlan]:
   u = c.ulira
   s, f = u.lira.num_splits, u.lira.num_forget_draws
   val = int(info.num_train * u.lira.val_ratio)
@@ -283,7 +256,7 @@ def _ulira(c, info: DatasetInfo, var_bytes: int) -> list[StagePlan]:
   return plans
 
 
-def _iam(c, info: DatasetInfo, var_bytes: dict[str, int]) -> list[StagePlan]:
+def _iam(c, info: sources.Metadata, var_bytes: dict[str, int]) -> list[StagePlan]:
   runs = iam_setting.runs(c)
   o, r, k = iam_setting.num_originals(c), len(runs), c.num_shadows
   train_part = info.num_train if info.num_test else int((1 - c.split.holdout_ratio) * info.num_train)
@@ -484,6 +457,7 @@ def make(config: ml_collections.ConfigDict, workdir: str | Path | None = None,
   """The plan of ``config``'s pipeline (`pipeline_of`); ``workdir``: an existing run whose stage
   records say what would be reused (only read)."""
   pipeline = pipeline_of(config)
+  validate.check(pipeline, config)
   info = dataset_info(config.dataset)
   recipe = common.recipe(config)
   target = (config.model.name, tuple(sorted(config.model.options.to_dict().items())))

@@ -31,6 +31,7 @@ flags.mark_flags_as_required(["config"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.exit_on_problems(plan.pipeline_of(_CONFIG.value), _CONFIG.value)
   result = plan.make(_CONFIG.value, _WORKDIR.value, _RATE.value)
   path = result.write(_WORKDIR.value or Path("runs", "plan"))
   print(result.markdown())

@@ -7,9 +7,11 @@ import jax
 import numpy as np
 import pytest
 
+from configs import iam as iam_configs
 from jaxmu import data as data_lib
-from jaxmu import models, train
+from jaxmu import models, stages, train
 from jaxmu import methods as methods_lib
+from jaxmu.data import sources
 from jaxmu.models import resnet, tinyvit
 
 # Architecture tests run twice: "mini" in `make test`, "full" (ResNet-18 / TinyViT-11M) in
@@ -108,3 +110,31 @@ CHEAP_HPARAMS = {
     "rni": {"num_epochs": 2, "fine_num_epochs": 1, "reset_num_epochs": 1},
     "retrain": {"num_epochs": 1}, "fisher": {}, "influence": {"num_epochs": 1, "num_samples": 64},
 }
+
+
+# setting=shifted: the shadows' dataset (Table 3 pairs CIFAR-10 and CINIC-10); a synthetic one of
+# the same shape where the paper has no partner
+SHIFTED_SHADOWS = {"cifar10": "cinic10", "cinic10": "cifar10", "cifar100": "cifar10"}
+
+
+def finished_run(path, config):
+  """A directory that holds a finished IAM run's config (all validation reads of it)."""
+  stages.Workdir(path).write_config(config)
+  return str(path)
+
+
+def iam_recipe(dataset, setting, forget, tmp_path):
+  """configs/iam.py with what its setting needs from the user: the shifted shadows' dataset, the
+  incremental base run."""
+  config = iam_configs.get_config(f"dataset={dataset},setting={setting},forget={forget}")
+  if setting == "shifted":
+    if dataset in SHIFTED_SHADOWS:
+      config.shadow_dataset.name = SHIFTED_SHADOWS[dataset]
+    else:
+      shape = sources.metadata(dataset).shape
+      config.shadow_dataset.name = "synthetic"
+      config.shadow_dataset.options = {"num_train": 50000, "shape": shape}
+  if setting == "incremental":
+    base = iam_configs.get_config(f"dataset={dataset},forget={forget}")
+    config.incremental.base_workdir = finished_run(tmp_path / "base", base)
+  return config

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import finished_run, iam_recipe
 
 from configs import deepunlearn as deepunlearn_config
 from configs import iam as iam_config
@@ -79,10 +80,10 @@ def test_ulira_alone_counts_by_hand():
 
 
 @pytest.mark.parametrize("dataset", ("cifar10", "cifar100", "cinic10", "purchase100", "digits"))
-def test_iam_every_dataset_setting_and_type(dataset):
+def test_iam_every_dataset_setting_and_type(dataset, tmp_path):
   for setting in ("exact", "arch", "shifted", "incremental"):
     for forget in ("set_random", "class_percentage", "one_class", "set_random+class_percentage"):
-      c = iam_config.get_config(f"dataset={dataset},forget={forget},setting={setting}")
+      c = iam_recipe(dataset, setting, forget, tmp_path)
       if setting == "arch":
         c.shadow_model.name, c.shadow_model.options = OTHER_ARCH[c.model.name]
       p = plan.make(c)
@@ -94,7 +95,8 @@ def test_iam_every_dataset_setting_and_type(dataset):
       assert shadows.models == (0 if setting == "incremental" else c.num_shadows + 1)
       assert (shadows.sample_passes == 0) == (setting == "incremental")
   c = iam_config.get_config(f"dataset={dataset}")
-  c.reuse.shadows = c.reuse.targets = "runs/elsewhere"
+  c.reuse.shadows = c.reuse.targets = finished_run(tmp_path / "reused",
+                                                   iam_config.get_config(f"dataset={dataset}"))
   p = plan.make(c)
   assert [_stage(p, s).sample_passes for s in ("shadows", "ref_in", "targets")] == [0, 0, 0]
 

@@ -4,6 +4,7 @@ of each class of check names its field, and a launcher stops on one before writi
 import json
 
 import pytest
+from conftest import finished_run, iam_recipe
 
 from configs import deepunlearn as deepunlearn_configs
 from configs import iam as iam_configs
@@ -17,36 +18,8 @@ from jaxmu.pipelines import iam as iam_pipeline
 DEEPUNLEARN_DATASETS = tuple(deepunlearn_configs.EPOCHS)
 IAM_DATASETS = (*iam_configs.REFERENCE, "digits")
 FORGET = (*validate.FORGET_TYPES, "set_random+class_percentage")
-# setting=shifted: the shadows' dataset (Table 3 pairs CIFAR-10 and CINIC-10); a synthetic one of
-# the same shape where the paper has no partner
-SHIFTED = {"cifar10": "cinic10", "cinic10": "cifar10", "cifar100": "cifar10"}
-
-
 def _problems(pipeline, config):
   return [str(p) for p in validate.validate(pipeline, config)]
-
-
-def _finished_run(path, config):
-  """A directory that holds a finished IAM run's config (all validation reads of it)."""
-  stages.Workdir(path).write_config(config)
-  return str(path)
-
-
-def _iam_config(dataset, setting, forget, tmp_path):
-  """configs/iam.py with what its setting needs from the user: the shifted shadows' dataset, the
-  incremental base run."""
-  config = iam_configs.get_config(f"dataset={dataset},setting={setting},forget={forget}")
-  if setting == "shifted":
-    if dataset in SHIFTED:
-      config.shadow_dataset.name = SHIFTED[dataset]
-    else:
-      shape = sources.metadata(dataset).shape
-      config.shadow_dataset.name = "synthetic"
-      config.shadow_dataset.options = {"num_train": 50000, "shape": shape}
-  if setting == "incremental":
-    base = iam_configs.get_config(f"dataset={dataset},forget={forget}")
-    config.incremental.base_workdir = _finished_run(tmp_path / "base", base)
-  return config
 
 
 def test_metadata_matches_the_loaded_datasets():
@@ -84,10 +57,10 @@ def test_quickstart_and_ulira_cpu_are_valid():
 def test_every_iam_recipe_is_valid_with_and_without_reuse(dataset, tmp_path):
   for setting in validate.SETTINGS:
     for forget in FORGET:
-      config = _iam_config(dataset, setting, forget, tmp_path)
+      config = iam_recipe(dataset, setting, forget, tmp_path)
       assert _problems("iam", config) == [], (setting, forget)
       if setting != "incremental":  # incremental takes its models from its base run
-        config.reuse.shadows = config.reuse.targets = _finished_run(
+        config.reuse.shadows = config.reuse.targets = finished_run(
             tmp_path / "reused", iam_configs.get_config(f"dataset={dataset},forget={forget}"))
         assert _problems("iam", config) == [], (setting, forget, "reuse")
 
@@ -120,14 +93,14 @@ def _incremental(base_model="resnet18", reuse=False, pool_size=5000):
     base = iam_configs.get_config("dataset=cifar10")
     base.model.name = base_model
     config.setting = "incremental"
-    config.incremental.base_workdir = _finished_run(tmp_path / "base", base)
+    config.incremental.base_workdir = finished_run(tmp_path / "base", base)
     if reuse:
       config.reuse.shadows = config.incremental.base_workdir
   return mutate
 
 
 def _reuse_fewer_shadows(config, tmp_path):
-  config.reuse.shadows = _finished_run(tmp_path / "r", iam_configs.get_config("dataset=digits"))
+  config.reuse.shadows = finished_run(tmp_path / "r", iam_configs.get_config("dataset=digits"))
 
 
 DU, IAM = "dataset=cifar10,model=resnet18", "dataset=cifar10"
