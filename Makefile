@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-slow demo install clean
+.PHONY: test test-e2e test-slow demo install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,10 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
+
+# End-to-end runs, SIGKILL resumes, several processes, every method's sweeps (under 30 minutes).
+test-e2e: $(STAMP)
+	$(PY) -m pytest -q -n 2 --dist loadfile -m e2e tests
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile -m slow tests

@@ -112,6 +112,17 @@ CHEAP_HPARAMS = {
 }
 
 
+# One method of each family file of jaxmu/methods: its sweeps run in `make test`, the others in
+# `make test-e2e`.
+FAMILY_REPRESENTATIVES = ("retrain", "finetune", "gradient_ascent", "random_labels", "scrub",
+                          "fisher", "ssd", "l_codec", "forsaken", "fcs", "ct", "msg")
+
+
+def method_sweep(names, fast=FAMILY_REPRESENTATIVES):
+  """``names`` as pytest parameters, all but those in ``fast`` marked e2e."""
+  return [pytest.param(n, marks=() if n in fast else pytest.mark.e2e) for n in sorted(names)]
+
+
 # setting=shifted: the shadows' dataset (Table 3 pairs CIFAR-10 and CINIC-10); a synthetic one of
 # the same shape where the paper has no partner
 SHIFTED_SHADOWS = {"cifar10": "cinic10", "cinic10": "cifar10", "cifar100": "cifar10"}

@@ -204,6 +204,7 @@ def test_tta_is_the_mean_of_mirrored_and_shifted_passes(digits, trained):
   np.testing.assert_allclose(got[0], want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("kind", ["loop", "vmap"])
 def test_scanned_epochs_equal_dispatched_steps(digits, kind):
   """A stack of two with unequal index sets (3 and 2 steps an epoch, whitening bias trained in

@@ -83,6 +83,7 @@ _KILLED_RUN = textwrap.dedent("""
 """)
 
 
+@pytest.mark.e2e
 def test_resume_after_sigkill_gives_the_same_numbers(workdir, npz, tmp_path):
   """Killed inside a training stage, then rerun: every table equals the uninterrupted run's."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),

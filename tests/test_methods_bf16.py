@@ -10,7 +10,7 @@ import re
 
 import jax
 import pytest
-from conftest import CHEAP_HPARAMS, make_context
+from conftest import CHEAP_HPARAMS, make_context, method_sweep
 
 from jaxmu import methods as methods_lib
 
@@ -34,7 +34,7 @@ def test_every_method_is_covered():
   assert set(CHEAP_HPARAMS) == set(methods_lib.METHODS) - {"original"}
 
 
-@pytest.mark.parametrize("name", sorted(CHEAP_HPARAMS))
+@pytest.mark.parametrize("name", method_sweep(CHEAP_HPARAMS))
 def test_method_computes_in_bf16(bf16_ctx, name, tmp_path):
   method = methods_lib.get(name)
   jax.clear_caches()  # cached programs would not be lowered (and dumped) again

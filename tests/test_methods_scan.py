@@ -6,7 +6,7 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
-from conftest import CHEAP_HPARAMS, make_context
+from conftest import CHEAP_HPARAMS, make_context, method_sweep
 
 from jaxmu import methods as methods_lib
 from jaxmu import parallel
@@ -17,7 +17,10 @@ def mlp_ctx():
   return make_context("purchase_mlp")
 
 
-@pytest.mark.parametrize("name", sorted(CHEAP_HPARAMS))
+# In `make test`: one method per kind of step (training, distillation, two optimisers in turn,
+# accumulation only); every method in `make test-e2e`.
+@pytest.mark.parametrize("name", method_sweep(CHEAP_HPARAMS,
+                                              ("retrain", "finetune", "scrub", "fcs", "ssd")))
 def test_scanned_epochs_equal_dispatched_steps(mlp_ctx, name):
   runs = {}
   for scan in (False, True):

@@ -144,6 +144,7 @@ _FOUR_DEVICES = textwrap.dedent("""
 """)
 
 
+@pytest.mark.e2e
 def test_four_fake_devices_shard_six_models_and_split_batches():
   env = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=4")
   out = subprocess.run([sys.executable, "-c", _FOUR_DEVICES], env=env, cwd=ROOT,
@@ -177,6 +178,7 @@ def _distributed_setup():
   return model, state, data, [np.arange(30), np.arange(10, 40), np.arange(20)]
 
 
+@pytest.mark.e2e
 def test_two_processes_train_their_shares_and_equal_one_process(tmp_path):
   with socket.socket() as s:
     s.bind(("localhost", 0))

@@ -231,6 +231,7 @@ _RESUME = textwrap.dedent("""
 """)
 
 
+@pytest.mark.e2e
 def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
   # The three runs share a persistent compilation cache: the later two skip compiling.
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
