@@ -13,10 +13,9 @@ Stages (``config.stop_after`` names the last one to run):
 4. ``targets``: the original model(s) (one shared, or one per run with
    ``config.original_per_seed``) and a retrained model per run, as one stack
    (``models/original``, ``models/retrain``).
-5. ``signals``: logits of every model on the query set (the target pool), on each run's
-   population set, and of the shadows and the shadow origin on the shadow pool (their own
-   training data: the IAM-Off constant and UnLeak). Eval-mode BatchNorm, no augmentation; the
-   reference's augmented views of training-set queries with ``config.signals.augmented_queries``.
+5. ``signals``: eval-mode logits of every model on the query set (the target pool) and each
+   run's population set, and of the shadows and shadow origin on the shadow pool (IAM-Off's
+   constant, UnLeak); augmented query views with ``config.signals.augmented_queries``.
 6. ``binui``: every attack of ``config.audit.attacks`` through `jaxmu.attacks.audit`, per run,
    for K in the sweep and each of min(K_max // K, max_groups) disjoint shadow groups; scores
    pooled over the runs of each unlearning type, one `iam.bin_ui` per (type, group) (iam-spec
@@ -24,11 +23,10 @@ Stages (``config.stop_after`` names the last one to run):
 7. ``scoring``: Table 5, IAM's scoring function against other distributions and shadow-free
    scores (`audit.scoring_functions`, iam-spec 10.4), per type and K = 1 group
    (``config.audit.scoring_ablation``).
-8. ``score_ui``: each of the first ``score_ui.start_models`` shadows keeps training on the target
-   pool for ``score_ui.epochs`` E; its best-so-far states after b * (E // B) epochs, b = 1..B
-   (``breaks``; the rest of the E epochs run too, as the reference), give degrees b / B;
-   Spearman/Pearson/MSE/KL of every attack against them, per K = 1 shadow group (iam-spec 7.5,
-   9.2).
+8. ``score_ui``: the first ``score_ui.start_models`` shadows keep training on the target pool
+   for E epochs; their best-so-far states after b * (E // B) epochs give degrees b / B (all E
+   epochs run, as the reference); every attack's Spearman/Pearson/MSE/KL against them, per K = 1
+   shadow group (iam-spec 7.5, 9.2).
 9. ``approx_<method>`` and ``approx``: IAM's approximate methods on the original of every run,
    scored with IAM-On (K = 1 groups): AUC and mean membership on forgotten / retained samples
    against the retrained models' (over- and under-unlearning, iam-spec 7.6, 9.4; Table 8), and
@@ -36,13 +34,11 @@ Stages (``config.stop_after`` names the last one to run):
 10. ``report``: ``report.md`` (Table 1 as attacks x unlearning types, each type's operating points
     and K sweep, Tables 5, 2 and 8) and figures.
 
-The setting (exact / arch / shifted / incremental) and ``config.reuse`` (the shadows or the
-targets of another finished run with the same splits, taken instead of trained: the architecture
-matrix of Fig. 4, `jaxmu.pipelines.iam_matrix`) are resolved once into an
-`iam_setting.Setting` that says where the shadows, the targets and the shadows' data come from.
+The setting (exact / arch / shifted / incremental) and ``config.reuse`` (another finished run's
+shadows or targets, taken instead of trained: Fig. 4's matrix, `jaxmu.pipelines.iam_matrix`) are
+resolved once into an `iam_setting.Setting`: where shadows, targets and shadow data come from.
 
-Every table row also lands in ``results.csv`` (column ``table``: binui, scoring, score_ui, approx,
-approx_class; column ``forget``: the unlearning type).
+Every table row also lands in ``results.csv`` (columns ``table`` and ``forget``).
 """
 
 from __future__ import annotations
