@@ -23,7 +23,8 @@ pipeline's BinUI and ScoreUI loops (about a minute on 2 CPU cores).
 `:dispatch` measures model-steps/s of `train.fit` for the small CNN (8x8x1, batch 64: digits)
 and the Purchase MLP (600 features, batch 128, 100 classes) at N = 1 and 16, vmap and loop, each
 epoch dispatched per step vs one compiled program (`Strategy.scan`), the two modes alternating
-(about 5 minutes on the 2-core CPU).
+(about 5 minutes on the 2-core CPU). `:gpu_dispatch`: the same for the CIFAR-stem ResNet-18 and
+the small CNN at 32x32, batch 256, bf16 (launch/gpu_bench.sh).
 
     python launch/benchmark.py --config=configs/bench.py:search --out=runs/bench_search.json
 
@@ -71,13 +72,19 @@ def get_config(arg: str | None = None):
     c.dispatch = ml_collections.ConfigDict(dict(
         models=("small_cnn", "purchase_mlp"), input_shapes=((8, 8, 1), (600,)),
         batch_sizes=(64, 128), num_models=(1, 16), strategies=("vmap", "loop"),
-        batches_per_epoch=8, epochs=2, repeats=3))
+        batches_per_epoch=8, epochs=2, repeats=3, dtype="float32"))
     c.num_classes = 100
+  elif arg == "gpu_dispatch":  # launch/gpu_bench.sh's second part: the same at GPU scale
+    c.section = "dispatch"
+    c.dispatch = ml_collections.ConfigDict(dict(
+        models=("resnet18:stem=cifar", "small_cnn"), input_shapes=((32, 32, 3), (32, 32, 3)),
+        batch_sizes=(256, 256), num_models=(1, 16), strategies=("vmap", "loop"),
+        batches_per_epoch=8, epochs=2, repeats=2, dtype="bfloat16"))
   elif arg == "search":
     c.section = "search"
     c.search = ml_collections.ConfigDict(dict(
         methods=("finetune", "msg"), seeds=3, trials=4, train_epochs=10))
   elif arg:
     raise ValueError(f"unknown bench config argument {arg!r}; use nothing, 'gpu', 'attacks', "
-                     "'search' or 'dispatch'")
+                     "'search', 'dispatch' or 'gpu_dispatch'")
   return c

@@ -253,11 +253,12 @@ def measure_search(config) -> list[dict]:
           for method in c.methods for stacked in (True, False)]
 
 
-def measure_dispatch(config) -> list[dict]:
+def measure_dispatch(config, write) -> list[dict]:
   """Model-steps/s of `train.fit` per model, stack size N and strategy kind, with each epoch as
   one dispatch per step and as one compiled program (``Strategy.scan``). A first fit per mode
   compiles; then the two modes' timed fits alternate ``repeats`` times (a shared machine's load
-  drift hits both), each ``epochs`` epochs of ``batches_per_epoch`` steps; the median is kept."""
+  drift hits both), each ``epochs`` epochs of ``batches_per_epoch`` steps; the median is kept.
+  ``write(rows)`` after each measured pair, so a run stopped early keeps what it measured."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -274,7 +275,8 @@ def measure_dispatch(config) -> list[dict]:
         jnp.asarray(rng.integers(0, 256, (num_samples, *shape), dtype=np.uint8)),
         jnp.asarray(rng.integers(0, config.num_classes, num_samples).astype(np.int32)))
     model = models.get(name, config.num_classes, **kw)
-    recipe = train.Recipe(batch_size=b, augment="none", mean=(0.5,), std=(0.25,))
+    recipe = train.Recipe(batch_size=b, augment="none", mean=(0.5,), std=(0.25,),
+                          dtype=c.dtype)
     for n in c.num_models:
       state = train.create_state(train.init_variables(
           model, jax.random.split(jax.random.key(0), n), shape), recipe)
@@ -291,13 +293,15 @@ def measure_dispatch(config) -> list[dict]:
         for scan in (False, True):
           seconds = float(np.median(timed[scan]))
           row = {"model": spec, "input_shape": list(shape), "batch_size": b, "num_models": n,
-                 "strategy": kind, "epoch": "scan" if scan else "steps",
+                 "dtype": c.dtype, "strategy": kind, "epoch": "scan" if scan else "steps",
                  "steps_per_epoch": c.batches_per_epoch, "epochs": c.epochs,
                  "first_fit_seconds": round(first[scan], 3),
                  "seconds": [round(t, 4) for t in timed[scan]],
                  "model_steps_per_s": round(n * c.epochs * c.batches_per_epoch / seconds, 1),
                  "load_average": [round(x, 2) for x in os.getloadavg()]}
           rows.append(row)
+          print(json.dumps(row), flush=True)
+        write(rows)
   return rows
 
 
@@ -367,15 +371,15 @@ def dispatch_markdown(result: dict) -> str:
   env = result["environment"]
   lines = [f"Device: {env['device']} x{env['device_count']} ({env['backend']}), jax {env['jax']}, "
            f"flax {env['flax']}, optax {env['optax']}, {env['date']}.", "",
-           "| model | input | batch | N | strategy | model-steps/s, steps | model-steps/s, scan | "
-           "scan / steps | first fit s, steps / scan | load average |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "| model | input | batch | dtype | N | strategy | model-steps/s, steps | "
+           "model-steps/s, scan | scan / steps | first fit s, steps / scan | load average |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
   rows = result["rows"]
   for steps, scan in zip(rows[::2], rows[1::2]):
     lines.append(
         f"| {steps['model']} | {'x'.join(map(str, steps['input_shape']))} | "
-        f"{steps['batch_size']} | {steps['num_models']} | {steps['strategy']} | "
-        f"{steps['model_steps_per_s']:,.1f} | {scan['model_steps_per_s']:,.1f} | "
+        f"{steps['batch_size']} | {steps.get('dtype', 'float32')} | {steps['num_models']} | "
+        f"{steps['strategy']} | {steps['model_steps_per_s']:,.1f} | {scan['model_steps_per_s']:,.1f} | "
         f"{scan['model_steps_per_s'] / steps['model_steps_per_s']:.2f}x | "
         f"{steps['first_fit_seconds']} / {scan['first_fit_seconds']} | "
         f"{scan['load_average'][0]} |")
@@ -435,11 +439,12 @@ def main(argv):
       Path(_OUT_MD.value).write_text(_MARKDOWN[config.section](result))
 
   print(json.dumps(result["environment"]), flush=True)
-  if config.section in ("attacks", "search", "dispatch"):
-    rows = {"attacks": measure_attacks, "search": measure_search,
-            "dispatch": measure_dispatch}[config.section](config)
+  if config.section in ("attacks", "search"):
+    rows = {"attacks": measure_attacks, "search": measure_search}[config.section](config)
     for row in rows:
       print(json.dumps(row), flush=True)
+  elif config.section == "dispatch":
+    rows = measure_dispatch(config, write)
   else:
     rows = training_rows(config, write)
   write(rows)
