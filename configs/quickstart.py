@@ -12,9 +12,8 @@ runs every unlearning method of the registry on the stack of all originals (MSG 
 best trial, the others with the reference defaults); evaluates every (method, seed); runs U-LiRA
 as its stage with configs/ulira.py's `cpu` settings and the searched hyper-parameters (in
 runs/quickstart/ulira); and writes runs/quickstart/report.md (ranked table with U-LiRA, figures),
-results.csv and summary.csv. `make demo` (this config, then the IAM audit) took 236 s wall, 322
-CPU-seconds, on an idle 2-core CPU on 2026-11-23, compilation included (measured when U-LiRA ran
-as a separate launcher between two runs of this config, with the same numbers).
+results.csv and summary.csv. `make demo` (this config, then the IAM audit) took 359 s wall, 502
+CPU-seconds, on an idle 2-core CPU on 2026-12-06, compilation included (cache off).
 """
 
 from configs import deepunlearn, iam, ulira
