@@ -12,7 +12,7 @@ runs every unlearning method of the registry on the stack of all originals (MSG 
 best trial, the others with the reference defaults); evaluates every (method, seed); runs U-LiRA
 as its stage with configs/ulira.py's `cpu` settings and the searched hyper-parameters (in
 runs/quickstart/ulira); and writes runs/quickstart/report.md (ranked table with U-LiRA, figures),
-results.csv and summary.csv. `make demo` (this config, then the IAM audit) took 359 s wall, 502
+results.csv and summary.csv. `make demo` (this config, then the IAM audit) took 359 s wall, 525
 CPU-seconds, on an idle 2-core CPU on 2026-12-06, compilation included (cache off).
 """
 
