@@ -17,6 +17,9 @@ Options besides the dataset (comma separated, e.g. `dataset=cifar10,forget=class
     set_random+class_percentage, Table 1's columns; class types loop over `forget_classes`, and
     every type shares the shadows and the original model)
   setting=exact|shifted|arch|incremental (iam-spec 7.1-7.4; see `setting` below)
+  model=<jaxmu.models name> (default: the dataset's; Fig. 4's targets, iam-spec 6.1: ResNets with
+    IAM's CIFAR stem (ResNet-50: 150 epochs), VGG-11/16 at lr 0.01, DenseNet-121)
+  shadow=<jaxmu.models name> (setting=arch: the shadows' architecture, with IAM's options for it)
 """
 
 import ml_collections
@@ -34,7 +37,13 @@ REFERENCE = {
     "purchase100": dict(shadow_size=40000, epochs=201, target_epochs=100, score_epochs=71, lr=0.01,
                         model="purchase_mlp"),
 }
-ARGS = ("dataset", "forget", "setting")
+ARGS = ("dataset", "forget", "setting", "model", "shadow")
+
+
+def model_options(name: str) -> dict:
+  """IAM's options of an architecture (iam-spec 6.1): the CIFAR stem for ResNets; torchvision's
+  VGG-11/16 and DenseNet-121 (and the rest) take none."""
+  return {"stem": "cifar"} if name.startswith("resnet") else {}
 
 
 def get_config(arg: str | None = None):
@@ -56,9 +65,8 @@ def get_config(arg: str | None = None):
   c.dataset.options = ml_collections.ConfigDict()
 
   c.model = ml_collections.ConfigDict()
-  c.model.name = "small_cnn" if quick else ref["model"]
-  c.model.options = ml_collections.ConfigDict(
-      {"stem": "cifar"} if c.model.name.startswith("resnet") else {})
+  c.model.name = args.get("model", "small_cnn" if quick else ref["model"])
+  c.model.options = ml_collections.ConfigDict(model_options(c.model.name))
 
   c.data = ml_collections.ConfigDict()
   c.data.mean = tuple(recipe.mean)
@@ -82,11 +90,12 @@ def get_config(arg: str | None = None):
 
   c.num_shadows = 4 if quick else 10  # K_max: 10 single-shadow groups (Table 1); 128 for Fig. 5
   c.train = ml_collections.ConfigDict()  # iam-spec 6.2
-  c.train.epochs = 20 if quick else ref["epochs"]  # shadows (and ref_in, shadow_origin)
-  c.train.target_epochs = 20 if quick else ref["target_epochs"]  # originals and retrained
+  resnet50 = c.model.name == "resnet50"  # Fig. 4's ResNet-50: 150 epochs (iam-spec 6.2)
+  c.train.epochs = 20 if quick else 150 if resnet50 else ref["epochs"]  # shadows, shadow_origin
+  c.train.target_epochs = 20 if quick else 150 if resnet50 else ref["target_epochs"]
   c.train.t_max = 0 if quick else 200  # cosine period in epochs (0 = the fit's length)
   c.train.batch_size = 64 if quick else 128
-  c.train.learning_rate = 0.05 if quick else ref["lr"]
+  c.train.learning_rate = 0.05 if quick else 0.01 if c.model.name.startswith("vgg") else ref["lr"]
   c.train.momentum = 0.9
   c.train.weight_decay = 5e-4
   c.train.optimizer = "sgd"
@@ -118,6 +127,10 @@ def get_config(arg: str | None = None):
   c.audit.rmia_a = a
   c.audit.temperature = tau
   c.audit.gamma = 2.0
+  # IAM-Off's Gumbel-map epsilons (audit's off_eps) and those normalising its target and shadow
+  # signals (norm_eps); Purchase: the reference's (0.1, 1e-6) with (1e-2, 1e-5) (iam-spec 12.5).
+  c.audit.off_eps = (0.1, 1e-6) if dataset == "purchase100" else (1e-2, 1e-5)
+  c.audit.norm_eps = (1e-2, 1e-5)
   c.audit.seed = 0
 
   c.score_ui = ml_collections.ConfigDict()  # iam-spec 7.5
@@ -144,8 +157,8 @@ def get_config(arg: str | None = None):
   # continue training on `incremental.pool_size` samples of this dataset (e.g. cinic10) for
   # train.target_epochs, audited with the old run's shadows (Table 4).
   c.setting = args.get("setting", "exact")
-  c.shadow_model = ml_collections.ConfigDict(  # arch: "" = c.model; options as c.model's
-      {"name": "", "options": c.model.options.to_dict()})
+  shadow = args.get("shadow", "")  # arch: "" = c.model; its own options, none of the target's
+  c.shadow_model = ml_collections.ConfigDict({"name": shadow, "options": model_options(shadow)})
   c.shadow_dataset = ml_collections.ConfigDict(  # shifted: e.g. cinic10 for cifar10 targets
       {"name": "", "data_dir": "", "options": {}, "shadow_size": 600 if quick else 20000})
 

@@ -256,6 +256,11 @@ def _iam(config, meta, out):
     out.append(Problem("audit.k_sweep", f"{sweep} leaves 1..num_shadows={k}",
                        f"give K values in 1..{k}, or () for 1, 2, 4, ... <= num_shadows"))
   _at_least(out, "audit.max_groups", config.audit.max_groups, 1)
+  for field in ("off_eps", "norm_eps"):  # the Gumbel map's (eps1, eps2), iam-spec 2
+    eps = tuple(config.audit[field])
+    if len(eps) != 2 or not all(isinstance(e, (int, float)) and e > 0 for e in eps):
+      out.append(Problem(f"audit.{field}", f"{eps} is not a pair of positive numbers",
+                         f"give (eps1, eps2), e.g. audit.{field}=(0.01, 1e-5)"))
   _names(out, "audit.attacks", config.audit.attacks, lambda a: a if a in ATTACKS else None,
          "attack", allow_empty=False)
   _score_ui(config, out)

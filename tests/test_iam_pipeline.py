@@ -186,6 +186,22 @@ def test_signals_are_eval_mode_clean_logits(workdir, npz):
   assert pipe.query_data() is pipe.data
 
 
+def test_random_draws_per_k_cell_and_audit_epsilons_reach_the_scores(workdir, npz):
+  """Each (K, group, run) cell draws its own Random baseline (K = 1 keeps seed + 1000 g + r), and
+  ``audit.off_eps`` / ``audit.norm_eps`` reach IAM-Off (iam-spec 12.5)."""
+  config = _tiny_config(npz)
+  pipe = pipeline._Pipeline(config, stages.Workdir(workdir), common.load_dataset(config.dataset))
+  one, two = (pipe.audit().scores(g, [0], ("random", "iam_off")) for g in ([0], [0, 1]))
+  np.testing.assert_array_equal(one["random"], np.random.default_rng(0).random(one["random"].size))
+  assert not np.array_equal(one["random"], two["random"])
+  auc = {int(r["k"]): r["auc"] for r in report.read_csv(workdir / "binui.csv")
+         if r["attack"] == "random" and r["forget"] == "set_random" and int(r["group"]) == 0}
+  assert auc[1] != auc[2]
+  config.audit.off_eps, config.audit.norm_eps = (0.1, 1e-6), (1e-2, 1e-5)  # Purchase's
+  purchase = pipe.audit().scores([0], [0], ("iam_off",))["iam_off"]
+  assert np.isfinite(purchase).all() and not np.allclose(purchase, one["iam_off"])
+
+
 def test_augmented_queries_flag_gives_the_training_view(workdir, npz):
   config = _tiny_config(npz)
   config.dataset.name, config.dataset.options = "digits", {}

@@ -10,10 +10,11 @@ from configs import deepunlearn as deepunlearn_configs
 from configs import iam as iam_configs
 from configs import quickstart
 from configs import ulira as ulira_configs
-from jaxmu import cli, stages, validate
+from jaxmu import cli, plan, stages, validate
 from jaxmu import data as data_lib
 from jaxmu.data import sources
 from jaxmu.pipelines import iam as iam_pipeline
+from jaxmu.pipelines import iam_setting
 
 DEEPUNLEARN_DATASETS = tuple(deepunlearn_configs.EPOCHS)
 IAM_DATASETS = (*iam_configs.REFERENCE, "digits")
@@ -44,6 +45,29 @@ def test_every_deepunlearn_and_ulira_recipe_is_valid(dataset):
     config.ulira.enabled = True  # its U-LiRA stage
     assert _problems("deepunlearn", config) == []
     assert _problems("ulira", ulira_configs.get_config(args)) == []
+
+
+def test_fig4_architectures_validate_and_plan():
+  """Fig. 4 (iam-spec 6.1, 6.2): torchvision's VGG-11 as the arch shadow of the CIFAR-stem
+  ResNet-18 (none of the target's options) and VGG-16 as a target at lr 0.01; the ``shadow=``
+  argument gives a ResNet shadow IAM's stem; ResNet-50 trains 150 epochs."""
+  config = iam_configs.get_config("dataset=cifar100,setting=arch,forget=set_random")
+  config.shadow_model.name = "vgg11"
+  assert _problems("iam", config) == []
+  assert iam_setting.architecture(config, "shadows") == ("vgg11", ())
+  shadows = plan.make(config).archs["shadow"]
+  assert shadows.name == "vgg11"
+  assert shadows.variable_bytes == 4 * 129_176_036  # torchvision's count with 100 classes
+  for shadow, options in (("densenet121", ()), ("resnet34", (("stem", "cifar"),))):
+    config = iam_configs.get_config(f"dataset=cifar100,setting=arch,shadow={shadow}")
+    assert _problems("iam", config) == []
+    assert iam_setting.architecture(config, "shadows") == (shadow, options)
+  vgg = iam_configs.get_config("dataset=cifar100,model=vgg16")
+  assert vgg.train.learning_rate == 0.01 and not vgg.model.options
+  assert _problems("iam", vgg) == []
+  resnet50 = iam_configs.get_config("dataset=cifar100,model=resnet50")
+  assert resnet50.train.epochs == resnet50.train.target_epochs == 150
+  assert resnet50.model.options.to_dict() == {"stem": "cifar"}
 
 
 def test_quickstart_and_ulira_cpu_are_valid():
@@ -110,6 +134,9 @@ BROKEN = {  # check: (pipeline, config argument, mutation, field named)
     "score_ui_breaks": ("iam", IAM, _set("score_ui.breaks", 0), "score_ui.breaks"),
     # K values against num_shadows
     "k_sweep": ("iam", IAM, _set("audit.k_sweep", (1, 16)), "audit.k_sweep"),
+    # the Gumbel map's epsilons
+    "off_eps": ("iam", IAM, _set("audit.off_eps", (0.1,)), "audit.off_eps"),
+    "norm_eps": ("iam", IAM, _set("audit.norm_eps", (1e-2, 0.0)), "audit.norm_eps"),
     "start_models": ("iam", IAM, _set("score_ui.start_models", 11), "score_ui.start_models"),
     "num_shadows": ("iam", IAM, _set("num_shadows", 0), "num_shadows"),
     "reuse_fewer_shadows": ("iam", "dataset=cifar10", _reuse_fewer_shadows, "reuse.shadows"),

@@ -12,6 +12,12 @@ from jaxmu.attacks.audit import (SCORING_FUNCTIONS, Population, UnleakData, audi
 from jaxmu.report.iam import LEVELS
 
 
+def cell_seed(seed, group, r) -> int:
+  """The audit's seed (the Random baseline's draw) of run ``r`` with shadow group ``group``, one
+  per (K, group, run) cell of the sweep (K = len(group); K = 1: seed + 1000 group[0] + r)."""
+  return seed + 1_000_000 * (len(group) - 1) + 1000 * group[0] + r
+
+
 class SignalAudit:
   """The signals stage's arrays with what every audit call shares: labels, the shadows' held-out
   masks and training positions, UnLeak models fitted once per shadow group."""
@@ -66,7 +72,8 @@ class SignalAudit:
                      attacks=attacks, population=population, shadow_train=shadow_train,
                      unleak=model, one_sided_lira=self.runs[r].forget != "set_random",
                      rmia_a=c.rmia_a, temperature=c.temperature, gamma=c.gamma,
-                     num_interp=c.num_interp, seed=c.seed + 1000 * group[0] + r)
+                     num_interp=c.num_interp, off_eps=tuple(c.off_eps),
+                     norm_eps=tuple(c.norm_eps), seed=cell_seed(c.seed, group, r))
       for a in attacks:
         pooled[a].append(result.scores[a])
     return {a: np.concatenate(v) for a, v in pooled.items()}

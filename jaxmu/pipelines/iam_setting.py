@@ -68,7 +68,8 @@ def shadow_groups(num_shadows: int, k: int, max_groups: int) -> list[list[int]]:
 
 
 def architecture(config, kind):
-  """(name, options) of a run's shadow ("shadows") or target ("targets") architecture."""
+  """(name, options) of a run's shadow ("shadows") or target ("targets") architecture: an arch
+  shadow has its own options (`shadow_model`, none of the target's)."""
   model = config.model
   if kind == "shadows" and config.setting == "arch" and config.shadow_model.name:
     model = config.shadow_model
