@@ -14,8 +14,9 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core.data_sources import base as tfds_base
 
 from configs import deepunlearn as deepunlearn_configs
+from configs import iam as iam_configs
 from jaxmu import smoke
-from jaxmu.pipelines import deepunlearn
+from jaxmu.pipelines import deepunlearn, iam
 
 pytestmark = pytest.mark.e2e
 
@@ -60,4 +61,28 @@ def test_deepunlearn_cifar10_resnet18_with_ulira(mock_tfds, tiny, tmp_path):
   ulira = {f"unlearn_{m}" for m in config.ulira.methods}
   assert {"splits", "init", "train", "ulira", *ulira} <= _stages(tmp_path / "ulira")
   assert (tmp_path / "ulira" / "ulira.csv").exists()
+
+
+IAM_STAGES = ("splits", "shadows", "ref_in", "targets", "signals", "binui", "scoring", "score_ui",
+              "approx", "report")
+IAM_OUTPUTS = ("binui.csv", "scoring.csv", "score_ui.csv", "approx.csv", "approx_class.csv",
+               "report.md", "results.csv")
+
+
+def _check_iam(config, workdir):
+  for name in IAM_OUTPUTS:
+    assert (workdir / name).exists(), name
+  approx = {f"approx_{m}" for m in config.approx.methods}
+  assert {*IAM_STAGES, *approx} <= _stages(workdir)
+  binui = (workdir / "binui.csv").read_text()
+  assert all(attack in binui for attack in config.audit.attacks)
+
+
+def test_iam_cifar100_exact(mock_tfds, tiny, tmp_path):
+  """configs/iam.py (cifar100, exact, set_random): 20 breaks, K up to 10 (20 epochs)."""
+  config = smoke.smoke(iam_configs.get_config("dataset=cifar100,forget=set_random"), scale=0.01,
+                       max_epochs=20)
+  with mock_tfds(400):
+    iam.run(config, tmp_path)
+  _check_iam(config, tmp_path)
 
