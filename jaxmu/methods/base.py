@@ -423,10 +423,8 @@ def finetune_step(model, recipe, spec: FinetuneSpec, carry, orders, key, hp, ima
   (bool tree or None), ``grad_scale`` (tree or None) and ``anchor`` (params or None)."""
   del epoch
   state, extras = carry
-  idx = batch(orders[spec.source], step_index, spec.batch_size)
-  step_key = jax.random.fold_in(key, step_index)
-  aug_key, drop_key = jax.random.split(step_key)
-  x, y, valid = inputs(recipe, images, labels, idx, aug_key if spec.augment else None)
+  x, y, valid, drop_key = loader_inputs(recipe, orders[spec.source], step_index, spec.batch_size,
+                                        key, images, labels, spec.augment)
 
   def loss_fn(params):
     logits, batch_stats = forward(model, recipe, params, state.batch_stats, x, valid,
@@ -513,8 +511,7 @@ class LoaderSpec:
 def loader_inputs(recipe: train.Recipe, order: jax.Array, step_index, batch_size: int,
                   key: jax.Array, images: jax.Array, labels: jax.Array, augment: bool):
   """Step ``step_index``'s batch of ``order`` as a training loader yields it: (x, y, valid,
-  dropout key), augmented when ``augment``; both keys come from fold_in(key, step_index), as in
-  `finetune_step`."""
+  dropout key), augmented when ``augment``; both keys come from fold_in(key, step_index)."""
   idx = batch(order, step_index, batch_size)
   aug_key, drop_key = jax.random.split(jax.random.fold_in(key, step_index))
   x, y, valid = inputs(recipe, images, labels, idx, aug_key if augment else None)
