@@ -27,8 +27,8 @@ test-slow: $(STAMP)
 # The DeepUnlearn quickstart (U-LiRA is its stage, with the searched hyper-parameters; its report
 # includes U-LiRA), then the IAM audit.
 demo: $(STAMP)
-	$(PY) launch/deepunlearn.py --config=configs/quickstart.py --workdir=runs/quickstart
-	$(PY) launch/iam.py --config=configs/quickstart.py:iam --workdir=runs/quickstart/iam
+	$(VENV)/bin/jaxmu deepunlearn --config=quickstart --workdir=runs/quickstart
+	$(VENV)/bin/jaxmu iam --config=quickstart:iam --workdir=runs/quickstart/iam
 
 clean:
 	rm -rf $(VENV) runs

@@ -1,0 +1,3 @@
+"""jaxmu: machine-unlearning benchmarks (DeepUnlearn, IAM) in JAX, many models as one program."""
+
+__version__ = "0.2.0"

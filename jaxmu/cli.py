@@ -1,8 +1,16 @@
-"""What every launcher shares: flag parsing that turns config mistakes into one clear line, the
-persistent compilation cache, and multi-host start-up (`jax.distributed`)."""
+"""The `jaxmu` command (`jaxmu <subcommand> [flags]`, also `python -m jaxmu`) and what every
+subcommand shares: configs by short name, flag parsing that turns config mistakes into one clear
+line, the persistent compilation cache, and multi-host start-up (`jax.distributed`).
+
+A subcommand is a module of `jaxmu.commands` (``iam-matrix`` is ``jaxmu/commands/iam_matrix.py``)
+that defines its absl flags and ``main(argv)``; only the chosen one is imported, so their flags
+never meet.
+"""
 
 from __future__ import annotations
 
+import ast
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -72,8 +80,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   except (KeyError, AttributeError, TypeError, ValueError, flags.Error) as e:
     message = f"unknown config field {e.args[0]}" if isinstance(e, KeyError) and e.args else str(e)
     print(f"error: {message}".replace("\n", " "), file=sys.stderr)
-    print(f"usage: {argv[0]} --config=configs/<file>.py[:args] --workdir=DIR "
-          "[--config.<field>=<value> ...]", file=sys.stderr)
+    print(f"usage: {argv[0]} --help", file=sys.stderr)
     sys.exit(2)
   enable_compilation_cache(_CACHE.value)
   return rest
@@ -104,3 +111,73 @@ def run_pipeline(pipeline: str, run: Callable[..., Path | None], config, workdir
   if path is not None and path.suffix == ".md":
     print(path.read_text())
   print(f"Done: {path}")
+
+
+CONFIG_HELP = ("A shipped config by name, NAME[:args] (`jaxmu --help` lists them), or a config "
+               "file's path[:args].")
+_PACKAGE = Path(__file__).resolve().parent
+COMMANDS_DIR = _PACKAGE / "commands"
+CONFIGS_DIR = _PACKAGE / "configs"
+
+
+def commands() -> dict[str, str]:
+  """Subcommand name -> the first line of its module's docstring (read without importing it)."""
+  found = {}
+  for path in sorted(COMMANDS_DIR.glob("*.py")):
+    if path.stem != "__init__":
+      doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+      found[path.stem.replace("_", "-")] = doc.strip().splitlines()[0] if doc.strip() else ""
+  return found
+
+
+def config_names() -> list[str]:
+  """The configs shipped in the package, addressable as ``--config=NAME[:args]``."""
+  return sorted(p.stem for p in CONFIGS_DIR.glob("*.py") if p.stem != "__init__")
+
+
+def resolve_config(value: str) -> str:
+  """``NAME[:args]`` of a shipped config -> ``<package>/configs/NAME.py[:args]``; a file path is
+  returned as it is."""
+  name, sep, args = value.partition(":")
+  if "/" not in name and not name.endswith(".py") and (CONFIGS_DIR / f"{name}.py").is_file():
+    return f"{CONFIGS_DIR / name}.py{sep}{args}"
+  return value
+
+
+def _resolve_config_flags(args: list[str]) -> list[str]:
+  out, config_value_next = [], False
+  for arg in args:
+    if config_value_next:
+      arg, config_value_next = resolve_config(arg), False
+    elif arg == "--config":
+      config_value_next = True
+    elif arg.startswith("--config="):
+      arg = "--config=" + resolve_config(arg[len("--config="):])
+    out.append(arg)
+  return out
+
+
+def _usage() -> str:
+  listed = "\n".join(f"  {name:<14} {doc}" for name, doc in commands().items())
+  return (f"usage: jaxmu <command> [--flags]   (jaxmu <command> --help for its flags)\n\n"
+          f"commands:\n{listed}\n\nshipped configs (--config=NAME[:args]): "
+          f"{', '.join(config_names())}")
+
+
+def main(argv: list[str] | None = None) -> None:
+  """The `jaxmu` console script: ``argv[1]`` names the subcommand, the rest are its flags."""
+  from absl import app
+  argv = list(sys.argv if argv is None else argv)
+  if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+    print(_usage())
+    sys.exit(0 if len(argv) >= 2 else 2)
+  name = argv[1]
+  if name not in commands():
+    print(f"error: unknown command {name!r}; one of: {', '.join(commands())}", file=sys.stderr)
+    sys.exit(2)
+  module = importlib.import_module(f"jaxmu.commands.{name.replace('-', '_')}")
+  if {"-h", "--help", "--helpshort"} & set(argv[2:]):  # absl's would list __main__'s flags only
+    print(f"{module.__doc__.strip()}\n\nflags:\n{flags.FLAGS.module_help(module.__name__)}")
+    sys.exit(0)
+  app.run(module.main, argv=[f"jaxmu {name}", *_resolve_config_flags(argv[2:])],
+          flags_parser=parse_flags)

@@ -1,4 +1,4 @@
-"""A plan of a pipeline run, without data and without training (`launch/plan.py`).
+"""A plan of a pipeline run, without data and without training (`jaxmu plan`).
 
     p = plan.make(config, workdir="runs/cifar10_resnet18")   # the pipeline follows from config
     print(p.markdown()); p.write("runs/plan")                 # plan.md and plan.json

@@ -27,7 +27,7 @@ from jaxmu.models import resnet, small, tinyvit
 # Every recipe's training lengths in epochs, capped by `smoke`'s ``max_epochs``.
 EPOCHS = ("train.epochs", "train.target_epochs", "ref_in.epochs", "score_ui.epochs",
           "ulira.epochs")
-# IAM's absolute counts (configs/iam.py) that `smoke` scales with the data.
+# IAM's absolute counts (jaxmu/configs/iam.py) that `smoke` scales with the data.
 IAM_SIZES = ("split.shadow_size", "split.forget_size", "split.fixed_forget", "split.shadow_fix",
              "split.val_cap", "shadow_dataset.shadow_size", "incremental.pool_size")
 

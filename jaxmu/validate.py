@@ -290,7 +290,7 @@ def _finished_run(out, field, root):
   config = json.loads(path.read_text()) if path.is_file() else {}
   if "num_shadows" not in config:
     out.append(Problem(field, f"{root!r} holds no IAM run (no IAM config.json)",
-                       "point it at a finished run of launch/iam.py"))
+                       "point it at a finished run of jaxmu iam"))
     return None
   return config
 

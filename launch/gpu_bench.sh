@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Issue [9/9] in one call on a lent GPU machine: the whole training-throughput measurement of
-# configs/bench.py:gpu (ResNet-18 both stems, airbench94, TinyViT-11M, small CNN at 32x32, batch
+# jaxmu/configs/bench.py:gpu (ResNet-18 both stems, airbench94, TinyViT-11M, small CNN at 32x32, batch
 # 256 per model, stacks of 1/16/4/64, vmap and loop, bf16 and fp32, most important rows first),
 # with the issue's projections, in under 10 minutes on an H100.
 #
 #   bash launch/gpu_bench.sh            # on the device machine, from the repository root
 #   bash launch/gpu_bench.sh --config.steps=1 ...   # extra flags go to the first benchmark
 #
-# Then, within DISPATCH_BUDGET seconds (default 150), configs/bench.py:gpu_dispatch: train.fit's
+# Then, within DISPATCH_BUDGET seconds (default 150), jaxmu/configs/bench.py:gpu_dispatch: train.fit's
 # model-steps/s with each epoch dispatched per step vs scanned as one program (CIFAR-stem
 # ResNet-18 and the small CNN, bf16, N = 1 and 16, vmap and loop), which decides the epoch mode
 # `auto` picks on GPUs (jaxmu.parallel.Strategy.scans); DISPATCH_ARGS adds flags to it.
@@ -37,13 +37,13 @@ if ! $PY -c "import ml_collections" 2>/dev/null; then
   fi
 fi
 { nvidia-smi; $PY -c "import jax; print(jax.__version__, jax.devices())"; } > "$OUT/env.txt" 2>&1
-timeout $((BUDGET + 150)) $PY launch/benchmark.py --config=configs/bench.py:gpu \
+timeout $((BUDGET + 150)) $PY -m jaxmu benchmark --config=bench:gpu \
     --config.time_budget_s="$BUDGET" --out="$OUT/bench_gpu.json" --out_md="$OUT/bench_gpu.md" \
     "$@" 2>&1 | tee "$OUT/bench_gpu.log"
 status=${PIPESTATUS[0]}
 [ -f "$OUT/bench_gpu.md" ] && cat "$OUT/bench_gpu.md"
 # shellcheck disable=SC2086  # DISPATCH_ARGS holds several flags
-timeout "$DISPATCH_BUDGET" $PY launch/benchmark.py --config=configs/bench.py:gpu_dispatch \
+timeout "$DISPATCH_BUDGET" $PY -m jaxmu benchmark --config=bench:gpu_dispatch \
     --out="$OUT/bench_dispatch.json" --out_md="$OUT/bench_dispatch.md" ${DISPATCH_ARGS:-} \
     2>&1 | tee "$OUT/bench_dispatch.log"
 [ -f "$OUT/bench_dispatch.md" ] && cat "$OUT/bench_dispatch.md"

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import iam as iam_configs
+from jaxmu.configs import iam as iam_configs
 from jaxmu import data as data_lib
 from jaxmu import models, stages, train
 from jaxmu import methods as methods_lib
@@ -135,7 +135,7 @@ def finished_run(path, config):
 
 
 def iam_recipe(dataset, setting, forget, tmp_path):
-  """configs/iam.py with what its setting needs from the user: the shifted shadows' dataset, the
+  """jaxmu/configs/iam.py with what its setting needs from the user: the shifted shadows' dataset, the
   incremental base run."""
   config = iam_configs.get_config(f"dataset={dataset},setting={setting},forget={forget}")
   if setting == "shifted":

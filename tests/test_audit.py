@@ -1,5 +1,5 @@
 """The audit entry point on synthetic Gaussian logits against direct calls of the primitives and
-float64 NumPy; launch/audit.py on saved files, including bad ones."""
+float64 NumPy; `jaxmu audit` on saved files, including bad ones."""
 
 import subprocess
 import sys
@@ -201,11 +201,8 @@ def test_audit_file_matches_audit(tmp_path, inputs):
 
 def test_launcher_writes_tables_and_rejects_bad_files(tmp_path, inputs, capsys):
   """The good file in process (absl flags parsed by hand), the bad one through the real CLI."""
-  import importlib.util
   from absl import flags
-  spec = importlib.util.spec_from_file_location("launch_audit", ROOT / "launch" / "audit.py")
-  launcher = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(launcher)
+  from jaxmu.commands import audit as launcher
   good = _write(tmp_path / "good.npz", inputs)
   flags.FLAGS(["audit", f"--logits={good}", f"--out={tmp_path / 'out'}", "--attacks=iam_on,lira_on"])
   try:
@@ -220,7 +217,7 @@ def test_launcher_writes_tables_and_rejects_bad_files(tmp_path, inputs, capsys):
                                dtype=None, encoding=None)
   assert list(metrics_rows["attack"]) == ["iam_on", "lira_on"]
   bad = _write(tmp_path / "bad.npz", inputs, shadows=inputs["shadows"][:, :-1])
-  out = subprocess.run([sys.executable, "launch/audit.py", f"--logits={bad}",
+  out = subprocess.run([sys.executable, "-m", "jaxmu", "audit", f"--logits={bad}",
                         f"--out={tmp_path / 'out2'}"], cwd=ROOT, capture_output=True, text=True,
                        timeout=120)
   assert out.returncode == 1 and "shadows has shape" in out.stderr

@@ -133,7 +133,7 @@ def test_mnist_resize_matches_native(mock_tfds):
 
 
 def test_tfds_missing_dataset_names_prepare_command(tmp_path):
-  with pytest.raises(FileNotFoundError, match=r"python launch/prepare_data.py --dataset=cifar10 --data_dir="):
+  with pytest.raises(FileNotFoundError, match=r"jaxmu prepare-data --dataset=cifar10 --data_dir="):
     data.load("cifar10", data_dir=str(tmp_path))
 
 

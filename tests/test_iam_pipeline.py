@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import iam as iam_configs
+from jaxmu.configs import iam as iam_configs
 from jaxmu import report, stages, train, validate
 from jaxmu.attacks import iam, signals
 from jaxmu.attacks.audit import ATTACKS, SCORING_FUNCTIONS
@@ -350,7 +350,7 @@ def test_arch_matrix_launcher(workdir, tmp_path):
     report.write_csv(run / "binui.csv", [
         {"forget": "set_random", "table": "binui", "attack": "iam_on", "k": 1, "group": g,
          "auc": auc + 0.01 * g} for g in (0, 1)])
-  out = subprocess.run([sys.executable, "launch/iam_matrix.py", f"--workdirs={tmp_path}/*-?",
+  out = subprocess.run([sys.executable, "-m", "jaxmu", "iam-matrix", f"--workdirs={tmp_path}/*-?",
                         f"--out={tmp_path}/m"], cwd=ROOT, capture_output=True, text=True,
                        timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
@@ -360,6 +360,6 @@ def test_arch_matrix_launcher(workdir, tmp_path):
   rows = report.read_csv(tmp_path / "m" / "matrix.csv")
   assert [(r["target"], r["shadow"], r["groups"]) for r in rows] == [
       ("a", "a", 2), ("a", "b", 2), ("b", "a", 2)]
-  bad = subprocess.run([sys.executable, "launch/iam_matrix.py", f"--workdirs={tmp_path}/none*"],
+  bad = subprocess.run([sys.executable, "-m", "jaxmu", "iam-matrix", f"--workdirs={tmp_path}/none*"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert bad.returncode == 1 and "no work directory matches" in bad.stderr

@@ -13,7 +13,7 @@ from scipy.special import log_softmax
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedShuffleSplit, cross_val_score
 
-from configs import quickstart
+from jaxmu.configs import quickstart
 from jaxmu import checkpoint, models, report
 from jaxmu.pipelines import common, deepunlearn
 
@@ -275,12 +275,12 @@ def test_splits_are_the_reference_calls_on_digits(tmp_path):
 
 
 def _launch(*args):
-  return subprocess.run([sys.executable, "launch/deepunlearn.py", *args], cwd=ROOT,
+  return subprocess.run([sys.executable, "-m", "jaxmu", "deepunlearn", *args], cwd=ROOT,
                         capture_output=True, text=True, timeout=120)
 
 
 def test_config_typo_exits_nonzero_with_clear_message(tmp_path):
-  out = _launch("--config=configs/quickstart.py", f"--workdir={tmp_path}",
+  out = _launch("--config=quickstart", f"--workdir={tmp_path}",
                 "--config.trian.epochs=3")
   assert out.returncode == 2
   assert 'Did you mean "train"' in out.stderr
@@ -291,7 +291,7 @@ def test_config_typo_exits_nonzero_with_clear_message(tmp_path):
 @pytest.mark.parametrize("dataset", ["mnist", "fashion_mnist", "cifar10", "cifar100", "utkface",
                                      "digits"])
 def test_every_dataset_model_pair_has_a_reference_config(dataset):
-  from configs import deepunlearn as configs
+  from jaxmu.configs import deepunlearn as configs
   for model in ("resnet18", "tinyvit_11m"):
     config = configs.get_config(f"dataset={dataset},model={model}")
     assert config.train.learning_rate == 0.1 and config.train.momentum == 0.9

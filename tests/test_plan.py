@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from conftest import finished_run, iam_recipe
 
-from configs import deepunlearn as deepunlearn_config
-from configs import iam as iam_config
-from configs import quickstart, ulira
+from jaxmu.configs import deepunlearn as deepunlearn_config
+from jaxmu.configs import iam as iam_config
+from jaxmu.configs import quickstart, ulira
 from jaxmu import plan
 from jaxmu.pipelines import deepunlearn, iam
 
@@ -162,7 +162,7 @@ def test_reuse_of_a_real_workdir(tmp_path):
 
 def test_launcher_writes_plan_md_and_json(tmp_path):
   out = subprocess.run(
-      [sys.executable, str(ROOT / "launch/plan.py"), "--config=configs/quickstart.py:iam",
+      [sys.executable, "-m", "jaxmu", "plan", "--config=quickstart:iam",
        f"--workdir={tmp_path}", "--rate_tflops=50", "--compilation_cache="],
       cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr

@@ -1,4 +1,4 @@
-"""Smoke runs of the shipped recipes (configs/deepunlearn.py, iam.py) end to end, in process.
+"""Smoke runs of the shipped recipes (jaxmu/configs/deepunlearn.py, iam.py) end to end, in process.
 
 Mock data of the real shape and class count (tfds mock data, a generated Purchase file), sized
 for one or two batches per epoch; every config goes through the one smoke override (`jaxmu.smoke`):
@@ -13,8 +13,8 @@ import pytest
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.data_sources import base as tfds_base
 
-from configs import deepunlearn as deepunlearn_configs
-from configs import iam as iam_configs
+from jaxmu.configs import deepunlearn as deepunlearn_configs
+from jaxmu.configs import iam as iam_configs
 from jaxmu import smoke
 from jaxmu.pipelines import deepunlearn, iam
 
@@ -43,7 +43,7 @@ def _stages(workdir):
 
 
 def test_deepunlearn_cifar10_resnet18_with_ulira(mock_tfds, tiny, tmp_path):
-  """configs/deepunlearn.py (cifar10, resnet18): 18 methods, NSGA-III search, U-LiRA (20 epochs)."""
+  """jaxmu/configs/deepunlearn.py (cifar10, resnet18): 18 methods, NSGA-III search, U-LiRA (20 epochs)."""
   config = smoke.smoke(deepunlearn_configs.get_config("dataset=cifar10,model=resnet18"),
                        max_epochs=20)
   config.ulira.enabled = True
@@ -79,7 +79,7 @@ def _check_iam(config, workdir):
 
 
 def test_iam_cifar100_exact(mock_tfds, tiny, tmp_path):
-  """configs/iam.py (cifar100, exact, set_random): 20 breaks, K up to 10 (20 epochs)."""
+  """jaxmu/configs/iam.py (cifar100, exact, set_random): 20 breaks, K up to 10 (20 epochs)."""
   config = smoke.smoke(iam_configs.get_config("dataset=cifar100,forget=set_random"), scale=0.01,
                        max_epochs=20)
   with mock_tfds(400):

@@ -12,7 +12,7 @@ import scipy.special
 import threadpoolctl
 from sklearn.metrics import roc_auc_score
 
-from configs import ulira as ulira_config
+from jaxmu.configs import ulira as ulira_config
 from jaxmu import checkpoint, models, report, search, train
 from jaxmu.attacks import lira, mia
 from jaxmu.data import splits as splits_lib
@@ -169,7 +169,7 @@ def test_second_run_recomputes_nothing(run):
   before = _finished(run["workdir"])
   assert {"splits", "init", "train", "unlearn_original", "unlearn_finetune", "ulira",
           "report"} <= set(before)
-  out = subprocess.run([sys.executable, "launch/ulira.py", "--config=configs/ulira.py:cpu",
+  out = subprocess.run([sys.executable, "-m", "jaxmu", "ulira", "--config=ulira:cpu",
                         f"--workdir={run['workdir']}", *TINY],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert out.returncode == 0, out.stderr[-2000:]

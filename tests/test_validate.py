@@ -6,10 +6,10 @@ import json
 import pytest
 from conftest import finished_run, iam_recipe
 
-from configs import deepunlearn as deepunlearn_configs
-from configs import iam as iam_configs
-from configs import quickstart
-from configs import ulira as ulira_configs
+from jaxmu.configs import deepunlearn as deepunlearn_configs
+from jaxmu.configs import iam as iam_configs
+from jaxmu.configs import quickstart
+from jaxmu.configs import ulira as ulira_configs
 from jaxmu import cli, plan, stages, validate
 from jaxmu import data as data_lib
 from jaxmu.data import sources

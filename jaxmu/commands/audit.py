@@ -1,7 +1,7 @@
 """Audits saved model outputs with IAM and the baselines (`jaxmu.attacks.audit`).
 
-    python launch/audit.py --logits=x.npz --out=runs/audit
-    python launch/audit.py --logits=dir_of_npy/ --attacks=iam_on,lira_on,rmia_on
+    jaxmu audit --logits=x.npz --out=runs/audit
+    jaxmu audit --logits=dir_of_npy/ --attacks=iam_on,lira_on,rmia_on
 
 The file's keys (an .npz, or a directory of <key>.npy files) are listed in
 `jaxmu.attacks.audit.FILE_KEYS` and in the README ("Auditing saved logits"). Writes
@@ -12,12 +12,10 @@ the file holds `forget`, <out>/metrics.csv and a table on stdout.
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # an uninstalled jaxmu
+from absl import app, flags
 
-from absl import app, flags  # noqa: E402
-
-from jaxmu import cli, report  # noqa: E402
-from jaxmu.attacks.audit import (RMIA_SETTINGS, SIGNALS, audit_file, load_file,  # noqa: E402
+from jaxmu import cli, report
+from jaxmu.attacks.audit import (RMIA_SETTINGS, SIGNALS, audit_file, load_file,
                                  summary_rows)
 
 _LOGITS = flags.DEFINE_string("logits", None, "An .npz file or a directory of <key>.npy files.")
@@ -57,6 +55,3 @@ def main(argv):
             f"{r['tpr@0.01']:.4f} | {r['tnr@0.01']:.4f} |")
   print(f"Done: {out}")
 
-
-if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags)

@@ -1,13 +1,15 @@
-"""Measures training throughput of stacks of models (per model family, stack size, strategy and
+"""Throughput benchmarks of stacks of models (JSON, and Markdown with --out_md).
+
+Measures training throughput of stacks of models (per model family, stack size, strategy and
 compute dtype; the engine's training step dispatched per step), or
-(``configs/bench.py:dispatch``) model-steps/s of `train.fit` with per-step dispatch vs each epoch
-as one compiled program, or (``configs/bench.py:attacks``) the time of attack scoring, or
-(``configs/bench.py:search``) trials x seeds per second of the search; prints a table and
+(``--config=bench:dispatch``) model-steps/s of `train.fit` with per-step dispatch vs each epoch
+as one compiled program, or (``--config=bench:attacks``) the time of attack scoring, or
+(``--config=bench:search``) trials x seeds per second of the search; prints a table and
 writes JSON (and with ``--out_md`` a Markdown table: training rows with the issue [9/9]
 projections, or the dispatch rows side by side).
 
-    python launch/benchmark.py --config=configs/bench.py --out=runs/bench.json
-    python launch/benchmark.py --config=configs/bench.py:gpu --out=runs/bench_gpu.json \
+    jaxmu benchmark --config=bench --out=runs/bench.json
+    jaxmu benchmark --config=bench:gpu --out=runs/bench_gpu.json \
         --out_md=runs/bench_gpu.md
 
 Throughput is steady state: the first step (compilation) is timed apart, ``warmup_steps`` more
@@ -25,18 +27,15 @@ import importlib.metadata
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from absl import app, flags
+from ml_collections import config_flags
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from jaxmu import cli
 
-from jaxmu import cli  # noqa: E402
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Benchmark config.", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", None, cli.CONFIG_HELP, lock_config=True)
 _OUT = flags.DEFINE_string("out", None, "Where to write the JSON results (optional).")
 _OUT_MD = flags.DEFINE_string("out_md", None, "Where to write a Markdown summary (optional).")
 flags.mark_flag_as_required("config")
@@ -453,6 +452,3 @@ def main(argv):
   if _OUT.value:
     print(f"Wrote {_OUT.value}")
 
-
-if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags)

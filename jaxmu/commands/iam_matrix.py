@@ -1,6 +1,8 @@
-"""The architecture matrix of IAM's Fig. 4 from finished IAM runs, one per (target, shadow) pair.
+"""The architecture matrix of IAM's Fig. 4 from finished IAM runs.
 
-    python launch/iam_matrix.py --workdirs='runs/arch/*' --out=runs/arch
+One run per (target, shadow) pair.
+
+    jaxmu iam-matrix --workdirs='runs/arch/*' --out=runs/arch
 
 Reads each run's config.json (target and shadow architecture) and binui.csv (K = 1 AUCs) and
 writes <out>/matrix.md (one table per attack) and <out>/matrix.csv; docs/iam.md shows how to fill
@@ -11,12 +13,10 @@ import glob
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # an uninstalled jaxmu
+from absl import app, flags
 
-from absl import app, flags  # noqa: E402
-
-from jaxmu import cli, report  # noqa: E402
-from jaxmu.pipelines import iam_matrix  # noqa: E402
+from jaxmu import cli, report
+from jaxmu.pipelines import iam_matrix
 
 _WORKDIRS = flags.DEFINE_list("workdirs", None, "IAM work directories or glob patterns.")
 _OUT = flags.DEFINE_string("out", "runs/arch", "Output directory.")
@@ -45,6 +45,3 @@ def main(argv):
   print(text)
   print(f"Done: {out}")
 
-
-if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags)

@@ -1,6 +1,6 @@
-r"""Downloads and prepares a tensorflow-datasets dataset (array_record) for `jaxmu.data.load`.
+r"""Downloads and prepares a tensorflow-datasets dataset for `jaxmu.data.load`.
 
-  python launch/prepare_data.py --dataset=cifar10 [--data_dir=~/tensorflow_datasets]
+  jaxmu prepare-data --dataset=cifar10 [--data_dir=~/tensorflow_datasets]
 
 Run once per dataset on a machine with internet. Preparing needs TensorFlow: install the extra
 first, `pip install 'jaxmu[tfds]'` (tensorflow-cpu, pillow). Reading the prepared data afterwards
@@ -24,6 +24,3 @@ def main(argv):
   builder.download_and_prepare(file_format="array_record")
   print(f"prepared {_DATASET.value} in {builder.data_dir}")
 
-
-if __name__ == "__main__":
-  app.run(main)

@@ -1,7 +1,7 @@
 """Throughput of stacks of models per strategy and compute dtype (see docs/benchmarks.md).
 
-    python launch/benchmark.py --config=configs/bench.py --out=runs/bench.json
-    python launch/benchmark.py --config=configs/bench.py:gpu --out=runs/bench_gpu.json \
+    jaxmu benchmark --config=bench --out=runs/bench.json
+    jaxmu benchmark --config=bench:gpu --out=runs/bench_gpu.json \
         --out_md=runs/bench_gpu.md
 
 The default (CPU) measures stacks of 1, 4 and 16 small CNNs on 32x32x3 synthetic images under
@@ -10,14 +10,14 @@ vmap and loop, float32 and bfloat16: a few minutes on a 2-core CPU. `:gpu` measu
 model, stacks of 1-64, vmap and loop, bf16 and fp32, most important rows first, and stops
 starting rows after `time_budget_s` (launch/gpu_bench.sh runs it in one call on a lent GPU).
 
-    python launch/benchmark.py --config=configs/bench.py:attacks --out=runs/bench_attacks.json
+    jaxmu benchmark --config=bench:attacks --out=runs/bench_attacks.json
 
 `:attacks` times attack scoring on random signals after compilation: IAM (gumbel, kde) at
 N = 30,000, K = 16, A = 100, Carlini online LiRA with 64 shadows, and one `audit` call with every
 attack on CIFAR-100-shaped logits (N = 30,000, K = 1, a population of 5,000): the unit of the IAM
 pipeline's BinUI and ScoreUI loops (about a minute on 2 CPU cores).
 
-    python launch/benchmark.py --config=configs/bench.py:dispatch --compilation_cache='' \
+    jaxmu benchmark --config=bench:dispatch --compilation_cache='' \
         --out=runs/bench_dispatch.json --out_md=runs/bench_dispatch.md
 
 `:dispatch` measures model-steps/s of `train.fit` for the small CNN (8x8x1, batch 64: digits)
@@ -26,7 +26,7 @@ epoch dispatched per step vs one compiled program (`Strategy.scan`), the two mod
 (about 5 minutes on the 2-core CPU). `:gpu_dispatch`: the same for the CIFAR-stem ResNet-18 and
 the small CNN at 32x32, batch 256, bf16 (launch/gpu_bench.sh).
 
-    python launch/benchmark.py --config=configs/bench.py:search --out=runs/bench_search.json
+    jaxmu benchmark --config=bench:search --out=runs/bench_search.json
 
 `:search` times the hyper-parameter search (trials x seeds per second) with the 3 tuning seeds
 as one stack vs one seed at a time, the same 4 trials each, for finetune and msg on digits.

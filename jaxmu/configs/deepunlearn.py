@@ -1,10 +1,10 @@
 """DeepUnlearn benchmark for one dataset/model pair (deepunlearn-spec 3, 5, 6: the reference recipe).
 
-    python launch/deepunlearn.py --config=configs/deepunlearn.py:dataset=cifar10,model=resnet18 \
+    jaxmu deepunlearn --config=deepunlearn:dataset=cifar10,model=resnet18 \
         --workdir=runs/cifar10_resnet18
 
 Datasets: digits, mnist, fashion_mnist, cifar10, cifar100, utkface (tfds datasets need
-`python launch/prepare_data.py --dataset=NAME` once). Models: resnet18 (torchvision ImageNet stem,
+`jaxmu prepare-data --dataset=NAME` once). Models: resnet18 (torchvision ImageNet stem,
 as the reference ran it), tinyvit_11m, small_cnn. The reference recipe: SGD 0.1, momentum 0.9,
 coupled weight decay 5e-4, batch 256, cosine per epoch; 182 epochs on CIFAR, 50 on MNIST,
 Fashion-MNIST and UTKFace (UTKFace batch 128, deepunlearn-spec 10.11); 10 seeds; the 18 DeepUnlearn
@@ -18,7 +18,7 @@ one CIFAR-10 ResNet-18 retraining 1,677 s, a tuned unlearning 260 s on average):
 CIFAR-100 with ResNet-18 about 20 x 0.47 h + 5,580 x 0.07 h = 410 GPU-hours, dominated by the
 search (deepunlearn-spec 8.3). It scales with epochs x training-set size x pixels: MNIST and
 Fashion-MNIST about a third of that, UTKFace at 224 px several times more. Needs a GPU; on CPU use
-configs/quickstart.py. Several processes may share one workdir (`--worker=K` each): the stages
+jaxmu/configs/quickstart.py. Several processes may share one workdir (`--worker=K` each): the stages
 are locked, the search studies are shared (docs/search.md).
 """
 

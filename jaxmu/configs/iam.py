@@ -1,7 +1,7 @@
 """The IAM audit for one dataset (iam-spec 5-7, 9; the reference recipe of iam-spec 6.2).
 
-    python launch/iam.py --config=configs/iam.py:dataset=cifar100 --workdir=runs/iam_cifar100
-    python launch/iam.py --config=configs/iam.py:dataset=digits --workdir=runs/iam_digits
+    jaxmu iam --config=iam:dataset=cifar100 --workdir=runs/iam_cifar100
+    jaxmu iam --config=iam:dataset=digits --workdir=runs/iam_digits
 
 Datasets: cifar10, cifar100, cinic10 (CIFAR-stem ResNet-18, SGD 0.1, batch 128, cosine T_max 200,
 201 epochs, best-on-validation state), purchase100 (the Purchase MLP, lr 0.01; targets 100 epochs)

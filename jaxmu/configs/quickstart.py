@@ -1,7 +1,7 @@
 """The embedded default: the DeepUnlearn benchmark on sklearn's digits with a small CNN.
 
-    python launch/deepunlearn.py --config=configs/quickstart.py --workdir=runs/quickstart
-    python launch/iam.py --config=configs/quickstart.py:iam --workdir=runs/quickstart/iam
+    jaxmu deepunlearn --config=quickstart --workdir=runs/quickstart
+    jaxmu iam --config=quickstart:iam --workdir=runs/quickstart/iam
     (or `make demo`, which runs both)
 
 Trains, for each of 4 seeds, an "original" model (retain + forget) and a "retrained" model
@@ -10,13 +10,13 @@ compilation included; originals reach test accuracy >= 0.95, retain accuracy nea
 and CT (the paper's recommended methods) with 4 TPE trials each on the stack of seeds 0 and 1;
 runs every unlearning method of the registry on the stack of all originals (MSG and CT with their
 best trial, the others with the reference defaults); evaluates every (method, seed); runs U-LiRA
-as its stage with configs/ulira.py's `cpu` settings and the searched hyper-parameters (in
+as its stage with jaxmu/configs/ulira.py's `cpu` settings and the searched hyper-parameters (in
 runs/quickstart/ulira); and writes runs/quickstart/report.md (ranked table with U-LiRA, figures),
 results.csv and summary.csv. `make demo` (this config, then the IAM audit) took 359 s wall, 525
 CPU-seconds, on an idle 2-core CPU on 2026-12-06, compilation included (cache off).
 """
 
-from configs import deepunlearn, iam, ulira
+from jaxmu.configs import deepunlearn, iam, ulira
 from jaxmu import methods as methods_lib
 
 
@@ -45,7 +45,7 @@ def get_config(arg: str | None = None):
 
 
 def iam_config():
-  """`configs/quickstart.py:iam`, the IAM part of `make demo`: configs/iam.py's digits variant
+  """`--config=quickstart:iam`, the IAM part of `make demo`: jaxmu/configs/iam.py's digits variant
   with 8 shadows, 4 seeds (set_random) and 10 classes (class_percentage), three approximate
   methods (68 s on a 2-core CPU on 2026-12-03; set_random K = 1 AUCs: IAM-On 0.65, LiRA-On
   0.61, RMIA-On 0.59; class_percentage: 0.68, 0.63, 0.67)."""

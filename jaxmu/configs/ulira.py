@@ -1,12 +1,12 @@
 """U-LiRA alone: unlearning methods against retraining (deepunlearn-spec 7, Hayes et al. 2024).
 
-    python launch/ulira.py --config=configs/ulira.py:dataset=cifar10,model=resnet18 \
+    jaxmu ulira --config=ulira:dataset=cifar10,model=resnet18 \
         --workdir=runs/ulira_cifar10_resnet18 --config.search_dir=runs/cifar10_resnet18/search
-    python launch/ulira.py --config=configs/ulira.py:cpu --workdir=runs/ulira_cpu
+    jaxmu ulira --config=ulira:cpu --workdir=runs/ulira_cpu
 
-The settings are a DeepUnlearn config's ``ulira`` section (configs/deepunlearn.py); within a
+The settings are a DeepUnlearn config's ``ulira`` section (jaxmu/configs/deepunlearn.py); within a
 DeepUnlearn run, `--config.ulira.enabled=True` runs U-LiRA as its stage with that run's search
-(configs/quickstart.py does). Alone, the hyper-parameters come from a finished search
+(jaxmu/configs/quickstart.py does). Alone, the hyper-parameters come from a finished search
 (``search_dir``) or the methods' defaults.
 
 Reference scale (the default, spec 7.1-7.2): 64 splits x 10 forget draws = 640 unlearning runs per
@@ -24,11 +24,11 @@ expect balanced accuracies of 0.85-0.97, i.e. every method told apart from retra
 Arguments: `dataset=..,model=..` or `cpu`.
 """
 
-from configs import deepunlearn
+from jaxmu.configs import deepunlearn
 
 
 def cpu_settings(ulira):
-  """The `cpu` variant of a config's ``ulira`` section (also configs/quickstart.py's stage)."""
+  """The `cpu` variant of a config's ``ulira`` section (also jaxmu/configs/quickstart.py's stage)."""
   ulira.lira.num_splits = 8
   ulira.lira.num_forget_draws = 2
   ulira.lira.forget_ratio = 0.3

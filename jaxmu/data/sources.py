@@ -187,7 +187,7 @@ def _tfds(name, data_dir=None, image_size=None, channels=None) -> Dataset:
       flag = f" --data_dir={data_dir}" if data_dir else ""
       raise FileNotFoundError(
           f"dataset {name!r} is not prepared (array_record format) in the tfds data_dir "
-          f"{data_dir or '~/tensorflow_datasets'}: run `python launch/prepare_data.py "
+          f"{data_dir or '~/tensorflow_datasets'}: run `jaxmu prepare-data "
           f"--dataset={name}{flag}` on a machine with internet (needs `pip install "
           f"'jaxmu[tfds]'`). tfds said: {e}") from e
     parts.append(_read_native(source, split))

@@ -16,7 +16,7 @@ from jaxmu.methods import lcodec  # noqa: F401
 from jaxmu.methods import forsaken  # noqa: F401
 from jaxmu.methods import kaggle  # noqa: F401
 
-# The registry keeps the order it had when methods were filed by origin: configs/quickstart.py
+# The registry keeps the order it had when methods were filed by origin: jaxmu/configs/quickstart.py
 # runs its methods in this order, which fixes the rows of results.csv, the report's stage hash
 # and the order of ties in the ranked table.
 _ORDER = ("random_labels", "salun", "gradient_ascent", "neggrad_plus", "negative_gradient",

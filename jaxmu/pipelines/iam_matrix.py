@@ -1,5 +1,5 @@
 """Fig. 4 of the IAM paper (iam-spec 7.3, 10.8): the K = 1 BinUI AUC of every attack per (target
-architecture, shadow architecture), read from finished IAM runs (launch/iam_matrix.py)."""
+architecture, shadow architecture), read from finished IAM runs (jaxmu iam-matrix)."""
 
 from __future__ import annotations
 

@@ -96,7 +96,7 @@ class FinishedRun:
     self.root = Path(root)
     if not (self.root / "config.json").exists():
       raise ValueError(f"{field}={str(root)!r} holds no IAM run (config.json missing); run "
-                       "launch/iam.py there first")
+                       "jaxmu iam there first")
     self.config = ml_collections.ConfigDict(json.loads((self.root / "config.json").read_text()))
     self.stages = stages.Workdir(self.root)
 

@@ -1,4 +1,4 @@
-"""U-LiRA alone over a workdir (configs/ulira.py): the sub-stages of `ulira_stage` with each
+"""U-LiRA alone over a workdir (jaxmu/configs/ulira.py): the sub-stages of `ulira_stage` with each
 method's hyper-parameters from a finished DeepUnlearn search (``config.search_dir``) or its
 defaults. Within a DeepUnlearn run, U-LiRA is that pipeline's ``ulira`` stage instead.
 """

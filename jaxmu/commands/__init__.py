@@ -1,0 +1,1 @@
+"""The subcommands of the `jaxmu` command, one module each (see `jaxmu.cli`)."""
