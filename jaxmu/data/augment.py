@@ -16,14 +16,15 @@ KINDS = ("crop_flip", "flip", "none")
 
 
 def normalize(inputs, mean, std) -> jax.Array:
-  """`ToTensor` + `Normalize`: float32 (x / 255 - mean) / std for images (rank 4, NHWC).
+  """`ToTensor` + `Normalize`: float32 (x / 255 - mean) / std for integer images (rank 4, NHWC).
 
-  Tabular rows (rank 2, e.g. Purchase's binary features) are taken as they are, without the
-  /255 (IAM feeds them as floats, iam-spec 5): (x - mean) / std. `mean`/`std` have one entry per
-  channel (feature) or a single entry for all.
+  Tabular rows (rank 2, e.g. Purchase's binary features) and float images (a user's own
+  arrays, `jaxmu.unlearn`) are taken as they are, without the /255 (IAM feeds Purchase as
+  floats, iam-spec 5): (x - mean) / std. `mean`/`std` have one entry per channel (feature) or a
+  single entry for all.
   """
   x = jnp.asarray(inputs, jnp.float32)
-  if x.ndim == 4:
+  if x.ndim == 4 and jnp.issubdtype(jnp.asarray(inputs).dtype, jnp.integer):
     x = x / 255.0
   mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
   for name, v in (("mean", mean), ("std", std)):
