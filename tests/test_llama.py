@@ -110,19 +110,18 @@ def test_rope_scaling_types(tmp_path):
 
 
 def test_gqa_shapes_and_param_groups():
-  config = llama.LlamaConfig(vocab_size=40, hidden_size=48, intermediate_size=64, num_hidden_layers=3,
+  config = llama.LlamaConfig(vocab_size=40, hidden_size=24, intermediate_size=16, num_hidden_layers=2,
                              num_attention_heads=6, num_key_value_heads=2)
   params = llama.init_params(config, jax.random.key(0))
   attn = params["layer0_0"]["self_attn"]
-  assert attn["q_proj"]["kernel"].shape == (48, 48)
-  assert attn["k_proj"]["kernel"].shape == attn["v_proj"]["kernel"].shape == (48, 16)
-  assert attn["o_proj"]["kernel"].shape == (48, 48)
+  assert attn["q_proj"]["kernel"].shape == attn["o_proj"]["kernel"].shape == (24, 24)
+  assert attn["k_proj"]["kernel"].shape == attn["v_proj"]["kernel"].shape == (24, 8)
   logits = llama.build(config).apply({"params": params}, jnp.zeros((2, 5), jnp.int32), train=False,
                                      mask=jnp.ones((2, 5), bool))
   assert logits.shape == (2, 5, 40)
   groups = models.param_groups(params)
-  assert [name for name, _ in groups] == ["stem", "layer0.0", "layer1.0", "layer2.0", "head"]
-  assert {p[0] for p in models.last_blocks(params, 1)} == {"layer2_0", "head"}
+  assert [name for name, _ in groups] == ["stem", "layer0.0", "layer1.0", "head"]
+  assert {p[0] for p in models.last_blocks(params, 1)} == {"layer1_0", "head"}
   with pytest.raises(ValueError, match="not a multiple"):
     llama.LlamaConfig(vocab_size=8, hidden_size=16, intermediate_size=8, num_hidden_layers=1,
                       num_attention_heads=4, num_key_value_heads=3)

@@ -9,6 +9,11 @@ Every architecture names its top-level modules ``stem*`` / ``patch_embed`` (the 
 (TinyViT), and the rest after the blocks (``fc``; TinyViT ``norm_head`` and ``head``), so that
 parameter groups are read off the parameter tree. A *path* is a tuple of dict keys; the groups
 list leaf paths, and they work unchanged on stacked trees (a leading model axis).
+
+The language model (`jaxmu.models.llama`) is not in this registry: it is built from its own config
+(``llama.build(config)``, or ``llama.load_hf_checkpoint(directory)``) and takes token ids, with the
+same ``(x, train, mask)`` call (``mask``: the per-token padding mask) and module naming (``stem_embed``,
+``layer{i}_0``, ``norm_head``, ``head``), so the parameter-group helpers apply to it too.
 """
 from __future__ import annotations
 
