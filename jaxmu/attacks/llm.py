@@ -367,9 +367,10 @@ def bootstrap_indices(labels, rounds=1000, seed=0) -> np.ndarray:
 
 
 def _round_metrics(labels, membership, idx, levels):
-  """Per round (row of ``idx``): ROC AUC (``sklearn.metrics.auc``, the trapezoid area) and, per FPR level, the TPR of the ROC point whose FPR
-  is closest to it (first such point), on the curve of ``sklearn.metrics.roc_curve`` (default
-  ``drop_intermediate``). Vectorised over rounds."""
+  """Per round (row of ``idx``): ROC AUC (``sklearn.metrics.auc``, the trapezoid area) and, per
+  FPR level, the TPR of the ROC point whose FPR is closest to it (the first such point), on the
+  curve of ``sklearn.metrics.roc_curve`` (default ``drop_intermediate``). Vectorised over rounds.
+  """
   y = labels[idx].astype(np.float64)  # [R, L]
   s = membership[idx]
   r, length = s.shape
@@ -405,7 +406,8 @@ def _round_metrics(labels, membership, idx, levels):
   return aucs, tprs
 
 
-def bootstrap_metrics(labels, scores, *, rounds=1000, seed=0, levels=FPR_LEVELS, block=None):
+def bootstrap_metrics(labels, scores, *, rounds=1000, seed=0, levels=FPR_LEVELS, block=None,
+                      membership=False):
   """LLM BinUI metrics as ``results_with_bootstrapping`` (iam-spec 9.5).
 
   Args:
@@ -416,6 +418,7 @@ def bootstrap_metrics(labels, scores, *, rounds=1000, seed=0, levels=FPR_LEVELS,
     seed: the resampling seed (the reference uses numpy's global RNG after ``set_seed(42)``).
     levels: FPR targets; each round reads the TPR of the ROC point whose FPR is closest.
     block: rounds per vectorised step (default: about 4M resampled scores per step).
+    membership: ``scores`` are membership scores (high = retained, e.g. an attack's ``raw``).
 
   Returns:
     {"auc", "auc_std", "tpr_at_fpr_<t>", "tpr_at_fpr_<t>_std" per level}: mean and std
@@ -427,7 +430,8 @@ def bootstrap_metrics(labels, scores, *, rounds=1000, seed=0, levels=FPR_LEVELS,
   block = block or max(1, 4_000_000 // idx.shape[1])
   aucs, tprs = [], {t: [] for t in levels}
   for start in range(0, idx.shape[0], block):
-    a, t = _round_metrics(labels, -scores, idx[start:start + block], levels)
+    a, t = _round_metrics(labels, scores if membership else -scores, idx[start:start + block],
+                          levels)
     aucs.append(a)
     for level in levels:
       tprs[level].append(t[level])
@@ -440,18 +444,18 @@ def bootstrap_metrics(labels, scores, *, rounds=1000, seed=0, levels=FPR_LEVELS,
 
 
 def score_ui(scores, levels, *, rounds=100, fraction=0.8, seed=0):
-  """The LLM ScoreUI read-out (iam-spec 7.5, 10.6 Spearman column): Spearman's rho between the
-  membership score (-scores) and the known membership level of each model.
+  """The LLM ScoreUI read-out (iam-spec 7.5, 10.6 Spearman column; notebook cell 12): Spearman's
+  rho between the membership score (-scores; the notebook's min-max normalisation does not change
+  ranks) and the known membership level of each model, over all (chunk, model) pairs.
 
   Args:
     scores: [M, N] unlearning scores of M models (e.g. fine-tuning checkpoints) on N chunks.
-    levels: [M] each model's ground-truth membership level (e.g. step / 695).
-    rounds, fraction, seed: the spread over ``rounds`` subsamples of ``fraction`` of the M * N
-      (chunk, model) pairs, drawn without replacement (**(interpretation)** of the notebook's
-      "100 bootstrap resamples of 80%").
+    levels: [M] each model's ground-truth membership level (the notebook: step / 695).
+    rounds, fraction, seed: ``rounds`` resamples of int(fraction * M * N) pairs drawn with
+      replacement (the notebook's 100 of 80%), from ``default_rng(seed)``.
 
   Returns:
-    {"spearman": rho on all pairs, "spearman_mean", "spearman_std"}.
+    {"spearman": rho on all pairs, "spearman_mean", "spearman_std" (ddof = 0) over resamples}.
   """
   scores = np.asarray(scores, np.float64)
   levels = np.asarray(levels, np.float64)
@@ -460,42 +464,56 @@ def score_ui(scores, levels, *, rounds=100, fraction=0.8, seed=0):
                      f"{levels.shape}")
   if not (np.isfinite(scores).all() and np.isfinite(levels).all()):
     raise ValueError("scores and levels must be finite")
-  if not 0 < fraction <= 1:
-    raise ValueError(f"fraction must lie in (0, 1]; got {fraction}")
+  if not 0 < fraction <= 1 or int(rounds) != rounds or rounds < 1:
+    raise ValueError(f"need 0 < fraction <= 1 and rounds >= 1; got {fraction} and {rounds}")
   x = -scores.ravel()
   y = np.repeat(levels, scores.shape[1])
   size = max(2, int(fraction * x.size))
   rng = np.random.default_rng(seed)
-  picks = np.stack([rng.choice(x.size, size, replace=False) for _ in range(int(rounds))])
-  rx, ry = stats.rankdata(x[picks], axis=1), stats.rankdata(y[picks], axis=1)
-  rx -= rx.mean(1, keepdims=True)
-  ry -= ry.mean(1, keepdims=True)
-  rho = (rx * ry).sum(1) / np.sqrt((rx * rx).sum(1) * (ry * ry).sum(1))
+  rhos = []
+  for start in range(0, int(rounds), max(1, 2_000_000 // size)):  # vectorised, in blocks
+    picks = rng.integers(0, x.size, (min(int(rounds) - start, max(1, 2_000_000 // size)), size))
+    rx, ry = stats.rankdata(x[picks], axis=1), stats.rankdata(y[picks], axis=1)
+    rx -= rx.mean(1, keepdims=True)
+    ry -= ry.mean(1, keepdims=True)
+    rhos.append((rx * ry).sum(1) / np.sqrt((rx * rx).sum(1) * (ry * ry).sum(1)))
+  rho = np.concatenate(rhos)
   return {"spearman": float(stats.spearmanr(x, y)[0]), "spearman_mean": float(rho.mean()),
           "spearman_std": float(rho.std())}
 
 
-def membership_summary(raw_scores, labels):
-  """Table 7's cells (iam-spec 10.6): mean and std (ddof = 0) of a raw (membership) score per
-  label: {"mean_0", "std_0" (forgotten), "mean_1", "std_1" (retained)}."""
+def minmax(raw_scores) -> np.ndarray:
+  """(s - min) / (max - min) over all chunks, the notebook's scaling before Table 7 (0 where
+  every score is equal, where the notebook divides by zero)."""
+  s = np.asarray(raw_scores, np.float64)
+  span = s.max() - s.min()
+  return (s - s.min()) / span if span > 0 else np.zeros_like(s)
+
+
+def membership_summary(raw_scores, labels, normalize=True):
+  """Table 7's cells (iam-spec 10.6; notebook cells 13-14): mean and std (ddof = 0) per label of
+  a raw (membership) score, min-max normalised over all chunks first (`minmax`; off with
+  ``normalize=False``): {"mean_0", "std_0" (forgotten), "mean_1", "std_1" (retained)}."""
   labels = _labels(labels)
   raw_scores = _vector(raw_scores, "raw_scores", labels.shape[0])
+  s = minmax(raw_scores) if normalize else raw_scores
   out = {}
   for b in (0, 1):
-    v = raw_scores[labels == b]
+    v = s[labels == b]
     out[f"mean_{b}"], out[f"std_{b}"] = float(v.mean()), float(v.std())
   return out
 
 
-def iam_threshold_shares(raw_iam, labels, thresholds=IAM_THRESHOLDS):
-  """Table 7's IAM read-outs (iam-spec 9.4, 10.6), on the raw IAM-On membership score:
-  {"forget_above": share of forgotten chunks (label 0) with IAM > 0.4, "retain_below": share of
-  retained chunks (label 1) with IAM < 0.8}."""
+def iam_threshold_shares(raw_iam, labels, thresholds=IAM_THRESHOLDS, normalize=True):
+  """Table 7's IAM read-outs (iam-spec 9.4, 10.6), on the raw IAM-On membership score min-max
+  normalised over all chunks as the notebook (`minmax`): {"forget_above": share of forgotten
+  chunks (label 0) with IAM > 0.4, "retain_below": share of retained chunks (label 1) < 0.8}."""
   labels = _labels(labels)
   raw_iam = _vector(raw_iam, "raw_iam", labels.shape[0])
+  s = minmax(raw_iam) if normalize else raw_iam
   above, below = thresholds
-  return {"forget_above": float((raw_iam[labels == 0] > above).mean()),
-          "retain_below": float((raw_iam[labels == 1] < below).mean())}
+  return {"forget_above": float((s[labels == 0] > above).mean()),
+          "retain_below": float((s[labels == 1] < below).mean())}
 
 
 # ------------------------------------------------------------------------------ saved losses
@@ -550,7 +568,7 @@ def find_prefix(directory) -> str:
   return found[0]
 
 
-def read_column(path, labels=False) -> np.ndarray:
+def read_column(path, labels=False, nonnegative=False) -> np.ndarray:
   """One number per line (an optional "key :" header first; blank lines at the end ignored)."""
   path = Path(path)
   if not path.is_file():
@@ -569,6 +587,9 @@ def read_column(path, labels=False) -> np.ndarray:
     if not math.isfinite(v):
       raise InputError(f"{path}: line {i} is {line.strip()}; fix: recompute that chunk (every "
                        "value must be finite)")
+    if nonnegative and v < 0:
+      raise InputError(f"{path}: negative value on line {i}; fix: these are mean token NLLs "
+                       "(>= 0)")
     if labels and v not in (0.0, 1.0):
       raise InputError(f"{path}: line {i} is {line.strip()}; fix: labels are 1 (retained chunk) "
                        "or 0 (forgotten chunk)")
@@ -649,11 +670,8 @@ def load_files(directory, prefix=None) -> tuple[str, dict[str, Any]]:
     path = directory / f"{prefix}-{stem}.txt"
     if key == "labels" or (key != "nll" and not path.exists()):
       continue
-    inputs[key] = read_column(path)
+    inputs[key] = read_column(path, nonnegative=True)
     _same_length(path, inputs[key], n, label_path)
-    if (inputs[key] < 0).any():
-      raise InputError(f"{path}: negative value on line {int(np.argmin(inputs[key])) + 1}; fix: "
-                       "these are mean token NLLs (>= 0)")
   pops = {}
   for key, (stem, ref_name) in POPULATION_FILES.items():
     for path in (directory / f"{prefix}-{stem}.txt", directory / ref_name):
@@ -668,43 +686,43 @@ def load_files(directory, prefix=None) -> tuple[str, dict[str, Any]]:
                        "population losses together (RMIA-On)")
     z = None
     for key, path in pops.items():
-      inputs[key] = read_column(path)
+      inputs[key] = read_column(path, nonnegative=True)
       if z is not None and inputs[key].shape[0] != z:
         raise InputError(f"{path}: {inputs[key].shape[0]} values but {pops['pop_nll'].name} has "
                          f"{z}; fix: one value per population chunk, the same chunks in each")
       z = inputs[key].shape[0]
-      if (inputs[key] < 0).any():
-        raise InputError(f"{path}: negative value; fix: these are mean token NLLs (>= 0)")
   tokens = directory / f"{prefix}-tokens.npz"
   if tokens.exists():
     inputs.update(_load_tokens(tokens, n))
   return prefix, inputs
 
 
-def run_attack(name, inputs, *, batch_size=IAM_BATCH, seed=42):
-  """The unlearning scores of attack ``name`` on `load_files`' inputs."""
+def run_attack(name, inputs, *, batch_size=IAM_BATCH, seed=42, raw=False):
+  """The unlearning scores (or with ``raw`` the reference's) of attack ``name`` on `load_files`'
+  inputs."""
   d = inputs
   if name == "iam_on":
-    return iam_on(d["nll"], d["fit_nll"], d["ref_nll"], batch_size=batch_size)
+    return iam_on(d["nll"], d["fit_nll"], d["ref_nll"], batch_size=batch_size, raw=raw)
   if name == "lira_on":
-    return lira_on(d["nll"], d["fit_nll"], d["ref_nll"])
+    return lira_on(d["nll"], d["fit_nll"], d["ref_nll"], raw=raw)
   if name == "rmia_on":
     return rmia_on(d["nll"], d["fit_nll"], d["ref_nll"], d["pop_nll"], d["pop_fit_nll"],
-                   d["pop_ref_nll"])
+                   d["pop_ref_nll"], raw=raw)
   if name == "loss":
-    return loss(d["nll"])
+    return loss(d["nll"], raw=raw)
   if name == "zlib":
-    return zlib_score(d["nll"], d["texts"])
+    return zlib_score(d["nll"], d["texts"], raw=raw)
   if name == "ratio":
-    return ratio(d["nll"], d["ref_nll"])
+    return ratio(d["nll"], d["ref_nll"], raw=raw)
   if name == "min_k":
-    return min_k(d["token_logp"], d.get("mask"))
+    return min_k(d["token_logp"], d.get("mask"), raw=raw)
   if name == "min_k_plus_plus":
-    return min_k_plus_plus(d["token_logp"], d["vocab_mean"], d["vocab_std"], d.get("mask"))
+    return min_k_plus_plus(d["token_logp"], d["vocab_mean"], d["vocab_std"], d.get("mask"),
+                           raw=raw)
   if name == "surp":
-    return surp(d["token_logp"], d["token_entropy"], d.get("mask"))
+    return surp(d["token_logp"], d["token_entropy"], d.get("mask"), raw=raw)
   if name == "bag_of_words":
-    return bag_of_words(d["texts"], d["labels"], seed=seed)
+    return bag_of_words(d["texts"], d["labels"], seed=seed, raw=raw)
   raise ValueError(f"unknown attack {name!r}; known: {', '.join(ATTACKS)}")
 
 
@@ -718,7 +736,7 @@ def audit_files(directory, prefix=None, *, attacks=None, rounds=1000, seed=42,
   unknown = [a for a in attacks or () if a not in ATTACKS]
   if unknown:
     raise InputError(f"--attacks: unknown {unknown}; fix: choose from {', '.join(ATTACKS)}")
-  scores, rows, skipped = {}, [], {}
+  scores, rows, skipped, shares = {}, [], {}, None
   for name in attacks or ATTACKS:
     missing = [k for k in ATTACKS[name][1] if k not in inputs]
     if missing:
@@ -729,16 +747,16 @@ def audit_files(directory, prefix=None, *, attacks=None, rounds=1000, seed=42,
       skipped[name] = what
       continue
     try:
-      scores[name] = run_attack(name, inputs, batch_size=batch_size, seed=seed)
+      raw = run_attack(name, inputs, batch_size=batch_size, seed=seed, raw=True)
     except ValueError as e:
       raise InputError(f"{directory / prefix}-*: {name}: {e}") from None
-    row = {"attack": name, **bootstrap_metrics(labels, scores[name], rounds=rounds, seed=seed),
-           "name": ATTACKS[name][0]}
-    row.update(membership_summary(to_raw(name, scores[name]), labels))
+    scores[name] = _orient(name, raw, False)
+    if name == "iam_on":
+      shares = iam_threshold_shares(raw, labels)
+    row = {"attack": name, **bootstrap_metrics(labels, raw, rounds=rounds, seed=seed,
+                                               membership=True), "name": ATTACKS[name][0]}
+    row.update(membership_summary(raw, labels))
     rows.append(row)
-  shares = None
-  if "iam_on" in scores:
-    shares = iam_threshold_shares(to_raw("iam_on", scores["iam_on"]), labels)
   return LLMAudit(prefix, labels, scores, rows, skipped, shares)
 
 
@@ -755,15 +773,17 @@ def report_markdown(result: LLMAudit, rounds: int) -> str:
     lines.append(f"| {r['name']} | {r['auc']:.4f} ± {r['auc_std']:.4f} | "
                  f"{r['tpr_at_fpr_0.1']:.4f} ± {r['tpr_at_fpr_0.1_std']:.4f} | "
                  f"{r['tpr_at_fpr_0.01']:.4f} ± {r['tpr_at_fpr_0.01_std']:.4f} |")
-  lines += ["", "Raw (reference-orientation, high = member) score per label, mean ± std over "
-            "chunks (Table 7):", "", "| attack | forgotten (0) | retained (1) |", "|---|---|---|"]
+  lines += ["", "Membership score per label (Table 7): the reference's raw score (high = member), "
+            "min-max normalised over all chunks as the paper's notebook, mean ± std over chunks.",
+            "", "| attack | forgotten (0) | retained (1) |", "|---|---|---|"]
   for r in result.rows:
     lines.append(f"| {r['name']} | {r['mean_0']:.4f} ± {r['std_0']:.4f} | "
                  f"{r['mean_1']:.4f} ± {r['std_1']:.4f} |")
   if result.iam_shares is not None:
-    lines += ["", f"IAM-On (raw): {100 * result.iam_shares['forget_above']:.1f}% of forgotten "
-              f"chunks score > {IAM_THRESHOLDS[0]}, {100 * result.iam_shares['retain_below']:.1f}% "
-              f"of retained chunks < {IAM_THRESHOLDS[1]}."]
+    share = result.iam_shares
+    lines += ["", f"IAM-On (normalised as above): {100 * share['forget_above']:.1f}% of "
+              f"forgotten chunks score > {IAM_THRESHOLDS[0]}, "
+              f"{100 * share['retain_below']:.1f}% of retained chunks < {IAM_THRESHOLDS[1]}."]
   if result.skipped:
     lines += ["", "Not run (missing input): " + "; ".join(
         f"{ATTACKS[a][0]} ({what})" for a, what in result.skipped.items()) + "."]

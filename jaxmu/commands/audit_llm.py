@@ -1,0 +1,54 @@
+"""Audits a language model's unlearning from saved per-chunk losses (`jaxmu.attacks.llm`).
+
+    jaxmu audit-llm --nll_dir=logs/bash-00000000-muse-bench --out=runs/audit_llm
+    jaxmu audit-llm --nll_dir=DIR --prefix=MUSE-News --attacks=iam_on,lira_on,loss
+
+DIR holds the reference's text files, one number per chunk in chunk order (an optional
+"key :" header line first): <prefix>-label.txt (1 = retained chunk, 0 = forgotten),
+<prefix>-nlloss.txt (target), <prefix>-fitRef_nlloss.txt (original), <prefix>-ref_nlloss.txt
+(OUT reference); optionally the population losses for RMIA-On and <prefix>-tokens.npz (text and
+per-token arrays). docs/iam.md ("Auditing language models") lists every file and key. Runs every
+attack the files allow; writes <out>/results.csv (attack, auc, auc_std, tpr_at_fpr_0.1,
+tpr_at_fpr_0.01) and <out>/report.md. Bad input: one line on stderr, exit status 2, nothing
+written.
+"""
+
+import sys
+
+from absl import app, flags
+
+from jaxmu.attacks import llm
+
+# "out" and "attacks" are also flags of `jaxmu audit`; allow_override lets both modules load in
+# one process (tests); the CLI loads one command module per process.
+_NLL_DIR = flags.DEFINE_string("nll_dir", None, "Folder with the reference's <prefix>-*.txt files.")
+_OUT = flags.DEFINE_string("out", "runs/audit_llm", "Output directory.", allow_override=True)
+_PREFIX = flags.DEFINE_string("prefix", None, "File prefix (default: the one <prefix>-label.txt).")
+_ATTACKS = flags.DEFINE_list("attacks", None, f"Attacks to run (default: all the files allow): "
+                             f"{', '.join(llm.ATTACKS)}.", allow_override=True)
+_ROUNDS = flags.DEFINE_integer("bootstrap_rounds", 1000,
+                               "Balanced bootstrap rounds (iam-spec 9.5).")
+_SEED = flags.DEFINE_integer("seed", 42, "Seed of the bootstrap and of bag-of-words' folds.")
+_BATCH = flags.DEFINE_integer("iam_batch", llm.IAM_BATCH,
+                              "Chunks per IAM-On sigma pool (the reference's 64; 0 = all chunks).")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    if not _NLL_DIR.value:
+      raise llm.InputError("--nll_dir: missing; fix: pass --nll_dir=DIR, the folder with the "
+                           "reference's <prefix>-label.txt and <prefix>-nlloss.txt")
+    if _ROUNDS.value < 1 or _BATCH.value < 0:
+      raise llm.InputError("--bootstrap_rounds must be >= 1 and --iam_batch >= 0; fix: e.g. "
+                           "--bootstrap_rounds=1000 --iam_batch=64")
+    result = llm.audit_files(_NLL_DIR.value, _PREFIX.value, attacks=_ATTACKS.value,
+                             rounds=_ROUNDS.value, seed=_SEED.value,
+                             batch_size=_BATCH.value or None)
+  except ValueError as e:
+    print(f"error: {e}".replace("\n", " "), file=sys.stderr)
+    sys.exit(2)
+  llm.write_results(result, _OUT.value, _ROUNDS.value)
+  print(llm.report_markdown(result, _ROUNDS.value))
+  print(f"Done: {_OUT.value}")
