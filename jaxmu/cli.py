@@ -32,6 +32,9 @@ _COORDINATOR = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
                                       "Number of processes (jax.distributed).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id in [0, num_processes).")
+_DEBUG = flags.DEFINE_bool(
+    "debug", False, "Show the Python traceback of an error (also JAXMU_DEBUG=1); without it a "
+    "user's mistake is one `error: ...` line per problem.")
 
 # Programs compiling faster than this are not worth a disk read (JAX's default is 1 s, which
 # leaves most of the many small programs of a pipeline uncached).
@@ -67,10 +70,10 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing for `app.run(main, flags_parser=parse_flags)`.
 
-  A config override naming a field that does not exist (``--config.trian.epochs=3``) or a value
-  of the wrong type exits with status 2 and a one-line message instead of a traceback. Then it
-  enables the compilation cache (``--compilation_cache``) and, when asked, starts
-  ``jax.distributed`` (``--distributed`` or ``--coordinator_address``/``--num_processes``/
+  A config override naming a field that does not exist (``--config.trian.epochs=3``), a value
+  of the wrong type, a missing or unknown flag exits with status 2 and a one-line message instead
+  of a traceback. Then it enables the compilation cache (``--compilation_cache``) and, when asked,
+  starts ``jax.distributed`` (``--distributed`` or ``--coordinator_address``/``--num_processes``/
   ``--process_id``).
   """
   try:
@@ -78,12 +81,77 @@ def parse_flags(argv: list[str]) -> list[str]:
     if _DISTRIBUTED.value or _COORDINATOR.value is not None:
       initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   except (KeyError, AttributeError, TypeError, ValueError, flags.Error) as e:
-    message = f"unknown config field {e.args[0]}" if isinstance(e, KeyError) and e.args else str(e)
-    print(f"error: {message}".replace("\n", " "), file=sys.stderr)
-    print(f"usage: {argv[0]} --help", file=sys.stderr)
+    if _debug(argv):
+      raise
+    print(f"error: {flag_message(e)}; fix: see `{argv[0]} --help`", file=sys.stderr)
     sys.exit(2)
   enable_compilation_cache(_CACHE.value)
   return rest
+
+
+def flag_message(error: BaseException) -> str:
+  """One line for a flag-parsing error: a config file's own exception without the traceback
+  config_flags wraps it in, an unknown config field as a sentence."""
+  if isinstance(error, KeyError) and error.args:
+    text = " ".join(str(error.args[0]).split())
+    return f"unknown config field {text}" if "Did you mean" in text else f"unknown key {text}"
+  text = str(error)
+  if "Traceback (most recent call last)" in text:  # config_flags: the config file's exception
+    head = text.split(":", 1)[0] if text.startswith("flag --") else ""
+    last = [line for line in text.strip().splitlines() if line.strip()][-1].strip()
+    text = f"{head}: {last}" if head else last
+  return one_line(text)
+
+
+def one_line(text: str) -> str:
+  """``text`` with its line breaks as "; " (a message is one line)."""
+  return "; ".join(part.strip() for part in str(text).strip().splitlines() if part.strip())
+
+
+def _debug(argv=()) -> bool:
+  return "--debug" in argv or os.environ.get("JAXMU_DEBUG", "") not in ("", "0")
+
+
+# The exceptions that are the user's mistakes: shown as `error: ...` lines without a traceback
+# (`--debug` or JAXMU_DEBUG=1 shows it). OSError covers missing files, a file where a directory
+# is needed, permissions and network failures.
+USER_ERRORS = (ValueError, OSError, KeyError, IndexError, TypeError, EOFError)
+
+
+def report_error(error: BaseException) -> int:
+  """Prints ``error`` as one ``error: ...`` line per problem on stderr; returns the exit status
+  (2: config, flags, work directory; 1: inputs and everything else)."""
+  from absl import app
+
+  from jaxmu import validate
+  if isinstance(error, validate.UserError):
+    lines, code = [str(p) for p in error.problems], error.exit_code
+  elif isinstance(error, app.UsageError):
+    lines, code = [str(error)], 2
+  elif isinstance(error, KeyError):
+    lines, code = [f"missing key {error.args[0]!r}" if error.args else "missing key"], 1
+  elif isinstance(error, OSError) and error.filename is not None and error.strerror:
+    lines, code = [f"{error.filename}: {error.strerror}"], 1
+  else:
+    lines, code = [str(error) or type(error).__name__], 1
+  for line in lines:
+    print(f"error: {one_line(line)}", file=sys.stderr)
+  return code
+
+
+def guarded(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
+  """``main`` with the user's mistakes (`USER_ERRORS`, `validate.UserError`, usage errors) turned
+  into `report_error` lines and a non-zero exit, without a traceback unless debugging."""
+  from absl import app
+
+  def run(argv):
+    try:
+      return main(argv)
+    except (app.UsageError, *USER_ERRORS) as e:
+      if _DEBUG.value or _debug():
+        raise
+      sys.exit(report_error(e))
+  return run
 
 
 def exit_on_problems(pipeline: str, config) -> None:
@@ -91,9 +159,7 @@ def exit_on_problems(pipeline: str, config) -> None:
   from jaxmu import validate
   problems = validate.validate(pipeline, config)
   if problems:
-    for problem in problems:
-      print(f"error: {problem}".replace("\n", " "), file=sys.stderr)
-    sys.exit(2)
+    sys.exit(report_error(validate.ConfigError(problems)))
 
 
 def run_pipeline(pipeline: str, run: Callable[..., Path | None], config, workdir: str,
@@ -107,7 +173,16 @@ def run_pipeline(pipeline: str, run: Callable[..., Path | None], config, workdir
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   exit_on_problems(pipeline, config)
   logging.set_verbosity(logging.WARNING)
-  path = run(config, workdir, **kwargs)
+  config_json = Path(workdir) / "config.json"
+  before = config_json.read_bytes() if config_json.is_file() else None
+  try:
+    path = run(config, workdir, **kwargs)
+  except BaseException:  # a failed run leaves the workdir's config.json as it found it
+    if before is not None and config_json.is_file() and config_json.read_bytes() != before:
+      from jaxmu import stages
+      with stages.atomic_write(config_json) as f:
+        f.write(before)
+    raise
   if path is not None and path.suffix == ".md":
     print(path.read_text())
   print(f"Done: {path}")
@@ -164,8 +239,22 @@ def _usage() -> str:
           f"{', '.join(config_names())}")
 
 
+def _forget_other_commands(keep: str) -> None:
+  """Unregisters the flags of the command modules imported before, other than ``keep``, so that
+  several subcommands run in one process (tests) without their same-named flags meeting."""
+  for name in [m for m in sys.modules if m.startswith("jaxmu.commands.") and m != keep]:
+    for flag in flags.FLAGS.flags_by_module_dict().get(name, []):
+      if flag.name in flags.FLAGS:
+        delattr(flags.FLAGS, flag.name)
+    del sys.modules[name]
+
+
 def main(argv: list[str] | None = None) -> None:
-  """The `jaxmu` console script: ``argv[1]`` names the subcommand, the rest are its flags."""
+  """The `jaxmu` console script: ``argv[1]`` names the subcommand, the rest are its flags.
+
+  A user's mistake (a config problem, a bad flag, file or work directory) exits non-zero with one
+  ``error: ...`` line per problem on stderr and no traceback; ``--debug`` (or JAXMU_DEBUG=1)
+  shows the traceback."""
   from absl import app
   argv = list(sys.argv if argv is None else argv)
   if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
@@ -175,9 +264,14 @@ def main(argv: list[str] | None = None) -> None:
   if name not in commands():
     print(f"error: unknown command {name!r}; one of: {', '.join(commands())}", file=sys.stderr)
     sys.exit(2)
-  module = importlib.import_module(f"jaxmu.commands.{name.replace('-', '_')}")
+  module_name = f"jaxmu.commands.{name.replace('-', '_')}"
+  _forget_other_commands(module_name)
+  if flags.FLAGS.is_parsed():  # a second command in this process starts from the defaults
+    flags.FLAGS.unparse_flags()
+  module = importlib.import_module(module_name)
   if {"-h", "--help", "--helpshort"} & set(argv[2:]):  # absl's would list __main__'s flags only
     print(f"{module.__doc__.strip()}\n\nflags:\n{flags.FLAGS.module_help(module.__name__)}")
     sys.exit(0)
-  app.run(module.main, argv=[f"jaxmu {name}", *_resolve_config_flags(argv[2:])],
+  app._register_and_parse_flags_with_usage.done = False  # app.run once per command, not process
+  app.run(guarded(module.main), argv=[f"jaxmu {name}", *_resolve_config_flags(argv[2:])],
           flags_parser=parse_flags)

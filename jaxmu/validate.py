@@ -9,11 +9,12 @@ a dataset without metadata (npz) skips the size checks.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from pathlib import Path
-from typing import NamedTuple
 
+from jaxmu import errors
 from jaxmu import methods as methods_lib
 from jaxmu import models, search
 from jaxmu.attacks.audit import ATTACKS
@@ -24,21 +25,10 @@ SETTINGS = ("exact", "arch", "shifted", "incremental")  # iam-spec 7.1-7.4
 FORGET_TYPES = ("set_random", "class_percentage", "one_class")
 
 
-class Problem(NamedTuple):
-  field: str
-  what: str
-  fix: str
-
-  def __str__(self):
-    return f"{self.field}: {self.what}; fix: {self.fix}"
-
-
-class ConfigError(ValueError):
-  """The problems of a config; its message is one line per problem."""
-
-  def __init__(self, problems):
-    self.problems = list(problems)
-    super().__init__("\n".join(map(str, self.problems)))
+# The typed errors (`jaxmu.errors`) and the problem format, re-exported here.
+Problem, UserError, ConfigError, InputError, WorkdirError, problem = (
+    errors.Problem, errors.UserError, errors.ConfigError, errors.InputError, errors.WorkdirError,
+    errors.problem)
 
 
 def validate(pipeline: str, config) -> list[Problem]:
@@ -118,6 +108,27 @@ def _hparams(out, section, overrides):
       methods_lib.get(name).hparams(dict(hparams))
     except ValueError as e:
       out.append(Problem(field, str(e), "drop that key or use a known one"))
+      continue
+    _hparam_values(out, field, dict(methods_lib.get(name).defaults), dict(hparams))
+
+
+def _hparam_values(out, field, defaults, hparams):
+  """Epoch counts and batch sizes are whole numbers >= 1 (>= 0 where the default is 0: the
+  method's own choice); learning rates are finite and >= 0."""
+  for key, value in hparams.items():
+    values = value if isinstance(value, (list, tuple)) else [value]
+    if key.endswith(("epochs", "batch_size", "steps")) or key == "batches":
+      low = 0 if not defaults.get(key, 1) else 1
+      bad = [v for v in values if not isinstance(v, (int, float)) or isinstance(v, bool)
+             or not math.isfinite(v) or v < low or (key.endswith("batch_size") and v != int(v))]
+      if bad:
+        out.append(Problem(f"{field}.{key}", f"{value!r} is not a count >= {low}",
+                           f"set {field}.{key} >= {max(low, 1)}"))
+    elif key.endswith("learning_rate"):
+      bad = [v for v in values if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0]
+      if bad:
+        out.append(Problem(f"{field}.{key}", f"{value!r} is not a finite rate >= 0",
+                           f"give a small positive rate, e.g. {field}.{key}=0.01"))
 
 
 def _common(config, out) -> sources.Metadata | None:
@@ -137,7 +148,14 @@ def _dataset(out, field, spec) -> sources.Metadata | None:
     out.append(Problem(f"{field}.name", f"unknown dataset {spec.name!r}",
                        f"use one of {', '.join(sorted(sources._SOURCES))}"))
     return None
-  return sources.metadata(spec.name, **spec.options.to_dict())
+  options = spec.options.to_dict()
+  accepted = inspect.signature(sources._SOURCES[spec.name]).parameters
+  unknown = sorted(set(options) - set(accepted))
+  if unknown:
+    out.append(Problem(f"{field}.options", f"dataset {spec.name!r} takes no option(s) {unknown}",
+                       f"use {', '.join(k for k in accepted if k != 'data_dir') or 'none'}"))
+    return None
+  return sources.metadata(spec.name, **options)
 
 
 def _seeds(out, config):
@@ -157,7 +175,7 @@ def _deepunlearn(config, meta, out):
   _ratio(out, "split.val_ratio", s.val_ratio)
   _ratio(out, "split.forget_ratio", s.forget_ratio)
   seeds = _seeds(out, config)
-  methods = _names(out, "methods", config.methods, _method, "method")
+  methods = _names(out, "methods", config.methods, _method, "method", allow_empty=False)
   tuned = _names(out, "search.methods", config.search.methods, _method, "method")
   if any(m in methods for m in tuned):
     missing = [x for x in config.search.seeds if x not in seeds]
@@ -213,6 +231,10 @@ def _search_dir(config, out):
   fix = "give the main run's <workdir>/search, or '' for the defaults"
   if not directory.is_dir():
     out.append(Problem("search_dir", f"{directory} is not a directory", fix))
+    return
+  if (directory / "search").is_dir() and (directory / "stages").is_dir():
+    out.append(Problem("search_dir", f"{directory} is a DeepUnlearn work directory, not its "
+                       "search", f"give --config.search_dir={directory / 'search'}"))
     return
   tunable = [m for m in {_method(m) for m in config.ulira.methods} - {None}
              if methods_lib.get(m).space]

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmu.attacks import baselines, iam, lira, metrics, rmia, signals
+from jaxmu.errors import InputError
 
 # name -> (paper name, what it needs beyond original/target/shadows)
 ATTACKS = {
@@ -112,13 +113,43 @@ def _signal(name, logits, labels, temperature):
 
 
 def _shape_error(name, got, want):
-  return ValueError(f"{name} has shape {tuple(got)}; expected {want}. Pass logits [N, C] per model "
+  return InputError(f"{name} has shape {tuple(got)}; expected {want}. Pass logits [N, C] per model "
                     "(shadows [K, N, C]) with labels [N], or per-sample signals [N] (shadows [K, N])")
+
+
+def _floats(x, name):
+  """``x`` as a float numpy array of at least 32 bits (float16/bfloat16 widened, integers
+  converted) with only finite values; a ValueError naming ``name`` otherwise."""
+  a = np.asarray(x)
+  if a.dtype == object or not (np.issubdtype(a.dtype, np.number) or a.dtype == bool
+                               or "bfloat16" in str(a.dtype)):
+    raise InputError(f"{name} must hold numbers; got dtype {a.dtype}")
+  a = a.astype(np.float64 if a.dtype == np.float64 else np.float32)
+  if a.size and not np.isfinite(a).all():
+    bad = int((~np.isfinite(a)).sum())
+    raise InputError(f"{name} holds {bad} NaN or infinite value(s) of {a.size}: the model's "
+                     "outputs must be finite (a diverged model cannot be audited)")
+  return a
+
+
+def _int_labels(labels, name, shape, c):
+  """Integer labels of ``shape`` in [0, c)."""
+  labels = np.asarray(labels)
+  if labels.shape != tuple(shape) or not np.issubdtype(labels.dtype, np.integer):
+    raise InputError(f"{name} must be integers of shape {tuple(shape)}; got {labels.dtype} "
+                     f"{labels.shape}")
+  if labels.size and (labels.min() < 0 or labels.max() >= c):
+    raise InputError(f"{name} must lie in [0, {c}) (C = {c} classes of the logits); got values "
+                     f"in [{labels.min()}, {labels.max()}]")
+  return labels
 
 
 def _check_inputs(original, target, shadows, labels):
   """Returns (mode, arrays as float numpy) after checking that every shape agrees."""
-  original, target, shadows = (np.asarray(x) for x in (original, target, shadows))
+  original, target, shadows = (_floats(x, name) for x, name in
+                               ((original, "original"), (target, "target"), (shadows, "shadows")))
+  if target.ndim in (1, 2) and target.shape[0] == 0:
+    raise InputError("target has no query samples (N = 0); pass outputs on at least one sample")
   if target.ndim == 2:
     n, c = target.shape
     if original.shape != (n, c):
@@ -126,12 +157,8 @@ def _check_inputs(original, target, shadows, labels):
     if shadows.ndim != 3 or shadows.shape[1:] != (n, c) or shadows.shape[0] == 0:
       raise _shape_error("shadows", shadows.shape, f"[K >= 1, N, C] = [K, {n}, {c}]")
     if labels is None:
-      raise ValueError("labels [N] are needed to read logits; pass labels=")
-    labels = np.asarray(labels)
-    if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
-      raise ValueError(f"labels must be integers of shape ({n},); got {labels.dtype} {labels.shape}")
-    if labels.min() < 0 or labels.max() >= c:
-      raise ValueError(f"labels must lie in [0, {c}); got values in [{labels.min()}, {labels.max()}]")
+      raise InputError("labels [N] are needed to read logits; pass labels=")
+    labels = _int_labels(labels, "labels", (n,), c)
     return "logits", original, target, shadows, labels
   if target.ndim == 1:
     n = target.shape[0]
@@ -190,16 +217,21 @@ def audit(original, target, shadows, labels=None, forget_mask=None, *, attacks=N
   """
   mode, original, target, shadows, labels = _check_inputs(original, target, shadows, labels)
   if signal not in SIGNALS:
-    raise ValueError(f"signal must be one of {SIGNALS}; got {signal!r}")
+    raise InputError(f"signal must be one of {SIGNALS}; got {signal!r}")
   off_eps = tuple(float(e) for e in off_eps)
   norm_eps = off_eps if norm_eps is None else tuple(float(e) for e in norm_eps)
   n, k = target.shape[0], shadows.shape[0]
   if forget_mask is not None:
     forget_mask = np.asarray(forget_mask)
     if forget_mask.shape != (n,):
-      raise ValueError(f"forget_mask has shape {forget_mask.shape}; expected ({n},)")
+      raise InputError(f"forget_mask has shape {forget_mask.shape}; expected ({n},)")
     if not np.isin(forget_mask, (0, 1)).all():
-      raise ValueError("forget_mask must be bool or 0/1 (1 = deletion request)")
+      raise InputError("forget_mask must be bool or 0/1 (1 = deletion request)")
+    if forget_mask.all() or not forget_mask.any():
+      which = "every" if forget_mask.all() else "no"
+      raise InputError(f"forget_mask marks {which} sample as a deletion request: the metrics "
+                       "compare forgotten (1) with retained (0) samples, so mark both kinds, or "
+                       "leave the mask out for scores only")
   available = {"off": shadow_train is not None or off_constant is not None,
                "logits": mode == "logits", "unleak": unleak is not None,
                "population": population is not None,
@@ -208,10 +240,10 @@ def audit(original, target, shadows, labels=None, forget_mask=None, *, attacks=N
     attacks = [a for a, (_, needs) in ATTACKS.items() if all(available[r] for r in needs)]
   for a in attacks:
     if a not in ATTACKS:
-      raise ValueError(f"unknown attack {a!r}; known: {', '.join(ATTACKS)}")
+      raise InputError(f"unknown attack {a!r}; known: {', '.join(ATTACKS)}")
     missing = [r for r in ATTACKS[a][1] if not available[r]]
     if missing:
-      raise ValueError(f"attack {a!r} needs {_NEEDS_TEXT[missing[0]]}")
+      raise InputError(f"attack {a!r} needs {_NEEDS_TEXT[missing[0]]}")
 
   # The signals each family reads (iam-spec 2).
   if mode == "logits":
@@ -330,7 +362,7 @@ def scoring_functions(original, target, shadows, labels, shadow_train, *, temper
   """
   _, original, target, shadows, labels = _check_inputs(original, target, shadows, labels)
   if shadows.ndim != 3:
-    raise ValueError("scoring_functions needs logits [N, C] per model with labels [N]")
+    raise InputError("scoring_functions needs logits [N, C] per model with labels [N]")
   simple = baselines.simple_scores(target, labels, temperature)
   out = {}
   for key, (_, signal, dist) in SCORING_FUNCTIONS.items():
@@ -359,7 +391,7 @@ _NEEDS_TEXT = {
 def _check_prob(*arrays):
   for a in arrays:
     if np.nanmin(a) < 0 or np.nanmax(a) > 1:
-      raise ValueError("signal='prob' needs probabilities in [0, 1]; use signal='raw' for other "
+      raise InputError("signal='prob' needs probabilities in [0, 1]; use signal='raw' for other "
                        "per-sample signals")
 
 
@@ -367,29 +399,33 @@ def _off_constant(shadow_train, mode, eps):
   """IAM-Off's c from the shadows' outputs on their own training data (iam-spec 3.1), each
   signal normalised with its own epsilons ``eps`` (iam-spec 12.5)."""
   if mode != "logits":
-    raise ValueError("in signal mode give IAM-Off's constant as off_constant=")
+    raise InputError("in signal mode give IAM-Off's constant as off_constant=")
   means = []
   for k, pair in enumerate(shadow_train):
     if len(pair) != 2:
-      raise ValueError(f"shadow_train[{k}] must be a (logits [T, C], labels [T]) pair")
-    z, y = np.asarray(pair[0]), np.asarray(pair[1])
+      raise InputError(f"shadow_train[{k}] must be a (logits [T, C], labels [T]) pair")
+    z, y = _floats(pair[0], f"shadow_train_logits[{k}]"), np.asarray(pair[1])
     if z.ndim != 2 or y.shape != z.shape[:1]:
-      raise ValueError(f"shadow_train[{k}]: logits {z.shape} and labels {y.shape} must be [T, C], [T]")
+      raise InputError(f"shadow_train[{k}]: logits {z.shape} and labels {y.shape} must be [T, C], [T]")
+    y = _int_labels(y, f"shadow_train_labels[{k}]", z.shape[:1], z.shape[1])
     means.append(_gumbel_signal(z, y, eps))
   return iam.iam_off_constant(means)
 
 
 def _check_population(population, k):
-  target, shadows, labels = (np.asarray(x) for x in population[:3])
+  target, shadows = (_floats(x, f"population_{name}") for x, name in
+                     zip(population[:2], ("target", "shadows")))
+  labels = np.asarray(population.labels)
   z = target.shape[0] if target.ndim == 2 else -1
   if target.ndim != 2 or shadows.shape != (k, z, target.shape[1]) or labels.shape != (z,):
-    raise ValueError(f"population: target {target.shape}, shadows {shadows.shape}, labels "
+    raise InputError(f"population: target {target.shape}, shadows {shadows.shape}, labels "
                      f"{labels.shape} must be [Z, C], [K={k}, Z, C], [Z]")
+  labels = _int_labels(labels, "population_labels", (z,), target.shape[1])
   inside = population.inside
   if inside is not None:
-    inside = np.asarray(inside)
+    inside = _floats(inside, "population_in")
     if inside.shape != target.shape:
-      raise ValueError(f"population.inside has shape {inside.shape}; expected {target.shape}")
+      raise InputError(f"population.inside has shape {inside.shape}; expected {target.shape}")
   return Population(target, shadows, labels, inside)
 
 
@@ -408,7 +444,7 @@ def unleak_model(data: UnleakData, seed: int = 0):
 def summary_rows(result: AuditResult, levels=(1e-3, 1e-2, 1e-1)) -> list[dict]:
   """One row per attack: AUC, balanced accuracy, TPR at FPR and TNR at FNR (iam-spec 13)."""
   if result.metrics is None:
-    raise ValueError("no metrics: call audit(..., forget_mask=) to evaluate the scores")
+    raise InputError("no metrics: call audit(..., forget_mask=) to evaluate the scores")
   rows = []
   for a, m in result.metrics.items():
     row = {"attack": a, "name": ATTACKS[a][0], "auc": m["auc"],
@@ -426,20 +462,31 @@ def load_file(path) -> dict[str, np.ndarray]:
   import pathlib
   path = pathlib.Path(path)
   if path.is_dir():
-    arrays = {p.stem: np.load(p) for p in sorted(path.glob("*.npy"))}
-  elif path.suffix == ".npz" and path.exists():
-    with np.load(path) as z:
-      arrays = {k: z[k] for k in z.files}
+    arrays = {p.stem: _read(p, np.load) for p in sorted(path.glob("*.npy"))}
+    if not arrays:
+      raise FileNotFoundError(f"{path}: the directory holds no <key>.npy files")
+  elif path.suffix == ".npz" and path.is_file():
+    arrays = _read(path, lambda p: dict(np.load(p)))
   else:
     raise FileNotFoundError(f"{path}: expected an .npz file or a directory of <key>.npy files")
   unknown = set(arrays) - set(FILE_KEYS)
   if unknown:
-    raise ValueError(f"{path}: unknown keys {sorted(unknown)}; known: {', '.join(FILE_KEYS)}")
+    raise InputError(f"{path}: unknown keys {sorted(unknown)}; known: {', '.join(FILE_KEYS)}")
   missing = [k for k in ("original", "target", "shadows") if k not in arrays]
   if missing:
-    raise ValueError(f"{path}: missing keys {missing}; an audit file needs original, target, "
+    raise InputError(f"{path}: missing keys {missing}; an audit file needs original, target, "
                      "shadows (and labels for logits)")
   return arrays
+
+
+def _read(path, load):
+  """``load(path)`` with NumPy's errors on an empty, truncated or foreign file as one message."""
+  import zipfile
+  try:
+    return load(path)
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
+    raise InputError(f"{path}: not a readable NumPy file ({'empty' if path.stat().st_size == 0 else type(e).__name__}); "
+                     "write it with numpy.savez / numpy.save") from e
 
 
 FILE_KEYS = {
@@ -464,16 +511,16 @@ def audit_file(arrays: Mapping[str, np.ndarray], **kwargs) -> AuditResult:
   if "population_target" in arrays:
     for key in ("population_shadows", "population_labels"):
       if key not in arrays:
-        raise ValueError(f"population_target given without {key}")
+        raise InputError(f"population_target given without {key}")
     population = Population(arrays["population_target"], arrays["population_shadows"],
                             arrays["population_labels"], arrays.get("population_in"))
   shadow_train = None
   if "shadow_train_logits" in arrays:
     if "shadow_train_labels" not in arrays:
-      raise ValueError("shadow_train_logits given without shadow_train_labels")
+      raise InputError("shadow_train_logits given without shadow_train_labels")
     logits, labels = arrays["shadow_train_logits"], arrays["shadow_train_labels"]
     if logits.ndim != 3 or labels.shape != logits.shape[:2]:
-      raise ValueError(f"shadow_train_logits {logits.shape} and shadow_train_labels "
+      raise InputError(f"shadow_train_logits {logits.shape} and shadow_train_labels "
                        f"{labels.shape} must be [K, T, C] and [K, T]")
     shadow_train = list(zip(logits, labels))
   off = arrays.get("off_constant")

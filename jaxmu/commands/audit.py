@@ -9,12 +9,11 @@ The file's keys (an .npz, or a directory of <key>.npy files) are listed in
 the file holds `forget`, <out>/metrics.csv and a table on stdout.
 """
 
-import sys
 from pathlib import Path
 
 from absl import app, flags
 
-from jaxmu import cli, report
+from jaxmu import cli, report, validate
 from jaxmu.attacks.audit import (RMIA_SETTINGS, SIGNALS, audit_file, load_file,
                                  summary_rows)
 
@@ -34,14 +33,14 @@ def main(argv):
   if _RMIA.value not in RMIA_SETTINGS:
     raise app.UsageError(f"--rmia_dataset must be one of {', '.join(RMIA_SETTINGS)}")
   a, temperature = RMIA_SETTINGS[_RMIA.value]
-  try:
-    result = audit_file(load_file(_LOGITS.value), attacks=_ATTACKS.value,
-                        signal=_SIGNAL.value, rmia_a=a, temperature=temperature,
-                        one_sided_lira=_ONE_SIDED.value)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
   out = Path(_OUT.value)
+  if out.exists() and not out.is_dir():
+    raise validate.problem("--out", f"{out} is a file, not a directory",
+                           f"give a directory, e.g. --out={out.with_suffix('')}_audit")
+  # Errors (a bad file, shapes, NaN, labels) reach `jaxmu.cli` as one line each, before any write.
+  result = audit_file(load_file(_LOGITS.value), attacks=_ATTACKS.value,
+                      signal=_SIGNAL.value, rmia_a=a, temperature=temperature,
+                      one_sided_lira=_ONE_SIDED.value)
   out.mkdir(parents=True, exist_ok=True)
   names = list(result.scores)
   report.write_csv(out / "scores.csv", [dict(zip(names, row)) for row in

@@ -10,12 +10,11 @@ the matrix while training each architecture only once (`config.reuse`).
 """
 
 import glob
-import sys
 from pathlib import Path
 
 from absl import app, flags
 
-from jaxmu import cli, report
+from jaxmu import cli, report, validate
 from jaxmu.pipelines import iam_matrix
 
 _WORKDIRS = flags.DEFINE_list("workdirs", None, "IAM work directories or glob patterns.")
@@ -27,18 +26,17 @@ flags.mark_flags_as_required(["workdirs"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  try:
-    workdirs = []
-    for pattern in _WORKDIRS.value:
-      found = sorted(w for w in glob.glob(pattern) if Path(w).is_dir())
-      if not found:
-        raise ValueError(f"no work directory matches {pattern!r}")
-      workdirs += [w for w in found if w not in workdirs]
-    rows, text = iam_matrix.arch_matrix(workdirs, _FORGET.value)
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
   out = Path(_OUT.value)
+  if out.exists() and not out.is_dir():
+    raise validate.problem("--out", f"{out} is a file, not a directory", "give a directory")
+  workdirs = []
+  for pattern in _WORKDIRS.value:
+    found = sorted(w for w in glob.glob(pattern) if Path(w).is_dir())
+    if not found:
+      raise validate.problem("--workdirs", f"no work directory matches {pattern!r}",
+                             "give finished IAM runs' directories or a glob of them")
+    workdirs += [w for w in found if w not in workdirs]
+  rows, text = iam_matrix.arch_matrix(workdirs, _FORGET.value)
   out.mkdir(parents=True, exist_ok=True)
   report.write_csv(out / "matrix.csv", rows)
   (out / "matrix.md").write_text(text)

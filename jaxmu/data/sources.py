@@ -13,10 +13,13 @@ import functools
 import hashlib
 import inspect
 import pathlib
+import zipfile
 from typing import NamedTuple
 
 import ml_collections
 import numpy as np
+
+from jaxmu.errors import InputError, problem
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -105,12 +108,20 @@ def _read_image(path: pathlib.Path, image_size: int | None) -> np.ndarray:
 def _path(data_dir, path, name) -> pathlib.Path:
   """The file or folder of a file-based source: `path=` or else `data_dir`."""
   where = path or data_dir
-  if where is None:
-    raise ValueError(f"dataset {name!r} is read from local files: pass data_dir= (or path=)")
+  if not where:
+    raise problem("dataset.data_dir", f"dataset {name!r} is read from local files and none is "
+                  "given", f"pass --config.dataset.data_dir=<{_WHAT[name]}> (in Python: "
+                  f"data.load({name!r}, data_dir=...)); README, \"Datasets\"")
   where = pathlib.Path(where).expanduser()
   if not where.exists():
-    raise FileNotFoundError(f"dataset {name!r}: {where} does not exist")
+    raise FileNotFoundError(f"dataset.data_dir: {where} does not exist (dataset {name!r}); fix: "
+                            f"give the {_WHAT[name]} as --config.dataset.data_dir")
   return where
+
+
+_WHAT = {"utkface": "folder of UTKFace .jpg files", "cinic10": "CINIC-10 folder (train/ valid/ "
+         "test/)", "purchase100": "folder or file of dataset_purchase / purchase.npy",
+         "npz": ".npz file with x, y"}
 
 
 # ---------------------------------------------------------------- sources
@@ -276,22 +287,50 @@ def _npz(data_dir=None, path=None, num_classes=None) -> Dataset:
   """User arrays from an .npz file: `x` (uint8, [N, D], [N, H, W] or NHWC), `y` (integer labels
   0..C-1, [N]) and optionally `num_train` (default N: everything is training data)."""
   where = _path(data_dir, path, "npz")
-  with np.load(where) as z:
-    missing = {"x", "y"} - set(z.files)
-    if missing:
-      raise ValueError(f"npz: {where} lacks arrays {sorted(missing)} "
-                       "(needs x, y, optional num_train)")
-    x, y = z["x"], z["y"]
-    num_train = int(z["num_train"]) if "num_train" in z.files else len(y)
+  fix = "write it with numpy.savez(path, x=uint8 inputs, y=integer labels[, num_train=n])"
+  try:
+    with np.load(where) as z:
+      missing = {"x", "y"} - set(z.files)
+      if missing:
+        raise problem(str(where), f"lacks arrays {sorted(missing)} (needs x, y, optional "
+                      "num_train)", fix)
+      x, y = z["x"], z["y"]
+      num_train = int(z["num_train"]) if "num_train" in z.files else len(y)
+  except (OSError, EOFError, zipfile.BadZipFile, KeyError, TypeError) as e:
+    raise problem(str(where), f"is not a readable .npz file "
+                  f"({'empty' if where.stat().st_size == 0 else type(e).__name__})", fix) from e
+  except ValueError as e:
+    if isinstance(e, InputError):
+      raise
+    raise problem(str(where), f"is not a readable .npz file ({e})", fix) from e
   if x.dtype != np.uint8 or x.ndim not in (2, 3, 4):
-    raise ValueError(f"npz: x must be uint8 of shape [N, D], [N, H, W] or [N, H, W, C], got "
-                     f"{x.dtype} {x.shape}")
+    raise problem(f"{where}: x", f"must be uint8 of shape [N, D], [N, H, W] or [N, H, W, C], "
+                  f"got {x.dtype} {x.shape}", "convert with x.astype(numpy.uint8)")
   if not np.issubdtype(y.dtype, np.integer) or y.shape != x.shape[:1]:
-    raise ValueError(f"npz: y must be integers of shape {x.shape[:1]}, got {y.dtype} {y.shape}")
-  if len(y) and y.min() < 0:
-    raise ValueError("npz: labels y must be >= 0")
+    raise problem(f"{where}: y", f"must be integers of shape {x.shape[:1]}, got {y.dtype} "
+                  f"{y.shape}", "give one integer label per row of x")
+  if not len(y):
+    raise problem(f"{where}: x, y", "are empty (0 samples)", "give at least one sample")
+  if y.min() < 0:
+    raise problem(f"{where}: y", f"holds negative labels (min {y.min()})", "use labels 0..C-1")
+  top = int(y.max())
+  if num_classes is not None and top >= num_classes:
+    raise problem(f"{where}: y", f"reaches {top}, beyond num_classes={num_classes}",
+                  f"use labels 0..{num_classes - 1} or raise num_classes")
+  if num_classes is None and top >= MAX_CLASSES:
+    raise problem(f"{where}: y", f"reaches {top}: that would make {top + 1} classes",
+                  f"use labels 0..C-1 with C <= {MAX_CLASSES} (e.g. numpy.unique(y, "
+                  "return_inverse=True)) or pass num_classes=")
+  if not 0 <= num_train <= len(y):
+    raise problem(f"{where}: num_train", f"{num_train} is not in 0..{len(y)}",
+                  "give the size of the training part (the first rows)")
   x = x[..., None] if x.ndim == 3 else x
-  return _dataset("npz", x, y, num_classes or int(y.max()) + 1, num_train)
+  return _dataset("npz", x, y, num_classes or top + 1, num_train)
+
+
+# The most classes labels may imply when num_classes is not given (a stray large label
+# would otherwise make a model with a billion outputs).
+MAX_CLASSES = 100_000
 
 
 _SOURCES = {
@@ -361,7 +400,13 @@ def load(name: str, data_dir: str | None = None, **options) -> Dataset:
       channels=None` for the native 28x28x1; utkface `image_size`.
   """
   if name not in _SOURCES:
-    raise ValueError(f"unknown dataset {name!r}; known: {', '.join(sorted(_SOURCES))}")
+    raise problem("dataset.name", f"unknown dataset {name!r}",
+                  f"use one of the known: {', '.join(sorted(_SOURCES))}")
+  accepted = inspect.signature(_SOURCES[name]).parameters
+  unknown = sorted(set(options) - set(accepted))
+  if unknown:
+    raise problem("dataset.options", f"dataset {name!r} takes no option(s) {unknown}",
+                  f"use {', '.join(k for k in accepted if k != 'data_dir') or 'none'}")
   return _SOURCES[name](data_dir=data_dir, **options)
 
 
