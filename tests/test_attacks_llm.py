@@ -300,6 +300,18 @@ def test_bootstrap_metrics_equal_sklearn_per_round(chunks, decimals):
                                atol=1e-15)
 
 
+def test_pad_tokens_and_membership_orientation(tokens, chunks):
+  rows = [np.array([-1.0, -2.0]), np.array([-0.5]), np.array([-3.0, -0.1, -0.2])]
+  values, mask = llm.pad_tokens(rows)
+  assert values.shape == mask.shape == (3, 3) and mask.sum() == 6
+  np.testing.assert_array_equal(values[1], [-0.5, 0, 0])
+  np.testing.assert_array_equal(llm.min_k(values, mask, k=50, raw=True), [-2.0, 0.0, -3.0])
+  labels, raw = chunks["labels"], llm.iam_on(chunks["nll"], chunks["fit"], chunks["ref"], raw=True)
+  a = llm.bootstrap_metrics(labels, raw, rounds=30, membership=True)
+  b = llm.bootstrap_metrics(labels, 1 - raw, rounds=30)
+  assert a == pytest.approx(b, rel=1e-12)
+
+
 def test_bootstrap_metrics_closed_forms():
   labels = np.repeat([1, 0], [30, 20])
   unlearn = np.r_[np.linspace(0, 1, 30), np.linspace(2, 3, 20)]  # perfect: forgotten higher

@@ -17,8 +17,8 @@ Orientation: like `jaxmu.attacks.audit`, every attack returns an **unlearning** 
 looks unlearned / forgotten). ``raw=True`` returns the reference's own score instead, a
 membership score (high = member; label 1 = retained chunk): the unlearning score is ``1 - raw``
 for the bounded scores (IAM-On, RMIA-On, bag-of-words) and ``-raw`` for the others (`ATTACKS`).
-The metrics (`bootstrap_metrics`) take unlearning scores and use positive = retained, so they
-equal the reference's metrics on its raw scores. `audit_files` runs everything on the text files
+The metrics (`bootstrap_metrics`) take unlearning scores (or, with ``membership=True``, raw
+ones) and use positive = retained, so they equal the reference's metrics on its raw scores. `audit_files` runs everything on the text files
 the reference writes.
 """
 
@@ -77,7 +77,7 @@ def _vector(x, name, n=None, nonnegative=False):
 def _labels(labels, n=None, name="labels"):
   a = np.asarray(labels)
   if a.ndim != 1 or (n is not None and a.shape[0] != n):
-    raise ValueError(f"{name} must have shape ({n},); got {a.shape}")
+    raise ValueError(f"{name} must have shape ({'N' if n is None else n},); got {a.shape}")
   if not np.isin(a, (0, 1)).all():
     raise ValueError(f"{name} must be 0/1 (1 = retained chunk); got values {np.unique(a)[:10]}")
   a = a.astype(np.int64)
