@@ -13,6 +13,7 @@ import pytest
 from absl import flags
 from absl.testing import flagsaver
 
+from jaxmu import errors
 from jaxmu.attacks import llm
 from jaxmu.commands import audit_llm as launcher
 
@@ -140,8 +141,9 @@ def test_reference_population_names_and_prefix_choice(tmp_path, inputs):
   np.testing.assert_array_equal(result.scores["rmia_on"], llm.rmia_on(
       d["nll"], d["fit"], d["ref"], *d["pop"]))
   _write(directory, _inputs(1), prefix="other", pop=False, tokens=False)
-  with pytest.raises(llm.InputError, match="several prefixes .*pass --prefix"):
+  with pytest.raises(errors.InputError, match="several prefixes .*pass --prefix") as error:
     llm.audit_files(directory)
+  assert len(error.value.problems) == 1  # the project's typed error, one line
   assert llm.audit_files(directory, "other", rounds=ROUNDS).prefix == "other"
 
 
@@ -165,6 +167,7 @@ def _corrupt(directory, name, lines):
     ("no_dir", r"nowhere: no such directory"),
     ("attack_needs_file", r"MUSE-News-pop_nlloss\.txt: missing, needed by rmia_on"),
     ("unknown_attack", r"--attacks: unknown \['lira'\]"),
+    ("out_is_a_file", r"--out: .* is a file, not a directory"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, inputs, capsys, case, match):
   d = inputs
@@ -202,10 +205,15 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, inputs, capsys, case
     values["attacks"] = "iam_on,rmia_on"
   elif case == "unknown_attack":
     values["attacks"] = "lira"
+  elif case == "out_is_a_file":
+    (tmp_path / "out").write_text("mine")
   err = _error(capsys, **values)
   assert re.search(match, err), err
   assert "fix:" in err
-  assert not (tmp_path / "out").exists()
+  if case == "out_is_a_file":
+    assert (tmp_path / "out").read_text() == "mine"
+  else:
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_bad_input_exits_2_without_traceback(tmp_path):

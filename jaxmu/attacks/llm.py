@@ -32,6 +32,10 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 from scipy import stats
 
+# Bad saved inputs raise `jaxmu.errors.InputError`: one line naming the file (or flag), what is
+# wrong and the fix. Bad arrays raise ValueError naming the argument.
+from jaxmu.errors import InputError
+
 # name -> (paper name, inputs beyond the target's nll, how the unlearning score comes from raw)
 ATTACKS = {
     "iam_on": ("IAM-On", ("fit_nll", "ref_nll"), "one_minus"),
@@ -52,10 +56,6 @@ IAM_BATCH = 64  # the reference's ``datasets.map`` batch for ``ip_fit`` (iam-spe
 FPR_LEVELS = (0.1, 0.01)
 # Table 7's read-out (iam-spec 10.6): forgotten chunks with IAM > 0.4, retained ones with < 0.8.
 IAM_THRESHOLDS = (0.4, 0.8)
-
-
-class InputError(ValueError):
-  """Bad saved inputs: one line naming the file (or argument), what is wrong and the fix."""
 
 
 # ------------------------------------------------------------------------------ input checks

@@ -14,6 +14,7 @@ written.
 """
 
 import sys
+from pathlib import Path
 
 from absl import app, flags
 
@@ -43,12 +44,20 @@ def main(argv):
     if _ROUNDS.value < 1 or _BATCH.value < 0:
       raise llm.InputError("--bootstrap_rounds must be >= 1 and --iam_batch >= 0; fix: e.g. "
                            "--bootstrap_rounds=1000 --iam_batch=64")
+    out = Path(_OUT.value)
+    if out.exists() and not out.is_dir():
+      raise llm.InputError(f"--out: {out} is a file, not a directory; fix: give a directory, "
+                           f"e.g. --out={out.with_suffix('')}_audit_llm")
+    # Every input error is raised here, before anything is written.
     result = llm.audit_files(_NLL_DIR.value, _PREFIX.value, attacks=_ATTACKS.value,
                              rounds=_ROUNDS.value, seed=_SEED.value,
                              batch_size=_BATCH.value or None)
-  except ValueError as e:
-    print(f"error: {e}".replace("\n", " "), file=sys.stderr)
+  except ValueError as e:  # jaxmu.errors.InputError and bad values: one line each, exit 2
+    lines = getattr(e, "problems", None) or [e]
+    for line in lines:
+      print("error: " + "; ".join(p.strip() for p in str(line).splitlines() if p.strip()),
+            file=sys.stderr)
     sys.exit(2)
-  llm.write_results(result, _OUT.value, _ROUNDS.value)
+  llm.write_results(result, out, _ROUNDS.value)
   print(llm.report_markdown(result, _ROUNDS.value))
-  print(f"Done: {_OUT.value}")
+  print(f"Done: {out}")
