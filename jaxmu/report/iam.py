@@ -25,7 +25,8 @@ def render_report(config, rows, runs_per_type: Mapping[str, int]) -> str:
          f"{config.num_shadows} shadow OUT models; runs pooled per unlearning type ("
          + ", ".join(f"{t}: {runs_per_type[t]} {'seeds' if t == 'set_random' else 'classes'}"
                      for t in types)
-         + "). Numbers in %: mean ± std over disjoint shadow groups (iam-spec 7.1). Positives = "
+         + "). Numbers in %: mean ± sample std (ddof 1) over disjoint shadow groups (iam-spec 7.1; "
+         "\"± —\" where one group). Positives = "
          "retained samples, scored by 1 − unlearning score (iam-spec 9.1): TPR@FPR is the share of "
          "retained samples recognised while at most that share of forgotten samples is called "
          "retained; TNR@FNR the share of forgotten samples detected.", "",
@@ -52,7 +53,8 @@ def render_report(config, rows, runs_per_type: Mapping[str, int]) -> str:
       out += ["", f"Mean IAM-On unlearning score (K = 1, {t}): forgotten "
               f"{np.mean([r['score_forgotten'] for r in iam_rows]):.3f}, retained "
               f"{np.mean([r['score_retained'] for r in iam_rows]):.3f} (iam-spec 10.1f)."]
-    out += ["", f"### Number of shadow models K (AUC %, mean ± std over groups; Fig. 5): {t}", "",
+    out += ["", f"### Number of shadow models K (AUC %, mean ± sample std over groups, “± —” "
+            f"for one group; Fig. 5): {t}", "",
             "| attack | " + " | ".join(f"K={k}" for k in ks) + " |", "|---" * (len(ks) + 1) + "|"]
     for a in attacks:
       cells = [mean_std([r["auc"] for r in binui
@@ -60,9 +62,10 @@ def render_report(config, rows, runs_per_type: Mapping[str, int]) -> str:
                for k in ks]
       out.append(f"| {ATTACKS[a][0]} | " + " | ".join(cells) + " |")
   out += _scoring_tables(rows, types) + _score_ui_table(rows) + _approx_tables(config, rows, types)
-  out += ["", "Figures: roc.png (log-log ROC per attack, K = 1, group 0), auc_vs_k.png, "
-          "iam_hist.png (IAM-On score of forgotten vs retained samples); all three for "
-          f"{types[0]}.",
+  out += ["", "Figures (PNG and PDF): roc.png (log-log ROC per attack, K = 1, over the shadow "
+          "groups the run kept, floored at 1 / number of forgotten samples), auc_vs_k.png (mean "
+          "AUC with its 95% t-interval over groups, chance 0.5), iam_hist.png (IAM-On score of "
+          f"forgotten vs retained samples); all three for {types[0]}.",
           ""]
   return "\n".join(out)
 
@@ -73,7 +76,8 @@ def _scoring_tables(rows, types):
     return []
   out = ["", "## Table 5: scoring functions (K = 1, retrained targets)", "",
          "IAM's Gumbel fit against other reference distributions and shadow-free scores "
-         "(iam-spec 10.4): AUC etc. in %, mean ± std over shadow groups; the mean unlearning "
+         "(iam-spec 10.4): AUC etc. in %, mean ± sample std (ddof 1) over shadow groups; the "
+         "mean unlearning "
          "score of forgotten and retained samples."]
   for t in types:
     out += ["", f"### {t}", "", "| scoring function | AUC | balanced acc. | TPR@FPR=0.01 | "
@@ -157,52 +161,108 @@ def _approx_tables(config, rows, types):
   return out
 
 
+def _roc_on_grid(labels, scores, grid):
+  """TPR of the ROC of ``scores`` at the FPRs of ``grid`` (the curve's step function: the highest
+  TPR reached at an FPR at most the grid value)."""
+  from sklearn.metrics import roc_curve
+  fpr, tpr, _ = roc_curve(labels, scores)
+  return tpr[np.searchsorted(fpr, grid, side="right") - 1]
+
+
 def write_figures(directory, rows, kept):
-  """roc.png, auc_vs_k.png and iam_hist.png of the first unlearning type, K = 1, group 0
-  (``kept``: that audit's scores per attack and its forget flags, ``_flags``)."""
+  """roc.png, auc_vs_k.png and iam_hist.png (each also as PDF) of the first unlearning type.
+
+  ``kept``: that type's K = 1 scores per attack, ``[groups, n]`` (every shadow group) or ``[n]``
+  (group 0 only, older runs), and its forget flags (``_flags``). ROC: log-log, both axes floored
+  at 1 / (number of negatives = forgotten samples), the smallest non-zero FPR; with several groups
+  the mean TPR over groups at each FPR (no bands: 19 curves); AUC (mean ± sample std over the
+  K = 1 groups, from ``rows``) in the legend; attacks whose curves equal an earlier attack's in
+  every group (the same ranking of samples, e.g. IAM-On and IAM-On without its [0, 1]
+  normalisation) are drawn once, labelled with both names. AUC against K: mean over groups with
+  the 95 % Student t interval over groups as error bars (none where a K has one group), and the
+  0.5 chance line. Colours: one per attack, fixed by its position in `ATTACKS`."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  from sklearn.metrics import roc_curve
+  from scipy import stats
 
-  flags = kept.pop("_flags").astype(bool)
+  from jaxmu.report import CONFIDENCE, save_figure
+
+  kept = dict(kept)
+  flags = np.asarray(kept.pop("_flags")).astype(bool)
   binui = [r for r in rows if r["table"] == "binui"]
   forget = binui[0]["forget"]  # the first unlearning type (all three figures)
   binui = [r for r in binui if r["forget"] == forget]
   colors = dict(zip(ATTACKS, plt.cm.tab20(np.arange(20))))
   outside = dict(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
-  fig, ax = plt.subplots(figsize=(5, 5))
-  for a, s in kept.items():
-    fpr, tpr, _ = roc_curve(~flags, 1 - s)
-    ax.loglog(np.maximum(fpr, 1e-5), np.maximum(tpr, 1e-5), label=ATTACKS[a][0], color=colors[a])
-  ax.plot([1e-5, 1], [1e-5, 1], "k:", lw=0.8)
-  ax.set(xlabel="FPR (forgotten called retained)", ylabel="TPR (retained recognised)",
-         title=f"BinUI ROC, K = 1, {forget}")
+  scores = {a: np.atleast_2d(np.asarray(v, np.float64)) for a, v in kept.items()}
+  groups = min(v.shape[0] for v in scores.values()) if scores else 0
+  negatives = int(flags.sum())
+  floor = 1.0 / max(negatives, 1)
+  grid = np.unique(np.r_[0.0, np.geomspace(floor, 1.0, 400), np.arange(1, negatives + 1) /
+                         max(negatives, 1)][: 2000])
+  curves = {a: np.stack([_roc_on_grid(~flags, 1 - v[g], grid) for g in range(groups)])
+            for a, v in scores.items()}
+  drawn: dict[str, list[str]] = {}  # attack drawn -> the attacks with the same curve
+  for a, tprs in curves.items():
+    same = next((d for d in drawn if np.array_equal(curves[d], tprs)), None)
+    if same is None:
+      drawn[a] = [a]
+    else:
+      drawn[same].append(a)
+
+  def auc_text(attack):
+    aucs = [r["auc"] for r in binui if r["attack"] == attack and int(r["k"]) == 1]
+    if not aucs:
+      return ""
+    std = np.std(aucs, ddof=1) if len(aucs) > 1 else np.nan
+    return f"AUC {np.mean(aucs):.3f}" + (f" ± {std:.3f}" if np.isfinite(std) else "")
+
+  fig, ax = plt.subplots(figsize=(5.5, 5))
+  for a, names in drawn.items():
+    tprs = curves[a]
+    mean = tprs.mean(0)
+    label = " = ".join(ATTACKS[n][0] for n in names) + f" ({auc_text(a)})"
+    ax.plot(np.maximum(grid, floor), np.maximum(mean, floor), label=label, color=colors[a],
+            drawstyle="steps-post")
+  ax.plot([floor, 1], [floor, 1], "k:", lw=0.8, label="chance")
+  ax.set(xscale="log", yscale="log", xlim=(floor, 1), ylim=(floor, 1.05),
+         xlabel=f"FPR (forgotten called retained; floor 1/{negatives})",
+         ylabel="TPR (retained recognised)",
+         title=f"BinUI ROC, K = 1, {forget}, " + (
+             f"mean TPR over {groups} shadow groups" if groups > 1 else "shadow group 0"))
   ax.legend(**outside)
-  fig.savefig(directory / "roc.png", dpi=120, bbox_inches="tight")
+  save_figure(fig, directory / "roc.png")
   plt.close(fig)
 
   fig, ax = plt.subplots(figsize=(6, 4))
+  all_ks = sorted({int(r["k"]) for r in binui})
   for a in dict.fromkeys(r["attack"] for r in binui):
     ks = sorted({int(r["k"]) for r in binui if r["attack"] == a})
-    auc = [np.mean([r["auc"] for r in binui if r["attack"] == a and int(r["k"]) == k]) for k in ks]
-    ax.plot(ks, auc, marker="o", label=ATTACKS[a][0], color=colors[a])
-  all_ks = sorted({int(r["k"]) for r in binui})
-  ax.set(xscale="log", xlabel="K shadow models", ylabel="AUC",
+    per_k = [[r["auc"] for r in binui if r["attack"] == a and int(r["k"]) == k] for k in ks]
+    mean = np.array([np.mean(v) for v in per_k])
+    half = np.array([stats.t.ppf((1 + CONFIDENCE) / 2, len(v) - 1) * np.std(v, ddof=1)
+                     / np.sqrt(len(v)) if len(v) > 1 else 0.0 for v in per_k])
+    ax.errorbar(ks, mean, yerr=np.where(half > 0, half, np.nan), marker="o", capsize=3,
+                label=ATTACKS[a][0], color=colors[a], markersize=4)
+  ax.axhline(0.5, color="gray", linestyle="--", lw=1, label="chance (0.5)")
+  ax.set(xscale="log", xlabel="K shadow models",
+         ylabel=f"AUC (mean over groups, {CONFIDENCE:.0%} t-interval)",
          title=f"BinUI AUC against K, {forget}")
   ax.set_xticks(all_ks, [str(k) for k in all_ks])
   ax.minorticks_off()
   ax.legend(**outside)
-  fig.savefig(directory / "auc_vs_k.png", dpi=120, bbox_inches="tight")
+  save_figure(fig, directory / "auc_vs_k.png")
   plt.close(fig)
 
   fig, ax = plt.subplots(figsize=(5, 4))
-  if "iam_on" in kept:
+  if "iam_on" in scores:
     bins = np.linspace(0, 1, 41)
-    ax.hist(kept["iam_on"][~flags], bins, density=True, alpha=0.6, label="retained")
-    ax.hist(kept["iam_on"][flags], bins, density=True, alpha=0.6, label="forgotten")
+    pooled = scores["iam_on"][:groups]
+    ax.hist(pooled[:, ~flags].ravel(), bins, density=True, alpha=0.6, label="retained")
+    ax.hist(pooled[:, flags].ravel(), bins, density=True, alpha=0.6, label="forgotten")
     ax.legend()
   ax.set(xlabel="IAM-On unlearning score", ylabel="density",
-         title=f"IAM-On scores, K = 1, {forget}")
-  fig.savefig(directory / "iam_hist.png", dpi=120, bbox_inches="tight")
+         title=f"IAM-On scores, K = 1, {forget}" + (f", {groups} groups" if groups > 1 else ""))
+  save_figure(fig, directory / "iam_hist.png")
   plt.close(fig)

@@ -28,29 +28,44 @@ def read_ulira(directory: str | os.PathLike) -> tuple[dict[str, dict], dict[str,
 
 
 def plot_ulira_roc(curves: Mapping[str, Mapping[str, np.ndarray]],
-                   path: str | os.PathLike) -> None:
-  """U-LiRA ROC per method, log-log (low false-positive rates matter for per-sample attacks)."""
-  fig = Figure(figsize=(5.5, 5), layout="constrained")
+                   path: str | os.PathLike,
+                   aucs: Mapping[str, float] | None = None) -> None:
+  """U-LiRA ROC per method, log-log (low false-positive rates matter for per-sample attacks).
+
+  Each method in its fixed colour (`method_colors`, the same as in the DeepUnlearn figures),
+  its AUC in the legend (``aucs``, else the trapezoid area of the curve). Both axes are floored
+  at the smallest non-zero FPR of the curves, i.e. one over the number of negatives (retrained
+  observations) where the curve keeps its first step, not at an arbitrary 1e-5; the chance
+  diagonal from there. Also written as PDF."""
+  from jaxmu.report import method_colors, save_figure
+  colors = method_colors(list(curves))
+  positive = [c["fpr"][c["fpr"] > 0] for c in curves.values()]
+  floor = min([float(p.min()) for p in positive if p.size] or [1e-3])
+  fig = Figure(figsize=(6, 5), layout="constrained")
   ax = fig.add_subplot()
   for method, c in curves.items():
-    ax.plot(c["fpr"], c["tpr"], label=method)
-  ax.plot([1e-4, 1], [1e-4, 1], color="gray", linestyle=":", label="chance")
+    area = (aucs or {}).get(method)
+    area = float(np.trapezoid(c["tpr"], c["fpr"])) if area is None else float(area)
+    ax.plot(np.maximum(c["fpr"], floor), np.maximum(c["tpr"], floor), color=colors[method],
+            label=f"{method} (AUC {area:.3f})", drawstyle="steps-post")
+  ax.plot([floor, 1], [floor, 1], color="gray", linestyle=":", label="chance (AUC 0.5)")
   ax.set_xscale("log")
   ax.set_yscale("log")
-  ax.set_xlim(1e-3, 1)
-  ax.set_ylim(1e-3, 1)
-  ax.set_xlabel("false positive rate")
+  ax.set_xlim(floor, 1)
+  ax.set_ylim(floor, 1.05)
+  ax.set_xlabel(f"false positive rate (floored at {floor:.1e} = smallest non-zero FPR)")
   ax.set_ylabel("true positive rate")
   ax.set_title("U-LiRA: unlearned vs retrained (chance = indistinguishable)")
-  ax.legend(fontsize=7)
-  fig.savefig(path, dpi=120)
+  ax.legend(fontsize=7, loc="lower right")
+  save_figure(fig, path)
 
 
 def ulira_table(rows: list[dict]) -> str:
   """Methods (`ulira.csv` rows) ranked by the distance of their balanced accuracy from 0.5."""
   reference = "reference_member_prob" in rows[0]
   header = ["method", "U-LiRA acc.", "95% CI", "AUC", "samples", "mean P(unlearned)",
-            "pop. MIA (forget vs val)", "hyper-parameters"]
+            "pop. MIA (forget vs val), mean ± std over models (ddof 0, ulira.csv)",
+            "hyper-parameters"]
   if reference:
     header.append("reference 0/1 P(member)")
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
