@@ -243,7 +243,7 @@ def _forget_other_commands(keep: str) -> None:
   """Unregisters the flags of the command modules imported before, other than ``keep``, so that
   several subcommands run in one process (tests) without their same-named flags meeting."""
   for name in [m for m in sys.modules if m.startswith("jaxmu.commands.") and m != keep]:
-    for flag in flags.FLAGS.flags_by_module_dict().get(name, []):
+    for flag in list(flags.FLAGS.flags_by_module_dict().get(name, [])):
       if flag.name in flags.FLAGS:
         delattr(flags.FLAGS, flag.name)
     del sys.modules[name]
@@ -273,5 +273,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{module.__doc__.strip()}\n\nflags:\n{flags.FLAGS.module_help(module.__name__)}")
     sys.exit(0)
   app._register_and_parse_flags_with_usage.done = False  # app.run once per command, not process
-  app.run(guarded(module.main), argv=[f"jaxmu {name}", *_resolve_config_flags(argv[2:])],
-          flags_parser=parse_flags)
+  command_argv = [f"jaxmu {name}", *_resolve_config_flags(argv[2:])]
+  saved, sys.argv = sys.argv, command_argv  # config_flags reads its overrides from sys.argv
+  try:
+    app.run(guarded(module.main), argv=command_argv, flags_parser=parse_flags)
+  finally:
+    sys.argv = saved

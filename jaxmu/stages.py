@@ -196,7 +196,12 @@ class Workdir:
 
   def __init__(self, root: str | os.PathLike):
     self.root = Path(root)
+    if self.root.exists() and not self.root.is_dir():
+      from jaxmu.errors import WorkdirError
+      raise WorkdirError([f"--workdir: {self.root} is a file, not a directory; fix: give a "
+                          "directory (created when missing)"])
     self.ran: dict[str, str] = {}  # stage -> why it ran in this process, or "reused"
+    self._metrics_keys: set = set()  # (stage, model) whose rows this process has appended
     self.path("stages").mkdir(parents=True, exist_ok=True)
     self.path(".tmp").mkdir(exist_ok=True)
 
@@ -238,16 +243,113 @@ class Workdir:
       if not st.done:
         raise RuntimeError(f"stage {name!r} ran ({st.reason}) but did not commit()")
 
-  def write_config(self, config: Any) -> None:
-    """Writes the resolved config to ``<workdir>/config.json``."""
+  def owner(self) -> str | None:
+    """The pipeline whose run this workdir holds: ``owner.json``, or for a workdir written before
+    it existed, read off its ``config.json``; None for a new workdir."""
+    try:
+      return json.loads(self.path("owner.json").read_text())["pipeline"]
+    except FileNotFoundError:
+      pass
+    try:
+      return pipeline_of(json.loads(self.path("config.json").read_text()))
+    except (FileNotFoundError, json.JSONDecodeError):
+      return None
+
+  def claim(self, pipeline: str) -> None:
+    """Records ``pipeline`` as the workdir's owner; a workdir of another pipeline is a
+    `WorkdirError` (its splits, models and config would be replaced). A pipeline nested in
+    another's workdir (``runs/quickstart/iam``, DeepUnlearn's ``ulira`` stage) has its own
+    directory and owner."""
+    owner = self.owner()
+    if owner not in (None, pipeline):
+      from jaxmu.errors import Problem, WorkdirError
+      raise WorkdirError([Problem(
+          "--workdir", f"{self.root} holds a run of {owner}; {pipeline} would replace its splits, "
+          "models and config.json", f"give {pipeline} its own directory, e.g. "
+          f"--workdir={self.root / pipeline}")])
+    if owner is None or not self.path("owner.json").exists():
+      with atomic_write(self.path("owner.json"), "w") as f:
+        f.write(to_json({"pipeline": pipeline}) + "\n")
+
+  def write_config(self, config: Any, owner: str | None = None) -> None:
+    """Writes the resolved config to ``<workdir>/config.json`` after `claim`-ing the workdir for
+    ``owner`` (default: the pipeline the config is of, `pipeline_of`)."""
+    text = to_json(config, indent=2, sort_keys=True) + "\n"
+    owner = owner or pipeline_of(json.loads(text))
+    if owner:
+      self.claim(owner)
     with atomic_write(self.path("config.json"), "w") as f:
-      f.write(to_json(config, indent=2, sort_keys=True) + "\n")
+      f.write(text)
 
   def append_metrics(self, record: Mapping[str, Any]) -> None:
-    """Appends ``record`` as one JSON line to ``<workdir>/metrics.jsonl``."""
-    line = to_json(record) + "\n"
-    with open(self.path("metrics.jsonl"), "a") as f:
-      f.write(line)
+    """Appends ``record`` to ``<workdir>/metrics.jsonl``, one JSON line per model and epoch.
+
+    Per-model arrays (a training epoch's loss, accuracy, ... of a stack) become one row per
+    model, named by ``record["models"]`` where it lists one name per model, else by the model
+    ids ``record["model"]`` (`train.fit` passes them), else by position. The first row of a
+    (stage, model) in this process drops the file's rows of that (stage, model) from its epoch
+    on: a resumed fit repeats the epochs after its last checkpoint, and they are logged once.
+    """
+    rows = metric_rows(record)
+    keys = {(r.get("stage"), r.get("model")): r["epoch"] for r in rows if "epoch" in r}
+    new = {k: e for k, e in keys.items() if k not in self._metrics_keys}
+    path = self.path("metrics.jsonl")
+    if new and path.exists():
+      kept, dropped = [], False
+      for line in path.read_text().splitlines():
+        try:
+          old = json.loads(line)
+          key = (old.get("stage"), old.get("model"))
+          stale = key in new and old.get("epoch", -1) >= new[key]
+        except (json.JSONDecodeError, AttributeError):
+          stale = True  # a line cut short by a kill
+        dropped |= stale
+        kept += [] if stale else [line]
+      if dropped:
+        with atomic_write(path, "w") as f:
+          f.write("".join(line + "\n" for line in kept))
+    self._metrics_keys |= set(keys)
+    with open(path, "a") as f:
+      f.write("".join(to_json(r) + "\n" for r in rows))
+
+
+def metric_rows(record: Mapping[str, Any]) -> list[dict[str, Any]]:
+  """``record`` as one row per model (see `Workdir.append_metrics`); a record without
+  per-model values is one row."""
+  plain = _plain(dict(record))
+  names, ids = plain.pop("models", None), plain.pop("model", None)
+  sizes = {len(v) for v in plain.values() if isinstance(v, list)}
+  if len(sizes) != 1:
+    if names is not None:
+      plain["models"] = names
+    if ids is not None:
+      plain["model"] = ids
+    return [plain]
+  (m,) = sizes
+  if isinstance(names, list) and len(names) == m:
+    labels = names
+  elif isinstance(ids, list) and len(ids) == m:
+    labels = ids
+  else:
+    labels = list(range(m))
+  scalars = {k: v for k, v in plain.items() if not isinstance(v, list)}
+  head = {k: scalars.pop(k) for k in ("stage", "epoch") if k in scalars}
+  return [{**head, "model": labels[i], **scalars,
+           **{k: v[i] for k, v in plain.items() if isinstance(v, list)}} for i in range(m)]
+
+
+def pipeline_of(config: Mapping[str, Any]) -> str | None:
+  """The pipeline a config (as a dict) belongs to, by its sections: IAM's ``num_shadows``,
+  DeepUnlearn's ``search`` and ``methods``, U-LiRA's ``ulira`` alone; None for others."""
+  if not isinstance(config, Mapping):
+    return None
+  if "num_shadows" in config:
+    return "iam"
+  if "search" in config and "methods" in config:
+    return "deepunlearn"
+  if "ulira" in config:
+    return "ulira"
+  return None
 
 
 def run_stages(stage_functions: Sequence[Callable[[], Any]], stop_after: str = "") -> Any:

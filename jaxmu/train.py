@@ -350,7 +350,8 @@ def fit(model, state: TrainState, data: DeviceData, index_sets, recipe: Recipe, 
     checkpoints: a `jaxmu.checkpoint.TrainingCheckpoints`; every ``checkpoint_every`` epochs the
       whole fit state is saved, and a fit started again resumes from the latest one and ends
       with the same numbers as an uninterrupted run.
-    on_epoch: called with (epoch, metrics) after each epoch; metrics are per-model arrays.
+    on_epoch: called with (epoch, metrics) after each epoch; metrics are per-model arrays, with
+      the models' ids under "model" (`stages.Workdir.append_metrics` writes one row per model).
     max_models_per_program: train the stack in chunks of at most this many models.
   """
   index_sets = pad_index_sets(index_sets)
@@ -425,7 +426,7 @@ def _fit_stack(model, state, data, index_sets, recipe, epochs, key, model_ids, s
       record["val_accuracy"] = val
     history.append(record)
     if on_epoch is not None:
-      on_epoch(epoch + 1, record)
+      on_epoch(epoch + 1, {**record, "model": np.asarray(model_ids)})  # ids: metrics.jsonl rows
     bar.set_postfix(loss=f"{record['loss'].mean():.3f}", acc=f"{record['accuracy'].mean():.3f}")
     done = epoch + 1
     if checkpoints is not None and (done % checkpoint_every == 0 or done == epochs):

@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jaxmu import stages
+from jaxmu import stages, validate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -172,10 +172,53 @@ def test_write_config_and_append_metrics(tmp_path):
   assert json.loads(wd.path("config.json").read_text()) == {
       "seeds": [0, 1], "train": {"epochs": 3, "lr": 0.1}}
   wd.append_metrics({"epoch": np.int32(1), "loss": np.float32(0.5), "acc": np.array(0.25)})
-  wd.append_metrics({"epoch": 2, "per_model": np.arange(2)})
+  wd.append_metrics({"stage": "t", "epoch": 2, "model": np.array([4, 5]), "loss": np.arange(2)})
+  wd.append_metrics({"stage": "t", "epoch": 3, "models": ["a", "b"], "loss": np.arange(2)})
   lines = wd.path("metrics.jsonl").read_text().splitlines()
-  assert [json.loads(x) for x in lines] == [
-      {"epoch": 1, "loss": 0.5, "acc": 0.25}, {"epoch": 2, "per_model": [0, 1]}]
+  assert [json.loads(x) for x in lines] == [  # one row per model and epoch
+      {"epoch": 1, "loss": 0.5, "acc": 0.25},
+      {"stage": "t", "epoch": 2, "model": 4, "loss": 0}, {"stage": "t", "epoch": 2, "model": 5, "loss": 1},
+      {"stage": "t", "epoch": 3, "model": "a", "loss": 0}, {"stage": "t", "epoch": 3, "model": "b", "loss": 1}]
+
+
+def test_metrics_of_a_resumed_fit_are_logged_once(tmp_path):
+  """A fit killed after epoch 3 with its last checkpoint at epoch 2 resumes at epoch 3: the
+  rows of epoch 3 (and a line cut short by the kill) are replaced, not repeated."""
+  first = stages.Workdir(tmp_path)
+  for epoch in (1, 2, 3):
+    first.append_metrics({"stage": "train", "epoch": epoch, "model": np.array([0, 1]),
+                          "loss": np.full(2, epoch * 10.0)})
+  first.append_metrics({"stage": "other", "epoch": 1, "loss": 1.0})
+  with open(first.path("metrics.jsonl"), "a") as f:
+    f.write('{"stage": "train", "ep')  # killed mid-line
+  resumed = stages.Workdir(tmp_path)
+  for epoch in (3, 4):
+    resumed.append_metrics({"stage": "train", "epoch": epoch, "model": np.array([0, 1]),
+                            "loss": np.full(2, epoch * 1.0)})
+  rows = [json.loads(x) for x in resumed.path("metrics.jsonl").read_text().splitlines()]
+  train = [(r["epoch"], r["model"], r["loss"]) for r in rows if r.get("stage") == "train"]
+  assert train == [(1, 0, 10.0), (1, 1, 10.0), (2, 0, 20.0), (2, 1, 20.0), (3, 0, 3.0),
+                   (3, 1, 3.0), (4, 0, 4.0), (4, 1, 4.0)]
+  assert [r for r in rows if r.get("stage") == "other"] == [{"stage": "other", "epoch": 1,
+                                                             "loss": 1.0}]
+
+
+def test_a_workdir_refuses_another_pipeline_and_allows_nesting(tmp_path):
+  wd = stages.Workdir(tmp_path / "run")
+  wd.write_config({"search": {}, "methods": ["finetune"], "ulira": {}})
+  assert wd.owner() == "deepunlearn"
+  before = wd.path("config.json").read_text()
+  with pytest.raises(validate.WorkdirError, match="holds a run of deepunlearn") as error:
+    stages.Workdir(tmp_path / "run").write_config({"num_shadows": 2})
+  assert "--workdir=" in str(error.value) and wd.path("config.json").read_text() == before
+  stages.Workdir(tmp_path / "run").write_config({"search": {}, "methods": ["ct"]})  # same: fine
+  stages.Workdir(tmp_path / "run" / "iam").write_config({"num_shadows": 2})  # nested: fine
+  stages.Workdir(tmp_path / "run" / "ulira").write_config({"ulira": {}})  # its U-LiRA stage
+  legacy = tmp_path / "old"  # written before owner.json: the owner is read off config.json
+  legacy.mkdir()
+  (legacy / "config.json").write_text(json.dumps({"num_shadows": 4}))
+  with pytest.raises(validate.WorkdirError, match="holds a run of iam"):
+    stages.Workdir(legacy).write_config({"ulira": {}})
 
 
 def test_run_stages_stops_after_the_named_stage_and_records_why_each_ran(tmp_path):

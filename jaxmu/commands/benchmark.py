@@ -27,6 +27,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from jaxmu import cli
+from jaxmu.errors import ConfigError, Problem
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, cli.CONFIG_HELP, lock_config=True)
 _OUT = flags.DEFINE_string("out", None, "Where to write the JSON results (optional).")
@@ -421,11 +423,73 @@ def projections(rows) -> list[str]:
 
 
 _MARKDOWN = {"training": markdown, "dispatch": dispatch_markdown}
+SECTIONS = ("training", "attacks", "search", "dispatch")
+DTYPES = ("float32", "bfloat16")
+
+
+def problems(config, out: str | None = None, out_md: str | None = None) -> list[Problem]:
+  """What is wrong with a benchmark config (and the output paths) before anything runs."""
+  from jaxmu import models, parallel
+  found = []
+
+  def need(field, ok, what, fix):
+    if not ok:
+      found.append(Problem(field, what, fix))
+
+  def counts(field, values, low=1):
+    values = tuple(values) if isinstance(values, (list, tuple)) else (values,)
+    need(field, values and all(isinstance(v, int) and v >= low for v in values),
+         f"{values if len(values) != 1 else values[0]!r} is not a whole number >= {low}",
+         f"set {field} >= {low}")
+
+  section = config.get("section", "training")
+  need("section", section in SECTIONS, f"unknown section {section!r}",
+       f"use one of {', '.join(SECTIONS)}")
+  if section == "training":
+    for field in ("steps", "repeats", "batch_size", "batches_per_epoch", "num_classes",
+                  "epoch_images"):
+      counts(field, config[field])
+    counts("warmup_steps", config.warmup_steps, 0)
+    counts("num_models", config.num_models)
+    for spec in config.models:
+      name = parse_model(spec)[0]
+      need("models", name in models.NAMES, f"unknown model {name!r}",
+           f"use one of {', '.join(models.NAMES)}")
+    need("models", len(config.models) > 0, "is empty", "name at least one model")
+    bad = [s for s in config.strategies if s not in parallel.NAMES]
+    need("strategies", config.strategies and not bad, f"{tuple(config.strategies)} has unknown "
+         f"or no strategies", f"use {', '.join(parallel.NAMES)}")
+    bad = [d for d in config.dtypes if d not in DTYPES]
+    need("dtypes", config.dtypes and not bad, f"{tuple(config.dtypes)} has unknown or no dtypes",
+         f"use {', '.join(DTYPES)}")
+  elif section == "dispatch":
+    d = config.dispatch
+    for field in ("batches_per_epoch", "epochs", "repeats"):
+      counts(f"dispatch.{field}", d[field])
+    counts("dispatch.num_models", d.num_models)
+    counts("dispatch.batch_sizes", d.batch_sizes)
+    need("dispatch.models", len(d.models) == len(d.input_shapes) == len(d.batch_sizes) > 0,
+         "models, input_shapes and batch_sizes differ in length or are empty",
+         "give one input shape and batch size per model")
+  elif section == "attacks":
+    for field in ("num_samples", "iam_shadows", "num_interp", "lira_shadows", "repeats"):
+      counts(f"attacks.{field}", config.attacks[field])
+  elif section == "search":
+    for field in ("seeds", "trials", "train_epochs"):
+      counts(f"search.{field}", config.search[field])
+  for flag, path in (("--out", out), ("--out_md", out_md)):
+    need(flag, not path or not Path(path).is_dir(), f"{path} is a directory",
+         "give a file path, e.g. runs/bench.json")
+  return found
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
+  found = problems(config, _OUT.value, _OUT_MD.value)
+  if found:
+    raise ConfigError(found)
   result = {"environment": environment(), "config": config.to_dict(), "rows": []}
 
   def write(rows):
@@ -451,4 +515,10 @@ def main(argv):
     print(_MARKDOWN[config.section](result))
   if _OUT.value:
     print(f"Wrote {_OUT.value}")
+  failed = [r for r in rows if "error" in r]
+  if failed:  # kept in the table (the other rows stand), and the run fails
+    for r in failed:
+      print(f"error: row model={r['model']} N={r['num_models']} strategy={r['strategy']} "
+            f"dtype={r['dtype']}: {cli.one_line(r['error'])}", file=sys.stderr)
+    sys.exit(1)
 
