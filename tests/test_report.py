@@ -264,3 +264,29 @@ def test_iam_roc_is_floored_at_one_over_negatives_and_drops_duplicate_curves(tmp
   assert "mean TPR over 3 shadow groups" in roc.get_title()
   k_axis = figures["auc_vs_k.png"].axes[0]
   assert any(line.get_ydata()[0] == 0.5 and line.get_linestyle() == "--" for line in k_axis.lines)
+
+
+def test_diverged_final_runs_are_marked_failed_not_measured():
+  """The evaluate stage's `stack_metrics` on a stack whose second model has NaN weights (as
+  `--config.unlearn.finetune.learning_rate=1e6` leaves them): that row is failed with the reason
+  and no metrics, its time kept; the first model is measured as usual."""
+  import jax
+  from jaxmu import data as data_lib, models, train
+  from jaxmu.pipelines import deepunlearn
+  ds = data_lib.load("digits")
+  model = models.get("small_cnn", ds.num_classes, width=4)
+  variables = train.init_variables(model, jax.random.split(jax.random.key(0), 2),
+                                   ds.inputs.shape[1:])
+  broken = jax.tree.map(lambda x: x.at[1].set(np.nan), variables)
+  parts = {"retain": np.arange(0, 200), "forget": np.arange(200, 240),
+           "val": np.arange(240, 300), "test": np.arange(1437, 1497)}
+  recipe = train.Recipe(batch_size=64, augment="none", mean=(0.3054,), std=(0.3760,))
+  rows = deepunlearn.stack_metrics(
+      model, broken, {"original": variables, "retrain": variables},
+      train.DeviceData.create(ds), parts, recipe, None, 2.0, 4.0, "loop")
+  assert list(rows[0]) == list(deepunlearn.COLUMNS)
+  assert rows[0]["failure"] == "" and np.isfinite(rows[0]["retdev"])
+  assert rows[1]["failure"].startswith("non-finite weights (batch_stats/")
+  assert all(np.isnan(rows[1][k]) for k in deepunlearn.COLUMNS
+             if k not in ("failure", "seconds", "rte"))
+  assert (rows[1]["seconds"], rows[1]["rte"]) == (2.0, 2.0)

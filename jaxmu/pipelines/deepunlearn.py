@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import threadpoolctl
@@ -55,10 +56,12 @@ SPLITS = ("retain", "forget", "val", "test")
 REFERENCES = ("original", "retrain")  # the models distances are measured to
 DISTANCES = {"l2": metrics.l2_distance, "normalized_l2": metrics.normalized_l2_distance,
              "golatkar": metrics.model_distance}
-# The columns of results.csv after method and seed (the evaluate stage's hash includes them).
+# The columns of results.csv after method and seed (the evaluate stage's hash includes them);
+# ``failure``: "" or why the model's metrics are undefined (non-finite weights or logits).
 COLUMNS = (*(f"{s}_acc" for s in SPLITS), "val_mia", "test_mia", "indisc", "rr", "fr", "tr",
            "retdev", "seconds", "rte",
-           *(f"{d}_to_{r}" for r in REFERENCES for d in DISTANCES))
+           *(f"{d}_to_{r}" for r in REFERENCES for d in DISTANCES), "failure")
+TIMING = ("seconds", "rte")  # kept for a failed model: the run took that long
 
 
 def tuning_positions(seeds: Sequence[int], tuning_seeds: Sequence[int]) -> list[int]:
@@ -270,7 +273,8 @@ class _Pipeline:
     return self.wd.path("report.md")
 
   def _evaluate(self) -> list[dict]:
-    """`stack_metrics` of the originals, the retrained models and every method's stack."""
+    """`stack_metrics` of the originals, the retrained models and every method's stack (a
+    diverged model's row has ``failure`` set and no metrics; the report lists it apart)."""
     times = json.loads(self.wd.path("times.json").read_text())
     references = {g: checkpoint.restore(self.wd.path("models", g), self.like) for g in GROUPS}
     retrain_seconds = times["seconds_per_model"]
@@ -325,6 +329,11 @@ def stack_metrics(model, variables, references: Mapping[str, Any], data: train.D
   retrained model (NaN where the retrained model's accuracy is 0); RTE (6.5) = retrain seconds /
   method seconds; l2, normalized l2 and
   Golatkar distances (6.6) of the params to the seed's original and retrained model.
+
+  A model with non-finite weights (any variable) or non-finite logits on any evaluated sample
+  diverged: its row has ``failure`` = the reason and NaN metrics (its time and RTE kept), so the
+  report never ranks it (the search fails such trials the same way, `jaxmu.search`). The
+  reference computed metrics of whatever the run left (deepunlearn-spec 10.28).
   """
   labels = np.asarray(data.labels)
   index = np.concatenate([parts[s] for s in SPLITS])
@@ -337,8 +346,22 @@ def stack_metrics(model, variables, references: Mapping[str, Any], data: train.D
   reference = accuracy if retrain_accuracy is None else retrain_accuracy
   distances = jax.device_get(_distances(variables["params"], references["original"]["params"],
                                         references["retrain"]["params"]))
+  bad_weights = _non_finite_variables(variables)
+  bad_logits = (~np.isfinite(logits)).any(-1).sum(-1)  # [N] samples with a non-finite logit
   rows = []
   for m in range(logits.shape[0]):
+    failure = (f"non-finite weights ({', '.join(bad_weights[m][:3])}"
+               f"{', ...' if len(bad_weights[m]) > 3 else ''})" if bad_weights[m] else
+               f"non-finite logits on {bad_logits[m]} of {logits.shape[1]} samples"
+               if bad_logits[m] else "")
+    if failure:
+      nan = float("nan")
+      row = {k: nan for k in COLUMNS}
+      row["seconds"] = nan if seconds is None else seconds
+      row["rte"] = (float(metrics.run_time_efficiency(retrain_seconds, seconds)) if seconds
+                    else nan)
+      rows.append({**row, "failure": failure})
+      continue
     row = {f"{s}_acc": float(accuracy[s][m]) for s in SPLITS}
     for other in ("val", "test"):
       pair = loss[m, cut["forget"]], loss[m, cut[other]]
@@ -359,5 +382,15 @@ def stack_metrics(model, variables, references: Mapping[str, Any], data: train.D
     row["rte"] = (float(metrics.run_time_efficiency(retrain_seconds, seconds))
                   if seconds else float("nan"))
     row.update({k: float(v[m]) for k, v in distances.items()})
+    row["failure"] = ""
     rows.append({k: row[k] for k in COLUMNS})
   return rows
+
+
+def _non_finite_variables(variables) -> list[list[str]]:
+  """Per model of the stack, the paths of its variables holding a NaN or infinity."""
+  leaves = jax.tree_util.tree_flatten_with_path(variables)[0]
+  flags = [(jax.tree_util.keystr(path, simple=True, separator="/"),
+            np.asarray(~jnp.isfinite(x).reshape(x.shape[0], -1).all(1))) for path, x in leaves]
+  n = flags[0][1].shape[0] if flags else 0
+  return [[name for name, bad in flags if bad[m]] for m in range(n)]

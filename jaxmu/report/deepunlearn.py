@@ -164,7 +164,7 @@ def paper_table(summary: Sequence[Mapping[str, Any]],
   RTE: retraining time / unlearning time per model, one timing per stack (no spread). U-LiRA
   (balanced accuracy with its interval) when ``ulira`` ({method: row}) is given.
   """
-  header = ["rank", "method", "RA", "FA", "TA", "RetDev [95% CI]", "Δ vs #1 [95% CI]",
+  header = ["rank", "method", "RA", "FA", "TA", "RetDev", "Δ vs #1",
             "RetDev of means", "Indisc", "T-MIA", "RTE"]
   if ulira:
     header.append("U-LiRA")
