@@ -20,7 +20,7 @@ from jaxmu import models, search
 from jaxmu.attacks.audit import ATTACKS
 from jaxmu.data import sources
 
-PIPELINES = ("deepunlearn", "ulira", "iam")
+PIPELINES = ("deepunlearn", "ulira", "iam", "iam_llm")
 SETTINGS = ("exact", "arch", "shifted", "incremental")  # iam-spec 7.1-7.4
 FORGET_TYPES = ("set_random", "class_percentage", "one_class")
 
@@ -36,6 +36,9 @@ def validate(pipeline: str, config) -> list[Problem]:
   if pipeline not in PIPELINES:
     raise ValueError(f"unknown pipeline {pipeline!r}; known: {', '.join(PIPELINES)}")
   out = []
+  if pipeline == "iam_llm":  # no image dataset or model registry entry: its own rules
+    _iam_llm(config, out)
+    return out
   meta = _common(config, out)
   if pipeline != "iam":
     _hparams(out, "unlearn", config.unlearn)
@@ -304,6 +307,45 @@ def _score_ui(config, out):
     out.append(Problem("score_ui.epochs", f"{u.epochs} is below breaks={u.breaks}: break b is "
                        "the state after b * (epochs // breaks) epochs",
                        f"set score_ui.epochs >= {u.breaks} or lower score_ui.breaks"))
+
+
+def _iam_llm(config, out):
+  """`jaxmu.pipelines.iam_llm`: a known corpus with its inputs, positive sizes, the checkpoints
+  of the ``files`` corpus (config.json each, a tokenizer.json)."""
+  c, s = config.corpus, config.split
+  if c.name not in ("pydoc_topics", "files"):
+    out.append(Problem("corpus.name", f"unknown corpus {c.name!r}", "use pydoc_topics or files"))
+  _at_least(out, "corpus.chunk_len", c.chunk_len, 2)
+  for field, value in (("split.runs", s.runs), ("split.forget", s.forget),
+                       ("split.retain_query", s.retain_query), ("train.epochs", config.train.epochs),
+                       ("train.batch_size", config.train.batch_size),
+                       ("signals.batch_size", config.signals.batch_size),
+                       ("audit.rounds", config.audit.rounds), ("checkpoint_every", config.checkpoint_every)):
+    _at_least(out, field, value, 1)
+  if c.name == "pydoc_topics":
+    _at_least(out, "split.out", s.out, 1, "the OUT LM needs its own chunks: set split.out >= 1")
+    _at_least(out, "corpus.vocab_size", c.vocab_size, 260, "a byte-level BPE needs >= 260 tokens")
+    used = [f for f in ("target_dir", "fit_dir", "ref_dir") if config.models[f]]
+    if used:
+      out.append(Problem(f"models.{used[0]}", "is set, but corpus.name='pydoc_topics' trains its "
+                         "own LMs", "set corpus.name=files (config iam_llm:hf) or clear it"))
+  if c.name != "files":
+    return
+  for field in ("forget_file", "retain_file", "population_file"):
+    path = c[field]
+    if (path or field != "population_file") and not Path(path or ".").is_file():
+      out.append(Problem(f"corpus.{field}", f"{path!r} is not a file", "give the text file"))
+  for field in ("target_dir", "fit_dir", "ref_dir"):
+    path = Path(config.models[field] or "missing") / "config.json"
+    if not path.is_file():
+      out.append(Problem(f"models.{field}", f"{config.models[field]!r} has no config.json",
+                         "give a Hugging Face checkpoint directory"))
+  tokenizer = Path(config.models.tokenizer_dir or config.models.target_dir or "missing")
+  if not (tokenizer / "tokenizer.json").is_file():
+    out.append(Problem("models.tokenizer_dir", f"no tokenizer.json in {str(tokenizer)!r}",
+                       "give the directory of the checkpoints' tokenizer.json"))
+  if config.models.dtype not in ("float32", "bfloat16"):
+    out.append(Problem("models.dtype", f"{config.models.dtype!r}", "use float32 or bfloat16"))
 
 
 def _finished_run(out, field, root):
