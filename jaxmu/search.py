@@ -5,8 +5,11 @@ Each trial samples one hyper-parameter set from the method's reference search sp
 (`Method.suggest`, deepunlearn-spec 4.2) with the epoch budget ceil(0.2 x training epochs)
 (5.3), runs the method on all tuning seeds as one stack and reports the four "objective10"
 values (5.2) averaged over the seeds. The study lives in an Optuna journal file next to the
-pipeline's other outputs (or any storage URL), so several processes can work on it at once and
-an interrupted search continues where it stopped. When the study has ``config.trials`` COMPLETE
+pipeline's other outputs (or an RDB storage URL, e.g. PostgreSQL), so several processes can work
+on it at once and an interrupted search continues where it stopped: a dead worker's trial is
+failed (heartbeats on RDB, a pid check on the journal) and retried with the same parameters, and
+the sampler continues its random stream (one worker: a killed and resumed search equals the
+uninterrupted one; docs/search.md). When the study has ``config.trials`` COMPLETE
 trials, the best of the first ``config.trials`` (by trial number; smallest Euclidean norm of the
 four objectives, 5.4) is written to ``<directory>/<method>.json`` for the final stage.
 
@@ -17,7 +20,10 @@ objectives cannot be computed, is FAIL (the reference crashed, or recorded ``inf
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
+import importlib.util
 import json
 import logging
 import math
@@ -44,7 +50,7 @@ MODES = ("nsga3", "tpe")
 OBJECTIVES = ("retain_gap", "forget_gap", "val_gap", "mia_gap")
 _SPLITS = ("retain", "forget", "val")
 _HOST = socket.gethostname()
-_WAIT_SECONDS = 2.0  # polling interval while another local worker finishes a trial
+_WAIT_SECONDS = 1.0  # polling interval while other workers finish the study's last trials
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -60,6 +66,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.study_prefix = ""  # prefix of the study names (set one per experiment sharing a database)
   c.epoch_fraction = 0.2  # epoch budget = ceil(epoch_fraction x training epochs), at least 1
   c.sampler_seed = 0  # sampler seed (with the process index) and trial keys (with its number)
+  # RDB storages (config.storage a URL): a running trial's heartbeat every heartbeat_interval
+  # seconds; one without a heartbeat for grace_period seconds (0: twice the interval) is FAIL
+  # and retried by the next trial to start.
+  c.heartbeat_interval = 60
+  c.grace_period = 0
   return c
 
 
@@ -188,6 +199,39 @@ def seed_context(ctx: methods_lib.Context, m: int) -> methods_lib.Context:
 # Studies: storage, workers, resuming
 # --------------------------------------------------------------------------------------------
 
+# A retried trial keeps its parameters and drops these (they describe the dead worker's run).
+_WORKER_ATTRS = ("host", "pid", "pid_start", "fail_reason")
+# Optuna 4.9 renamed RetryFailedTrialCallback (now a deprecated alias).
+_RetryCallback = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback",
+                         optuna.storages.RetryFailedTrialCallback)
+
+
+@contextlib.contextmanager
+def _quiet():
+  """Without Optuna's ExperimentalWarnings (heartbeats, retries, metric names)."""
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    warnings.simplefilter("ignore", FutureWarning)  # the deprecated alias, on old Optuna
+    yield
+
+
+class _Retry(_RetryCallback):
+  """Optuna's retry of a trial whose worker died: a WAITING copy of it with the same parameters
+  (system attribute ``failed_trial``: the first trial of the chain), without the dead worker's
+  user attributes. The heartbeat storage calls it for stale trials; the journal's pid check
+  (`_fail_stale`) and an interrupt (`_run_one`) call it too."""
+
+  def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    trial = copy.deepcopy(trial)
+    trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in _WORKER_ATTRS}
+    super().__call__(study, trial)
+
+
+def _retried(trial: optuna.trial.FrozenTrial) -> int | None:
+  """The number of the trial that ``trial`` retries (the first of a chain), else None."""
+  with _quiet():
+    return _RetryCallback.retried_trial_number(trial)
+
 
 def _process_start(pid: int) -> str | None:
   """The start time of process ``pid`` (Linux /proc), telling a reused pid from the original."""
@@ -207,129 +251,293 @@ def _alive(pid: int, start: str | None) -> bool:
   return start is None or _process_start(pid) in (None, start)
 
 
-def _fail_stale(study: optuna.Study) -> list[int]:
-  """Marks FAIL the RUNNING trials of dead workers of this host (recorded host and pid, and the
-  process start time where known); returns their numbers. Other hosts' trials are left."""
-  stale = []
-  for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+@dataclasses.dataclass
+class _Search:
+  """An open study with the storage object it was created with (whose public methods are used
+  where `optuna.Study` has none), the search config and this worker's index."""
+  study: optuna.Study
+  storage: optuna.storages.BaseStorage
+  config: ml_collections.ConfigDict
+  process: int
+
+  @property
+  def heartbeat(self) -> bool:
+    """An RDB storage: Optuna's heartbeats find dead workers; else (a journal) their pids."""
+    return isinstance(self.storage, optuna.storages.RDBStorage)
+
+  def counted_running(self, trials) -> list[optuna.trial.FrozenTrial]:
+    """The RUNNING trials that will finish or be failed: all of them with heartbeats; on a
+    journal those of this host (another host's dead worker cannot be told from a live one)."""
+    return [t for t in trials if t.state == optuna.trial.TrialState.RUNNING
+            and (self.heartbeat or t.user_attrs.get("host") == _HOST)]
+
+
+def _fail_stale(s: _Search) -> list[int]:
+  """Marks FAIL the RUNNING trials of dead workers and queues their retries (`_Retry`); returns
+  their numbers where known. RDB storage: Optuna's heartbeats (`fail_stale_trials`). Journal:
+  the trials of this host whose recorded pid (and process start time where known) no longer
+  match a live process, with the reason in ``fail_reason``; other hosts' trials are left."""
+  if s.heartbeat:
+    with _quiet():
+      optuna.storages.fail_stale_trials(s.study)
+    return []
+  stale, study_id = [], None
+  for t in s.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
     attrs = t.user_attrs
     if attrs.get("host") != _HOST or "pid" not in attrs:
       continue
     if attrs["pid"] != os.getpid() and _alive(attrs["pid"], attrs.get("pid_start")):
       continue  # a live worker (this process has no trial running while it checks)
+    if study_id is None:
+      study_id = s.storage.get_study_id_from_name(s.study.study_name)
     try:
-      study._storage.set_trial_user_attr(  # no public setter for another worker's trial
-          t._trial_id, "fail_reason", f"worker {_HOST}:{attrs['pid']} died while running it")
-      study.tell(t.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
-      stale.append(t.number)
-    except optuna.exceptions.UpdateFinishedTrialError:
-      pass  # another worker marked it first
+      s.storage.set_trial_user_attr(  # the study has no setter for another worker's trial
+          s.storage.get_trial_id_from_study_id_trial_number(study_id, t.number), "fail_reason",
+          f"worker {_HOST}:{attrs['pid']} died while running it")
+      s.study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+    except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
+      continue  # another worker marked it first (and retries it)
+    stale.append(t.number)
+    with _quiet():
+      _Retry(max_retry=s.config.max_failed)(s.study, t)
   return stale
 
 
-def _complete(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-  trials = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-  return sorted(trials, key=lambda t: t.number)
+def _complete(trials) -> list[optuna.trial.FrozenTrial]:
+  return sorted((t for t in trials if t.state == optuna.trial.TrialState.COMPLETE),
+                key=lambda t: t.number)
 
 
-def _storage(config: ml_collections.ConfigDict, directory: Path, method: str):
-  if config.storage:
-    return config.storage
-  backend = optuna.storages.journal.JournalFileBackend(str(directory / f"{method}.journal"))
-  return optuna.storages.JournalStorage(backend)
+def _rdb_url(url: str) -> str:
+  """``url`` with the psycopg2 driver named for a bare ``postgresql://`` (SQLAlchemy 2.1 picks
+  psycopg 3 for it) when psycopg 3 is not installed; the ``search`` extra has psycopg2."""
+  scheme, sep, rest = url.partition("://")
+  if sep and scheme in ("postgresql", "postgres") and importlib.util.find_spec("psycopg") is None:
+    return f"postgresql+psycopg2://{rest}"
+  return url
 
 
-def _sampler(config: ml_collections.ConfigDict, process: int) -> optuna.samplers.BaseSampler:
-  """The mode's sampler, seeded from (sampler_seed, process) so workers propose different points."""
+def _storage(config: ml_collections.ConfigDict, directory: Path,
+             name: str) -> optuna.storages.BaseStorage:
+  """A journal file ``<directory>/<name>.journal`` (config.storage ""), else an RDB storage of
+  the URL with Optuna's heartbeats, whose stale trials are retried (`_Retry`)."""
+  if not config.storage:
+    backend = optuna.storages.journal.JournalFileBackend(str(directory / f"{name}.journal"))
+    return optuna.storages.JournalStorage(backend)
+  interval, grace = config.get("heartbeat_interval", 60), config.get("grace_period", 0)
+  if int(interval) != interval or interval < 1 or int(grace) != grace or grace < 0:
+    raise ValueError(f"config.search.heartbeat_interval must be an integer >= 1 and grace_period "
+                     f"an integer >= 0 (seconds); got {interval}, {grace}")
+  for attempt in range(3):  # several workers creating the tables of a new database may collide
+    try:
+      with _quiet():
+        return optuna.storages.RDBStorage(
+            _rdb_url(config.storage), heartbeat_interval=int(interval), grace_period=int(grace) or None,
+            heartbeat_stale_trial_callback=_Retry(max_retry=config.max_failed))
+    except ImportError as e:
+      raise ImportError(f"no database driver for {config.storage!r}: install jaxmu's `search` "
+                        f"extra (psycopg2 for PostgreSQL) or the driver the URL names") from e
+    except Exception:  # noqa: BLE001
+      if attempt == 2:
+        raise
+      time.sleep(1.0 + attempt)
+  raise AssertionError("unreachable")
+
+
+def _sampler(config: ml_collections.ConfigDict, process: int,
+             draw: int = 0) -> optuna.samplers.BaseSampler:
+  """The mode's sampler for the ``draw``-th sampled trial of the study, seeded from
+  (sampler_seed, process, draw): a new one before each trial continues the random stream where
+  the study stands (a resumed or extended search goes on with new points instead of replaying
+  the first ones), while the sampler reads the history (TPE's trials, NSGA-III's generations)
+  from the storage. Workers with different indices propose different points."""
   if config.mode not in MODES:
     raise ValueError(f"unknown search mode {config.mode!r}; one of {MODES}")
-  seed = int(np.random.SeedSequence((config.sampler_seed, process)).generate_state(1)[0])
+  seed = int(np.random.SeedSequence((config.sampler_seed, process, draw)).generate_state(1)[0])
   if config.mode == "nsga3":
-    with warnings.catch_warnings():  # "experimental" since optuna 3.2
-      warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    with _quiet():  # "experimental" since optuna 3.2
       return optuna.samplers.NSGAIIISampler(population_size=config.population_size, seed=seed)
   return optuna.samplers.TPESampler(seed=seed)
 
 
-def _study(config, directory: Path, method: str, process: int, fingerprint: dict) -> optuna.Study:
-  """Creates or loads the method's study; refuses a stored study of another search."""
+def _draw(trials) -> int:
+  """The sampler's position for the next trial: how many trials of the study were sampled (not
+  retries, which reuse their original's parameters); for a queued retry, which `ask` takes
+  first, its original's position, for any parameter the dead worker had not drawn yet."""
+  sampled = [t.number for t in trials if _retried(t) is None]
+  waiting = [t for t in trials if t.state == optuna.trial.TrialState.WAITING]
+  if waiting:
+    original = _retried(min(waiting, key=lambda t: t.number))
+    if original is not None:
+      return sum(1 for n in sampled if n < original)
+  return len(sampled)
+
+
+def _open(config: ml_collections.ConfigDict, directory: Path, name: str, process: int,
+          fingerprint: dict) -> _Search:
+  """Creates or loads the study ``<study_prefix><name>``; refuses a stored study of another
+  search. Its metric names (shown by optuna-dashboard) are OBJECTIVES, or "objective_norm"."""
   optuna.logging.set_verbosity(logging.WARNING)
+  multi = config.mode == "nsga3"
+  storage = _storage(config, Path(directory), name)
   study = optuna.create_study(
-      storage=_storage(config, directory, method), sampler=_sampler(config, process),
-      study_name=f"{config.study_prefix}{method}", load_if_exists=True,
-      directions=("minimize",) * (len(OBJECTIVES) if config.mode == "nsga3" else 1))
+      storage=storage, sampler=_sampler(config, process), study_name=f"{config.study_prefix}{name}",
+      load_if_exists=True, directions=("minimize",) * (len(OBJECTIVES) if multi else 1))
   stored = study.user_attrs.get("search")
   if stored is None:
     study.set_user_attr("search", fingerprint)
+    with _quiet():
+      study.set_metric_names(list(OBJECTIVES) if multi else ["objective_norm"])
   elif stored != fingerprint:
     raise SearchError(
         f"the stored study {study.study_name!r} ({config.storage or directory}) was made by "
         f"another search: {stored}, this one is {fingerprint}. Use another directory (or "
         f"study_prefix), or delete the study to start again.")
-  return study
+  return _Search(study, storage, config, process)
 
 
-def _optimize(study: optuna.Study, objective_fn: Callable[[optuna.Trial], Sequence[float]],
-              trials: int, max_failed: int, name: str, progress: bool = True) -> None:
-  """Asks and tells trials until the study has at least ``trials`` COMPLETE ones (counting every
-  worker's). ``objective_fn(trial)`` returns the four objectives or raises; an exception or a
-  non-finite value makes the trial FAIL with its reason in the user attribute ``fail_reason``
-  (an interrupt too, which then propagates); ``max_failed`` failures in a row raise
-  `SearchError` naming ``name``."""
-  _fail_stale(study)
-  multi = len(study.directions) > 1
-  failed_in_row = 0
-  bar = tqdm(total=trials, desc=f"search {name}", disable=not progress, leave=False)
-  try:
-    while len(complete := _complete(study)) < trials:
-      norms = [np.linalg.norm(t.user_attrs["objectives"]) for t in complete]
-      bar.n = len(complete)
-      bar.set_postfix(best=f"{min(norms):.4f}" if norms else "-", refresh=True)
-      trial = study.ask()
-      trial.set_user_attr("host", _HOST)
-      trial.set_user_attr("pid", os.getpid())
-      trial.set_user_attr("pid_start", _process_start(os.getpid()))
+class _Failed(Exception):
+  """One trial's failure, its reason already in the trial's ``fail_reason``."""
+
+
+def _run_one(s: _Search, objective_fn: Callable[[optuna.Trial], Sequence[float]]) -> dict:
+  """Runs one trial through `optuna.Study.optimize` (which keeps an RDB trial's heartbeat and
+  fails stale trials first) and says how it went: {"number", "failed": reason or None,
+  "surplus": bool}. A trial asked while the study already has ``trials`` COMPLETE or counted
+  RUNNING trials of lower numbers (another worker asked at the same time) is a surplus FAIL
+  and runs nothing. An interrupt fails the trial ("interrupted"), queues its retry and
+  propagates."""
+  multi = len(s.study.directions) > 1
+  record: dict[str, Any] = {"number": None, "failed": None, "surplus": False}
+
+  def run(trial: optuna.Trial):
+    record["number"] = trial.number
+    trial.set_user_attr("host", _HOST)
+    trial.set_user_attr("pid", os.getpid())
+    trial.set_user_attr("pid_start", _process_start(os.getpid()))
+    trials = s.study.get_trials(deepcopy=False)
+    before = [t for t in _complete(trials) + s.counted_running(trials) if t.number < trial.number]
+    if len(before) >= s.config.trials:
+      record["surplus"] = True
+      record["failed"] = (f"surplus: {len(before)} trials of lower numbers were complete or "
+                          f"running when it started")
+    else:
+      this = next(t for t in trials if t.number == trial.number)
+      original = _retried(this)
+      trial.set_user_attr("key_trial", trial.number if original is None else original)
       try:
         values = [float(v) for v in objective_fn(trial)]
         if not np.all(np.isfinite(values)):
           raise TrialFailed(f"non-finite objectives {values}")
       except Exception as e:  # noqa: BLE001  (any failure of one trial is that trial's)
-        reason = f"{type(e).__name__}: {e}"
-        trial.set_user_attr("fail_reason", reason)
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        failed_in_row += 1
-        if failed_in_row >= max_failed:
-          raise SearchError(
-              f"search of {name!r}: {failed_in_row} trials failed in a row (last: {reason}). "
-              f"Check the method's search space and inputs, or raise config.search.max_failed"
-          ) from e
-        continue
+        record["failed"] = f"{type(e).__name__}: {e}"
       except BaseException:
+        record["failed"] = "interrupted"
         trial.set_user_attr("fail_reason", "interrupted")
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
         raise
-      failed_in_row = 0
-      trial.set_user_attr("objectives", values)
-      study.tell(trial, values if multi else float(np.linalg.norm(values)))
-    bar.n = min(len(_complete(study)), trials)
-    bar.refresh()
+    if record["failed"] is not None:
+      trial.set_user_attr("fail_reason", record["failed"])
+      raise _Failed(record["failed"])
+    trial.set_user_attr("objectives", values)
+    return values if multi else float(np.linalg.norm(values))
+
+  verbosity = optuna.logging.get_verbosity()
+  optuna.logging.set_verbosity(logging.ERROR)  # a failed trial's reason is in its user attrs
+  try:
+    s.study.optimize(run, n_trials=1, catch=(_Failed,))
+  except BaseException:
+    if record["number"] is not None:
+      try:
+        s.study.tell(record["number"], state=optuna.trial.TrialState.FAIL)
+      except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
+        pass  # Optuna failed it already
+      trial = next(t for t in s.study.get_trials(deepcopy=False) if t.number == record["number"])
+      with _quiet():
+        _Retry(max_retry=s.config.max_failed)(s.study, trial)
+    raise
+  finally:
+    optuna.logging.set_verbosity(verbosity)
+  return record
+
+
+def _optimize(s: _Search, objective_fn: Callable[[optuna.Trial], Sequence[float]], name: str,
+              progress: bool = True) -> None:
+  """Runs trials until the study has ``config.trials`` COMPLETE ones (counting every worker's):
+  a worker starts a trial only while COMPLETE plus counted RUNNING trials are fewer, and
+  otherwise waits for them. Before each trial the sampler is renewed (`_sampler`, seeded from
+  the number of sampled trials so far) and dead workers' trials are failed and retried
+  (`_fail_stale`). ``objective_fn(trial)`` returns the four objectives or raises; it finds the
+  number its unlearning key comes from in ``trial.user_attrs["key_trial"]`` (a retry's is its
+  original's). An exception or a non-finite value makes the trial FAIL with its reason in the
+  user attribute ``fail_reason``; ``max_failed`` failures in a row raise `SearchError` naming
+  ``name``."""
+  config = s.config
+  failed_in_row = 0
+  bar = tqdm(total=config.trials, desc=f"search {name}", disable=not progress, leave=False)
+  try:
+    while True:
+      _fail_stale(s)
+      trials = s.study.get_trials(deepcopy=False)
+      complete = _complete(trials)
+      norms = [np.linalg.norm(t.user_attrs["objectives"]) for t in complete
+               if "objectives" in t.user_attrs]
+      bar.n = min(len(complete), config.trials)
+      bar.set_postfix(best=f"{min(norms):.4f}" if norms else "-", refresh=True)
+      if len(complete) >= config.trials:
+        break
+      if len(complete) + len(s.counted_running(trials)) >= config.trials:
+        time.sleep(_WAIT_SECONDS)  # the other workers' trials finish the study (or die)
+        continue
+      s.study.sampler = _sampler(config, s.process, _draw(trials))
+      record = _run_one(s, objective_fn)
+      if record["surplus"]:
+        continue
+      if record["failed"] is None:
+        failed_in_row = 0
+        continue
+      failed_in_row += 1
+      if failed_in_row >= config.max_failed:
+        raise SearchError(
+            f"search of {name!r}: {failed_in_row} trials failed in a row (last: "
+            f"{record['failed']}). Check the method's search space and inputs, or raise "
+            f"config.search.max_failed")
   finally:
     bar.close()
 
 
-def _selection(study: optuna.Study, trials: int) -> list[optuna.trial.FrozenTrial]:
-  """The first ``trials`` COMPLETE trials by number, once no live worker of this host is still
-  running a trial that could enter them (so every local worker selects from the same set)."""
+def _selection(s: _Search) -> list[optuna.trial.FrozenTrial]:
+  """The first ``config.trials`` COMPLETE trials by number, once no counted RUNNING trial could
+  still enter them (so every worker selects from the same set)."""
   while True:
-    _fail_stale(study)
-    chosen = _complete(study)[:trials]
+    _fail_stale(s)
+    trials = s.study.get_trials(deepcopy=False)
+    chosen = _complete(trials)[:s.config.trials]
     cutoff = chosen[-1].number if chosen else -1
-    running = [t for t in study.get_trials(deepcopy=False,
-                                           states=(optuna.trial.TrialState.RUNNING,))
-               if t.number < cutoff and t.user_attrs.get("host") == _HOST]
-    if not running:
+    if not [t for t in s.counted_running(trials) if t.number < cutoff]:
       return chosen
     time.sleep(_WAIT_SECONDS)
+
+
+def optimize(objective_fn: Callable[[optuna.Trial], Sequence[float]],
+             config: ml_collections.ConfigDict, directory: Path, name: str, *, process: int = 0,
+             fingerprint: dict | None = None,
+             progress: bool = True) -> list[optuna.trial.FrozenTrial]:
+  """The search machinery of `tune` for any objective: works on the study ``<study_prefix>
+  <name>`` (journal ``<directory>/<name>.journal`` or ``config.storage``) until it has
+  ``config.trials`` COMPLETE trials and returns the first ``config.trials`` of them by number.
+
+  ``objective_fn(trial)`` suggests its parameters on ``trial`` and returns the four OBJECTIVES
+  (told as they are with mode "nsga3", as their Euclidean norm with "tpe"), or raises (the
+  trial FAILs with the reason in its user attribute ``fail_reason``). A reproducible objective
+  takes its randomness from ``trial.user_attrs["key_trial"]`` (the trial's number, or for a
+  retry of a dead worker's trial the original's), not from ``trial.number``. ``fingerprint``
+  (JSON) is stored with the study; a stored study with another one is refused.
+  """
+  directory = Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  s = _open(config, directory, name, process, fingerprint or {"name": name})
+  _optimize(s, objective_fn, name, progress)
+  return _selection(s)
 
 
 def _write_best(path: Path, result: SearchResult, extra: dict) -> None:
@@ -350,7 +558,7 @@ def tune(method: str, ctx: methods_lib.Context, retrained, config: ml_collection
     process: this worker's index (seeds its sampler); several workers may share the study.
 
   Each trial suggests hyper-parameters (epoch budget `epoch_budget`), unlearns every tuning seed
-  at once with the key of its trial number, and reports the four objectives averaged over the
+  at once with the key of its trial number (a retried trial: its original's), and reports the four objectives averaged over the
   seeds (NSGA-III) or their Euclidean norm (TPE). Works until the study has ``config.trials``
   COMPLETE trials, then writes the best of the first ``config.trials`` and returns it.
   """
@@ -370,22 +578,23 @@ def tune(method: str, ctx: methods_lib.Context, retrained, config: ml_collection
   models = [int(m) for m in ctx.model_ids]
   fingerprint = {"method": spec.name, "mode": config.mode, "models": models,
                  "epoch_budget": e_max, "sampler_seed": config.sampler_seed}
-  study = _study(config, directory, spec.name, process, fingerprint)
   parts = [(ctx, _retrained_accuracy(ctx, retrained))]
 
   def objective_fn(trial: optuna.Trial) -> np.ndarray:
     params = spec.suggest(trial, e_max)
-    key = _trial_key(config.sampler_seed, trial.number)
+    key = _trial_key(config.sampler_seed, trial.user_attrs["key_trial"])
     per_model = _trial_objectives(spec, parts, params, key)
     trial.set_user_attr("objectives_per_model", per_model.tolist())
     return per_model.mean(0)
 
-  _optimize(study, objective_fn, config.trials, config.max_failed, spec.name, progress)
-  chosen = _selection(study, config.trials)
+  s = _open(config, directory, spec.name, process, fingerprint)
+  _optimize(s, objective_fn, spec.name, progress)
+  chosen = _selection(s)
   best = chosen[select_best([t.user_attrs["objectives"] for t in chosen])]
-  failed = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)))
+  trials = s.study.get_trials(deepcopy=False)
+  failed = sum(t.state == optuna.trial.TrialState.FAIL for t in trials)
   result = SearchResult(spec.name, dict(best.params), tuple(best.user_attrs["objectives"]),
-                        best.number, len(_complete(study)), failed)
+                        best.number, len(_complete(trials)), failed)
   _write_best(directory / f"{spec.name}.json", result,
               {"mode": config.mode, "trials": config.trials, "epoch_budget": e_max,
                "models": models, "objectives": list(OBJECTIVES)})

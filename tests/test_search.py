@@ -1,9 +1,11 @@
 """Hyper-parameter search: objective10, epoch budget, selection, studies (resume, failures,
-stale trials, several workers) and stack-vs-seed parity of the trial objective."""
+stale trials and their retries, the sampler's stream over resumes and extensions, several
+workers) and stack-vs-seed parity of the trial objective."""
 
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -172,71 +174,173 @@ def test_throughput_rows_of_the_stack_and_of_one_seed_at_a_time(tiny_ctx, retrai
   np.testing.assert_allclose(rows[0]["mean_objectives"], rows[1]["mean_objectives"], atol=1e-6)
 
 
-def test_interrupted_study_continues_to_exactly_the_requested_trials(
-    tiny_ctx, retrained, methods, tmp_path):
+def _trials(directory, name):
+  storage = optuna.storages.JournalStorage(
+      optuna.storages.journal.JournalFileBackend(str(Path(directory) / f"{name}.journal")))
+  return optuna.load_study(study_name=name, storage=storage).get_trials()
+
+
+def _same(trials, others):
+  """The same parameters and values, in order (trial numbers may differ)."""
+  return [(t.params, t.values) for t in trials] == [(t.params, t.values) for t in others]
+
+
+def test_interrupted_study_retries_its_trial_and_equals_the_uninterrupted_one(
+    tiny_ctx, retrained, methods, short_study, tmp_path):
   with pytest.raises(KeyboardInterrupt):  # the third trial is interrupted
     search.tune("search_stop", tiny_ctx, retrained, _config(), tmp_path, progress=False)
   assert not (tmp_path / "search_stop.json").exists()
   result = search.tune("search_stop", tiny_ctx, retrained, _config(), tmp_path, progress=False)
-  storage = optuna.storages.JournalStorage(
-      optuna.storages.journal.JournalFileBackend(str(tmp_path / "search_stop.journal")))
-  trials = optuna.load_study(study_name="search_stop", storage=storage).get_trials()
-  states = [t.state.name for t in trials]
-  assert states == ["COMPLETE", "COMPLETE", "FAIL", "COMPLETE"]
+  trials = _trials(tmp_path, "search_stop")
+  assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "FAIL", "COMPLETE"]
   assert trials[2].user_attrs["fail_reason"] == "interrupted"
-  assert [t.number for t in trials] == [0, 1, 2, 3]
+  # trial 3 retries trial 2: its parameters, its key; no worker attributes inherited
+  assert search._retried(trials[3]) == 2 and trials[3].user_attrs["key_trial"] == 2
+  assert trials[3].params == trials[2].params and "fail_reason" not in trials[3].user_attrs
   assert (result.trials_complete, result.trials_failed) == (3, 1)
+  # search_stop is search_ft with an interrupt: the same points and values as the
+  # uninterrupted study
+  uninterrupted = _trials(short_study[0], "search_ft")
+  assert _same([t for t in trials if t.state.name == "COMPLETE"], uninterrupted)
+  assert (result.best_params, result.best_values) == (short_study[1].best_params,
+                                                      short_study[1].best_values)
 
 
 def test_diverging_method_fails_with_reasons_and_stops_after_max_failed(
     tiny_ctx, retrained, methods, tmp_path):
   with pytest.raises(search.SearchError, match="'search_nan': 3 trials failed in a row"):
     search.tune("search_nan", tiny_ctx, retrained, _config(), tmp_path, progress=False)
-  storage = optuna.storages.JournalStorage(
-      optuna.storages.journal.JournalFileBackend(str(tmp_path / "search_nan.journal")))
-  trials = optuna.load_study(study_name="search_nan", storage=storage).get_trials()
+  trials = _trials(tmp_path, "search_nan")
   assert [t.state.name for t in trials] == ["FAIL"] * 3
   for t in trials:
     assert "non-finite weights after unlearning (models [0, 1])" in t.user_attrs["fail_reason"]
   assert search.load_best(tmp_path, "search_nan") is None
 
 
-def _journal_study(path, mode="tpe", process=0):
-  fingerprint = {"method": "stub"}
-  return search._study(_config(mode=mode, population_size=2), Path(path), "stub", process,
-                       fingerprint)
+def _stub_config(mode="tpe", trials=3, **overrides):
+  return _config(mode=mode, trials=trials, population_size=4, **overrides)
+
+
+def _journal_study(path, mode="tpe", process=0, trials=3):
+  return search._open(_stub_config(mode, trials), Path(path), "stub", process, {"name": "stub"})
 
 
 def _stub(trial):
   x = trial.suggest_float("x", 0.0, 1.0)
-  return (x, 1 - x, x * x, 0.5)
+  y = trial.suggest_float("y", 0.0, 1.0)
+  return (x, 1 - x, x * y, 0.5)
 
 
-def test_stale_running_trial_of_a_dead_worker_becomes_fail(tmp_path):
+@pytest.mark.parametrize("mode", search.MODES)
+def test_extended_study_continues_the_sampler_stream(mode, tmp_path):
+  """2 trials, then 14 on the same study: the new ones are new points (before the fix, trials
+  2 and 3 replayed 0 and 1), and the study equals one run to 14 at once (TPE past its 10 random
+  startup trials, NSGA-III past generation 0 of 4)."""
+  at_once = search.optimize(_stub, _stub_config(mode, 14), tmp_path / "a", "stub", progress=False)
+  first = search.optimize(_stub, _stub_config(mode, 2), tmp_path / "b", "stub", progress=False)
+  extended = search.optimize(_stub, _stub_config(mode, 14), tmp_path / "b", "stub",
+                             progress=False)
+  assert _same(extended[:2], first) and _same(extended, at_once)
+  points = [tuple(t.params.values()) for t in extended]
+  assert len(set(points[:4])) == 4  # random: TPE's startup, NSGA-III's first generation
+  assert mode == "nsga3" or len(set(points)) == 14  # (NSGA-III children may copy a parent)
+  generations = {t.system_attrs.get("NSGAIIISampler:generation") for t in extended}
+  assert mode == "tpe" or generations == {0, 1, 2, 3}
+
+
+_KILLED_WORKER = textwrap.dedent("""
+    import os, signal, sys
+    sys.path[:0] = [{root!r}, {tests!r}]
+    import test_search
+    from jaxmu import search
+    def objective(trial):
+      if trial.number == {kill_at}:
+        test_search._stub(trial)  # mid-trial: parameters drawn, no result
+        os.kill(os.getpid(), signal.SIGKILL)
+      return test_search._stub(trial)
+    search.optimize(objective, test_search._stub_config({mode!r}, {trials}), {path!r}, "stub",
+                    progress=False)
+""")
+
+
+def _killed_worker(path, mode, kill_at, trials):
+  """A worker process that SIGKILLs itself inside trial ``kill_at``."""
+  script = _KILLED_WORKER.format(root=str(Path(__file__).resolve().parents[1]),
+                                 tests=str(Path(__file__).parent), path=str(path), mode=mode,
+                                 kill_at=kill_at, trials=trials)
+  return subprocess.Popen([sys.executable, "-c", script])
+
+
+@pytest.mark.parametrize("mode", search.MODES)
+def test_killed_and_resumed_study_equals_the_uninterrupted_one(mode, tmp_path):
+  """One worker killed (SIGKILL) inside trial 6, resumed to 12: the dead worker's trial is FAIL
+  (pid check) and retried with its parameters; the COMPLETE trials equal an uninterrupted run."""
+  killed = _killed_worker(tmp_path / "killed", mode, kill_at=6, trials=12)
+  uninterrupted = search.optimize(_stub, _stub_config(mode, 12), tmp_path / "a", "stub",
+                                  progress=False)
+  assert killed.wait(timeout=120) == -signal.SIGKILL
+  trials = _trials(tmp_path / "killed", "stub")
+  assert [t.state.name for t in trials] == ["COMPLETE"] * 6 + ["RUNNING"]
+  resumed = search.optimize(_stub, _stub_config(mode, 12), tmp_path / "killed", "stub",
+                            progress=False)
+  trials = _trials(tmp_path / "killed", "stub")
+  assert trials[6].state.name == "FAIL"
+  assert trials[6].user_attrs["fail_reason"] == (
+      f"worker {search._HOST}:{killed.pid} died while running it")
+  assert search._retried(trials[7]) == 6 and trials[7].params == trials[6].params
+  assert [t.number for t in resumed] == [0, 1, 2, 3, 4, 5] + list(range(7, 13))
+  assert _same(resumed, uninterrupted)
+
+
+def test_stale_running_trial_of_a_dead_worker_becomes_fail_and_is_retried(tmp_path):
   dead = subprocess.Popen([sys.executable, "-c", "pass"])
   dead.wait()
-  study = _journal_study(tmp_path)
+  s = _journal_study(tmp_path)
   for host, pid in ((search._HOST, dead.pid), (search._HOST, os.getppid()),
                     ("elsewhere", dead.pid)):
-    trial = study.ask()
+    trial = s.study.ask()
+    trial.suggest_float("x", 0.0, 1.0)
     trial.set_user_attr("host", host)
     trial.set_user_attr("pid", pid)
-  search._optimize(study, _stub, trials=2, max_failed=3, name="stub", progress=False)
-  trials = study.get_trials()
-  assert [t.state.name for t in trials] == ["FAIL", "RUNNING", "RUNNING", "COMPLETE", "COMPLETE"]
+  assert search._fail_stale(s) == [0] and search._fail_stale(s) == []
+  trials = s.study.get_trials()
+  assert [t.state.name for t in trials] == ["FAIL", "RUNNING", "RUNNING", "WAITING"]
   reason = f"worker {search._HOST}:{dead.pid} died while running it"
   assert trials[0].user_attrs["fail_reason"] == reason
+  assert trials[3].params == trials[0].params and trials[3].user_attrs == {}
+  # the live worker's trial counts (the study waits for it); the other host's cannot be checked
+  assert [t.number for t in s.counted_running(trials)] == [1]
+  s.study.tell(1, 0.5)  # the live worker finishes
+  search._optimize(s, _stub, name="stub", progress=False)
+  trials = s.study.get_trials()
+  assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "RUNNING", "COMPLETE", "COMPLETE"]
+  assert trials[3].params["x"] == trials[0].params["x"]
+  assert trials[3].user_attrs["key_trial"] == 0
+
+
+def test_a_trial_asked_when_the_study_is_full_is_a_surplus_fail(tmp_path):
+  s = _journal_study(tmp_path, trials=2)
+  s.study.enqueue_trial({"x": 0.5, "y": 0.5})
+  search._run_one(s, _stub)  # trial 0 COMPLETE
+  trial = s.study.ask()  # trial 1: a live worker of this host runs it
+  trial.set_user_attr("host", search._HOST)
+  trial.set_user_attr("pid", os.getppid())
+  record = search._run_one(s, lambda trial: pytest.fail("a surplus trial runs nothing"))
+  assert record == {"number": 2, "surplus": True, "failed": (
+      "surplus: 2 trials of lower numbers were complete or running when it started")}
+  assert s.study.get_trials()[2].state.name == "FAIL"
 
 
 def test_nsga3_study_tells_the_four_objectives_and_fails_non_finite_ones(tmp_path):
-  study = _journal_study(tmp_path, mode="nsga3")
-  search._optimize(study, _stub, trials=3, max_failed=3, name="stub", progress=False)
-  for t in study.get_trials():
+  s = _journal_study(tmp_path, mode="nsga3")
+  search._optimize(s, _stub, name="stub", progress=False)
+  for t in s.study.get_trials():
     assert t.values == list(_stub(optuna.trial.FixedTrial(t.params)))
+  assert s.study.metric_names == list(search.OBJECTIVES)
+  s.config.update(trials=4, max_failed=2)
   with pytest.raises(search.SearchError, match="'stub': 2 trials failed in a row"):
-    search._optimize(study, lambda trial: (0.0, np.inf, 0.0, 0.0), trials=4, max_failed=2,
-                     name="stub", progress=False)
-  assert study.get_trials()[-1].user_attrs["fail_reason"] == (
+    search._optimize(s, lambda trial: (0.0, np.inf, 0.0, 0.0), name="stub", progress=False)
+  assert s.study.get_trials()[-1].user_attrs["fail_reason"] == (
       "TrialFailed: non-finite objectives [0.0, inf, 0.0, 0.0]")
 
 
@@ -246,10 +350,9 @@ _WORKER = textwrap.dedent("""
     sys.path[:0] = [{root!r}, {tests!r}]
     import test_search
     from jaxmu import search
-    study = test_search._journal_study({path!r}, process=1)
+    s = test_search._journal_study({path!r}, process=1, trials=8)
     Path({path!r}, "ready").touch()
-    search._optimize(study, test_search._slow_stub, trials=8, max_failed=3, name="stub",
-                     progress=False)
+    search._optimize(s, test_search._slow_stub, name="stub", progress=False)
 """)
 
 
@@ -272,11 +375,13 @@ def test_two_workers_share_one_journal(tmp_path):
   while not (tmp_path / "ready").exists() and other.poll() is None:
     assert time.monotonic() < deadline, "the second worker did not start"
     time.sleep(0.05)
-  study = _journal_study(tmp_path, process=0)
-  search._optimize(study, _slow_stub, trials=8, max_failed=3, name="stub", progress=False)
+  s = _journal_study(tmp_path, process=0, trials=8)
+  search._optimize(s, _slow_stub, name="stub", progress=False)
   assert other.wait(timeout=120) == 0
-  trials = study.get_trials()
+  trials = s.study.get_trials()
   complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-  assert len(complete) >= 8 and len(complete) == len(trials)
+  assert len(complete) == 8  # exactly: a worker starts no trial the others' would make surplus
+  assert all(t.user_attrs["fail_reason"].startswith("surplus") for t in trials
+             if t.state != optuna.trial.TrialState.COMPLETE)
   assert sorted(t.number for t in trials) == list(range(len(trials)))
   assert {t.user_attrs["pid"] for t in trials} == {os.getpid(), other.pid}
