@@ -271,6 +271,7 @@ def _killed_worker(path, mode, kill_at, trials):
   return subprocess.Popen([sys.executable, "-c", script])
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("mode", search.MODES)
 def test_killed_and_resumed_study_equals_the_uninterrupted_one(mode, tmp_path):
   """One worker killed (SIGKILL) inside trial 6, resumed to 12: the dead worker's trial is FAIL
