@@ -108,7 +108,17 @@ def restore(path: str | os.PathLike, like: Any) -> Any:
   dtypes are cast to those of ``like``.
   """
   path = Path(path).absolute()
-  saved = {p: tuple(leaf["shape"]) for p, leaf in _read(path)["leaves"].items()}
+  _check_leaves(path, _read(path)["leaves"], like)
+  with ocp.StandardCheckpointer() as ckptr:
+    restored = ckptr.restore(path / _STATE, jax.tree.map(_stored_abstract, like))
+  return jax.tree.map(
+      lambda x, r: jax.random.wrap_key_data(r, dtype=x.dtype)
+      if _is_typed_key(x) else r, like, restored)
+
+
+def _check_leaves(path: Path, leaves: dict, like: Any) -> None:
+  """ValueError when the checkpoint's leaf paths or shapes differ from those of ``like``."""
+  saved = {p: tuple(leaf["shape"]) for p, leaf in leaves.items()}
   wanted = {p: tuple(leaf["shape"]) for p, leaf in _signature(like).items()}
   if saved != wanted:
     diffs = [f"{p}: checkpoint {saved.get(p, 'absent')}, expected {wanted.get(p, 'absent')}"
@@ -117,34 +127,49 @@ def restore(path: str | os.PathLike, like: Any) -> Any:
         f"checkpoint {path} was written for another model/state: {len(diffs)} leaves differ "
         f"in path or shape, first: " + "; ".join(diffs[:5]))
 
-  default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
-  def abstract(x):
-    sharding = getattr(x, "sharding", None)
-    if _is_typed_key(x) or not isinstance(sharding, jax.sharding.Sharding):
-      sharding = default
-    data = _stored(x)
-    return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=sharding)
+def _sharding(x: Any) -> jax.sharding.Sharding:
+  sharding = getattr(x, "sharding", None)
+  if _is_typed_key(x) or not isinstance(sharding, jax.sharding.Sharding):
+    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return sharding
 
-  with ocp.StandardCheckpointer() as ckptr:
-    restored = ckptr.restore(path / _STATE, jax.tree.map(abstract, like))
-  return jax.tree.map(
-      lambda x, r: jax.random.wrap_key_data(r, dtype=x.dtype)
-      if _is_typed_key(x) else r, like, restored)
+
+def _stored_abstract(x: Any) -> jax.ShapeDtypeStruct:
+  """The abstract leaf `save` wrote for ``x`` (a typed key's data), placed like ``x``."""
+  data = _stored(x)
+  return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=_sharding(x))
+
+
+def _abstract(x: Any) -> jax.ShapeDtypeStruct:
+  """``x`` as orbax restores it (typed PRNG keys stay typed), placed like ``x``."""
+  return jax.ShapeDtypeStruct(np.shape(x), x.dtype if hasattr(x, "dtype") else
+                              np.asarray(x).dtype, sharding=_sharding(x))
 
 
 class TrainingCheckpoints:
-  """Periodic checkpoints of a training loop: ``<dir>/<epoch>/``, keeping the last ``keep``.
+  """Periodic checkpoints of a training loop, kept by orbax's `CheckpointManager`:
+  ``<dir>/<epoch>/`` (8 digits) holding the state and ``metadata`` (JSON), the last ``keep``
+  kept (``max_to_keep``).
 
-  Every checkpoint is published by :func:`save` (temp dir + rename), so an epoch listed by
-  :meth:`latest` is always complete; a crash mid-save leaves only a hidden temp dir, removed by
-  the next save.
+  Orbax writes each step under a temp name and renames it when complete, so an epoch listed by
+  :meth:`latest` is always whole; a crash mid-save leaves only that temp directory, which is never
+  listed and is removed by the next manager. Restores check leaf paths and shapes as `restore`.
   """
 
   def __init__(self, directory: str | os.PathLike, keep: int = 2):
     if keep < 1:
       raise ValueError(f"keep must be >= 1, got {keep}")
-    self.dir, self.keep = Path(directory), keep
+    self.dir, self.keep = Path(directory).absolute(), keep
+    self._manager: ocp.CheckpointManager | None = None
+
+  def _open(self) -> ocp.CheckpointManager:
+    if self._manager is None:  # lazily: opening creates the directory
+      options = ocp.CheckpointManagerOptions(
+          max_to_keep=self.keep, step_format_fixed_length=8, enable_async_checkpointing=False)
+      self._manager = ocp.CheckpointManager(self.dir, options=options,
+                                            item_names=("state", "metadata"))
+    return self._manager
 
   def path(self, epoch: int) -> Path:
     return self.dir / f"{epoch:08d}"
@@ -153,21 +178,29 @@ class TrainingCheckpoints:
     """Epochs with a complete checkpoint, ascending."""
     if not self.dir.exists():
       return []
-    return sorted(int(p.name) for p in self.dir.iterdir() if re.fullmatch(r"\d{8}", p.name))
+    manager = self._open()
+    manager.reload()  # another process (a resumed run) may have written since
+    return sorted(manager.all_steps())
 
   def latest(self) -> int | None:
     epochs = self.epochs()
     return epochs[-1] if epochs else None
 
   def save(self, epoch: int, tree: Any, metadata: dict | None = None) -> None:
-    save(self.path(epoch), tree, metadata)
-    for old in self.epochs()[:-self.keep]:
-      shutil.rmtree(self.path(old))
-    for stale in self.dir.glob(".*.tmp-*"):  # left by a crashed save
-      shutil.rmtree(stale, ignore_errors=True)
+    meta = {"metadata": metadata or {}, "leaves": _signature(tree)}
+    self._open().save(epoch, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(tree), metadata=ocp.args.JsonSave(meta)), force=True)
+    self._open().wait_until_finished()
+
+  def _meta(self, epoch: int) -> dict:
+    return self._open().restore(epoch, args=ocp.args.Composite(
+        metadata=ocp.args.JsonRestore()))["metadata"]
 
   def restore(self, epoch: int, like: Any) -> Any:
-    return restore(self.path(epoch), like)
+    _check_leaves(self.path(epoch), self._meta(epoch)["leaves"], like)
+    abstract = jax.tree.map(_abstract, like)
+    return self._open().restore(epoch, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract)))["state"]
 
   def metadata(self, epoch: int) -> dict:
-    return read_metadata(self.path(epoch))
+    return self._meta(epoch)["metadata"]
