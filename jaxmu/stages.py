@@ -49,6 +49,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import filelock
 
+from jaxmu import tensorboard
+
 __all__ = ["Workdir", "Stage", "config_hash", "to_json", "atomic_write", "publish_dir",
            "run_stages"]
 
@@ -202,6 +204,8 @@ class Workdir:
                           "directory (created when missing)"])
     self.ran: dict[str, str] = {}  # stage -> why it ran in this process, or "reused"
     self._metrics_keys: set = set()  # (stage, model) whose rows this process has appended
+    self._scalars = tensorboard.Scalars(self.path("tensorboard")) if tensorboard.enabled() \
+        else None
     self.path("stages").mkdir(parents=True, exist_ok=True)
     self.path(".tmp").mkdir(exist_ok=True)
 
@@ -311,6 +315,8 @@ class Workdir:
     self._metrics_keys |= set(keys)
     with open(path, "a") as f:
       f.write("".join(to_json(r) + "\n" for r in rows))
+    if self._scalars is not None:
+      self._scalars.write(rows)
 
 
 def metric_rows(record: Mapping[str, Any]) -> list[dict[str, Any]]:
