@@ -200,7 +200,7 @@ def seed_context(ctx: methods_lib.Context, m: int) -> methods_lib.Context:
 # --------------------------------------------------------------------------------------------
 
 # A retried trial keeps its parameters and drops these (they describe the dead worker's run).
-_WORKER_ATTRS = ("host", "pid", "pid_start", "fail_reason")
+_WORKER_ATTRS = ("host", "pid", "pid_start", "heartbeat", "fail_reason")
 # Optuna 4.9 renamed RetryFailedTrialCallback (now a deprecated alias).
 _RetryCallback = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback",
                          optuna.storages.RetryFailedTrialCallback)
@@ -266,10 +266,12 @@ class _Search:
     return isinstance(self.storage, optuna.storages.RDBStorage)
 
   def counted_running(self, trials) -> list[optuna.trial.FrozenTrial]:
-    """The RUNNING trials that will finish or be failed: all of them with heartbeats; on a
-    journal those of this host (another host's dead worker cannot be told from a live one)."""
+    """The RUNNING trials that will finish or be failed: with heartbeats, those run with one
+    (user attribute ``heartbeat``; not a trial of an older jaxmu that no heartbeat can fail); on
+    a journal those of this host (another host's dead worker cannot be told from a live one)."""
     return [t for t in trials if t.state == optuna.trial.TrialState.RUNNING
-            and (self.heartbeat or t.user_attrs.get("host") == _HOST)]
+            and (t.user_attrs.get("heartbeat") if self.heartbeat
+                 else t.user_attrs.get("host") == _HOST)]
 
 
 def _fail_stale(s: _Search) -> list[int]:
@@ -415,6 +417,8 @@ def _run_one(s: _Search, objective_fn: Callable[[optuna.Trial], Sequence[float]]
     trial.set_user_attr("host", _HOST)
     trial.set_user_attr("pid", os.getpid())
     trial.set_user_attr("pid_start", _process_start(os.getpid()))
+    if s.heartbeat:  # Study.optimize keeps its heartbeat while this runs
+      trial.set_user_attr("heartbeat", True)
     trials = s.study.get_trials(deepcopy=False)
     before = [t for t in _complete(trials) + s.counted_running(trials) if t.number < trial.number]
     if len(before) >= s.config.trials:

@@ -130,6 +130,32 @@ def test_rdb_storage_has_heartbeats_and_retries_stale_trials(tmp_path):
       search._storage(_config(f"sqlite:///{tmp_path}/db.sqlite3", **bad), tmp_path, "stub")
 
 
+def test_rdb_trial_without_heartbeat_is_failed_and_retried(tmp_path):
+  """One process on SQLite: a trial whose heartbeat stopped (recorded once, then silence past
+  the grace period) is FAIL and retried by Optuna's callback; a RUNNING trial that never had a
+  heartbeat (an older jaxmu's) neither blocks the study nor is failed."""
+  config = _config(f"sqlite:///{tmp_path}/db.sqlite3", heartbeat_interval=1, grace_period=1)
+  s = search._open(config, tmp_path, "stub", 0, {"name": "stub"})
+  with pytest.warns(UserWarning, match="Heartbeat"):  # asked outside Study.optimize
+    old, dead = s.study.ask(), s.study.ask()
+  for trial in (old, dead):
+    stub(trial)
+  dead.set_user_attr("heartbeat", True)
+  study_id = s.storage.get_study_id_from_name(s.study.study_name)
+  s.storage.record_heartbeat(s.storage.get_trial_id_from_study_id_trial_number(study_id, 1))
+  assert [t.number for t in s.counted_running(s.study.get_trials())] == [1]
+  time.sleep(2.5)
+  search._fail_stale(s)
+  trials = s.study.get_trials()
+  assert [t.state.name for t in trials] == ["RUNNING", "FAIL", "WAITING"]
+  assert search._retried(trials[2]) == 1 and trials[2].params == trials[1].params
+  assert "heartbeat" not in trials[2].user_attrs
+  chosen = search._optimize(s, stub, "stub", progress=False) or search._selection(s)
+  assert [t.number for t in chosen] == [2, 3, 4]
+  assert chosen[0].params == trials[1].params and chosen[0].user_attrs["key_trial"] == 1
+  assert s.study.get_trials()[0].state.name == "RUNNING"
+
+
 def test_postgresql_urls_get_the_psycopg2_driver_of_the_search_extra():
   assert search._rdb_url("postgresql://u:p@h:5/db") == "postgresql+psycopg2://u:p@h:5/db"
   assert search._rdb_url("postgres://h/db") == "postgresql+psycopg2://h/db"
