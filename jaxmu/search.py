@@ -450,7 +450,7 @@ def _run_one(s: _Search, objective_fn: Callable[[optuna.Trial], Sequence[float]]
   try:
     s.study.optimize(run, n_trials=1, catch=(_Failed,))
   except BaseException:
-    if record["number"] is not None:
+    if record["number"] is not None and record["failed"] in (None, "interrupted"):
       try:
         s.study.tell(record["number"], state=optuna.trial.TrialState.FAIL)
       except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
