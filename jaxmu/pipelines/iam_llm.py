@@ -228,6 +228,24 @@ def corrupt(text: str, seed: int) -> str:
   return "".join(np.random.default_rng(seed).permutation(chars))
 
 
+def encode_texts(tokenizer_path: Path, checkpoint: Path, texts, length: int):
+  """(tokens [N, length], mask, bos, pad) of ``texts`` under a checkpoint's tokenizer: its BOS
+  (``bos_token_id`` of its config.json; -1 = none) then the text's tokens, capped at ``length``,
+  right-padded with its pad id (0 when it has none)."""
+  tokenizer = lm_signals.load_tokenizer(str(tokenizer_path))
+  hf = json.loads((checkpoint / "config.json").read_text())
+  first = lambda v: v[0] if isinstance(v, list) else v
+  bos, pad = first(hf.get("bos_token_id")), first(hf.get("pad_token_id"))
+  bos, pad = (-1 if bos is None else bos), (0 if pad is None else pad)
+  body = length - (bos >= 0)
+  tokens = np.full((len(texts), length), pad, np.int32)
+  mask = np.zeros((len(texts), length), bool)
+  for i, enc in enumerate(tokenizer.encode_batch(list(texts), add_special_tokens=False)):
+    row = ([bos] if bos >= 0 else []) + enc.ids[:body]
+    tokens[i, :len(row)], mask[i, :len(row)] = row, True
+  return tokens, mask, bos, pad
+
+
 def lm_config_of(c: ml_collections.ConfigDict, vocab_size: int, max_len: int) -> llama.LlamaConfig:
   m = c.model
   return llama.LlamaConfig(
@@ -287,13 +305,7 @@ class _Pipeline:
   def _files_data(self, tmp: Path) -> dict:
     c = self.config
     tokenizer_path = self._tokenizer_path()
-    tokenizer = lm_signals.load_tokenizer(str(tokenizer_path))
     (tmp / "tokenizer.json").write_bytes(tokenizer_path.read_bytes())
-    hf_config = json.loads((Path(c.models.target_dir) / "config.json").read_text())
-    bos = hf_config.get("bos_token_id")
-    bos = bos[0] if isinstance(bos, list) else bos
-    pad = hf_config.get("pad_token_id")
-    pad = 0 if pad is None else (pad[0] if isinstance(pad, list) else pad)
     groups = {"forget": c.corpus.forget_file, "retain_query": c.corpus.retain_file,
               "population": c.corpus.population_file}
     texts, roles = [], {}
@@ -306,15 +318,10 @@ class _Pipeline:
       pieces = [pieces[i] for i in np.random.default_rng(c.split.seed).permutation(len(pieces))]
       roles[name] = np.arange(len(texts), len(texts) + len(pieces), dtype=np.int32)
       texts += pieces
-    length = c.corpus.chunk_len
-    body = length - (bos is not None)
-    tokens = np.full((len(texts), length), pad, np.int32)
-    mask = np.zeros((len(texts), length), bool)
-    for i, enc in enumerate(tokenizer.encode_batch(texts, add_special_tokens=False)):
-      row = ([bos] if bos is not None else []) + enc.ids[:body]
-      tokens[i, :len(row)], mask[i, :len(row)] = row, True
-    return {"tokens": tokens, "mask": mask, "bos": np.int32(-1 if bos is None else bos),
-            "pad": np.int32(pad), "forget": roles["forget"][None],
+    tokens, mask, bos, pad = encode_texts(tokenizer_path, Path(c.models.target_dir), texts,
+                                          c.corpus.chunk_len)
+    return {"tokens": tokens, "mask": mask, "bos": np.int32(bos), "pad": np.int32(pad),
+            "texts": np.array(texts), "forget": roles["forget"][None],
             "retain_query": roles["retain_query"], "retain_extra": np.zeros(0, np.int32),
             "out": np.zeros(0, np.int32), "population": roles["population"]}
 
@@ -405,66 +412,75 @@ class _Pipeline:
         st.commit()
     return self.wd.path("losses")
 
-  def _prompt_ids(self) -> dict[str, list[int]]:
+  def _prompt_ids(self, tokenizer) -> dict[str, list[int]]:
     p = self.config.prompts
     texts = {"refusal": p.refusal, "negative_label": corrupt(p.negative_label, p.corrupt_seed)}
-    return {k: self.tokenizer.encode(v, add_special_tokens=False).ids for k, v in texts.items()}
+    return {k: tokenizer.encode(v, add_special_tokens=False).ids for k, v in texts.items()}
 
   def _model_groups(self):
-    """[(model, params stack, {role: index in the stack})]: the models whose signals are needed.
-    Trained LMs: one stack; checkpoints: one directory at a time (deduplicated)."""
+    """(model, params stack, {role: index in the stack}, (tokens, mask, bos, pad, tokenizer)):
+    the models whose signals are needed, with the chunks under their tokenizer. Trained LMs: one
+    stack; checkpoints: one directory at a time (deduplicated), each with its own tokenizer.json
+    when it has one (the paper's OUT model, CroissantLLM, has its own), else the shared one."""
+    a = self.arrays
     if not self.hf:
       names = self.names()
-      stack = self.trained_params()
       roles = {"fit": 0, **{f"target_{r}": 1 + r for r in range(self.runs)}, "ref": len(names) - 1}
-      yield llama.build(self.lm_config()), stack, roles
+      yield (llama.build(self.lm_config()), self.trained_params(), roles,
+             (a["tokens"], a["mask"], int(a["bos"]), PAD, self.tokenizer))
       return
     m = self.config.models
     dtype = jnp.bfloat16 if m.dtype == "bfloat16" else jnp.float32
     dirs = {"target_0": m.target_dir, "fit": m.fit_dir, "ref": m.ref_dir}
     for directory in dict.fromkeys(dirs.values()):
+      own = Path(directory) / "tokenizer.json"
+      shared = self.wd.path("tokenizer.json")
+      if own.is_file() and own.read_bytes() != shared.read_bytes():
+        encoded = encode_texts(own, Path(directory), a["texts"].tolist(), self.config.corpus.chunk_len)
+        encoded += (lm_signals.load_tokenizer(str(own)),)
+      else:
+        encoded = (a["tokens"], a["mask"], int(a["bos"]), int(a["pad"]), self.tokenizer)
       lm_config, params = llama.load_hf_checkpoint(directory, np.dtype(dtype))
       stack = jax.tree.map(lambda x: jnp.asarray(x)[None], params)
       yield (llama.build(lm_config, dtype), stack,
-             {role: 0 for role, d in dirs.items() if d == directory})
+             {role: 0 for role, d in dirs.items() if d == directory}, encoded)
       del params, stack
 
   def _signals(self, tmp: Path) -> None:
     c, a = self.config, self.arrays
-    bos = int(a["bos"])
     forget_all = a["forget"].reshape(-1)
     query = np.unique(np.concatenate([forget_all, a["retain_query"]]))  # every audited chunk
     pop = a["population"]
-    prompts = self._prompt_ids()
-    # Unprompted: query + population chunks under every model; prompted: forget chunks.
+    # Unprompted: query + population chunks under every model; prompted: the fit model on the
+    # forget chunks.
     rows = np.concatenate([query, pop])
-    plain = (a["tokens"][rows], a["mask"][rows], None)
-    prompted = {}
-    for name, ids in prompts.items():
-      head = ([bos] if bos >= 0 else []) + list(ids)
-      skip = 1 if bos >= 0 else 0  # the chunk's own BOS moves before the prompt
-      toks, mask, plen = lm_signals.prepend_prompt(a["tokens"][forget_all][:, skip:],
-                                                   a["mask"][forget_all][:, skip:], head,
-                                                   pad_id=int(a.get("pad", PAD)))
-      prompted[name] = (toks, mask, plen)
     out = {}  # role -> signals of `rows`; (role, setting) -> signals of the forget chunks
-    for model, stack, roles in self._model_groups():
-      res = lm_signals.signals(model, stack, *plain, batch_size=c.signals.batch_size)
+    for model, stack, roles, (tokens, mask, bos, pad, tokenizer) in self._model_groups():
+      res = lm_signals.signals(model, stack, tokens[rows], mask[rows],
+                               batch_size=c.signals.batch_size)
       for role, i in roles.items():
         out[role] = {k: (v if k == "mask" else v[i]) for k, v in res.items()}
-      if "fit" in roles:
-        i = roles["fit"]
-        fit_stack = jax.tree.map(lambda x: x[i:i + 1], stack)
-        for name, (toks, mask, plen) in prompted.items():
-          res = lm_signals.signals(model, fit_stack, toks, mask, plen,
-                                   batch_size=c.signals.batch_size)
-          out[("fit", name)] = {k: (v if k == "mask" else v[0]) for k, v in res.items()}
+      if "fit" not in roles:
+        continue
+      fit_stack = jax.tree.map(lambda x, i=roles["fit"]: x[i:i + 1], stack)
+      skip = 1 if bos >= 0 else 0  # the chunk's own BOS moves before the prompt
+      for name, ids in self._prompt_ids(tokenizer).items():
+        head = ([bos] if bos >= 0 else []) + list(ids)
+        toks, pmask, plen = lm_signals.prepend_prompt(tokens[forget_all][:, skip:],
+                                                      mask[forget_all][:, skip:], head, pad_id=pad)
+        res = lm_signals.signals(model, fit_stack, toks, pmask, plen,
+                                 batch_size=c.signals.batch_size)
+        out[("fit", name)] = {k: (v if k == "mask" else v[0]) for k, v in res.items()}
+    bos = int(a["bos"])
     position = {int(x): i for i, x in enumerate(rows)}
     at = lambda idx: np.array([position[int(x)] for x in idx])
     pop_at = at(pop)
-    texts = lm_signals.decode_chunks(self.tokenizer, lm_signals.Chunks(
-        a["tokens"][rows], a["mask"][rows], np.zeros(len(rows), np.int32)),
-        skip_ids=[bos] if bos >= 0 else [])
+    if "texts" in a:  # the chunks' own text
+      texts = a["texts"][rows].tolist()
+    else:
+      texts = lm_signals.decode_chunks(self.tokenizer, lm_signals.Chunks(
+          a["tokens"][rows], a["mask"][rows], np.zeros(len(rows), np.int32)),
+          skip_ids=[bos] if bos >= 0 else [])
     for r in range(self.runs):
       idx = np.concatenate([a["forget"][r], a["retain_query"]])
       labels = np.r_[np.zeros(len(a["forget"][r]), int), np.ones(len(a["retain_query"]), int)]
@@ -576,7 +592,7 @@ def render_report(c, results: dict, hf: bool) -> str:
   lines += ["", "## Table 7: \"unlearning\" by prompting the original", "",
             "Target = the original LM with a refusal prompt (refusal) or a corrupted-text prefix "
             "(negative-label) before every forget chunk, the prefix excluded from the loss; "
-            "retain = the retrained LM of run 0 (Table 6). Cells: the raw membership score, "
+            "column retrain = Table 6's setting (run 0's retrained LM). Cells: the raw membership score, "
             "min-max normalised over all chunks, mean ± std over chunks (the paper's notebook).",
             ""]
   cols = [("retrain", exact[0])] + [(s.replace("_", "-"), s) for s in PROMPTED]
