@@ -195,8 +195,8 @@ def test_report_files_with_tuning_stages_and_ulira(tmp_path):
   original = np.mean([[abs(a - b) / 3 for a, b in zip(ACC["original"][k], ACC["retrain"][k])]
                       [:2] + [abs(ACC["original"][k][2] - ACC["retrain"][k][2]) / 3, 0.2]
                       for k in range(2)], axis=0)
-  assert (f"| close | tpe | 0, 1 | 4 | 1 | 2 | 0.0050 | {np.linalg.norm(original):.4f} |"
-          in text)
+  assert (f"| close | tpe | 0, 1 | 4 | 1 | 2 | 0.0050 (0.003, 0.004, 0.000, 0.000) | "
+          f"{np.linalg.norm(original):.4f} (" in text)
   assert "objective10 is the search's objective, not RetDev" in text
   assert "Not tuned (the config's hyper-parameters): tie, far." in text
   assert "Stages recomputed in this run: unlearn_close (config changed), report (new)." in text
@@ -290,3 +290,23 @@ def test_diverged_final_runs_are_marked_failed_not_measured():
   assert all(np.isnan(rows[1][k]) for k in deepunlearn.COLUMNS
              if k not in ("failure", "seconds", "rte"))
   assert (rows[1]["seconds"], rows[1]["rte"]) == (2.0, 2.0)
+
+
+def test_tuned_method_against_its_reference_defaults(tmp_path):
+  """"close@defaults" (close's run with its defaults) worse on every seed: the report says the
+  tuned method is better, paired by seed, and gives both the same colour."""
+  rows = _rows() + [dict(r, method="close@defaults", retdev=r["retdev"] + 0.05)
+                    for r in _rows() if r["method"] == "close"]
+  summary = {s["method"]: s for s in report.benchmark_summary(rows)}
+  assert summary["close"]["vs_defaults_diff"] == pytest.approx(-0.05)
+  assert summary["close"]["vs_defaults_tied"] == 0.0
+  times = {"models": 4, "epochs": 2, "stack_seconds": 20.0, "seconds_per_model": 5.0}
+  tuning = {"close": {"trials_complete": 4, "trials_failed": 0, "seeds": (0, 1), "mode": "tpe",
+                      "best_trial": 0, "best_params": {}, "best_values": [0.0] * 4}}
+  text = report.write_benchmark_report(tmp_path, "T", rows, times, tuning, {}).read_text()
+  assert "close -0.0500 [-0.0500, -0.0500] (better)" in text
+  assert "**Tuned against reference defaults**" in text and "(better)" in text
+  assert "Every tuned method is at least as good as its defaults." in text
+  assert "| close@defaults |" in text.split("## Reference defaults")[1]
+  colors = report.method_colors(["close", "close@defaults", "msg@defaults"])
+  assert colors["close"] == colors["close@defaults"] and colors["msg@defaults"] == colors["msg"]

@@ -16,9 +16,11 @@ Stages (``config.stop_after`` names the last one to run):
 5. ``unlearn``: every method of ``config.methods`` on the stack of all originals, one resumable
    stage ``unlearn_<method>`` per method, with ``config.unlearn.<method>`` updated by the search's
    best hyper-parameters when the method was tuned (``unlearned/<method>``, with its run time,
-   compilation excluded).
+   compilation excluded); with ``config.tuned_defaults`` every tuned method also with its
+   reference defaults (``unlearn_<method>@defaults``, ``unlearned/<method>@defaults``).
 6. ``evaluate``: every metric of every (method, seed), ``original`` and ``retrain`` included
-   (`stack_metrics`; ``results.csv`` and ``summary.csv``).
+   (`stack_metrics`; ``results.csv`` and ``summary.csv``); a model with non-finite weights or
+   logits is failed (column ``failure``), not measured.
 7. ``ulira`` (with ``config.ulira.enabled``): U-LiRA of ``config.ulira.methods`` against
    retraining with this run's searched hyper-parameters, as resumable sub-stages in ``ulira/``
    (`jaxmu.pipelines.ulira_stage`: its own LiRA splits, originals and retrained models).
@@ -61,7 +63,7 @@ DISTANCES = {"l2": metrics.l2_distance, "normalized_l2": metrics.normalized_l2_d
 COLUMNS = (*(f"{s}_acc" for s in SPLITS), "val_mia", "test_mia", "indisc", "rr", "fr", "tr",
            "retdev", "seconds", "rte",
            *(f"{d}_to_{r}" for r in REFERENCES for d in DISTANCES), "failure")
-TIMING = ("seconds", "rte")  # kept for a failed model: the run took that long
+DEFAULTS_SUFFIX = "@defaults"  # a tuned method's run with its reference defaults
 
 
 def tuning_positions(seeds: Sequence[int], tuning_seeds: Sequence[int]) -> list[int]:
@@ -93,6 +95,10 @@ class _Pipeline:
     self.tuned = tuple(m for m in (methods_lib.get(n).name for n in config.search.methods)
                        if m in self.methods)
     self.positions = tuning_positions(self.seeds, config.search.seeds) if self.tuned else []
+    # With config.tuned_defaults, every tuned method also runs with its reference defaults, as
+    # the row "<method>@defaults" (the report compares the two, paired by seed).
+    self.default_runs = (tuple(f"{m}{DEFAULTS_SUFFIX}" for m in self.tuned)
+                         if config.get("tuned_defaults", False) else ())
     wd.write_config(config)
     self.dataset = common.load_dataset(config.dataset)
     self.data = train.DeviceData.create(self.dataset)
@@ -203,8 +209,12 @@ class _Pipeline:
                                checkpoint.restore(self.wd.path("models/retrain"), self.like))
     for method in self.tuned:
       previous = search.load_best(search_dir, method)
-      result = search.tune(method, self.context("tuning"), retrained, c.search,
-                           directory=search_dir, process=self.process, progress=True)
+      # One BLAS thread for the trials' population-MIA fits (10 one-feature logistic
+      # regressions per model): the same numbers, ~5x faster on a 2-core CPU than with
+      # OpenBLAS threads waiting on each other (XLA's own threads are not affected).
+      with threadpoolctl.threadpool_limits(1, user_api="blas"):
+        result = search.tune(method, self.context("tuning"), retrained, c.search,
+                             directory=search_dir, process=self.process, progress=True)
       self.wd.ran[f"search_{method}"] = ("reused" if result == previous else
                                          f"{result.trials_complete} complete trials")
       # The current result also at <workdir>/search/<method>.json, where U-LiRA alone reads it
@@ -219,20 +229,43 @@ class _Pipeline:
     return self.tuning.get(method, {}).get("best_params")
 
   def unlearn(self):
-    """Every method on the stack of all originals, one stage per method."""
+    """Every method on the stack of all originals, one stage per method (and per tuned method's
+    reference-defaults run, ``config.tuned_defaults``)."""
     c = self.config
-    bar = tqdm(self.methods, desc="unlearn", leave=False)
+    bar = tqdm(self.methods + self.default_runs, desc="unlearn", leave=False)
     for method in bar:
       bar.set_postfix_str(method)
+      if method in self.default_runs:
+        self._unlearn_defaults(method)
+        continue
       common.unlearn_stage(self.wd, f"unlearn_{method}", method,
                            common.method_hparams(c, method, self.best_params(method)),
                            c.unlearn_seed, c, ("train",), lambda: self.context("all"),
                            tuning=self.tuning.get(method))
     return self.wd.path("unlearned")
 
+  def _unlearn_defaults(self, name: str) -> None:
+    """`common.unlearn_stage` of the method of ``name`` ("<method>@defaults") with the config's
+    hyper-parameters (no search), saved as ``unlearned/<name>``; the same key as the tuned run."""
+    c, method = self.config, name[:-len(DEFAULTS_SUFFIX)]
+    hparams = common.method_hparams(c, method, None)
+    with self.wd.stage(f"unlearn_{name}", config={"hparams": hparams, "seed": c.unlearn_seed,
+                                                  "parallel": c.parallel},
+                       deps=("train",), outputs=(f"unlearned/{name}",)) as st:
+      if not st.done:
+        ctx = self.context("all")
+        result = methods_lib.get(method).run(ctx, hparams, common.method_key(c.unlearn_seed,
+                                                                             method))
+        checkpoint.save(st.tmp / "unlearned" / name, jax.device_get(result.states),
+                        metadata={"seconds": result.seconds,
+                                  "compile_seconds": result.compile_seconds,
+                                  "models": ctx.num_models, "hparams": hparams})
+        st.commit()
+
   def evaluate(self):
     with self.wd.stage("evaluate", config={"splits": SPLITS, "columns": COLUMNS},
-                       deps=("train",) + tuple(f"unlearn_{m}" for m in self.methods),
+                       deps=("train",) + tuple(f"unlearn_{m}"
+                                               for m in self.methods + self.default_runs),
                        outputs=("results.csv", "summary.csv")) as st:
       if not st.done:
         rows = self._evaluate()
@@ -259,7 +292,8 @@ class _Pipeline:
     c = self.config
     ulira = stages.Workdir(self.wd.path("ulira")).stage_hash("ulira") if c.ulira.enabled else None
     figures = report.figure_names(with_ulira=c.ulira.enabled)
-    with self.wd.stage("report", config={"methods": self.methods, "ulira": ulira,
+    with self.wd.stage("report", config={"methods": self.methods + self.default_runs,
+                                         "ulira": ulira,
                                          "figures": figures, "tuning": self.tuning},
                        deps=("evaluate",), outputs=("report.md",) + figures) as st:
       if not st.done:
@@ -279,7 +313,7 @@ class _Pipeline:
     references = {g: checkpoint.restore(self.wd.path("models", g), self.like) for g in GROUPS}
     retrain_seconds = times["seconds_per_model"]
     rows, retrain_accuracy = [], None
-    for group in ("retrain", "original", *self.methods):
+    for group in ("retrain", "original", *self.methods, *self.default_runs):
       if group in GROUPS:  # the original was not unlearned: no time, no RTE
         variables = references[group]
         seconds = times["seconds_per_model"] if group == "retrain" else None
@@ -293,7 +327,8 @@ class _Pipeline:
       if group == "retrain":
         retrain_accuracy = {s: np.asarray([r[f"{s}_acc"] for r in group_rows]) for s in SPLITS}
       rows += [{"method": group, "seed": seed, **r} for seed, r in zip(self.seeds, group_rows)]
-    order = {g: i for i, g in enumerate(("original", "retrain", *self.methods))}
+    order = {g: i for i, g in enumerate(("original", "retrain", *self.methods,
+                                         *self.default_runs))}
     return sorted(rows, key=lambda r: order[r["method"]])  # stable: seeds stay in order
 
 

@@ -136,8 +136,9 @@ def method_colors(names: Sequence[str] = ()) -> dict[str, Any]:
   the registry (`jaxmu.methods.METHODS`) picks from the strong colours first (tab20's dark
   half, Dark2, Set1, without their greys and Set1's yellow), then tab20's light half (32
   colours); ``original`` is
-  dim grey and ``retrain`` black. Names outside the registry (in ``names``) take a colour picked
-  by a checksum of the name, so they too keep it in every figure."""
+  dim grey and ``retrain`` black. "<method>@<variant>" takes the method's colour; names outside
+  the registry (in ``names``) a colour picked by a checksum of the name, so they too keep it in
+  every figure."""
   from matplotlib import colormaps
   from jaxmu import methods as methods_lib
   tab20 = colormaps["tab20"].colors
@@ -147,8 +148,10 @@ def method_colors(names: Sequence[str] = ()) -> dict[str, Any]:
   palette = list(dict.fromkeys(palette))
   known = [m for m in methods_lib.METHODS if m not in REFERENCE_COLORS]
   colors = {m: palette[i % len(palette)] for i, m in enumerate(known)}
-  colors.update({m: palette[zlib.crc32(m.encode()) % len(palette)]
-                 for m in names if m not in colors})
+  for m in names:
+    base = m.split("@")[0]  # "msg@defaults": msg's run with its defaults, msg's colour
+    if m not in colors:
+      colors[m] = colors.get(base, palette[zlib.crc32(base.encode()) % len(palette)])
   return {**colors, **REFERENCE_COLORS}
 
 

@@ -31,6 +31,7 @@ REFERENCE_ROWS = ("retrain", "original")
 FIGURES = ("retdev_vs_rte.png", "forget_accuracy.png")
 # Columns measured once per stack of seeds (every seed's row holds the same value): n = 1.
 STACK_COLUMNS = ("seconds", "rte")
+DEFAULTS_SUFFIX = "@defaults"  # a tuned method's run with its reference defaults (pipeline)
 PAPER_METHODS = ("msg", "ct")  # "MSG and CT ... perform better" (deepunlearn-spec 9.1)
 OBJECTIVE_SPLITS = ("retain", "forget", "val")
 
@@ -64,8 +65,10 @@ def benchmark_summary(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]
     (deepunlearn-spec 6.4, 6.7, 9.2);
   - ``failure``: why some of the method's runs failed ("" when none; failed methods are not
     ranked);
-  - ``vs_best_*`` and ``vs_original_*``: `paired_difference` of the per-seed RetDev against the
-    best ranked method and against the original (diff, diff_low, diff_high, tied).
+  - ``vs_best_*``, ``vs_original_*`` and ``vs_defaults_*``: `paired_difference` of the per-seed
+    RetDev against the best ranked method, the original and (a tuned method with a
+    "<method>@defaults" row) its own run with the reference defaults (diff, diff_low,
+    diff_high, tied).
   """
   summary = summarize(rows, single=STACK_COLUMNS)
   reference = next((s for s in summary if s["method"] == "retrain"), None)
@@ -93,6 +96,13 @@ def benchmark_summary(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]
       pair = paired_difference([retdev[s["method"]][k] for k in seeds],
                                [retdev[other][k] for k in seeds])
       s.update({f"vs_{name}_{k}": v for k, v in pair.items()})
+  for s in summary:  # a tuned method against its own run with the reference defaults
+    other = s["method"] + DEFAULTS_SUFFIX
+    if other in retdev and not s["failure"] and s["method"] not in REFERENCE_ROWS:
+      seeds = sorted(set(retdev[s["method"]]) & set(retdev[other]))
+      pair = paired_difference([retdev[s["method"]][k] for k in seeds],
+                               [retdev[other][k] for k in seeds])
+      s.update({f"vs_defaults_{k}": v for k, v in pair.items()})
   return summary
 
 
@@ -373,6 +383,18 @@ def _findings(summary, tuned) -> list[str]:
                   "paired rule (interval of the per-seed difference below 0)"
                   + (f": {', '.join(closer)}." if closer else "."))
   lines.append("")
+  versus = [s for s in ranked if "vs_defaults_diff" in s]
+  if versus:
+    word = lambda s: ("better" if s["vs_defaults_diff_high"] < 0 else "worse"
+                      if s["vs_defaults_diff_low"] > 0 else "not distinguishable")
+    lines += ["**Tuned against reference defaults** (the same method with the reference's "
+              "default hyper-parameters, row `<method>@defaults`; paired per-seed RetDev "
+              "difference tuned − defaults [95% t-interval]): " + "; ".join(
+                  f"{s['method']} {_interval(s['vs_defaults_diff'], s['vs_defaults_diff_low'], s['vs_defaults_diff_high'], sign='+')} ({word(s)})"
+                  for s in versus) + ". "
+              + ("Every tuned method is at least as good as its defaults."
+                 if all(word(s) != "worse" for s in versus) else
+                 "Not every tuned method is at least as good as its defaults."), ""]
   present = [m for m in PAPER_METHODS if m in by_name and m in labels]
   if present:
     among = {m: m == best["method"] or by_name[m].get("vs_best_tied") == 1.0 for m in present}
@@ -394,7 +416,8 @@ def _tuning_lines(tuning, rows) -> list[str]:
            "four objectives), then run with the best hyper-parameters on every seed. "
            "**objective10 is the search's objective, not RetDev**: the mean over the tuning "
            "seeds of (|ΔAcc| / 3 on retain, forget and *validation* against the retrained model, "
-           "1 − Indisc of the Val-MIA), its Euclidean norm shown (0 = the retrained model); RetDev "
+           "1 − Indisc of the Val-MIA), its Euclidean norm shown with the four terms in brackets "
+           "(retain, forget, val, MIA; 0 = the retrained model's accuracies and MIA 0.5); RetDev "
            "sums retention-ratio deviations on retain, forget and *test* and ignores the MIA. "
            "\"Original\": the same norm of the untouched original on the tuning seeds; \"final "
            "run\": of the method's final models on those seeds (another unlearning key than the "
@@ -402,15 +425,20 @@ def _tuning_lines(tuning, rows) -> list[str]:
            "| method | mode | tuning seeds | complete trials | failed trials | best trial | "
            "objective10 best trial | objective10 original | objective10 final run | "
            "best hyper-parameters |", "|---|---|---|---|---|---|---|---|---|---|"]
+  def cell(values):
+    values = np.asarray(values, np.float64)
+    return (f"{_number_cell(np.linalg.norm(values))} ("
+            + ", ".join(_number_cell(v, 3) for v in values) + ")")
+
   for m, t in tuning.items():
     seeds = [float(k) for k in t.get("seeds", ())]
-    best = np.linalg.norm(t.get("best_values", [np.nan]))
-    original = np.linalg.norm(objective10_of_rows(rows, "original", seeds))
-    final = np.linalg.norm(objective10_of_rows(rows, m, seeds))
+    best = t.get("best_values", [np.nan] * 4)
+    original = objective10_of_rows(rows, "original", seeds)
+    final = objective10_of_rows(rows, m, seeds)
     lines.append(
         f"| {m} | {t.get('mode', '')} | {', '.join(str(int(k)) for k in seeds)} | "
         f"{t['trials_complete']} | {t['trials_failed']} | {t.get('best_trial', '')} | "
-        f"{_number_cell(best)} | {_number_cell(original)} | {_number_cell(final)} | "
+        f"{cell(best)} | {cell(original)} | {cell(final)} | "
         + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                     for k, v in sorted(t.get("best_params", {}).items())) + " |")
   return lines + [""]
