@@ -13,7 +13,8 @@ import scipy.stats
 import jaxmu.attacks
 from jaxmu.attacks import baselines, iam, lira, metrics, rmia, signals
 from jaxmu.attacks.audit import (ATTACKS, IAM_VARIANTS, SCORING_FUNCTIONS, Population, UnleakData,
-                                 audit_file, load_file, scoring_functions, summary_rows)
+                                 audit_file, eps_sensitivity, load_file, scoring_functions,
+                                 summary_rows)
 
 ROOT = Path(__file__).resolve().parents[1]
 N, C, K, Z, P = 120, 4, 3, 40, 50
@@ -341,3 +342,31 @@ def test_purchase_epsilons(inputs):
                                 attacks=("iam_on", "iam_off"), shadow_train=d["shadow_train"])
   np.testing.assert_array_equal(got["iam_on"], default.scores["iam_on"])
   assert np.abs(got["iam_off"] - default.scores["iam_off"]).max() > 1e-2
+
+
+def test_eps_sensitivity_cells(inputs):
+  """iam-spec 10.5: at IAM's epsilons and A = 100 the cells are `audit`'s IAM-On / IAM-Off bit
+  for bit; elsewhere each cell is IAM (Gumbel) on r_hat(p_y) normalised with its own epsilons,
+  here in float64 (the IAM-Off constant likewise)."""
+  from tests.test_attacks_iam import reference_iam
+  d = inputs
+  got = eps_sensitivity(d["original"], d["target"], d["shadows"], d["labels"], d["shadow_train"],
+                        eps_pairs=[(1e-2, 1e-5), (0.1, 1e-3)], num_interps=(2, 100))
+  assert sorted(got) == sorted((a, *e, n) for a in ("iam_on", "iam_off")
+                               for e in ((1e-2, 1e-5), (0.1, 1e-3)) for n in (2, 100))
+  default = jaxmu.attacks.audit(d["original"], d["target"], d["shadows"], d["labels"],
+                                attacks=("iam_on", "iam_off"), shadow_train=d["shadow_train"])
+  for attack in ("iam_on", "iam_off"):
+    np.testing.assert_array_equal(got[(attack, 1e-2, 1e-5, 100)], default.scores[attack])
+  p_y = _np_signals(d["labels"])["prob"]
+  r = lambda p: -np.log(0.1 - np.log(1e-3 + p))
+  g = lambda p: (r(p) - r(0.0)) / (r(1.0) - r(0.0))
+  sh = np.stack([g(p_y(s)) for s in d["shadows"]])
+  c = np.mean([g(_softmax(z)[np.arange(len(y)), y]).mean() for z, y in d["shadow_train"]])
+  for attack, fit in (("iam_on", g(p_y(d["original"]))), ("iam_off", c)):
+    for a in (2, 100):
+      want = reference_iam(g(p_y(d["target"])), fit, sh, a, "gumbel", fix_variance=True)
+      np.testing.assert_allclose(got[(attack, 0.1, 1e-3, a)], want, atol=2e-5)
+  with pytest.raises(ValueError, match="iam_on and iam_off"):
+    eps_sensitivity(d["original"], d["target"], d["shadows"], d["labels"], eps_pairs=[(0.1, 0.1)],
+                    num_interps=(2,), attacks=("lira_on",))

@@ -18,8 +18,10 @@ from jaxmu import report, stages, train, validate
 from jaxmu.attacks import iam, signals
 from jaxmu.attacks.audit import ATTACKS, SCORING_FUNCTIONS
 from jaxmu.data import augment
-from jaxmu.pipelines import common, iam_matrix
+from jaxmu.methods import finetune
+from jaxmu.pipelines import common, iam_audit, iam_matrix, iam_tables
 from jaxmu.pipelines import iam as pipeline
+from jaxmu.report import iam as iam_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,6 +43,8 @@ def _tiny_config(npz):
   config.score_ui.start_models, config.score_ui.breaks, config.score_ui.epochs = 1, 2, 2
   config.approx.methods = ("finetune",)
   config.approx.hparams.finetune.num_epochs = 1
+  config.sensitivity.eps = ((0.1, 1e-3), (1e-2, 1e-5))  # the sweep: 2 x 2 cells (A = 4, 100)
+  config.sensitivity.num_interp = (4,)
   return config
 
 
@@ -131,6 +135,8 @@ def test_every_stage_output_and_the_report(workdir):
   approx = [r for r in rows if r["table"] == "approx"]
   assert [(r["forget"], r["method"]) for r in approx] == [
       (t, m) for t in types for _ in range(2) for m in ("retrain", "finetune")]
+  assert {r["attack"] for r in approx} == {"iam_on_wo_norm"}  # the reference's Table 8 key
+  assert all(r["ks_forgotten"] == r["ks_retained"] == 0 for r in approx if r["method"] == "retrain")
   # The class-level read-out: one row per run of the type and one overall, whose means are the
   # approx rows' membership means.
   levels = [r for r in rows if r["table"] == "approx_class"]
@@ -150,7 +156,7 @@ def test_every_stage_output_and_the_report(workdir):
   text = (workdir / "report.md").read_text()
   for heading in ("Table 1", "Operating points, K = 1: class_percentage",
                   "Number of shadow models K", "Table 5", "Table 2", "Table 8",
-                  "class-level read-out"):
+                  "class-level read-out", "epsilons and interpolation count A"):
     assert heading in text
   for attack in ATTACKS.values():
     assert f"| {attack[0]} |" in text
@@ -363,3 +369,117 @@ def test_arch_matrix_launcher(workdir, tmp_path):
   bad = subprocess.run([sys.executable, "-m", "jaxmu", "iam-matrix", f"--workdirs={tmp_path}/none*"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert bad.returncode == 1 and "no work directory matches" in bad.stderr
+
+
+def _np_auc(scores, flags):
+  """BinUI AUC (positives: retained, by 1 - score) by the Mann-Whitney count, float64."""
+  pos, neg = 1 - scores[~flags], 1 - scores[flags]
+  greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+  return greater / (pos.size * neg.size)
+
+
+def _np_inputs(workdir, r, group):
+  """Float64 p_y of run r's original, retrained target and shadows ``group`` on the queries."""
+  from jaxmu import data as data_lib
+  sig = lambda n: np.load(workdir / "signals" / f"{n}.npy").astype(np.float64)
+  labels = data_lib.load("digits").labels[np.load(workdir / "splits.npz")["pool"]]
+  p = lambda z: (np.exp(z - z.max(-1, keepdims=True))
+                 / np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True))[
+                     np.arange(len(labels)), labels]
+  return (p(sig("query_original")[0]), p(sig("query_retrain")[r]),
+          np.stack([p(z) for z in sig("query_shadows")[group]]))
+
+
+def test_sensitivity_sweep_over_saved_signals(workdir):
+  """iam-spec 10.5: the default (eps, A) cell is Table 1's IAM-On / IAM-Off AUC on the same
+  signals (bit for bit); the (0.1, 1e-3), A = 4 IAM-On cell equals float64 NumPy."""
+  from tests.test_attacks_iam import reference_iam
+  rows = report.read_csv(workdir / "sensitivity.csv")
+  assert len(rows) == 2 * 1 * 2 * 2 * 2  # types x groups x attacks x eps pairs x A
+  table1 = {(r["forget"], r["attack"]): r["auc"] for r in report.read_csv(workdir / "binui.csv")
+            if int(r["k"]) == 1 and int(r["group"]) == 0}
+  for r in rows:
+    if (r["eps1"], r["eps2"], r["num_interp"]) == (1e-2, 1e-5, 100):
+      assert r["auc"] == table1[(r["forget"], r["attack"])]
+  cell = [r for r in rows if (r["forget"], r["attack"], r["eps1"], r["eps2"], r["num_interp"])
+          == ("set_random", "iam_on", 0.1, 1e-3, 4)]
+  original, target, shadows = _np_inputs(workdir, 0, [0])
+  g = lambda p: ((-np.log(0.1 - np.log(1e-3 + p)) + np.log(0.1 - np.log(1e-3)))
+                 / (-np.log(0.1 - np.log(1 + 1e-3)) + np.log(0.1 - np.log(1e-3))))
+  want = reference_iam(g(target), g(original), g(shadows), 4, "gumbel", fix_variance=True)
+  flags = np.load(workdir / "splits.npz")["flags_0"].astype(bool)
+  assert cell[0]["auc"] == pytest.approx(_np_auc(want, flags), abs=1e-3)
+  text = (workdir / "report.md").read_text()
+  assert "| 0.1 | 0.001 |" in text and "| eps1 | eps2 | A=4 | A=100 |" in text
+
+
+def test_table8_preset_fine_tunes_with_augmentation_and_names_faithful_variants():
+  """iam-spec 8: FT with IAM_HPARAMS (augmented, lr 0.01, batch 128, 5 epochs); Ascent, Boundary
+  Expanding, Forsaken and L-CODEC as coded (faithful), labelled so; Purchase scores Table 8 with
+  the un-normalised key at the reference's epsilons (iam-spec 12.5)."""
+  config = iam_configs.get_config("dataset=cifar100")
+  want = {"num_epochs": 5, "batch_size": 128, "learning_rate": 0.01, "momentum": 0.9,
+          "weight_decay": 5e-4, "augment": True}
+  assert iam_tables.approx_hparams(config, "finetune") == want == finetune.IAM_HPARAMS
+  faithful = {"iam_ascent", "boundary_expanding", "forsaken", "l_codec"}
+  for m in config.approx.methods:
+    assert iam_tables.approx_hparams(config, m).get("faithful", False) == (m in faithful)
+    assert iam_tables.approx_label(config, m) == (f"{m}@faithful" if m in faithful else m)
+  assert iam_tables.approx_hparams(config, "ssd") == {"selection_weighting": 60.0}
+  purchase = iam_configs.get_config("dataset=purchase100")
+  assert purchase.approx.attack == "iam_on_wo_norm" and purchase.audit.off_eps == (0.1, 1e-6)
+  iam_tables.check_approx(config)
+  config.approx.faithful = ("ssd", "nope")
+  with pytest.raises(validate.ConfigError, match="'ssd' has no faithful variant") as e:
+    iam_tables.check_approx(config)
+  assert "unknown method 'nope'" in str(e.value)
+
+
+def test_table8_on_purchase_epsilons_equals_numpy(workdir, npz, tmp_path):
+  """Table 8 scored with approx.attack at the audit's epsilons: with Purchase's (0.1, 1e-6) the
+  retrained row's AUC and mean memberships equal the float64 un-normalised IAM-On."""
+  import shutil
+  from tests.test_attacks_iam import reference_iam
+  shutil.copytree(workdir, tmp_path / "run")
+  config = _tiny_config(npz)
+  config.audit.off_eps = (0.1, 1e-6)
+  pipe = pipeline._Pipeline(config, stages.Workdir(tmp_path / "run"),
+                            common.load_dataset(config.dataset))
+  iam_tables.approx(pipe, pipeline._IDS["original"])
+  row = next(r for r in report.read_csv(tmp_path / "run" / "approx.csv")
+             if (r["forget"], r["method"], r["group"]) == ("set_random", "retrain", 0))
+  r = lambda p: -np.log(0.1 - np.log(1e-6 + p))
+  original, target, shadows = _np_inputs(workdir, 0, [0])
+  want = reference_iam(r(target), r(original), r(shadows), 100, "gumbel", fix_variance=True)
+  flags = np.load(workdir / "splits.npz")["flags_0"].astype(bool)
+  assert row["attack"] == "iam_on_wo_norm"
+  assert row["auc"] == pytest.approx(_np_auc(want, flags), abs=1e-3)
+  assert row["member_forgotten"] == pytest.approx(np.mean(1 - want[flags]), abs=1e-4)
+  assert row["member_retained"] == pytest.approx(np.mean(1 - want[~flags]), abs=1e-4)
+
+
+def test_as_retrain_needs_equal_distributions_not_only_equal_means():
+  """Retained membership 0.4..0.6 in both; forgotten: retrain all 0.3, the method half 0 and half
+  0.6 (the same mean 0.3). By hand: KS(forgotten) = 0.5, AUC 1.0 (retrain) and 0.5 (method), so
+  the method is not "as retrain", although a mean-only read-out would call it so."""
+  n = 100
+  flags = np.zeros((1, 2 * n), bool)
+  flags[0, :n] = True
+  retained = np.linspace(0.4, 0.599, n)
+  retrain = 1 - np.r_[np.full(n, 0.3), retained]  # unlearning scores = 1 - membership
+  method = 1 - np.r_[np.tile([0.0, 0.6], n // 2), retained]
+  runs = [pipeline.runs(iam_configs.get_config("dataset=digits"))[0]]
+  rows = {}
+  for name, s in (("retrain", retrain), ("method", method)):
+    row, _ = iam_audit.approx_rows(s, flags, runs, [0], reference=retrain)
+    rows[name] = {"auc": row["binui"]["auc"], **row["membership"]}
+  assert rows["method"]["member_forgotten"] == pytest.approx(rows["retrain"]["member_forgotten"])
+  assert rows["method"]["member_retained"] == pytest.approx(rows["retrain"]["member_retained"])
+  assert rows["retrain"]["auc"] == 1.0 and rows["method"]["auc"] == 0.5
+  assert rows["method"]["ks_forgotten"] == 0.5 and rows["method"]["ks_retained"] == 0.0
+  config = iam_configs.get_config("dataset=digits")
+  got = iam_report.approx_readout(rows["method"], rows["retrain"], config)
+  assert got == ["separates less than retrain (AUC 50.0 vs 100.0)",
+                 "forgotten distributed unlike retrain (KS 0.50)"]
+  assert iam_report.approx_readout(rows["retrain"], rows["retrain"], config) == []
+  assert iam_audit.ks_statistic([0.3] * 4, [0.0, 0.6, 0.0, 0.6]) == 0.5

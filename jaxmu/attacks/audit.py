@@ -379,6 +379,37 @@ def scoring_functions(original, target, shadows, labels, shadow_train, *, temper
   return out
 
 
+def eps_sensitivity(original, target, shadows, labels, shadow_train=None, *, eps_pairs,
+                    num_interps, attacks=("iam_on", "iam_off")) -> dict[tuple, np.ndarray]:
+  """IAM's sensitivity to its Gumbel-map epsilons and interpolation count A (iam-spec 10.5):
+  {(attack, eps1, eps2, A): [N] unlearning score} for ``attacks`` in iam_on / iam_off, every
+  (eps1, eps2) of ``eps_pairs`` and every A of ``num_interps``, from logits as `audit` takes them.
+
+  Each signal (target, original, shadows and, for IAM-Off, the shadows' own training outputs
+  ``shadow_train`` behind the constant) is r_hat(p_y) normalised with its own epsilons, so at
+  (`IAM_EPS`, A) the scores are `audit`'s iam_on / iam_off (with off_eps = norm_eps = `IAM_EPS`)
+  bit for bit; the affine normalisation leaves the Gumbel scores unchanged at any epsilons."""
+  _, original, target, shadows, labels = _check_inputs(original, target, shadows, labels)
+  if shadows.ndim != 3:
+    raise InputError("eps_sensitivity needs logits [N, C] per model with labels [N]")
+  unknown = set(attacks) - {"iam_on", "iam_off"}
+  if unknown:
+    raise InputError(f"eps_sensitivity scores iam_on and iam_off; got {sorted(unknown)}")
+  if "iam_off" in attacks and shadow_train is None:
+    raise InputError(f"eps_sensitivity's iam_off needs {_NEEDS_TEXT['off']}")
+  out = {}
+  for eps in eps_pairs:
+    eps = tuple(float(e) for e in eps)
+    s_target, s_sh = (_gumbel_signal(x, labels, eps) for x in (target, shadows))
+    fits = {"iam_on": lambda: _gumbel_signal(original, labels, eps),
+            "iam_off": lambda: _off_constant(shadow_train, "logits", eps)}
+    for attack in attacks:
+      fit = fits[attack]()
+      for a in num_interps:
+        out[(attack, *eps, int(a))] = np.asarray(iam.iam_score(s_target, fit, s_sh, int(a)))
+  return out
+
+
 _NEEDS_TEXT = {
     "off": "shadow_train= (each shadow's logits and labels on its own training set) or off_constant=",
     "logits": "logits [N, C] with labels, not per-sample signals",

@@ -23,16 +23,19 @@ Stages (``config.stop_after`` names the last one to run):
 7. ``scoring``: Table 5, IAM's scoring function against other distributions and shadow-free
    scores (`audit.scoring_functions`, iam-spec 10.4), per type and K = 1 group
    (``config.audit.scoring_ablation``).
-8. ``score_ui``: the first ``score_ui.start_models`` shadows keep training on the target pool
+8. ``sensitivity``: IAM-On/Off AUC of the retrained targets for every (eps1, eps2) and A of
+   ``config.sensitivity`` from the saved signals (iam-spec 10.5; `iam_tables.sensitivity`).
+9. ``score_ui``: the first ``score_ui.start_models`` shadows keep training on the target pool
    for E epochs; their best-so-far states after b * (E // B) epochs give degrees b / B (all E
    epochs run, as the reference); every attack's Spearman/Pearson/MSE/KL against them, per K = 1
    shadow group (iam-spec 7.5, 9.2).
-9. ``approx_<method>`` and ``approx``: IAM's approximate methods on the original of every run,
-   scored with IAM-On (K = 1 groups): AUC and mean membership on forgotten / retained samples
-   against the retrained models' (over- and under-unlearning, iam-spec 7.6, 9.4; Table 8), and
-   the class-level read-out per run and overall (iam-spec 9.3, ``approx_class.csv``).
-10. ``report``: ``report.md`` (Table 1 as attacks x unlearning types, each type's operating points
-    and K sweep, Tables 5, 2 and 8) and figures.
+10. ``approx_<method>`` and ``approx``: IAM's approximate methods on the original of every run
+   (``approx.faithful``: the reference as coded), scored with ``approx.attack`` (K = 1 groups):
+   AUC, mean membership on forgotten / retained samples and the KS statistic against the
+   retrained models' (over- and under-unlearning, iam-spec 7.6, 9.4; Table 8), and the
+   class-level read-out per run and overall (iam-spec 9.3, ``approx_class.csv``).
+11. ``report``: ``report.md`` (Table 1 as attacks x unlearning types, each type's operating points
+    and K sweep, Tables 5, 2 and 8, the sensitivity table) and figures.
 
 The setting (exact / arch / shifted / incremental) and ``config.reuse`` (another finished run's
 shadows or targets, taken instead of trained: Fig. 4's matrix, `jaxmu.pipelines.iam_matrix`) are
@@ -54,20 +57,19 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxmu import checkpoint, models, parallel, report, stages, train, validate
-from jaxmu import methods as methods_lib
 from jaxmu.attacks import iam
 from jaxmu.data import augment as augment_lib
 from jaxmu.data import splits as splits_lib
-from jaxmu.pipelines import common
-from jaxmu.pipelines.iam_audit import (SignalAudit, approx_rows, bin_ui, mean_metrics,
-                                       metric_row, score_ui_or_nan)
+from jaxmu.pipelines import common, iam_tables
+from jaxmu.pipelines.iam_audit import (SignalAudit, bin_ui, mean_metrics, metric_row,
+                                       score_ui_or_nan)
 from jaxmu.pipelines.iam_setting import (Setting, forget_types, k_sweep, num_originals, runs,
                                          runs_of, score_ui_attacks, score_ui_schedule,
                                          shadow_groups)
 from jaxmu.report import iam as iam_report
 
-STAGES = ("splits", "shadows", "ref_in", "targets", "signals", "binui", "scoring", "score_ui",
-          "approx", "report")
+STAGES = ("splits", "shadows", "ref_in", "targets", "signals", "binui", "scoring", "sensitivity",
+          "score_ui", "approx", "report")
 # PRNG namespaces of the model groups (model id = base + index): initialisation and data order.
 _IDS = {"shadows": 100_000, "shadow_origin": 200_000, "ref_in": 300_000, "original": 400_000,
         "retrain": 500_000, "score_ui": 600_000}
@@ -79,6 +81,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
   """Runs (or resumes) every stage up to ``config.stop_after``; returns the last output's path.
   A config that `jaxmu.validate` finds wrong raises its `ConfigError` before anything runs."""
   validate.check("iam", config)
+  iam_tables.check_approx(config)
   wd = stages.Workdir(workdir)
   wd.write_config(config)
   pipe = _Pipeline(config, wd, common.load_dataset(config.dataset))
@@ -425,62 +428,22 @@ class _Pipeline:
     return self.wd.path("score_ui.csv")
 
 
+  def sensitivity(self):
+    return iam_tables.sensitivity(self)
+
   def approx(self):
-    """IAM's approximate methods on every run's original, audited with IAM-On (Table 8)."""
-    c, p = self.config, self.parts
-    methods = tuple(methods_lib.get(m).name for m in c.approx.methods)
-    if not methods:
-      return None
-    r, o = len(self.runs), self.num_originals
-
-    @functools.cache  # built once, by the first method that runs
-    def make_context():
-      stack = jax.tree.map(lambda x: x[np.arange(r) % o], self.restore("original", o))
-      inits = self.initial(self.model, [_IDS["original"] + i % o for i in range(r)])
-      return common.context(
-          c, self.model, self.data, stack, inits, [p["pool"][~self.flags(i)] for i in range(r)],
-          [p["pool"][self.flags(i)] for i in range(r)], [p[f"val_{i}"] for i in range(r)],
-          range(r), self.dataset.num_classes, self.strategy, c.train.target_epochs)
-
-    for method in methods:
-      hparams = c.approx.hparams[method].to_dict() if method in c.approx.hparams else {}
-      common.unlearn_stage(self.wd, f"approx_{method}", method, hparams, c.approx.seed, c,
-                           ("targets",), make_context)
-    with self.wd.stage("approx", config={"audit": c.audit, "margin": c.approx.margin},
-                       deps=("signals",) + tuple(f"approx_{m}" for m in methods),
-                       outputs=("approx.csv", "approx_class.csv")) as st:
-      if not st.done:
-        like = common.abstract_variables(self.model, r, self.input_shape)
-        targets = {"retrain": None}
-        for m in methods:
-          variables = checkpoint.restore(self.wd.path("unlearned", m), like)
-          targets[m] = dict(enumerate(self.logits(self.model, variables, p["pool"],
-                                                  self.query_data())))
-        rows, class_rows = [], []
-        for forget in forget_types(c):
-          run_ids = runs_of(self.runs, forget)
-          flags = np.stack([self.flags(i) for i in run_ids])
-          for g, group in enumerate(shadow_groups(c.num_shadows, 1, c.audit.max_groups)):
-            for name, logits in targets.items():
-              s = self.audit().scores(group, run_ids, ("iam_on",), targets=logits)["iam_on"]
-              row, per_class = approx_rows(s, flags, self.runs, run_ids)
-              rows.append({"forget": forget, **metric_row("approx", "iam_on", 1, g, row["binui"]),
-                           "method": name, **row["membership"]})
-              class_rows += [{"table": "approx_class", "forget": forget, "method": name,
-                              "group": g, **r} for r in per_class]
-        report.write_csv(st.tmp / "approx.csv", rows)
-        report.write_csv(st.tmp / "approx_class.csv", class_rows)
-        st.commit()
-    return self.wd.path("approx.csv")
+    return iam_tables.approx(self, _IDS["original"])
 
   def report(self):
     c = self.config
-    parts = [n for n in ("binui.csv", "scoring.csv", "score_ui.csv", "approx.csv",
-                         "approx_class.csv") if self.wd.path(n).exists()]
+    parts = [n for n in ("binui.csv", "scoring.csv", "sensitivity.csv", "score_ui.csv",
+                         "approx.csv", "approx_class.csv") if self.wd.path(n).exists()]
     deps = ("binui",) + (("scoring",) if c.audit.scoring_ablation else ()) + (
+        ("sensitivity",) if iam_tables.sensitivity_grid(c)[0] else ()) + (
         ("score_ui",) if c.score_ui.start_models else ()) + (
         ("approx",) if c.approx.methods else ())
-    with self.wd.stage("report", config={"margin": c.approx.margin, "parts": parts}, deps=deps,
+    readout = {k: c.approx.get(k) for k in ("margin", "auc_margin", "ks_threshold")}
+    with self.wd.stage("report", config={**readout, "parts": parts}, deps=deps,
                        outputs=("report.md", "results.csv", "roc.png", "auc_vs_k.png",
                                 "iam_hist.png")) as st:
       if not st.done:

@@ -8,7 +8,7 @@ import numpy as np
 
 from jaxmu.attacks import iam
 from jaxmu.attacks.audit import (SCORING_FUNCTIONS, Population, UnleakData, audit,
-                                 scoring_functions, unleak_model)
+                                 eps_sensitivity, scoring_functions, unleak_model)
 from jaxmu.report.iam import LEVELS
 
 
@@ -92,6 +92,29 @@ class SignalAudit:
         pooled[key].append(v)
     return {key: np.concatenate(v) for key, v in pooled.items()}
 
+  def sensitivity(self, group, run_ids, eps_pairs, num_interps, attacks):
+    """`eps_sensitivity` of the retrained targets of ``run_ids`` with one shadow group, pooled
+    over the runs: {(attack, eps1, eps2, A): scores} (iam-spec 10.5)."""
+    sig, pooled = self.signals, {}
+    shadow_train = self.shadow_train(group)
+    for r in run_ids:
+      scores = eps_sensitivity(self.original_logits(r), sig["query_retrain"][r],
+                               sig["query_shadows"][group], self.labels, shadow_train,
+                               eps_pairs=eps_pairs, num_interps=num_interps, attacks=attacks)
+      for key, v in scores.items():
+        pooled.setdefault(key, []).append(v)
+    return {key: np.concatenate(v) for key, v in pooled.items()}
+
+
+def ks_statistic(a, b) -> float:
+  """The two-sample Kolmogorov-Smirnov statistic sup_x |F_a(x) - F_b(x)| of two samples (their
+  empirical CDFs, evaluated at every observed value)."""
+  a, b = np.sort(np.ravel(a)), np.sort(np.ravel(b))
+  x = np.concatenate([a, b])
+  fa = np.searchsorted(a, x, side="right") / len(a)
+  fb = np.searchsorted(b, x, side="right") / len(b)
+  return float(np.max(np.abs(fa - fb)))
+
 
 def bin_ui(scores, flags):
   """`iam.bin_ui` at the report's operating points, without bootstrap."""
@@ -107,14 +130,20 @@ def metric_row(table, attack, k, group, m):
           "score_forgotten": m["score_forgotten_mean"], "score_retained": m["score_retained_mean"]}
 
 
-def approx_rows(scores, flags, runs, run_ids):
-  """Table 8's read-out of one method's IAM-On scores on runs ``run_ids`` (``flags``: their
+def approx_rows(scores, flags, runs, run_ids, reference=None):
+  """Table 8's read-out of one method's unlearning scores on runs ``run_ids`` (``flags``: their
   stacked forget flags): {"binui": `bin_ui` result, "membership": mean and std membership of
-  forgotten and retained samples} and the class-level rows per run and overall."""
+  forgotten and retained samples and, given the retrained models' scores ``reference``, the KS
+  statistic between the method's and retrain's membership on forgotten (``ks_forgotten``) and on
+  retained samples (``ks_retained``)} and the class-level rows per run and overall."""
   levels = iam.class_level_metrics(scores.reshape(flags.shape), flags)
   overall = levels["overall"]
   membership = {"member_forgotten": overall["mean_0"], "member_forgotten_std": overall["std_0"],
                 "member_retained": overall["mean_1"], "member_retained_std": overall["std_1"]}
+  if reference is not None:
+    forgotten = flags.ravel().astype(bool)
+    membership.update({f"ks_{name}": ks_statistic(1 - scores[mask], 1 - reference[mask])
+                       for name, mask in (("forgotten", forgotten), ("retained", ~forgotten))})
   per_class = [{"run": r, "seed": runs[r].seed, "class": runs[r].cls, **values}
                for r, values in zip(run_ids, levels["runs"])]
   per_class.append({"run": "overall", "seed": "", "class": "", **overall})
