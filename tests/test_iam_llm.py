@@ -9,6 +9,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from absl import flags
 from absl.testing import flagsaver
 
 pytest.importorskip("tokenizers")
@@ -191,8 +192,11 @@ def test_cpu_pipeline_end_to_end(tmp_path):
   # the saved files give the same table through `jaxmu audit-llm`
   from jaxmu.commands import audit_llm
   out = tmp_path / "reread"
-  with flagsaver.flagsaver(nll_dir=str(wd / "losses" / "exact_run0"), out=str(out),
-                           bootstrap_rounds=60, seed=c.audit.seed, iam_batch=c.audit.iam_batch):
+  values = dict(nll_dir=str(wd / "losses" / "exact_run0"), out=str(out), bootstrap_rounds="60",
+                seed=str(c.audit.seed), iam_batch=str(c.audit.iam_batch))
+  with flagsaver.as_parsed(**values):
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
     audit_llm.main(["audit-llm"])
   assert _csv(out / "results.csv") == _csv(wd / "audit" / "exact_run0" / "results.csv")
   # the exported Hugging Face checkpoints through the `files` corpus (the MUSE-News path)
