@@ -430,9 +430,13 @@ def test_table8_preset_fine_tunes_with_augmentation_and_names_faithful_variants(
   assert purchase.approx.attack == "iam_on_wo_norm" and purchase.audit.off_eps == (0.1, 1e-6)
   iam_tables.check_approx(config)
   config.approx.faithful = ("ssd", "nope")
+  config.approx.attack, config.approx.ks_threshold = "rmia_on", 2.0
+  config.sensitivity.num_interp, config.sensitivity.attacks = (1, 4), ("lira_on",)
   with pytest.raises(validate.ConfigError, match="'ssd' has no faithful variant") as e:
     iam_tables.check_approx(config)
-  assert "unknown method 'nope'" in str(e.value)
+  for text in ("unknown method 'nope'", "approx.attack: 'rmia_on'", "approx.ks_threshold: 2.0",
+               "sensitivity.num_interp", "sensitivity.attacks"):
+    assert text in str(e.value)
 
 
 def test_table8_on_purchase_epsilons_equals_numpy(workdir, npz, tmp_path):

@@ -18,6 +18,10 @@ from jaxmu.pipelines.iam_audit import approx_rows, bin_ui, metric_row
 from jaxmu.pipelines.iam_setting import forget_types, runs_of, shadow_groups
 
 
+# The scores Table 8 can read from a method's query logits alone (no population, no UnLeak data).
+APPROX_ATTACKS = ("iam_on", "iam_on_wo_norm", "iam_off")
+
+
 def sensitivity_grid(config) -> tuple[tuple, tuple]:
   """The sweep's (eps1, eps2) pairs and its A values: ``sensitivity.num_interp`` and the audit's
   own A (so the default cell is Table 1's IAM-On / IAM-Off), sorted."""
@@ -56,9 +60,11 @@ def sensitivity(pipe):
 
 
 def check_approx(config) -> None:
-  """A `ConfigError` unless every name of ``approx.faithful`` is a method with a ``faithful``
-  hyper-parameter (checked before anything trains; names outside ``approx.methods`` are unused,
-  so a trimmed method list keeps the preset's faithful list)."""
+  """A `ConfigError` (one line per problem, before anything trains) unless every name of
+  ``approx.faithful`` is a method with a ``faithful`` hyper-parameter (names outside
+  ``approx.methods`` are unused, so a trimmed method list keeps the preset's faithful list),
+  ``approx.attack`` is one of `APPROX_ATTACKS`, the read-out thresholds lie in [0, 1] and the
+  ``sensitivity`` section holds positive epsilon pairs, A >= 2, iam_on / iam_off and groups >= 1."""
   problems = []
   for name in config.approx.get("faithful", ()):
     try:
@@ -70,8 +76,38 @@ def check_approx(config) -> None:
     if "faithful" not in method.defaults:
       problems.append(Problem("approx.faithful", f"{name!r} has no faithful variant",
                               "list only methods with a `faithful` hyper-parameter"))
+  attack = config.approx.get("attack", "iam_on")
+  if attack not in APPROX_ATTACKS:
+    problems.append(Problem("approx.attack", f"{attack!r} cannot score Table 8",
+                            f"use one of {', '.join(APPROX_ATTACKS)}"))
+  for field in ("margin", "auc_margin", "ks_threshold"):
+    value = config.approx.get(field, 0.0)
+    if not isinstance(value, (int, float)) or not 0 <= value <= 1:
+      problems.append(Problem(f"approx.{field}", f"{value!r} is not in [0, 1]",
+                              "give a membership / AUC / KS difference in [0, 1]"))
+  problems += _sensitivity_problems(config)
   if problems:
     raise ConfigError(problems)
+
+
+def _sensitivity_problems(config) -> list[Problem]:
+  s = config.get("sensitivity")
+  if s is None or not s.eps:
+    return []
+  out = []
+  if any(len(pair) != 2 or not all(isinstance(e, (int, float)) and e > 0 for e in pair)
+         for pair in s.eps):
+    out.append(Problem("sensitivity.eps", f"{s.eps} holds a pair that is not two positive numbers",
+                       "give (eps1, eps2) pairs, e.g. ((0.01, 1e-5), (0.1, 1e-3))"))
+  if any(not isinstance(a, int) or a < 2 for a in s.num_interp):
+    out.append(Problem("sensitivity.num_interp", f"{s.num_interp} holds an A below 2",
+                       "give interpolation counts >= 2"))
+  if not s.attacks or set(s.attacks) - {"iam_on", "iam_off"}:
+    out.append(Problem("sensitivity.attacks", f"{s.attacks} is not a subset of iam_on, iam_off",
+                       "name iam_on and/or iam_off"))
+  if not isinstance(s.groups, int) or s.groups < 1:
+    out.append(Problem("sensitivity.groups", f"{s.groups!r} is below 1", "give 1 or more"))
+  return out
 
 
 def approx_hparams(config, method: str) -> dict:
