@@ -4,7 +4,6 @@ validation; end to end (e2e) on CPython's help texts, resumed, re-read by `jaxmu
 run again from the exported Hugging Face checkpoints."""
 
 import csv
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -208,8 +207,9 @@ def test_cpu_pipeline_end_to_end(tmp_path):
   hf = iam_llm_config.get_config("hf")
   hf.corpus.update(forget_file=str(texts / "forget.txt"), retain_file=str(texts / "retain.txt"),
                    words_per_chunk=16, chunk_len=32)
-  hf.models.update(target_dir=str(wd / "models/hf/retrain_0"), fit_dir=str(wd / "models/hf/original"),
-                   ref_dir=str(wd / "models/hf/out"), dtype="float32")
+  hf.models.update(target_dir=str(wd / "models/hf/retrain_0"),
+                   fit_dir=str(wd / "models/hf/original"), ref_dir=str(wd / "models/hf/out"),
+                   dtype="float32")
   hf.audit.rounds = 20
   iam_llm.run(hf, tmp_path / "hf")
   hf_rows = _csv(tmp_path / "hf" / "results.csv")

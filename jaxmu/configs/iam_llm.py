@@ -23,8 +23,29 @@ Variants (``--config=iam_llm:<variant>``):
   forget and retain texts from plain-text files cut into chunks of 256 whitespace words (the
   reference's), nothing trained. Table 7 then prompts the fit model. Needs a GPU.
 
-Measured (``cpu``, 2026-12-07, idle-ish 2-core CPU): see the README section "Auditing language
-models" for the numbers of the last run and what was tried.
+Measured (``cpu``, 2026-12-06, on a 2-core CPU shared with other jobs, load about 13: 1 min 11 s
+wall, 29 s of CPU time; 4 LMs of 140k parameters, 5 epochs; 2 runs of 100 forget chunks against
+200 retained chunks of 64 tokens).
+Table 6 AUC, mean ± std over 1,000 bootstrap rounds, run 0 / run 1: IAM-On 0.971 ± 0.010 /
+0.983 ± 0.008, LiRA-On 0.957 ± 0.013 / 0.942 ± 0.019, RMIA-On 0.935 ± 0.017 / 0.884 ± 0.022,
+Ratio 0.918 / 0.942, Min-K% 0.885 / 0.951, Min-K%++ 0.881 / 0.947, Loss 0.807 / 0.884, Zlib
+0.777 / 0.815, SURP 0.497 / 0.495, Bag-of-words 0.542 / 0.463. IAM-On >= LiRA-On in 84% / 100%
+of the paired bootstrap rounds. Table 7 (prompted original): IAM-On AUC 0.798 refusal / 0.808
+negative-label (a tiny LM's losses do move after an unseen prompt, a 7B model's hardly do);
+forget chunks with normalised IAM > 0.4: 15% retrained, 70.5% refusal, 72% negative-label.
+
+Whether IAM-On >= LiRA-On holds depends on the set-up (AUC run 0 / run 1, IAM-On vs LiRA-On):
+  8 epochs, own initialisations, fewer steps for the retrained LMs: 0.960 / 0.961 vs 0.943 / 0.962;
+    split / train seeds 7 / 1 with 200 forget chunks: 0.936 / 0.999 vs 0.947 / 0.994
+  shared initialisation (train.shared_init), 8 epochs: 0.948 / 0.984 vs 0.959 / 0.981;
+    seeds 7 / 1, 200 forget chunks: 0.982 / 0.987 vs 0.995 / 0.993 (LiRA-On ahead)
+  + equal steps (train.equal_steps), 8 epochs: 0.997 / 0.999 vs 0.990 / 0.986 (saturating)
+  + equal steps, 5 epochs (this config): 0.971 / 0.983 vs 0.957 / 0.942;
+    seeds 7 / 1: 0.985 / 0.995 vs 0.432 / 0.459 (that original left its loss plateau late)
+  IAM's sigma pooled over all chunks instead of 64 (audit.iam_batch=0): no change (±0.003).
+IAM-On >= LiRA-On in 9 of 14 runs, in all 6 where every LM takes the same number of steps; with
+retrained LMs that take fewer steps than the original (less trained), LiRA-On is ahead in 5 of 8.
+2 epochs give AUCs of 0.6-0.7 for every attack, 20 epochs saturate them at about 1.0.
 """
 
 import ml_collections
@@ -75,7 +96,7 @@ def get_config(arg: str | None = None):
   c.models.dtype = "bfloat16" if hf else "float32"  # params and compute of loaded checkpoints
 
   c.train = ml_collections.ConfigDict()  # AdamW, next-token cross-entropy over the mask
-  c.train.epochs = 8
+  c.train.epochs = 5
   c.train.batch_size = 16
   c.train.learning_rate = 5e-3
   c.train.min_lr_ratio = 0.1  # cosine over epochs down to this fraction
@@ -84,6 +105,13 @@ def get_config(arg: str | None = None):
   c.train.b2 = 0.98
   c.train.clip_norm = 1.0
   c.train.seed = 0  # initialisation and data order (each model its own stream)
+  # One initialisation for every LM, as fine-tuned LLMs share their base model (the paper's
+  # MUSE models): separately initialised tiny LMs leave the first loss plateau at different
+  # epochs, and a retrained LM then differs from the original by far more than its data.
+  c.train.shared_init = True
+  # Every LM takes the original's number of steps per epoch (smaller sets cycle): a retrained LM
+  # with fewer steps is less trained on its retained chunks too, which the attacks then read.
+  c.train.equal_steps = True
 
   c.prompts = ml_collections.ConfigDict()  # Table 7: prepended to the forget chunks only
   c.prompts.refusal = ("You are an assistant that has unlearned the following text. Do not "

@@ -38,6 +38,7 @@ import dataclasses
 import functools
 import json
 import math
+import shutil
 from pathlib import Path
 
 import jax
@@ -95,13 +96,14 @@ def lm_loss(model, params, tokens, mask):
   return -jnp.sum(jnp.where(keep, target, 0.0)), keep.sum()
 
 
-def lm_step(model, adamw: AdamW, batch_size: int, carry, orders, key, hp, tokens, masks,
-            step_index, epoch, lr_factor):
+def lm_step(model, adamw: AdamW, batch_size: int, cycle: bool, carry, orders, key, hp, tokens,
+            masks, step_index, epoch, lr_factor):
   """One AdamW step of one LM on batch ``step_index`` of its epoch order (`jaxmu.engine`'s step
-  signature; ``tokens`` / ``masks`` are the shared chunk arrays). An all-padding batch changes
-  nothing. Metrics: the summed token NLL and the token count."""
+  signature; ``tokens`` / ``masks`` are the shared chunk arrays; ``cycle``: a model with fewer
+  batches wraps around its own). An all-padding batch changes nothing. Metrics: the summed token
+  NLL and the token count."""
   del key, epoch
-  idx = engine.batch(orders["train"], step_index, batch_size)
+  idx = engine.batch(orders["train"], step_index, batch_size, cycle=cycle)
   valid = idx >= 0
   rows = jnp.maximum(idx, 0)
   batch_tokens, batch_mask = tokens[rows], masks[rows] & valid[:, None]
@@ -134,26 +136,34 @@ def cosine_factor(epochs: int, min_ratio: float):
 
 def train_lms(lm_config: llama.LlamaConfig, tokens, mask, index_sets, model_ids, *, epochs: int,
               batch_size: int, learning_rate, adamw: AdamW = AdamW(), seed: int = 0,
-              min_lr_ratio: float = 0.1, strategy="auto", epoch_mode="auto", carry=None,
+              min_lr_ratio: float = 0.1, shared_init: bool = False, strategy="auto",
+              epoch_mode="auto", steps_per_epoch: int | None = None, carry=None,
               first_epoch: int = 0, on_epoch=None):
-  """Trains a stack of LMs (one per index set; model m's initialisation and data order come from
-  ``fold_in(key(seed), model_ids[m])``, so a model trained in a stack equals it trained alone);
-  returns the stacked ``{"params", "opt"}``. ``carry`` / ``first_epoch`` resume;
-  ``on_epoch(epoch, carry, metrics)`` is called after each epoch (metrics: per-model mean
-  training NLL)."""
+  """Trains a stack of LMs (one per index set; model m's data order comes from
+  ``fold_in(key(seed), model_ids[m])`` and so does its initialisation, or with ``shared_init``
+  every model starts from ``init_params(fold_in(key(seed), 7))``: a model trained in a stack
+  equals it trained alone); ``steps_per_epoch``: every model takes that many steps per epoch,
+  cycling through its own shuffled set (None: the longest set's batches, shorter sets stop
+  early). Returns the stacked ``{"params", "opt"}``. ``carry`` /
+  ``first_epoch`` resume; ``on_epoch(epoch, carry, metrics)`` is called after each epoch
+  (metrics: per-model mean training NLL)."""
   keys = engine.model_keys(jax.random.key(seed), model_ids)
   if carry is None:
-    carry = init_stack(lm_config, jax.vmap(lambda k: jax.random.fold_in(k, 7))(keys), adamw)
+    init_keys = jax.vmap(lambda k: jax.random.fold_in(k, 7))(keys)
+    if shared_init:
+      init_keys = jnp.stack([jax.random.fold_in(jax.random.key(seed), 7)] * len(model_ids))
+    carry = init_stack(lm_config, init_keys, adamw)
   sets = _pad_sets(index_sets)
   n = len(model_ids)
   lrs = np.broadcast_to(np.asarray(learning_rate, np.float32), (n,))
   hp = {"learning_rate": jnp.asarray(lrs)}
   strat = parallel.Strategy.create(strategy, epoch_mode)
   for epoch, carry, metrics in engine.epochs(
-      lm_step, (llama.build(lm_config), adamw, batch_size), carry,
+      lm_step, (llama.build(lm_config), adamw, batch_size, steps_per_epoch is not None), carry,
       {"train": engine.Source(sets, batch_size)}, hp, jnp.asarray(tokens, jnp.int32),
       jnp.asarray(mask, bool), keys, strat, range(first_epoch, epochs),
-      lr_factor=cosine_factor(epochs, min_lr_ratio), streams=engine.TRAINING):
+      lr_factor=cosine_factor(epochs, min_lr_ratio), num_steps=steps_per_epoch,
+      streams=engine.TRAINING):
     if on_epoch is not None:
       on_epoch(epoch, carry, metrics["nll_sum"] / np.maximum(metrics["tokens"], 1))
   return carry
@@ -380,7 +390,9 @@ class _Pipeline:
 
         carry = train_lms(lm_config, a["tokens"], a["mask"], index_sets, ids, epochs=t.epochs,
                           batch_size=t.batch_size, learning_rate=t.learning_rate, adamw=adamw,
-                          seed=t.seed, min_lr_ratio=t.min_lr_ratio,
+                          seed=t.seed, min_lr_ratio=t.min_lr_ratio, shared_init=t.shared_init,
+                          steps_per_epoch=(-(-len(original) // t.batch_size)
+                                           if t.equal_steps else None),
                           strategy=c.parallel.strategy, epoch_mode=c.parallel.epoch,
                           carry=carry, first_epoch=first, on_epoch=on_epoch)
         params = jax.device_get(carry["params"])
@@ -389,7 +401,6 @@ class _Pipeline:
           save_hf(st.tmp / "models" / "hf" / name, lm_config,
                   jax.tree.map(lambda x: x[i], params), self.wd.path("tokenizer.json"))
         st.commit()
-        import shutil
         shutil.rmtree(self.wd.path("checkpoints", "train"), ignore_errors=True)
     return self.wd.path("models/lm")
 
@@ -436,7 +447,8 @@ class _Pipeline:
       own = Path(directory) / "tokenizer.json"
       shared = self.wd.path("tokenizer.json")
       if own.is_file() and own.read_bytes() != shared.read_bytes():
-        encoded = encode_texts(own, Path(directory), a["texts"].tolist(), self.config.corpus.chunk_len)
+        encoded = encode_texts(own, Path(directory), a["texts"].tolist(),
+                               self.config.corpus.chunk_len)
         encoded += (lm_signals.load_tokenizer(str(own)),)
       else:
         encoded = (a["tokens"], a["mask"], int(a["bos"]), int(a["pad"]), self.tokenizer)
@@ -592,7 +604,8 @@ def render_report(c, results: dict, hf: bool) -> str:
   lines += ["", "## Table 7: \"unlearning\" by prompting the original", "",
             "Target = the original LM with a refusal prompt (refusal) or a corrupted-text prefix "
             "(negative-label) before every forget chunk, the prefix excluded from the loss; "
-            "column retrain = Table 6's setting (run 0's retrained LM). Cells: the raw membership score, "
+            "column retrain = Table 6's setting (run 0's retrained LM). Cells: the raw membership "
+            "score, "
             "min-max normalised over all chunks, mean ± std over chunks (the paper's notebook).",
             ""]
   cols = [("retrain", exact[0])] + [(s.replace("_", "-"), s) for s in PROMPTED]
@@ -616,7 +629,8 @@ def render_report(c, results: dict, hf: bool) -> str:
               + "; ".join(f"{n}: {100 * sh['forget_above']:.1f}% of forget chunks > "
                           f"{llm.IAM_THRESHOLDS[0]}, {100 * sh['retain_below']:.1f}% of retain "
                           f"chunks < {llm.IAM_THRESHOLDS[1]}" for n, sh in shares) + "."]
-  lines += ["", "Paper (MUSE-News, Llama-2-7B, iam-spec 10.6), Table 6 AUC: IAM-On 0.9355 ± 0.0033, "
+  lines += ["", "Paper (MUSE-News, Llama-2-7B, iam-spec 10.6), Table 6 AUC: IAM-On "
+            "0.9355 ± 0.0033, "
             "LiRA-On 0.9299 ± 0.0037, RMIA-On 0.9278 ± 0.0034, Ratio 0.9126, Zlib 0.8928, "
             "Min-K% 0.8784, Loss 0.8746, SURP 0.8719, Min-K%++ 0.8469, Bag-of-words 0.5411."]
   return "\n".join(lines) + "\n"
