@@ -316,11 +316,11 @@ def _iam_llm(config, out):
   if c.name not in ("pydoc_topics", "files"):
     out.append(Problem("corpus.name", f"unknown corpus {c.name!r}", "use pydoc_topics or files"))
   _at_least(out, "corpus.chunk_len", c.chunk_len, 2)
-  for field, value in (("split.runs", s.runs), ("split.forget", s.forget),
-                       ("split.retain_query", s.retain_query), ("train.epochs", config.train.epochs),
-                       ("train.batch_size", config.train.batch_size),
-                       ("signals.batch_size", config.signals.batch_size),
-                       ("audit.rounds", config.audit.rounds), ("checkpoint_every", config.checkpoint_every)):
+  counts = {"split.runs": s.runs, "split.forget": s.forget, "split.retain_query": s.retain_query,
+            "train.epochs": config.train.epochs, "train.batch_size": config.train.batch_size,
+            "signals.batch_size": config.signals.batch_size, "audit.rounds": config.audit.rounds,
+            "checkpoint_every": config.checkpoint_every}
+  for field, value in counts.items():
     _at_least(out, field, value, 1)
   if c.name == "pydoc_topics":
     _at_least(out, "split.out", s.out, 1, "the OUT LM needs its own chunks: set split.out >= 1")
@@ -340,10 +340,11 @@ def _iam_llm(config, out):
     if not path.is_file():
       out.append(Problem(f"models.{field}", f"{config.models[field]!r} has no config.json",
                          "give a Hugging Face checkpoint directory"))
-  tokenizer = Path(config.models.tokenizer_dir or config.models.target_dir or "missing")
-  if not (tokenizer / "tokenizer.json").is_file():
-    out.append(Problem("models.tokenizer_dir", f"no tokenizer.json in {str(tokenizer)!r}",
-                       "give the directory of the checkpoints' tokenizer.json"))
+  tokenizer = config.models.tokenizer_dir or config.models.target_dir
+  if not (Path(tokenizer or "missing") / "tokenizer.json").is_file():
+    out.append(Problem("models.tokenizer_dir", f"no tokenizer.json in {tokenizer!r} (default: "
+                       "models.target_dir)", "give the directory of the checkpoints' "
+                       "tokenizer.json"))
   if config.models.dtype not in ("float32", "bfloat16"):
     out.append(Problem("models.dtype", f"{config.models.dtype!r}", "use float32 or bfloat16"))
 

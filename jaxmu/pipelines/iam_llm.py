@@ -474,7 +474,8 @@ class _Pipeline:
         out[role] = {k: (v if k == "mask" else v[i]) for k, v in res.items()}
       if "fit" not in roles:
         continue
-      fit_stack = jax.tree.map(lambda x, i=roles["fit"]: x[i:i + 1], stack)
+      fit_stack = stack if parallel.num_models(stack) == 1 else jax.tree.map(
+          lambda x, i=roles["fit"]: x[i:i + 1], stack)  # a 7B checkpoint is not copied
       skip = 1 if bos >= 0 else 0  # the chunk's own BOS moves before the prompt
       for name, ids in self._prompt_ids(tokenizer).items():
         head = ([bos] if bos >= 0 else []) + list(ids)
