@@ -159,6 +159,8 @@ def exit_on_problems(pipeline: str, config) -> None:
   from jaxmu import validate
   problems = validate.validate(pipeline, config)
   if problems:
+    if _DEBUG.value or _debug():
+      raise validate.ConfigError(problems)
     sys.exit(report_error(validate.ConfigError(problems)))
 
 
@@ -173,19 +175,41 @@ def run_pipeline(pipeline: str, run: Callable[..., Path | None], config, workdir
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   exit_on_problems(pipeline, config)
   logging.set_verbosity(logging.WARNING)
-  config_json = Path(workdir) / "config.json"
+  root = Path(workdir)
+  existed = root.exists()
+  config_json = root / "config.json"
   before = config_json.read_bytes() if config_json.is_file() else None
   try:
     path = run(config, workdir, **kwargs)
-  except BaseException:  # a failed run leaves the workdir's config.json as it found it
-    if before is not None and config_json.is_file() and config_json.read_bytes() != before:
-      from jaxmu import stages
+  except Exception:
+    if not existed:  # a new workdir where no stage finished: removed, as if never started
+      _remove_unstarted(root)
+    elif before is not None and config_json.is_file() and config_json.read_bytes() != before:
+      from jaxmu import stages  # a failed run leaves the config.json it found
       with stages.atomic_write(config_json) as f:
         f.write(before)
     raise
   if path is not None and path.suffix == ".md":
     print(path.read_text())
   print(f"Done: {path}")
+
+
+def _remove_unstarted(root: Path) -> None:
+  """Removes what a run that failed before finishing any stage wrote into the new workdir
+  ``root`` (its config, owner, locks, empty temporaries); leaves anything else."""
+  allowed = {"config.json", "owner.json", "stages", ".tmp"}
+  if (not root.is_dir() or {p.name for p in root.iterdir()} - allowed
+      or any(p.suffix != ".lock" for p in root.glob("stages/*")) or any(root.glob(".tmp/*"))):
+    return
+  for name in ("config.json", "owner.json"):
+    (root / name).unlink(missing_ok=True)
+  for lock in root.glob("stages/*.lock"):
+    lock.unlink(missing_ok=True)
+  for sub in ("stages", ".tmp", ""):
+    try:
+      (root / sub).rmdir()
+    except OSError:
+      pass
 
 
 CONFIG_HELP = ("A shipped config by name, NAME[:args] (`jaxmu --help` lists them), or a config "
@@ -232,6 +256,11 @@ def _resolve_config_flags(args: list[str]) -> list[str]:
   return out
 
 
+def _config_values(args: list[str]) -> list[str]:
+  values = [a[len("--config="):] for a in args if a.startswith("--config=")]
+  return values + [b for a, b in zip(args, args[1:]) if a == "--config"]
+
+
 def _usage() -> str:
   listed = "\n".join(f"  {name:<14} {doc}" for name, doc in commands().items())
   return (f"usage: jaxmu <command> [--flags]   (jaxmu <command> --help for its flags)\n\n"
@@ -247,6 +276,9 @@ def _forget_other_commands(keep: str) -> None:
       if flag.name in flags.FLAGS:
         delattr(flags.FLAGS, flag.name)
     del sys.modules[name]
+    package = sys.modules.get("jaxmu.commands")
+    if package is not None and hasattr(package, name.rpartition(".")[2]):
+      delattr(package, name.rpartition(".")[2])  # `from jaxmu.commands import x` imports anew
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -266,14 +298,21 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(2)
   module_name = f"jaxmu.commands.{name.replace('-', '_')}"
   _forget_other_commands(module_name)
-  if flags.FLAGS.is_parsed():  # a second command in this process starts from the defaults
-    flags.FLAGS.unparse_flags()
+  flags.FLAGS.unparse_flags()  # a second command in this process starts from the defaults
+  for stale in [f for f in flags.FLAGS if f.startswith("config.")]:  # overrides of the last
+    delattr(flags.FLAGS, stale)  # config: config_flags defines them again for the new one
   module = importlib.import_module(module_name)
   if {"-h", "--help", "--helpshort"} & set(argv[2:]):  # absl's would list __main__'s flags only
     print(f"{module.__doc__.strip()}\n\nflags:\n{flags.FLAGS.module_help(module.__name__)}")
     sys.exit(0)
   app._register_and_parse_flags_with_usage.done = False  # app.run once per command, not process
   command_argv = [f"jaxmu {name}", *_resolve_config_flags(argv[2:])]
+  for value in _config_values(command_argv):
+    if not Path(value.partition(":")[0]).expanduser().is_file():
+      print(f"error: --config: {value.partition(':')[0]!r} is neither a shipped config nor a "
+            f"file; fix: use one of {', '.join(config_names())} (NAME[:args]) or a config "
+            "file's path", file=sys.stderr)
+      sys.exit(2)
   saved, sys.argv = sys.argv, command_argv  # config_flags reads its overrides from sys.argv
   try:
     app.run(guarded(module.main), argv=command_argv, flags_parser=parse_flags)

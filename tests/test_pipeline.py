@@ -92,7 +92,10 @@ def test_end_to_end_writes_every_file_method_and_column(tiny_run):
   best = json.loads(next((workdir / "search").glob("*/ct.json")).read_text())
   assert json.loads((workdir / "search" / "ct.json").read_text()) == best  # for U-LiRA
   assert {k: hparams[k] for k in best["best_params"]} == best["best_params"]
-  assert len((workdir / "metrics.jsonl").read_text().splitlines()) == 2  # one line per epoch
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  # one row per model (original and retrained of each seed) and epoch
+  assert sorted((r["model"], r["epoch"]) for r in rows) == sorted(
+      (f"{g}/{s}", e) for g in ("original", "retrain") for s in (0, 1) for e in (1, 2))
   assert not (workdir / "checkpoints" / "train").exists()  # removed once the stage is done
 
 

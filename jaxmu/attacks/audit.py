@@ -232,6 +232,15 @@ def audit(original, target, shadows, labels=None, forget_mask=None, *, attacks=N
       raise InputError(f"forget_mask marks {which} sample as a deletion request: the metrics "
                        "compare forgotten (1) with retained (0) samples, so mark both kinds, or "
                        "leave the mask out for scores only")
+  if population is not None:  # every input is checked before any score is computed
+    population = _check_population(population, k)
+  if shadow_train is not None and mode == "logits":
+    for j, pair in enumerate(shadow_train):
+      if len(pair) != 2:
+        raise InputError(f"shadow_train[{j}] must be a (logits [T, C], labels [T]) pair")
+      z = _floats(pair[0], f"shadow_train_logits[{j}]")
+      if z.ndim == 2:
+        _int_labels(pair[1], f"shadow_train_labels[{j}]", z.shape[:1], z.shape[1])
   available = {"off": shadow_train is not None or off_constant is not None,
                "logits": mode == "logits", "unleak": unleak is not None,
                "population": population is not None,
