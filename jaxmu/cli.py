@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import importlib
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Callable
@@ -92,10 +93,13 @@ def parse_flags(argv: list[str]) -> list[str]:
 def flag_message(error: BaseException) -> str:
   """One line for a flag-parsing error: a config file's own exception without the traceback
   config_flags wraps it in, an unknown config field as a sentence."""
-  if isinstance(error, KeyError) and error.args:
-    text = " ".join(str(error.args[0]).split())
-    return f"unknown config field {text}" if "Did you mean" in text else f"unknown key {text}"
-  text = str(error)
+  text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+  match = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text)
+  if match:  # ml_collections' message, often a repr with a literal \n
+    return (f"unknown config field '{match.group(2)}'. Did you mean \"{match.group(1)}\" "
+            f"instead of \"{match.group(2)}\"?")
+  if isinstance(error, KeyError):
+    return f"unknown key {one_line(text)}"
   if "Traceback (most recent call last)" in text:  # config_flags: the config file's exception
     head = text.split(":", 1)[0] if text.startswith("flag --") else ""
     last = [line for line in text.strip().splitlines() if line.strip()][-1].strip()

@@ -157,9 +157,18 @@ CASES = {
     "ulira/methods_empty": ("value", ["ulira", UL, W, "--config.ulira.methods=()"], 2,
                             ["ulira.methods: is empty"]),
     "ulira/epochs": ("value", ["ulira", UL, W, "--config.ulira.epochs=-2"], 2, ["ulira.epochs"]),
+    "ulira/config_typo": ("config", ["ulira", UL, W, "--config.serch_dir=x"], 2,
+                          ["unknown config field 'serch_dir'"]),
+    "ulira/data_file_missing": ("file", ["ulira", UL, W, "--config.dataset.name=npz",
+                                         "--config.dataset.data_dir={w}/nothing.npz"], 1,
+                                ["nothing.npz does not exist", "--config.dataset.data_dir"]),
     "ulira/deepunlearn_workdir": ("output", ["ulira", UL, "--workdir={w}/du_run"], 1,
                                   ["another pipeline's run"]),
     # iam
+    "iam/no_workdir": ("flag", ["iam", QI], 2, ["--workdir"]),
+    "iam/data_file_missing": ("file", ["iam", QI, W, "--config.dataset.name=npz",
+                                       "--config.dataset.data_dir={w}/nothing.npz"], 1,
+                              ["nothing.npz does not exist", "--config.dataset.data_dir"]),
     "iam/config_typo": ("config", ["iam", QI, W, "--config.aprox.methods=()"], 2,
                         ["unknown config field 'aprox'"]),
     "iam/approx_typo": ("value", ["iam", QI, W, "--config.approx.methods=('finetun',)"], 2,
@@ -234,6 +243,8 @@ CASES = {
                            ["methods: is empty"]),
     "plan/iam_value": ("value", ["plan", QI, "--config.audit.k_sweep=(1,64)"], 2,
                        ["audit.k_sweep"]),
+    "plan/workdir_file": ("output", ["plan", QS, "--workdir={w}/afile"], 1,
+                          ["--workdir: ", "afile is a file"]),
     # prepare-data
     "prepare-data/no_dataset": ("flag", ["prepare-data"], 2, ["--dataset"]),
     "prepare-data/unknown_dataset": ("flag", ["prepare-data", "--dataset=cifar11"], 2,
@@ -243,6 +254,8 @@ CASES = {
                                    ["--data_dir: ", "afile is a file"]),
     # benchmark
     "benchmark/no_config": ("flag", ["benchmark"], 2, ["--config"]),
+    "benchmark/config_typo": ("config", ["benchmark", BENCH, "--config.step=3"], 2,
+                              ["unknown config field 'step'"]),
     "benchmark/section": ("value", ["benchmark", BENCH, "--config.section=foo"], 2,
                           ["section: unknown section 'foo'"]),
     "benchmark/steps_zero": ("value", ["benchmark", BENCH, "--config.steps=0"], 2,
@@ -283,7 +296,7 @@ def _no_training(monkeypatch):
   real = common.load_dataset
 
   def load_dataset(spec):
-    if spec.name != "purchase100":
+    if spec.name not in ("purchase100", "npz"):
       raise RuntimeError(f"a bad input reached data loading ({spec.name})")
     return real(spec)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxmu import cli, plan
+from jaxmu import cli, plan, validate
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, cli.CONFIG_HELP, lock_config=True)
@@ -29,6 +29,10 @@ flags.mark_flags_as_required(["config"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  workdir = Path(_WORKDIR.value or Path("runs", "plan"))
+  if workdir.exists() and not workdir.is_dir():
+    raise validate.problem("--workdir", f"{workdir} is a file, not a directory",
+                           "give a run's work directory, or leave --workdir out")
   cli.exit_on_problems(plan.pipeline_of(_CONFIG.value), _CONFIG.value)
   result = plan.make(_CONFIG.value, _WORKDIR.value, _RATE.value)
   path = result.write(_WORKDIR.value or Path("runs", "plan"))
