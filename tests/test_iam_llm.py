@@ -174,7 +174,7 @@ def _csv(path):
 
 
 @pytest.mark.e2e
-def test_cpu_pipeline_end_to_end(tmp_path):
+def test_cpu_pipeline_end_to_end(tmp_path, monkeypatch):
   wd = tmp_path / "run"
   c = small_config()
   iam_llm.run(c, wd)  # stop_after="" : every stage
@@ -188,6 +188,29 @@ def test_cpu_pipeline_end_to_end(tmp_path):
   w = stages.Workdir(wd)
   iam_llm._Pipeline(c, w).audit()
   assert w.ran == {"audit": "reused"}
+  # killed right after its first training checkpoint, then resumed: the same LMs
+  from jaxmu import checkpoint
+  save = checkpoint.TrainingCheckpoints.save
+
+  def save_then_die(self, epoch, tree, metadata=None):
+    save(self, epoch, tree, metadata)
+    raise KeyboardInterrupt
+
+  killed = small_config()
+  killed.update(checkpoint_every=1, stop_after="train")
+  monkeypatch.setattr(checkpoint.TrainingCheckpoints, "save", save_then_die)
+  with pytest.raises(KeyboardInterrupt):
+    iam_llm.run(killed, tmp_path / "killed")
+  monkeypatch.undo()
+  train_lms, firsts = iam_llm.train_lms, []
+  monkeypatch.setattr(iam_llm, "train_lms", lambda *a, **k: firsts.append(k["first_epoch"])
+                      or train_lms(*a, **k))
+  iam_llm.run(killed, tmp_path / "killed")
+  assert firsts == [1]  # resumed after the epoch-0 checkpoint
+  params = [iam_llm._Pipeline(killed, stages.Workdir(d)).trained_params()
+            for d in (wd, tmp_path / "killed")]
+  for a, b in zip(*map(jax.tree.leaves, params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # the saved files give the same table through `jaxmu audit-llm`
   from jaxmu.commands import audit_llm
   out = tmp_path / "reread"
