@@ -123,8 +123,18 @@ def lm_step(model, adamw: AdamW, batch_size: int, cycle: bool, carry, orders, ke
 
 def init_stack(lm_config: llama.LlamaConfig, keys: jax.Array, adamw: AdamW) -> dict:
   """Stacked ``{"params", "opt"}`` of fresh LMs, one per key (``init_params(config, key)``)."""
-  params = jax.vmap(lambda k: llama.init_params(lm_config, k))(keys)
-  return {"params": params, "opt": jax.vmap(adamw.transform().init)(params)}
+  return _init_program(lm_config, adamw)(keys)
+
+
+@functools.lru_cache(maxsize=16)
+def _init_program(lm_config: llama.LlamaConfig, adamw: AdamW):
+  """One compiled initialisation per architecture (`llama.init_params`, vmapped)."""
+  model, tokens = llama.build(lm_config), jnp.zeros((1, 8), jnp.int32)
+
+  def init(keys):
+    params = jax.vmap(lambda k: model.init(k, tokens)["params"])(keys)
+    return {"params": params, "opt": jax.vmap(adamw.transform().init)(params)}
+  return jax.jit(init)
 
 
 def cosine_factor(epochs: int, min_ratio: float):
