@@ -367,6 +367,7 @@ def test_arch_matrix_launcher(workdir, tmp_path):
   rows = report.read_csv(tmp_path / "m" / "matrix.csv")
   assert [(r["target"], r["shadow"], r["groups"]) for r in rows] == [
       ("a", "a", 2), ("a", "b", 2), ("b", "a", 2)]
+  np.testing.assert_allclose([r["auc_std"] for r in rows], np.std([0.6, 0.61], ddof=1), rtol=1e-6)
   bad = subprocess.run([sys.executable, "-m", "jaxmu", "iam-matrix", f"--workdirs={tmp_path}/none*"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert bad.returncode == 1 and "no work directory matches" in bad.stderr

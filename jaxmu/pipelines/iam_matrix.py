@@ -7,7 +7,7 @@ import numpy as np
 
 from jaxmu.attacks.audit import ATTACKS
 from jaxmu.pipelines.iam_setting import FinishedRun, architecture, forget_types
-from jaxmu.report import mean_std, read_csv
+from jaxmu.report import mean_std, read_csv, sample_std
 
 
 def _arch_label(config, kind):
@@ -19,7 +19,8 @@ def arch_matrix(workdirs, forget=None):
   """Fig. 4 (iam-spec 7.3, 10.8): the K = 1 BinUI AUC of every attack per (target architecture,
   shadow architecture), one finished run (work directory) per cell, for the unlearning type
   ``forget`` (default: each run's first). Returns (rows, markdown): rows with target, shadow,
-  attack, auc (mean over shadow groups), auc_std and groups; markdown, one table per attack.
+  attack, auc (mean over shadow groups), auc_std (sample std, ddof 1; NaN for one group) and
+  groups; markdown, one table per attack.
 
   The cheap way to fill the matrix: one `exact` run per architecture, then for each other pair a
   `setting="arch"` run with ``config.reuse.targets`` and ``config.reuse.shadows`` pointing at the
@@ -54,7 +55,7 @@ def arch_matrix(workdirs, forget=None):
         auc = [r["auc"] for r in cells.get((t, s), (None, []))[1] if r["attack"] == a]
         if auc:
           out_rows.append({"target": t, "shadow": s, "attack": a, "auc": float(np.mean(auc)),
-                           "auc_std": float(np.std(auc)), "groups": len(auc)})
+                           "auc_std": sample_std(auc), "groups": len(auc)})
         line.append(mean_std(auc) if auc else "—")
       text.append(f"| {t} | " + " | ".join(line) + " |")
     text.append("")
