@@ -5,15 +5,23 @@
     (or `make demo`, which runs both)
 
 Trains, for each of 4 seeds, an "original" model (retain + forget) and a "retrained" model
-(retain only) from the same initialisation, all as one stack (about a minute on a 2-core CPU,
-compilation included; originals reach test accuracy >= 0.95, retain accuracy near 1.0); tunes MSG
-and CT (the paper's recommended methods) with 4 TPE trials each on the stack of seeds 0 and 1;
-runs every unlearning method of the registry on the stack of all originals (MSG and CT with their
-best trial, the others with the reference defaults); evaluates every (method, seed); runs U-LiRA
-as its stage with jaxmu/configs/ulira.py's `cpu` settings and the searched hyper-parameters (in
-runs/quickstart/ulira); and writes runs/quickstart/report.md (ranked table with U-LiRA, figures),
-results.csv and summary.csv. `make demo` (this config, then the IAM audit) took 359 s wall, 525
-CPU-seconds, on an idle 2-core CPU on 2026-12-06, compilation included (cache off).
+(retain only) from the same initialisation, all as one stack (originals reach test accuracy
+>= 0.95, retain accuracy near 1.0); tunes MSG, CT (the paper's recommended methods) and NG+ (its
+recommended baseline) with one stated budget: 20 complete TPE trials each (Optuna's first 10 are
+random, the last 10 TPE proposals) on the stack of all 4 seeds; runs every unlearning method of
+the registry on the stack of all originals (the three tuned ones with their best trial and, as
+"<method>@defaults", with the reference defaults; the others with the reference defaults);
+evaluates every (method, seed); runs U-LiRA as its stage with jaxmu/configs/ulira.py's `cpu`
+settings and the searched hyper-parameters (in runs/quickstart/ulira); and writes
+runs/quickstart/report.md (tuned and reference-default tables ranked by per-seed RetDev with 95%
+t-intervals and paired ties, U-LiRA, figures as PNG and PDF), results.csv and summary.csv.
+
+Measured on 2026-12-06 (docs/methods.md has the table): msg ranks 1 (RetDev 0.038 [0.014,
+0.061]) but is not distinguishable from the untouched original (0.050 [0.043, 0.056]); tuned CT
+(0.139 [0.111, 0.167]) is worse than the original; each tuned method is at least as good as its
+defaults. The DeepUnlearn part used 539 CPU-seconds (cold compilation cache) on a 2-core CPU
+shared with other jobs (load average 12-17, 26 min wall); with the IAM part, about 450 s wall
+on an idle 2-core CPU, estimated from the CPU time (the machine was never idle), not measured.
 """
 
 from jaxmu.configs import deepunlearn, iam, ulira
