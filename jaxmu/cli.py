@@ -113,7 +113,9 @@ def one_line(text: str) -> str:
 
 
 def _debug(argv=()) -> bool:
-  return "--debug" in argv or os.environ.get("JAXMU_DEBUG", "") not in ("", "0")
+  """--debug (in ``argv`` or parsed) or JAXMU_DEBUG=1: show tracebacks."""
+  return ("--debug" in argv or os.environ.get("JAXMU_DEBUG", "") not in ("", "0")
+          or (flags.FLAGS.is_parsed() and _DEBUG.value))
 
 
 # The exceptions that are the user's mistakes: shown as `error: ...` lines without a traceback
@@ -133,9 +135,12 @@ def report_error(error: BaseException) -> int:
   elif isinstance(error, app.UsageError):
     lines, code = [str(error)], 2
   elif isinstance(error, KeyError):
-    lines, code = [f"missing key {error.args[0]!r}" if error.args else "missing key"], 1
+    lines, code = [f"missing key {error.args[0]!r} (KeyError; --debug shows where)"
+                   if error.args else "missing key"], 1
   elif isinstance(error, OSError) and error.filename is not None and error.strerror:
     lines, code = [f"{error.filename}: {error.strerror}"], 1
+  elif isinstance(error, (IndexError, TypeError, EOFError)):  # more often a bug than a mistake
+    lines, code = [f"{error} ({type(error).__name__}; --debug shows where)"], 1
   else:
     lines, code = [str(error) or type(error).__name__], 1
   for line in lines:
@@ -152,7 +157,7 @@ def guarded(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
     try:
       return main(argv)
     except (app.UsageError, *USER_ERRORS) as e:
-      if _DEBUG.value or _debug():
+      if _debug():
         raise
       sys.exit(report_error(e))
   return run
@@ -163,7 +168,7 @@ def exit_on_problems(pipeline: str, config) -> None:
   from jaxmu import validate
   problems = validate.validate(pipeline, config)
   if problems:
-    if _DEBUG.value or _debug():
+    if _debug():
       raise validate.ConfigError(problems)
     sys.exit(report_error(validate.ConfigError(problems)))
 
