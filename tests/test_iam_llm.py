@@ -34,16 +34,17 @@ def _corpus(n=24, length=12, seed=0):
   return np.where(mask, tokens, iam_llm.PAD), mask
 
 
-def _train(index_sets, ids, epochs=4, **kwargs):
+def _train(index_sets, ids, epochs=3, **kwargs):
+  """4 steps per epoch for every model (the pipeline's train.equal_steps: shorter sets cycle)."""
   tokens, mask = _corpus()
   return iam_llm.train_lms(TINY, tokens, mask, index_sets, ids, epochs=epochs, batch_size=4,
-                           learning_rate=1e-2, **kwargs)
+                           learning_rate=1e-2, steps_per_epoch=4, **kwargs)
 
 
 @pytest.fixture(scope="module")
 def stacked():
-  """Two LMs trained as one stack (equal-length index sets: the alone runs share one compile)."""
-  sets, ids = [np.arange(0, 16), np.arange(8, 24)], [0, 200]
+  """Two LMs trained as one stack, on sets of 16 and 10 chunks."""
+  sets, ids = [np.arange(0, 16), np.arange(14, 24)], [0, 200]
   losses = []
   carry = _train(sets, ids, on_epoch=lambda e, c, nll: losses.append(nll))
   return sets, ids, carry["params"], np.array(losses)
@@ -51,7 +52,7 @@ def stacked():
 
 def test_lm_training_lowers_the_loss(stacked):
   losses = stacked[3]  # [epochs, models]: mean training NLL per epoch
-  assert losses.shape == (4, 2) and (losses[-1] < losses[0] - 0.3).all(), losses
+  assert losses.shape == (3, 2) and (losses[-1] < losses[0] - 0.3).all(), losses
 
 
 def test_stack_equals_models_trained_alone(stacked):
