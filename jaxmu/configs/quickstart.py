@@ -19,9 +19,10 @@ t-intervals and paired ties, U-LiRA, figures as PNG and PDF), results.csv and su
 Measured on 2026-12-06 (docs/methods.md has the table): msg ranks 1 (RetDev 0.038 [0.014,
 0.061]) but is not distinguishable from the untouched original (0.050 [0.043, 0.056]); tuned CT
 (0.139 [0.111, 0.167]) is worse than the original; each tuned method is at least as good as its
-defaults. The DeepUnlearn part used 539 CPU-seconds (cold compilation cache) on a 2-core CPU
-shared with other jobs (load average 12-17, 26 min wall); with the IAM part, about 450 s wall
-on an idle 2-core CPU, estimated from the CPU time (the machine was never idle), not measured.
+defaults. The DeepUnlearn part used 539 CPU-seconds and the IAM part 162 (cold compilation
+cache) on a 2-core CPU shared with other jobs (load average 12-17, 26 + 9 min wall); about 480 s
+wall on an idle 2-core CPU, estimated from the CPU time (the machine was never idle), not
+measured.
 """
 
 from jaxmu.configs import deepunlearn, iam, ulira
