@@ -63,8 +63,9 @@ def get_config(arg: str | None = None):
 def iam_config():
   """`--config=quickstart:iam`, the IAM part of `make demo`: jaxmu/configs/iam.py's digits variant
   with 8 shadows, 4 seeds (set_random) and 10 classes (class_percentage), three approximate
-  methods (68 s on a 2-core CPU on 2026-12-03; set_random K = 1 AUCs: IAM-On 0.65, LiRA-On
-  0.61, RMIA-On 0.59; class_percentage: 0.68, 0.63, 0.67)."""
+  methods (162 CPU-seconds, 9 min wall on a 2-core CPU shared with other jobs, 2026-12-06;
+  set_random K = 1 AUCs: IAM-On 0.65, LiRA-On 0.61, RMIA-On 0.60; class_percentage: 0.69, 0.64,
+  0.68; mean ± sample std over the 8 K = 1 shadow groups in its report)."""
   config = iam.get_config("dataset=digits")
   config.num_shadows = 8
   config.seeds = (42, 43, 44, 45)
