@@ -299,8 +299,8 @@ def write_figures(directory, rows, kept):
   K = 1 groups, from ``rows``) in the legend; attacks whose curves equal an earlier attack's in
   every group (the same ranking of samples, e.g. IAM-On and IAM-On without its [0, 1]
   normalisation) are drawn once, labelled with both names. AUC against K: mean over groups with
-  the 95 % Student t interval over groups as error bars (none where a K has one group), and the
-  0.5 chance line. Colours: one per attack, fixed by its position in `ATTACKS`."""
+  the 95 % Student t interval over groups as error bars (none where a K has one group), attacks
+  whose AUCs agree within 1e-4 in every group as one line ("A ≈ B"), and the 0.5 chance line. Colours: one per attack, fixed by its position in `ATTACKS`."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -357,14 +357,23 @@ def write_figures(directory, rows, kept):
 
   fig, ax = plt.subplots(figsize=(6, 4))
   all_ks = sorted({int(r["k"]) for r in binui})
+  series: dict[str, tuple] = {}  # attack -> (ks, AUCs per K, names of identical attacks)
   for a in dict.fromkeys(r["attack"] for r in binui):
     ks = sorted({int(r["k"]) for r in binui if r["attack"] == a})
     per_k = [[r["auc"] for r in binui if r["attack"] == a and int(r["k"]) == k] for k in ks]
+    same = next((d for d, (k2, p2, _) in series.items() if k2 == ks and all(
+        len(u) == len(v) and np.allclose(u, v, rtol=0, atol=1e-4) for u, v in zip(p2, per_k))),
+        None)
+    if same is None:
+      series[a] = (ks, per_k, [a])
+    else:  # AUCs within 1e-4 in every group (IAM-On without its normalisation): one line
+      series[same][2].append(a)
+  for a, (ks, per_k, names) in series.items():
     mean = np.array([np.mean(v) for v in per_k])
     half = np.array([stats.t.ppf((1 + CONFIDENCE) / 2, len(v) - 1) * np.std(v, ddof=1)
                      / np.sqrt(len(v)) if len(v) > 1 else 0.0 for v in per_k])
     ax.errorbar(ks, mean, yerr=np.where(half > 0, half, np.nan), marker="o", capsize=3,
-                label=ATTACKS[a][0], color=colors[a], markersize=4)
+                label=" ≈ ".join(ATTACKS[n][0] for n in names), color=colors[a], markersize=4)
   ax.axhline(0.5, color="gray", linestyle="--", lw=1, label="chance (0.5)")
   ax.set(xscale="log", xlabel="K shadow models",
          ylabel=f"AUC (mean over groups, {CONFIDENCE:.0%} t-interval)",
