@@ -160,6 +160,12 @@ def guarded(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
       if _debug():
         raise
       sys.exit(report_error(e))
+    except KeyboardInterrupt:
+      if _debug():
+        raise
+      print("error: interrupted; fix: run the same command again to resume (finished stages "
+            "are kept, training continues from its last checkpoint)", file=sys.stderr)
+      sys.exit(130)
   return run
 
 

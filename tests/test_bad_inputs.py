@@ -506,3 +506,13 @@ def test_debug_flag_raises_in_process(world, capsys):
   with pytest.raises(errors.ConfigError, match="methods: is empty"):
     cli.main(["jaxmu", "deepunlearn", QS, f"--workdir={world}/new", "--config.methods=()",
               "--debug"])
+
+
+def test_an_interrupt_is_one_line_saying_how_to_resume(capsys):
+  def main(argv):
+    raise KeyboardInterrupt
+
+  with pytest.raises(SystemExit) as exit_:
+    cli.guarded(main)(["jaxmu x"])
+  assert exit_.value.code == 130
+  _check_lines(capsys.readouterr().err, ["interrupted", "run the same command again"])
