@@ -192,17 +192,21 @@ def run_pipeline(pipeline: str, run: Callable[..., Path | None], config, workdir
   logging.set_verbosity(logging.WARNING)
   root = Path(workdir)
   existed = root.exists()
-  config_json = root / "config.json"
+  config_json, owner_json = root / "config.json", root / "owner.json"
   before = config_json.read_bytes() if config_json.is_file() else None
+  had_owner = owner_json.exists()
   try:
     path = run(config, workdir, **kwargs)
   except Exception:
     if not existed:  # a new workdir where no stage finished: removed, as if never started
       _remove_unstarted(root)
-    elif before is not None and config_json.is_file() and config_json.read_bytes() != before:
-      from jaxmu import stages  # a failed run leaves the config.json it found
-      with stages.atomic_write(config_json) as f:
-        f.write(before)
+    else:  # a failed run leaves the config.json (and owner) it found
+      if before is not None and config_json.is_file() and config_json.read_bytes() != before:
+        from jaxmu import stages
+        with stages.atomic_write(config_json) as f:
+          f.write(before)
+      if not had_owner and before is not None:
+        owner_json.unlink(missing_ok=True)
     raise
   if path is not None and path.suffix == ".md":
     print(path.read_text())
