@@ -236,11 +236,13 @@ def plot_retdev_vs_rte(summary: Sequence[Mapping[str, Any]], path: str | os.Path
   ranked, ranks = _figure_methods(summary)
   colors = method_colors([s["method"] for s in summary])
   by_name = {s["method"]: s for s in summary}
-  fig = Figure(figsize=(9, 5.5), layout="constrained")
-  ax = fig.add_subplot()
-  handles = []
   shown = [s for s in ranked if np.isfinite(s.get("rte_mean", np.nan))
            and np.isfinite(s["retdev_mean"]) and s["retdev_mean"] > 0]
+  ncol = 1 if len(shown) <= 28 else 2  # legend entries: the methods and two reference lines
+  fig = Figure(figsize=(9 + 3 * (ncol - 1), max(5.5, 0.19 * math.ceil((len(shown) + 2) / ncol)
+                                                 + 1.0)), layout="constrained")
+  ax = fig.add_subplot()
+  handles = []
   values = [v for s in shown for v in (s["retdev_mean"], s.get("retdev_ci_low", np.nan))
             if np.isfinite(v) and v > 0]
   original = by_name.get("original")
@@ -281,7 +283,7 @@ def plot_retdev_vs_rte(summary: Sequence[Mapping[str, Any]], path: str | os.Path
   ax.grid(True, which="both", alpha=0.3)
   ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0),
             frameon=False, title="rank. method (● tuned, ■ reference defaults)",
-            title_fontsize=7)
+            title_fontsize=7, ncol=ncol)
   save_figure(fig, path)
 
 
