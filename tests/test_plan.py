@@ -147,6 +147,7 @@ def test_reuse_of_a_real_workdir(tmp_path):
   assert reuse["train"] == "new" and reuse["ulira/train"] == "new"
   assert reuse["search"].startswith("runs")
   config.seeds = (0, 1, 2)
+  config.search.seeds = (0, 1, 2)
   reuse = {s.name: s.reuse for s in plan.make(config, tmp_path).stages}
   assert (reuse["splits"], reuse["init"]) == ("reused", "config changed: seeds")
   config.seeds = (0, 1, 2, 3)
