@@ -214,8 +214,9 @@ def _types(config):
 # The datasets of jaxmu/configs/iam.py (CIFAR-100 runs above), with every unlearning type: their
 # data, splits (every run forgets something), the CIFAR-stem ResNet-18 / Purchase MLP shadows,
 # ref_in and targets, and the signals the attacks read. The attacks run on CIFAR-100 above (their
-# BinUI over the K sweep: 45 CPU-seconds more per dataset). (Purchase's binui at this scale, 25
-# population samples for 100 classes, raises "scores contain NaN or infinite values".)
+# BinUI over the K sweep: 45 CPU-seconds more per dataset). Every run must forget something: a
+# class_percentage run of a class with < 10 pool samples forgets none, and its binui then fails
+# with "scores contain NaN or infinite values" (seen with a 1,500-row Purchase file).
 IAM_DATASETS = {"cifar10": ("dataset=cifar10", 10, 200),  # set_random + class_percentage
                 "cinic10": ("dataset=cinic10,forget=one_class", 10, 100),
                 "purchase100": ("dataset=purchase100", 100, 1800)}
