@@ -71,6 +71,7 @@ from jaxmu.report import iam as iam_report
 STAGES = ("splits", "shadows", "ref_in", "targets", "signals", "binui", "scoring", "sensitivity",
           "score_ui", "approx", "report")
 # PRNG namespaces of the model groups (model id = base + index): initialisation and data order.
+FIGURES = ("roc", "auc_vs_k", "iam_hist")  # report figures, each as PNG and PDF
 _IDS = {"shadows": 100_000, "shadow_origin": 200_000, "ref_in": 300_000, "original": 400_000,
         "retrain": 500_000, "score_ui": 600_000}
 SIGNAL_FILES = ("query_shadows", "query_original", "query_retrain", "pop_retrain", "pop_shadows",
@@ -336,7 +337,8 @@ class _Pipeline:
     with self.wd.stage("binui", config={"audit": c.audit, "k": k_sweep(c)}, deps=("signals",),
                        outputs=("binui.csv", "binui_scores.npz")) as st:
       if not st.done:
-        rows, kept = [], None
+        rows, kept = [], {}  # the figures' scores: the first type, smallest K, every group
+        first, k_min = forget_types(c)[0], min(k_sweep(c))
         todo = [(forget, k, g) for forget in forget_types(c) for k in k_sweep(c)
                 for g in shadow_groups(c.num_shadows, k, c.audit.max_groups)]
         for forget, k, group in tqdm(todo, desc="binui", leave=False):
@@ -346,10 +348,12 @@ class _Pipeline:
           for attack, s in scores.items():
             rows.append({"forget": forget, **metric_row("binui", attack, k, group[0] // k,
                                                         bin_ui(s, flags))})
-          if kept is None:  # the first type, K = 1, group 0: the figures' scores
-            kept = {**scores, "_flags": flags}
+          if forget == first and k == k_min:
+            for attack, s in scores.items():
+              kept.setdefault(attack, []).append(s)
+            kept["_flags"] = flags
         report.write_csv(st.tmp / "binui.csv", rows)
-        np.savez(st.tmp / "binui_scores.npz", **kept)
+        np.savez(st.tmp / "binui_scores.npz", **{a: np.asarray(s) for a, s in kept.items()})
         st.commit()
     return self.wd.path("binui.csv")
 
@@ -444,8 +448,8 @@ class _Pipeline:
         ("approx",) if c.approx.methods else ())
     readout = {k: c.approx.get(k) for k in ("margin", "auc_margin", "ks_threshold")}
     with self.wd.stage("report", config={**readout, "parts": parts}, deps=deps,
-                       outputs=("report.md", "results.csv", "roc.png", "auc_vs_k.png",
-                                "iam_hist.png")) as st:
+                       outputs=("report.md", "results.csv", *(f"{f}.{x}" for f in FIGURES
+                                                              for x in ("png", "pdf")))) as st:
       if not st.done:
         rows = [row for n in parts for row in report.read_csv(self.wd.path(n))]
         report.write_csv(st.tmp / "results.csv", rows)
