@@ -9,6 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt setuptools  # the SPDX license needs >= 77 (wheel builds)
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev,llm,search]'
 	touch $(STAMP)
 

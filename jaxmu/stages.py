@@ -41,6 +41,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -142,12 +143,23 @@ class Stage:
     return self.reason is None or self.committed
 
   @property
+  def _tmp_prefix(self) -> str:
+    return self.name.replace("/", "_") + ".tmp-"
+
+  @property
   def tmp(self) -> Path:
     """A fresh directory inside the workdir; outputs written here are published by commit."""
     if self._tmp is None:
-      self._tmp = Path(tempfile.mkdtemp(dir=self.workdir.path(".tmp"),
-                                        prefix=self.name.replace("/", "_") + "-"))
+      self._tmp = Path(tempfile.mkdtemp(dir=self.workdir.path(".tmp"), prefix=self._tmp_prefix))
     return self._tmp
+
+  def _remove_stale_tmp(self) -> None:
+    """Deletes the temp dirs of this stage left by a killed process (called under the lock, so
+    no live process owns them)."""
+    stale = re.compile(re.escape(self._tmp_prefix) + r"[a-z0-9_]{8}")
+    for path in self.workdir.path(".tmp").iterdir():
+      if stale.fullmatch(path.name):
+        shutil.rmtree(path, ignore_errors=True)
 
   def _check(self) -> None:
     """Sets ``reason`` to why the stage must run, or None when it can be skipped."""
@@ -238,6 +250,7 @@ class Workdir:
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with filelock.FileLock(lock_path):
       st = Stage(self, name, config, deps, outputs)
+      st._remove_stale_tmp()
       st._check()
       self.ran[name] = st.reason or "reused"
       try:

@@ -98,6 +98,21 @@ def test_failing_body_leaves_no_outputs_and_reruns(tmp_path):
   assert _run(wd, "s", {}) == "new"
 
 
+def test_a_killed_stage_s_temp_dir_is_removed_when_the_stage_reopens(tmp_path):
+  wd = stages.Workdir(tmp_path)
+  with wd.stage("report", config={}, outputs=("report.txt",)) as st:
+    killed_tmp = st.tmp
+    st._tmp = None  # as if the process died here: its temp dir is never cleaned up
+    (killed_tmp / "results.csv").write_text("partial")
+    (st.tmp / "report.txt").write_text("x")
+    st.commit()
+  other = tmp_path / ".tmp" / "report_plots.tmp-abcd1234"  # another stage's name, kept
+  other.mkdir()
+  assert killed_tmp.exists()
+  _run(wd, "report", {"changed": 1})
+  assert sorted(p.name for p in (tmp_path / ".tmp").iterdir()) == [other.name]
+
+
 def test_body_must_commit(tmp_path):
   wd = stages.Workdir(tmp_path)
   with pytest.raises(RuntimeError, match="did not commit"):
