@@ -32,7 +32,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from jaxmu import checkpoint, engine, parallel
+from jaxmu import checkpoint, engine, parallel, timing
 from jaxmu.data import augment as augment_lib
 
 HPARAMS = ("learning_rate", "weight_decay", "momentum")
@@ -122,6 +122,10 @@ class FitResult(NamedTuple):
   best: dict[str, Any] | None  # per model, the variables with the best validation accuracy
   best_accuracy: np.ndarray | None  # [N]
   history: list[dict[str, Any]]  # per epoch: per-model numpy metrics
+  # The stack's training time over all epochs, also those before a resume: the epochs' compiled
+  # work only (`jaxmu.timing`; no validation, checkpoints, callbacks). NaN: not timed.
+  seconds: float = float("nan")
+  compile_seconds: float = float("nan")  # JAX's tracing and compilation in those epochs
 
 
 # --------------------------------------------------------------------------------------------
@@ -349,7 +353,7 @@ def fit(model, state: TrainState, data: DeviceData, index_sets, recipe: Recipe, 
       and `FitResult.best` keeps, per model, the variables of its best epoch (first best wins).
     checkpoints: a `jaxmu.checkpoint.TrainingCheckpoints`; every ``checkpoint_every`` epochs the
       whole fit state is saved, and a fit started again resumes from the latest one and ends
-      with the same numbers as an uninterrupted run.
+      with the same numbers as an uninterrupted run (and the time of the epochs it restored).
     on_epoch: called with (epoch, metrics) after each epoch; metrics are per-model arrays, with
       the models' ids under "model" (`stages.Workdir.append_metrics` writes one row per model).
     max_models_per_program: train the stack in chunks of at most this many models.
@@ -387,7 +391,8 @@ def _merge_results(parts: Sequence[FitResult]) -> FitResult:
       state=state,
       best=parallel.concat_models([p.best for p in parts]) if has_best else None,
       best_accuracy=np.concatenate([p.best_accuracy for p in parts]) if has_best else None,
-      history=history)
+      history=history, seconds=sum(p.seconds for p in parts),
+      compile_seconds=sum(p.compile_seconds for p in parts))
 
 
 def _fit_stack(model, state, data, index_sets, recipe, epochs, key, model_ids, strategy, val_sets,
@@ -396,23 +401,26 @@ def _fit_stack(model, state, data, index_sets, recipe, epochs, key, model_ids, s
   n = index_sets.shape[0]
   steps = engine.steps_per_epoch(index_sets, recipe.batch_size)
   t_max = recipe.t_max or (epochs if recipe.schedule_unit == "epoch" else epochs * steps)
-  best, best_acc, history, start = None, None, [], 0
+  best, best_acc, history, start, seconds, compile_seconds = None, None, [], 0, 0.0, 0.0
   if val_sets is not None:
     best, best_acc = jax.tree.map(jnp.copy, state.variables), np.full((n,), -np.inf)
   if checkpoints is not None and checkpoints.latest() is not None:
     start = checkpoints.latest()
     saved = checkpoints.restore(start, {"state": state, "best": best, "best_acc": best_acc})
     state, best, best_acc = saved["state"], saved["best"], saved["best_acc"]
-    history = [{k: np.asarray(v) for k, v in record.items()}
-               for record in checkpoints.metadata(start)["history"]]
+    meta = checkpoints.metadata(start)
+    history = [{k: np.asarray(v) for k, v in record.items()} for record in meta["history"]]
+    seconds, compile_seconds = meta["seconds"], meta["compile_seconds"]
 
   runs = engine.epochs(
       train_step, (model, recipe), state, {"train": engine.Source(index_sets, recipe.batch_size)},
       {"t_max": jnp.full((n,), t_max, jnp.float32)}, data.inputs, data.labels,
       engine.model_keys(key, model_ids), strategy, range(start, epochs), streams=engine.TRAINING)
-  bar = tqdm(runs, desc=progress if isinstance(progress, str) else "train",
+  bar = tqdm(timing.timed(runs), desc=progress if isinstance(progress, str) else "train",
              disable=not progress, initial=start, total=epochs, leave=False)
-  for epoch, state, summed in bar:
+  for (epoch, state, summed), clock in bar:
+    seconds += clock.work_seconds
+    compile_seconds += clock.seconds
     count = np.maximum(summed["count"], 1)
     record = {"epoch": epoch + 1, "loss": summed["loss_sum"] / count,
               "accuracy": summed["correct"] / count,
@@ -431,9 +439,10 @@ def _fit_stack(model, state, data, index_sets, recipe, epochs, key, model_ids, s
     done = epoch + 1
     if checkpoints is not None and (done % checkpoint_every == 0 or done == epochs):
       checkpoints.save(done, {"state": state, "best": best, "best_acc": best_acc},
-                       metadata={"history": _jsonable(history)})
+                       metadata={"history": _jsonable(history), "seconds": seconds,
+                                 "compile_seconds": compile_seconds})
   bar.close()
-  return FitResult(state, best, best_acc, history)
+  return FitResult(state, best, best_acc, history, seconds, compile_seconds)
 
 
 def _select_models(take_new: np.ndarray, new: Any, old: Any) -> Any:

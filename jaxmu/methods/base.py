@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import time
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import flax
@@ -28,6 +27,7 @@ import numpy as np
 import optax
 
 from jaxmu import engine, parallel, train
+from jaxmu.timing import CompileClock
 from jaxmu.data import augment as augment_lib
 
 SOURCES = ("retain", "forget", "val")
@@ -172,10 +172,8 @@ class Method:
     hp = self.hparams(hparams)
     key = jax.random.key(0) if key is None else key
     with CompileClock() as clock:
-      start = time.perf_counter()
       states = jax.block_until_ready(self.unlearn(ctx, hp, key))
-      wall = time.perf_counter() - start
-    return UnlearnResult(states, max(wall - clock.seconds, 0.0), clock.seconds)
+    return UnlearnResult(states, clock.work_seconds, clock.seconds)
 
 
 METHODS: dict[str, Method] = {}
@@ -198,29 +196,6 @@ def get(name: str) -> Method:
     raise ValueError(f"unknown unlearning method {name!r}; known: {', '.join(sorted(METHODS))} "
                      f"(aliases: {', '.join(sorted(_ALIASES))})")
   return METHODS[canonical]
-
-
-class CompileClock:
-  """Context manager summing the seconds JAX spends tracing, lowering and compiling inside it."""
-
-  EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
-            "/jax/core/compile/jaxpr_to_mlir_module_duration",
-            "/jax/core/compile/backend_compile_duration")
-
-  def __init__(self):
-    self.seconds = 0.0
-
-  def _listen(self, event: str, duration: float, **kwargs) -> None:
-    del kwargs
-    if event in self.EVENTS:
-      self.seconds += duration
-
-  def __enter__(self) -> "CompileClock":
-    jax.monitoring.register_event_duration_secs_listener(self._listen)
-    return self
-
-  def __exit__(self, *exc) -> None:
-    jax.monitoring.unregister_event_duration_listener(self._listen)
 
 
 # --------------------------------------------------------------------------------------------
