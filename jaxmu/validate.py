@@ -23,6 +23,9 @@ from jaxmu.data import sources
 PIPELINES = ("deepunlearn", "ulira", "iam", "iam_llm")
 SETTINGS = ("exact", "arch", "shifted", "incremental")  # iam-spec 7.1-7.4
 FORGET_TYPES = ("set_random", "class_percentage", "one_class")
+# DeepUnlearn's reference models (`jaxmu.pipelines.deepunlearn.GROUPS`): its rows in every run,
+# so not methods of ``config.methods`` (U-LiRA's ``ulira.methods`` may name ``original``).
+REFERENCE_GROUPS = ("original", "retrain")
 
 
 # The typed errors (`jaxmu.errors`) and the problem format, re-exported here.
@@ -179,6 +182,9 @@ def _deepunlearn(config, meta, out):
   _ratio(out, "split.forget_ratio", s.forget_ratio)
   seeds = _seeds(out, config)
   methods = _names(out, "methods", config.methods, _method, "method", allow_empty=False)
+  for group in set(methods) & set(REFERENCE_GROUPS):
+    out.append(Problem("methods", f"{group!r} is a reference group every run trains and "
+                       "evaluates, not an unlearning method", f"drop {group!r} from methods"))
   tuned = _names(out, "search.methods", config.search.methods, _method, "method")
   if any(m in methods for m in tuned):
     missing = [x for x in config.search.seeds if x not in seeds]

@@ -169,6 +169,8 @@ BROKEN = {  # check: (pipeline, config argument, mutation, field named)
     "ulira_epochs": ("ulira", DU, _set("ulira.epochs", 0), "ulira.epochs"),
     # method names and their hyper-parameter keys
     "method_name": ("deepunlearn", DU, _set("methods", ("finetun",)), "methods"),
+    "method_original": ("deepunlearn", DU, _set("methods", ("original", "ct")), "methods"),
+    "method_retrain": ("deepunlearn", DU, _set("methods", ("naive",)), "methods"),
     "ulira_method": ("ulira", DU, _set("ulira.methods", ("msgg",)), "ulira.methods"),
     "search_method": ("deepunlearn", DU, _set("search.methods", ("ssdd",)), "search.methods"),
     "hparam_key": ("deepunlearn", DU, _set("unlearn.finetune.lr", 0.1), "unlearn.finetune"),
