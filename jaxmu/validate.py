@@ -227,9 +227,14 @@ def _ulira(config, meta, out):
                        "puts every sample IN half the splits", "give an even number"))
   if meta and 0 < u.lira.val_ratio < 1:
     n_val = int(meta.num_train * u.lira.val_ratio)
+    ins = (meta.num_train - n_val) // 2  # a split's IN samples (about, for scheme='balanced')
     if not 1 <= n_val <= meta.num_train - 2:
       out.append(Problem("ulira.lira.val_ratio", f"leaves {n_val} of {meta.num_train} training "
                          "samples for val", "give val at least 1 and the splits at least 2"))
+    elif 0 < u.lira.forget_ratio < 1 and int(ins * u.lira.forget_ratio) < 1:
+      out.append(Problem("ulira.lira.forget_ratio", f"{u.lira.forget_ratio} of a split's {ins} "
+                         "IN samples forgets none (floor)",
+                         f"set ulira.lira.forget_ratio >= {1 / ins:.3g}"))
 
 
 def _search_dir(config, out):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.model_selection import train_test_split
 
-from jaxmu import data
+from jaxmu import data, errors
 from jaxmu.data import splits
 
 
@@ -161,3 +161,17 @@ def test_save_load_roundtrip_and_fingerprint_mismatch(tmp_path):
 def test_bad_inputs_name_parameter_and_range(call, parameter):
   with pytest.raises(ValueError, match=parameter):
     call()
+
+
+def test_an_empty_forget_set_names_the_config_field():
+  """class_percentage flooring to no sample (40 of class 3 in the pool x 0.02) and a LiRA
+  forget_ratio flooring to none are `ConfigError`s at split time, one line with the fix."""
+  labels = np.arange(600) % 10
+  with pytest.raises(errors.ConfigError) as raised:
+    splits.iam(500, 100, shadow_size=100, labels=labels, forget="class_percentage",
+               forget_class=3, class_ratio=0.02)
+  assert str(raised.value) == ("split.class_ratio: 0.02 of the 40 samples of class 3 in the pool "
+                               "forgets none (floor); fix: set split.class_ratio >= 0.025")
+  with pytest.raises(errors.ConfigError, match=r"^ulira.lira.forget_ratio: 0.01 of a split's 47 "
+                     r"IN samples forgets none \(floor\); fix: .* >= 0.0213$"):
+    splits.lira(100, num_splits=2, num_forget_draws=1, forget_ratio=0.01)

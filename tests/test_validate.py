@@ -154,6 +154,8 @@ BROKEN = {  # check: (pipeline, config argument, mutation, field named)
     "val_ratio": ("deepunlearn", DU, _set("split.val_ratio", 1.5), "split.val_ratio"),
     "class_ratio": ("iam", IAM, _set("split.class_ratio", 0.0), "split.class_ratio"),
     "lira_forget": ("ulira", DU, _set("ulira.lira.forget_ratio", 1.0), "ulira.lira.forget_ratio"),
+    "lira_forget_none": ("ulira", "cpu", _set("ulira.lira.forget_ratio", 1e-4),
+                         "ulira.lira.forget_ratio"),
     "forget_classes": ("iam", IAM, _set("split.forget_classes", (0, 10)), "split.forget_classes"),
     "forget_types": ("iam", IAM, _set("split.forget", "set_random+set_random"), "split.forget"),
     "seeds": ("deepunlearn", DU, _set("seeds", ()), "seeds"),

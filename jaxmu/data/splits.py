@@ -1,16 +1,19 @@
 """Deterministic index splits into a dataset's global index space (official train ‖ official test).
 
 Every function returns a dict of numpy index arrays (int64; bool for masks). `save`/`load` keep
-them in an .npz together with the fingerprint of the dataset they belong to.
+them in an .npz together with the fingerprint of the dataset they belong to. A config whose
+forget set comes out empty (`iam`'s class_percentage, `lira`'s forget_ratio) is a `ConfigError`
+naming the config field, raised before anything trains.
 """
 
 from __future__ import annotations
 
-import os
 import pathlib
 
 import numpy as np
 from sklearn.model_selection import train_test_split
+
+from jaxmu import errors, stages
 
 REFERENCE_KEYS = ("train", "retain", "forget", "val", "test")
 _FINGERPRINT = "_dataset_fingerprint"
@@ -147,6 +150,11 @@ def iam(num_train: int, num_test: int, shadow_size: int, seed: int = 42, forget:
       raise ValueError(f"forget={forget!r} needs labels=")
     ratio = class_ratio if forget == "class_percentage" else 1.0
     flags = np.isin(pool, class_forget(labels, pool, forget_class, ratio)["forget"])
+    if not flags.any():
+      members = int(np.sum(np.asarray(labels)[pool] == forget_class))
+      raise errors.ConfigError([errors.Problem(
+          "split.class_ratio", f"{class_ratio} of the {members} samples of class {forget_class} "
+          "in the pool forgets none (floor)", f"set split.class_ratio >= {1 / members:.3g}")])
   else:
     raise ValueError("forget must be one of set_random, class_percentage, one_class, "
                      f"got {forget!r}")
@@ -215,6 +223,11 @@ def lira(num_train: int, num_splits: int = 64, num_forget_draws: int = 10, schem
     raise ValueError(f"scheme must be 'deepunlearn' or 'balanced', got {scheme!r}")
 
   n_keep = [len(in_s) - int(len(in_s) * forget_ratio) for in_s in ins]
+  smallest = min(map(len, ins))
+  if int(smallest * forget_ratio) < 1:
+    raise errors.ConfigError([errors.Problem(
+        "ulira.lira.forget_ratio", f"{forget_ratio} of a split's {smallest} IN samples forgets "
+        "none (floor)", f"set ulira.lira.forget_ratio >= {1 / smallest:.3g}")])
   retain = _padded([q[:n] for n, qs in zip(n_keep, draws) for q in qs])
   forget = _padded([q[n:] for n, qs in zip(n_keep, draws) for q in qs])
   keep = np.zeros((num_splits, num_train), bool)
@@ -226,15 +239,13 @@ def lira(num_train: int, num_splits: int = 64, num_forget_draws: int = 10, schem
 
 
 def save(path, splits: dict[str, np.ndarray], dataset) -> None:
-  """Writes `splits` to the .npz `path` with `dataset.fingerprint`, atomically (temp + rename)."""
-  path = pathlib.Path(path)
+  """Writes `splits` to the .npz `path` with `dataset.fingerprint`, atomically
+  (`jaxmu.stages.atomic_write`)."""
   if _FINGERPRINT in splits:
     raise ValueError(f"split name {_FINGERPRINT!r} is reserved")
-  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-  with open(tmp, "wb") as f:
+  with stages.atomic_write(path) as f:
     np.savez(f, **{k: np.asarray(v) for k, v in splits.items()},
              **{_FINGERPRINT: dataset.fingerprint})
-  os.replace(tmp, path)
 
 
 def load(path, dataset) -> dict[str, np.ndarray]:
