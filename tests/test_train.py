@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import jax
@@ -13,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxmu import checkpoint, models, parallel, train
+from jaxmu import checkpoint, models, parallel, timing, train
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = train.Recipe(batch_size=32, augment="flip", mean=(0.5,), std=(0.25,))
@@ -194,13 +195,57 @@ def test_evaluate_matches_numpy_on_per_model_sets():
     assert ev["loss"][m] == pytest.approx(-logp[np.arange(len(s)), y[s]].mean(), rel=1e-4)
 
 
-def test_chunked_stack_equals_whole_stack():
+def test_chunked_stack_equals_whole_stack(monkeypatch):
+  _tick(monkeypatch)
   model, state = _setup(num_models=3, lrs=(0.1, 0.05, 0.02))
   x, y = _data()
   sets = SETS + [np.arange(150, 250)]
   whole = _fit(model, state, x, y, sets, strategy="vmap")
   chunked = _fit(model, state, x, y, sets, strategy="vmap", max_models_per_program=2)
   _assert_trees_equal(whole.state, chunked.state, atol=1e-6)
+  assert whole.seconds + whole.compile_seconds == pytest.approx(2 * 100)  # 2 epochs
+  # the chunks train one after the other
+  assert chunked.seconds + chunked.compile_seconds == pytest.approx(2 * 2 * 100)
+
+
+def _tick(monkeypatch):
+  """`jaxmu.timing`'s clock made to advance 100 s at every reading: each timed epoch lasts 100 s."""
+  ticks = iter(range(0, 10**9, 100))
+  monkeypatch.setattr(timing, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks)))
+
+
+def test_compile_clock_takes_compilation_out_of_the_wall_time(monkeypatch):
+  _tick(monkeypatch)
+  with timing.CompileClock() as clock:
+    jax.monitoring.record_event_duration_secs("/jax/core/compile/backend_compile_duration", 30.0)
+    jax.monitoring.record_event_duration_secs("/jax/core/compile/jaxpr_trace_duration", 5.0)
+    jax.monitoring.record_event_duration_secs("/jax/some/other/event", 7.0)
+  assert (clock.seconds, clock.work_seconds) == (35.0, 65.0)
+
+
+def test_fit_time_excludes_compilation_and_sums_over_a_resume(tmp_path, monkeypatch):
+  """RTE's retraining time (deepunlearn-spec 6.5) as the unlearning time: each epoch's wall time
+  less JAX's compilation in it, and a resumed fit adds the time stored with its checkpoint."""
+  _tick(monkeypatch)
+  model, state = _setup(width=6)  # a program no other test compiles
+  x, y = _data()
+  fit = lambda **kw: _fit(model, state, x, y, SETS, epochs=3, **kw)  # noqa: E731
+
+  def stop_at_2(epoch, record):
+    if epoch == 2:
+      raise KeyboardInterrupt  # after epoch 1's checkpoint, before epoch 2's
+
+  with pytest.raises(KeyboardInterrupt):
+    fit(checkpoints=checkpoint.TrainingCheckpoints(tmp_path / "c"), on_epoch=stop_at_2)
+  ckpts = checkpoint.TrainingCheckpoints(tmp_path / "c")
+  first = ckpts.metadata(ckpts.latest())
+  assert ckpts.latest() == 1 and first["compile_seconds"] > 0  # compiled in epoch 1, not counted
+  assert first["seconds"] + first["compile_seconds"] == pytest.approx(100)
+  monkeypatch.setattr(timing.CompileClock, "EVENTS", ())  # from here on: no compilation seen
+  resumed = fit(checkpoints=ckpts, checkpoint_every=3)
+  assert resumed.seconds == pytest.approx(first["seconds"] + 2 * 100)  # epoch 1 + epochs 2, 3
+  assert resumed.compile_seconds == first["compile_seconds"]
+  assert ckpts.metadata(3)["seconds"] == resumed.seconds
 
 
 def test_bad_inputs_fail_clearly():
