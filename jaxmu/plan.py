@@ -4,10 +4,9 @@
     print(p.markdown()); p.write("runs/plan")                 # plan.md and plan.json
 
 Per stage, in the pipeline's order: the models it trains or unlearns, its stack chunks
-(programs), its training sample-passes (epochs x samples per model, summed) and forward
-sample-passes (validation, signals, evaluation), its FLOPs and device time at a stated sustained
-rate, an estimate of device memory per program, the disk of its outputs, and whether the stage
-records of an existing workdir would let the run reuse it.
+(programs), its training sample-passes (epochs x samples per model, summed) and forward passes
+(validation, signals, evaluation), FLOPs and device time at a stated sustained rate, device memory
+per program (estimate), the disk of its outputs, and whether a workdir's records let it be reused.
 
 Counts follow the config and the datasets' known sizes (`dataset_info`; nothing is loaded).
 FLOPs of one training step per model are XLA's count of the *lowered* (not compiled) engine step
@@ -28,6 +27,7 @@ import math
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -35,15 +35,17 @@ import ml_collections
 from jaxmu import models, search, stages, train, validate
 from jaxmu import methods as methods_lib
 from jaxmu.data import sources
-from jaxmu.pipelines import common
-from jaxmu.pipelines import iam_setting
+from jaxmu.pipelines import common, iam_setting, iam_tables
+from jaxmu.pipelines.deepunlearn import DEFAULTS_SUFFIX
 
 # The default sustained rate of the device-time estimate (docs/benchmarks.md, "Plan's default
 # rate"): an assumption until issue [9/9] measures it.
 RATE_TFLOPS = 100.0
-PIPELINES = ("deepunlearn", "ulira", "iam")
 LOGIT_BYTES = 4  # float32 logits and scaled logits
 INDEX_BYTES = 8  # int64 split indices
+# Epochs of the faithful variants (approx.faithful) that run fewer than their num_epochs:
+# forsaken's returns after its first iteration (jaxmu/methods/forsaken.py).
+FAITHFUL_EPOCHS = {"forsaken": 1}
 
 
 def dataset_info(spec: ml_collections.ConfigDict) -> sources.Metadata:
@@ -114,15 +116,16 @@ def _kept_outputs(jaxpr) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _arch(name: str, options: tuple, num_classes: int, shape: tuple, recipe: train.Recipe,
+def _arch(name: str, model: nn.Module, shape: tuple, recipe: train.Recipe,
           num_samples: int) -> Arch:
-  """The costs of a model (see `Arch`), from lowered programs on abstract values.
+  """The costs of ``model`` (registered as ``name``; see `Arch`), from lowered programs on
+  abstract values. Cached by the module itself (its class and every field: classes, widths,
+  options), not by ``name``: the registry may build another architecture under the same name.
 
   Activations (estimate): the outputs of a training step's convolutions and matrix products,
   three times over (each layer's output, its normalised and its activated form are kept for the
   backward pass).
   """
-  model = models.get(name, num_classes, **dict(options))
   stacked = common.abstract_variables(model, 1, shape)
   one = lambda tree: jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), tree)
   state = one(jax.eval_shape(lambda v: train.create_state(v, recipe), stacked))
@@ -190,12 +193,18 @@ def _unlearn_passes(hparams: dict, retain: float, budget: int | None = None) -> 
   return round(epochs * per_epoch)
 
 
-def _unlearn_stage(name, reads, deps, hparams, runs, retain, chunk, disk, forward=0):
+def _unlearn_stage(name, reads, deps, hparams, runs, retain, chunk, disk, forward=0, **kw):
   """A stage unlearning ``runs`` models (estimated sample-passes)."""
   chunk = min(chunk or runs, runs)
   return StagePlan(name, reads, deps, models=runs, chunk=chunk, programs=-(-runs // chunk),
                    sample_passes=runs * _unlearn_passes(hparams, retain), forward_passes=forward,
-                   disk_bytes=disk, estimated=True)
+                   disk_bytes=disk, estimated=True, **kw)
+
+
+def _tuned(c) -> list[str]:
+  """DeepUnlearn's searched methods (canonical names): those of search.methods in methods."""
+  methods = {methods_lib.get(m).name for m in c.methods}
+  return [m for m in (methods_lib.get(m).name for m in c.search.methods) if m in methods]
 
 
 def _deepunlearn(c, info: sources.Metadata, var_bytes: int) -> list[StagePlan]:
@@ -210,7 +219,7 @@ def _deepunlearn(c, info: sources.Metadata, var_bytes: int) -> list[StagePlan]:
       _train_stage("train", ("train", "data", "parallel", "seeds"), ("splits", "init"), "model",
                    [retain + forget] * n + [retain] * n, c.train.epochs, chunk,
                    disk=2 * n * var_bytes)]
-  tuned = [m for m in c.search.methods if m in c.methods]
+  methods, tuned = [methods_lib.get(m).name for m in c.methods], _tuned(c)
   e_max = search.epoch_budget(c.train.epochs, c.search.epoch_fraction)
   runs = c.search.trials * len(c.search.seeds)
   plans.append(StagePlan(
@@ -219,11 +228,14 @@ def _deepunlearn(c, info: sources.Metadata, var_bytes: int) -> list[StagePlan]:
       sample_passes=runs * sum(_unlearn_passes(common.method_hparams(c, m), retain, e_max)
                                for m in tuned),
       forward_passes=runs * len(tuned) * total))
-  for m in c.methods:
-    plans.append(_unlearn_stage(f"unlearn_{m}", ("unlearn", "parallel"), ("train",),
-                                common.method_hparams(c, m), n, retain, n, n * var_bytes))
-  plans.append(StagePlan("evaluate", deps=("train",) + tuple(f"unlearn_{m}" for m in c.methods),
-                         forward_passes=(2 + len(c.methods)) * n * total))
+  # with tuned_defaults, each tuned method again with its defaults ("<method>@defaults")
+  groups = [(m, m) for m in methods] + [(f"{m}{DEFAULTS_SUFFIX}", m) for m in tuned
+                                        if c.get("tuned_defaults", False)]
+  plans += [_unlearn_stage(f"unlearn_{name}", ("unlearn", "parallel"), ("train",),
+                           common.method_hparams(c, m), n, retain, n, n * var_bytes)
+            for name, m in groups]
+  plans.append(StagePlan("evaluate", deps=("train",) + tuple(f"unlearn_{g}" for g, _ in groups),
+                         forward_passes=(2 + len(groups)) * n * total))
   if c.ulira.enabled:
     plans += [dataclasses.replace(p, name=f"ulira/{p.name}", outputs_in="ulira", record=p.name)
               for p in _ulira(c, info, var_bytes)[:-1]]
@@ -301,18 +313,22 @@ def _iam(c, info: sources.Metadata, var_bytes: dict[str, int]) -> list[StagePlan
            StagePlan("binui", ("audit",), ("signals",))]
   if c.audit.scoring_ablation:
     plans.append(StagePlan("scoring", ("audit",), ("signals",)))
+  if iam_tables.sensitivity_grid(c)[0]:  # from the saved signals, on the host
+    plans.append(StagePlan("sensitivity", ("sensitivity",), ("signals",)))
   loops, breaks = c.score_ui.start_models, c.score_ui.breaks
   if loops:
     plans.append(_train_stage(
         "score_ui", ("score_ui", "audit") + trains, ("signals",), "shadow", [pool] * loops,
         c.score_ui.epochs, loops,
         forward=loops * (c.score_ui.epochs * val + (breaks + 1) * (pool + val))))
-  methods = tuple(c.approx.methods)
-  for m in methods:
-    hparams = c.approx.hparams[m].to_dict() if m in c.approx.hparams else {}
-    plans.append(_unlearn_stage(f"approx_{m}", ("approx", "parallel"), ("targets",),
-                                {**methods_lib.get(m).defaults, **hparams}, r, sum(retain) / r,
-                                r, r * var_bytes["model"]))
+  methods = tuple(methods_lib.get(m).name for m in c.approx.methods)
+  for m in methods:  # a faithful variant (approx.faithful) is named as Table 8 names it
+    hparams = {**methods_lib.get(m).defaults, **iam_tables.approx_hparams(c, m)}
+    if hparams.get("faithful") and m in FAITHFUL_EPOCHS:
+      hparams["num_epochs"] = FAITHFUL_EPOCHS[m]
+    plans.append(_unlearn_stage(f"approx_{iam_tables.approx_label(c, m)}", ("approx", "parallel"),
+                                ("targets",), hparams, r, sum(retain) / r, r,
+                                r * var_bytes["model"], record=f"approx_{m}"))
   if methods:
     plans.append(StagePlan("approx", ("audit", "approx"), ("signals",) + tuple(
         f"approx_{m}" for m in methods), forward_passes=len(methods) * r * pool))
@@ -346,7 +362,7 @@ def _reuse(plans: list[StagePlan], config, workdir: Path) -> None:
     wd = stages.Workdir(root) if (root / "stages").is_dir() and (root / ".tmp").is_dir() else None
     manifest = wd and wd.manifest(record)
     if p.name.endswith("search"):
-      tuned = [m for m in config.search.methods if m in config.methods]
+      tuned = _tuned(config)
       have = [m for m in tuned if (workdir / "search" / f"{m}.json").exists()]
       ok = verdicts.get(("", "train"), False) and len(have) == len(tuned)
       p.reuse = "continues the studies" if ok else f"runs ({len(have)} of {len(tuned)} results)"
@@ -439,8 +455,8 @@ ASSUMPTIONS = (
     "sample-passes: epochs x samples per model, summed; padding steps of shorter stack-mates "
     "are not counted",
     "unlearning sample-passes (est.): per run, the method's num_epochs (1 without one; in the "
-    "search the mean of 1..the epoch budget) passes over the retain set (or its `batches` "
-    "batches)",
+    "search the mean of 1..the epoch budget; FAITHFUL_EPOCHS for a faithful variant) passes over "
+    "the retain set (or its `batches` batches)",
     "FLOPs: sample-passes x (training step FLOPs / batch) + forward passes x forward FLOPs per "
     "sample; attacks and scoring run on the host and are not counted",
     "memory per program (est.): the dataset on the device + per model its training state and "
@@ -458,23 +474,18 @@ def make(config: ml_collections.ConfigDict, workdir: str | Path | None = None,
   records say what would be reused (only read)."""
   pipeline = pipeline_of(config)
   validate.check(pipeline, config)
-  info = dataset_info(config.dataset)
-  recipe = common.recipe(config)
-  target = (config.model.name, tuple(sorted(config.model.options.to_dict().items())))
-  archs = {"model": target}
+  archs = {"model": iam_setting.architecture(config, "targets")}
   if pipeline == "iam":
+    iam_tables.check_approx(config)  # approx.faithful and sensitivity, as the pipeline's run
     archs["shadow"] = iam_setting.architecture(config, "shadows")
-  samples = info.num_train + info.num_test
+  info = dataset_info(config.dataset)
   # Normalisation constants change no count: plans that differ only in them share the lowering.
-  recipe = dataclasses.replace(recipe, mean=(0.0,), std=(1.0,))
-  costs = {k: _arch(*a, info.num_classes, info.shape, recipe, samples) for k, a in archs.items()}
+  recipe = dataclasses.replace(common.recipe(config), mean=(0.0,), std=(1.0,))
+  costs = {k: _arch(name, models.get(name, info.num_classes, **dict(options)), info.shape, recipe,
+                    info.num_train + info.num_test) for k, (name, options) in archs.items()}
   var_bytes = {k: a.variable_bytes for k, a in costs.items()}
-  if pipeline == "deepunlearn":
-    plans = _deepunlearn(config, info, var_bytes["model"])
-  elif pipeline == "ulira":
-    plans = _ulira(config, info, var_bytes["model"])
-  else:
-    plans = _iam(config, info, var_bytes)
+  build = {"deepunlearn": _deepunlearn, "ulira": _ulira, "iam": _iam}[pipeline]
+  plans = build(config, info, var_bytes if pipeline == "iam" else var_bytes["model"])
   for p in plans:
     a = costs[p.arch]
     p.flops = p.sample_passes * a.flops_per_sample + p.forward_passes * a.forward_flops

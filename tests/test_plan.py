@@ -12,7 +12,8 @@ from conftest import finished_run, iam_recipe
 from jaxmu.configs import deepunlearn as deepunlearn_config
 from jaxmu.configs import iam as iam_config
 from jaxmu.configs import quickstart, ulira
-from jaxmu import plan
+from jaxmu import models, plan
+from jaxmu.models import small
 from jaxmu.pipelines import deepunlearn, iam
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,3 +173,39 @@ def test_launcher_writes_plan_md_and_json(tmp_path):
   assert saved["pipeline"] == "iam" and saved["rate_tflops"] == 50
   assert [s["name"] for s in saved["stages"]][:4] == ["splits", "shadows", "ref_in", "targets"]
   assert (tmp_path / "plan.md").read_text().startswith("# Plan: iam: digits / small_cnn")
+
+
+def test_arch_costs_follow_the_architecture_not_its_name(monkeypatch):
+  """A model registered again under the same name (as `jaxmu.smoke.tiny_models` does) is lowered
+  again: the cache is keyed by the module (class and fields), not by ``model.name``."""
+  c = quickstart.get_config()
+  narrow = plan.make(c).archs["model"]
+  monkeypatch.setitem(models._FACTORIES, "small_cnn", lambda n, width=32: small.small_cnn(n, 64))
+  wide = plan.make(c).archs["model"]
+  assert wide.name == narrow.name == "small_cnn"
+  assert wide.variable_bytes > 3 * narrow.variable_bytes and wide.step_flops > narrow.step_flops
+
+
+def test_defaults_runs_faithful_variants_and_sensitivity_are_planned():
+  c = quickstart.get_config()  # tuned_defaults: msg, ct, neggrad_plus also at their defaults
+  p = plan.make(c)
+  runs = [f"{m}@defaults" for m in c.search.methods]
+  assert [s.name for s in p.stages if s.name.endswith("@defaults")] == [f"unlearn_{r}"
+                                                                           for r in runs]
+  evaluate, n = _stage(p, "evaluate"), len(c.seeds)
+  assert {f"unlearn_{r}" for r in runs} <= set(evaluate.deps)
+  assert evaluate.forward_passes == (2 + len(c.methods) + len(runs)) * n * 1797
+  c = iam_config.get_config("dataset=cifar100")
+  p = plan.make(c)
+  assert [s.name for s in p.stages][5:8] == ["binui", "scoring", "sensitivity"]
+  approx = {s.name: s for s in p.stages if s.name.startswith("approx_")}
+  faithful = {f"approx_{m}@faithful" for m in c.approx.faithful}
+  assert faithful <= set(approx) and "approx_ssd" in approx
+  assert approx["approx_forsaken@faithful"].record == "approx_forsaken"
+  r = _stage(p, "targets").models - 1
+  assert approx["approx_forsaken@faithful"].sample_passes == r * 1 * 10 * 128  # one iteration
+  c.approx.faithful = ()
+  c.sensitivity.eps = ()
+  p = plan.make(c)
+  assert _stage(p, "approx_forsaken").sample_passes == r * 100 * 10 * 128
+  assert "sensitivity" not in [s.name for s in p.stages]

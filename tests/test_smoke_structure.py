@@ -37,8 +37,8 @@ ARCH_SHADOW = {"resnet18": "vgg11", "small_cnn": "resnet18", "purchase_mlp": "pu
 @pytest.fixture
 def abstract_archs(monkeypatch):
   """`plan.make` with fixed per-architecture costs instead of lowering each model's step."""
-  def costs(name, options, num_classes, shape, recipe, num_samples):
-    del options, num_classes
+  def costs(name, model, shape, recipe, num_samples):
+    del model
     return plan.Arch(name, recipe.batch_size, 1e9, 1e6, 4 << 20, 12 << 20, 1 << 20,
                      num_samples * math.prod(shape))
   monkeypatch.setattr(plan, "_arch", costs)
