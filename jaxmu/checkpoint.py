@@ -41,6 +41,18 @@ __all__ = ["save", "restore", "read_metadata", "TrainingCheckpoints"]
 _STATE, _META = "state", "metadata.json"
 
 
+def _local(**multi) -> dict:
+  """Orbax keyword arguments for a checkpoint this process reads or writes alone (plus ``multi``)
+  under ``jax.distributed``, with no barriers with other processes: process 0 alone writes (a
+  pipeline's outputs, the training checkpoints of its share in `jaxmu.distributed.fit`; orbax's
+  array writers skip other processes' data) and every process reads. None in one process."""
+  if jax.process_count() == 1:
+    return {}
+  p = jax.process_index()
+  return {"multiprocessing_options": ocp.options.MultiprocessingOptions(
+      primary_host=p, active_processes={p}), **multi}
+
+
 def _is_typed_key(x: Any) -> bool:
   return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
@@ -77,7 +89,7 @@ def save(path: str | os.PathLike, tree: Any, metadata: dict | None = None) -> No
   tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
   try:
     stored = jax.tree.map(lambda x: jax.random.key_data(x) if _is_typed_key(x) else x, tree)
-    with ocp.StandardCheckpointer() as ckptr:
+    with ocp.StandardCheckpointer(**_local()) as ckptr:
       ckptr.save(tmp / _STATE, stored)
       ckptr.wait_until_finished()
     meta = {"metadata": metadata or {}, "leaves": _signature(tree)}
@@ -109,7 +121,7 @@ def restore(path: str | os.PathLike, like: Any) -> Any:
   """
   path = Path(path).absolute()
   _check_leaves(path, _read(path)["leaves"], like)
-  with ocp.StandardCheckpointer() as ckptr:
+  with ocp.StandardCheckpointer(**_local()) as ckptr:
     restored = ckptr.restore(path / _STATE, jax.tree.map(_stored_abstract, like))
   return jax.tree.map(
       lambda x, r: jax.random.wrap_key_data(r, dtype=x.dtype)
@@ -131,7 +143,7 @@ def _check_leaves(path: Path, leaves: dict, like: Any) -> None:
 def _sharding(x: Any) -> jax.sharding.Sharding:
   sharding = getattr(x, "sharding", None)
   if _is_typed_key(x) or not isinstance(sharding, jax.sharding.Sharding):
-    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   return sharding
 
 
@@ -166,7 +178,9 @@ class TrainingCheckpoints:
   def _open(self) -> ocp.CheckpointManager:
     if self._manager is None:  # lazily: opening creates the directory
       options = ocp.CheckpointManagerOptions(
-          max_to_keep=self.keep, step_format_fixed_length=8, enable_async_checkpointing=False)
+          max_to_keep=self.keep, step_format_fixed_length=8, enable_async_checkpointing=False,
+          **_local(create=False))
+      self.dir.mkdir(parents=True, exist_ok=True)  # orbax's create=True is one process's only
       self._manager = ocp.CheckpointManager(self.dir, options=options,
                                             item_names=("state", "metadata"))
     return self._manager
