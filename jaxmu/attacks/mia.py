@@ -24,21 +24,24 @@ def _features(x, name):
   return x.reshape(len(x), -1)
 
 
-def population_mia(forget, other, seed=123, n_splits=10, test_size=0.1, cv_seed=123):
+def population_mia(forget, other, random_state=123, n_splits=10, test_size=0.1, cv_seed=123):
   """DeepUnlearn's MIA (``evaluate_mia_on_pointwise_losses``): mean held-out accuracy.
 
   ``forget`` and ``other`` (val or test) are per-sample features, in the reference the
   cross-entropy of the evaluated model ([n] arrays; [n, F] feature arrays also work). As the
-  reference: with the global NumPy RNG seeded with ``seed``, shuffle ``other`` then ``forget``
-  (here a ``RandomState(seed)``, the same stream, leaving the global RNG alone); truncate both to
-  m = min(n_forget, n_other); X = [forget[:m]; other[:m]], y = [0] * m + [1] * m;
-  ``cross_val_score(LogisticRegression(), X, y, cv=StratifiedShuffleSplit(n_splits,
-  test_size=test_size, random_state=cv_seed), scoring="accuracy").mean()``. 0.5 is ideal.
+  reference: shuffle ``other`` then ``forget`` with the global NumPy RNG (here
+  ``random_state``: a seed for a new ``RandomState``, the stream of ``np.random.seed(seed)``, or
+  a ``RandomState`` to go on drawing from, as `val_test_mia` does; the global RNG is left
+  alone); truncate both to m = min(n_forget, n_other); X = [forget[:m]; other[:m]],
+  y = [0] * m + [1] * m; ``cross_val_score(LogisticRegression(), X, y,
+  cv=StratifiedShuffleSplit(n_splits, test_size=test_size, random_state=cv_seed),
+  scoring="accuracy").mean()``. 0.5 is ideal.
   """
   forget, other = _features(forget, "forget").copy(), _features(other, "other").copy()
   if forget.shape[1] != other.shape[1]:
     raise ValueError(f"forget has {forget.shape[1]} features per sample, other {other.shape[1]}")
-  rng = np.random.RandomState(seed)
+  rng = (random_state if isinstance(random_state, np.random.RandomState)
+         else np.random.RandomState(random_state))
   rng.shuffle(other)
   rng.shuffle(forget)
   m = min(len(forget), len(other))
@@ -48,6 +51,17 @@ def population_mia(forget, other, seed=123, n_splits=10, test_size=0.1, cv_seed=
   y = np.repeat([0, 1], m)
   cv = StratifiedShuffleSplit(n_splits=n_splits, test_size=test_size, random_state=cv_seed)
   return float(cross_val_score(LogisticRegression(), x, y, cv=cv, scoring="accuracy").mean())
+
+
+def val_test_mia(forget, val, test, seed=123):
+  """DeepUnlearn's Val-MIA and Test-MIA of one model as its evaluator computes them
+  (``evaluate_model`` after ``setup_seed(seed)``, deepunlearn-spec 6.1-6.2): one NumPy stream
+  seeded once, drawn from by `population_mia` (forget, val) and then (forget, test), i.e. the
+  shuffles of val, forget, test and forget again (the reference computes the forget losses anew
+  for Test-MIA, so both forget shuffles start from the same order). Nothing else in the
+  reference's evaluation draws from that stream (its loaders do not shuffle)."""
+  rng = np.random.RandomState(seed)
+  return population_mia(forget, val, rng), population_mia(forget, test, rng)
 
 
 def mia_features(probs, labels, kind):

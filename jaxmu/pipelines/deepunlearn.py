@@ -359,9 +359,9 @@ def stack_metrics(model, variables, references: Mapping[str, Any], data: train.D
     retrain_seconds: the retrained model's training time per model.
 
   Accuracies (6.1) from one `train.predict` over the stack and all splits; Val/Test-MIA (6.2)
-  by `mia.population_mia` on the per-sample cross-entropy of forget vs val / test samples (NaN
-  when a loss is not finite, as the reference's undefined MIA of a destroyed model); Indisc
-  (6.3) from Test-MIA as the paper's tables; RR/FR/TR and RetDev (6.4) against the same seed's
+  by `mia.val_test_mia` on the per-sample cross-entropy of forget vs val / test samples (one
+  NumPy stream per model, as the reference's evaluator); Indisc (6.3) from Test-MIA as the
+  paper's tables; RR/FR/TR and RetDev (6.4) against the same seed's
   retrained model (NaN where the retrained model's accuracy is 0); RTE (6.5) = retrain seconds /
   method seconds; l2, normalized l2 and
   Golatkar distances (6.6) of the params to the seed's original and retrained model.
@@ -399,15 +399,11 @@ def stack_metrics(model, variables, references: Mapping[str, Any], data: train.D
       rows.append({**row, "failure": failure})
       continue
     row = {f"{s}_acc": float(accuracy[s][m]) for s in SPLITS}
-    for other in ("val", "test"):
-      pair = loss[m, cut["forget"]], loss[m, cut[other]]
-      if all(np.isfinite(p).all() for p in pair):
-        with threadpoolctl.threadpool_limits(1, user_api="blas"):  # threads only add waiting
-          row[f"{other}_mia"] = mia.population_mia(*pair)  # on one-feature fits
-      else:
-        row[f"{other}_mia"] = float("nan")
-    row["indisc"] = (float(metrics.indiscernibility(row["test_mia"]))
-                     if np.isfinite(row["test_mia"]) else float("nan"))
+    # losses are finite where the logits are; BLAS threads only add waiting on one-feature fits
+    with threadpoolctl.threadpool_limits(1, user_api="blas"):
+      row["val_mia"], row["test_mia"] = mia.val_test_mia(
+          *(loss[m, cut[s]] for s in ("forget", "val", "test")))
+    row["indisc"] = float(metrics.indiscernibility(row["test_mia"]))
     for short, split in (("rr", "retain"), ("fr", "forget"), ("tr", "test")):
       row[short] = (float(metrics.retention(accuracy[split][m], reference[split][m]))
                     if reference[split][m] > 0 else float("nan"))  # undefined against 0
