@@ -10,12 +10,13 @@ from sklearn.svm import SVC
 from jaxmu.attacks import mia
 
 
-def _reference(first_losses, second_losses):
-  """deepunlearn-spec 6.2 as the reference writes it: global RNG seeded with 123, in place."""
-  np.random.seed(123)
+def _reference(first_losses, second_losses, stream=None):
+  """deepunlearn-spec 6.2 as the reference writes it: shuffled in place by the global RNG (here
+  ``stream``; by default one just seeded with 123)."""
+  stream = np.random.RandomState(123) if stream is None else stream
   first_losses, second_losses = first_losses.copy(), second_losses.copy()
-  np.random.shuffle(first_losses)
-  np.random.shuffle(second_losses)
+  stream.shuffle(first_losses)
+  stream.shuffle(second_losses)
   m = min(len(first_losses), len(second_losses))
   x = np.concatenate((second_losses[:m], first_losses[:m])).reshape((-1, 1))
   y = np.concatenate((np.zeros(m, dtype=int), np.ones(m, dtype=int)))
@@ -30,8 +31,21 @@ def test_population_mia_matches_reference_code():
   state = np.random.get_state()
   got = mia.population_mia(forget, other)
   assert np.array_equal(np.random.get_state()[1], state[1])  # global RNG untouched
-  assert got == _reference(other, forget)  # reference argument order: (test/val, forget)
+  np.random.seed(123)  # the reference's own global stream
+  assert got == _reference(other, forget, np.random)  # its argument order: (test/val, forget)
   assert mia.population_mia(other, other) == pytest.approx(0.5, abs=0.1)
+
+
+def test_val_and_test_mia_draw_from_one_stream_as_the_reference_evaluator():
+  """``evaluate_model`` after ``setup_seed(123)``: Val-MIA, then Test-MIA on the same stream,
+  each on forget losses computed anew (unshuffled)."""
+  rng = np.random.default_rng(5)
+  forget, val, test = (rng.exponential(0.5, 61), rng.exponential(0.8, 97),
+                       rng.exponential(0.7, 83))
+  stream = np.random.RandomState(123)  # setup_seed(123), then nothing else draws before the MIAs
+  expected = _reference(val, forget, stream), _reference(test, forget, stream)
+  assert mia.val_test_mia(forget, val, test) == expected
+  assert expected[1] != _reference(test, forget)  # Test-MIA reseeded would differ here
 
 
 @pytest.mark.parametrize("shift", [0.0, 1.0])
