@@ -166,8 +166,10 @@ CASES = {
     "ulira/data_file_missing": ("file", ["ulira", UL, W, "--config.dataset.name=npz",
                                          "--config.dataset.data_dir={w}/nothing.npz"], 1,
                                 ["nothing.npz does not exist", "--config.dataset.data_dir"]),
-    "ulira/deepunlearn_workdir": ("output", ["ulira", UL, "--workdir={w}/du_run"], 1,
-                                  ["another pipeline's run"]),
+    "ulira/deepunlearn_workdir": ("output", ["ulira", UL, "--workdir={w}/du_run"], 2,
+                                  ["holds a run of deepunlearn", "du_run/ulira"]),
+    "ulira/iam_workdir": ("output", ["ulira", UL, "--workdir={w}/iam_run"], 2,
+                          ["holds a run of iam", "iam_run/ulira"]),
     # iam
     "iam/no_workdir": ("flag", ["iam", QI], 2, ["--workdir"]),
     "iam/data_file_missing": ("file", ["iam", QI, W, "--config.dataset.name=npz",

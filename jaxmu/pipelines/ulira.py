@@ -11,7 +11,7 @@ from pathlib import Path
 import ml_collections
 
 from jaxmu import methods as methods_lib
-from jaxmu import search, stages, validate
+from jaxmu import errors, search, stages, validate
 from jaxmu.pipelines import common, ulira_stage
 
 
@@ -34,21 +34,31 @@ def best_hparams(config: ml_collections.ConfigDict, method: str) -> tuple[dict, 
   return common.method_hparams(config, method, best.best_params), "search"
 
 
-def _check_workdir(workdir: Path) -> None:
-  """Refuses another pipeline's workdir, whose splits and models the stages here would replace."""
-  path = workdir / "config.json"
-  config = json.loads(path.read_text()) if path.exists() else {"ulira": {}}
-  if "ulira" not in config or "split" in config:
-    raise ValueError(f"{workdir} holds another pipeline's run ({path} is not U-LiRA's); "
-                     f"give U-LiRA its own directory, e.g. --workdir={workdir / 'ulira'}")
+def _claim(workdir: str | Path) -> stages.Workdir:
+  """``workdir`` claimed for U-LiRA before any data loads: `stages.Workdir.claim` refuses another
+  pipeline's run; a config.json that no pipeline wrote (claim takes it for a new workdir and
+  would replace it) is refused here."""
+  path = Path(workdir) / "config.json"
+  try:
+    owner = stages.pipeline_of(json.loads(path.read_text())) if path.is_file() else "new"
+  except json.JSONDecodeError:
+    owner = None
+  if owner is None:
+    raise errors.WorkdirError([errors.Problem(
+        "--workdir", f"{workdir} holds another pipeline's run ({path} is no jaxmu pipeline's)",
+        f"give U-LiRA its own directory, e.g. --workdir={Path(workdir) / 'ulira'}")])
+  wd = stages.Workdir(workdir)
+  wd.claim("ulira")
+  return wd
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
   """Runs (or resumes) every stage up to ``config.stop_after``; returns the last output's path.
-  A config that `jaxmu.validate` finds wrong raises its `ConfigError` before anything runs."""
+  A config that `jaxmu.validate` finds wrong raises its `ConfigError`, and another pipeline's
+  workdir (`stages.Workdir.claim`) its `WorkdirError`, before any data loads."""
   validate.check("ulira", config)
-  _check_workdir(Path(workdir))
+  wd = _claim(workdir)
   methods = tuple(methods_lib.get(m).name for m in config.ulira.methods)
   hparams = {m: best_hparams(config, m) for m in methods}
-  return ulira_stage.run(config, stages.Workdir(workdir), common.load_dataset(config.dataset),
+  return ulira_stage.run(config, wd, common.load_dataset(config.dataset),
                          common.strategy(config), hparams, config.stop_after)
