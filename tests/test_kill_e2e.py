@@ -78,53 +78,31 @@ with open(log, "w") as f:
 
 
 def _deepunlearn_config():
-  from jaxmu.configs import quickstart
-  config = quickstart.get_config()  # tests/test_pipeline.py's tiny run, without its search
-  config.seeds = (0, 1)
-  config.train.epochs = 2
-  config.checkpoint_every = 1
-  config.methods = ("finetune", "ct")
-  config.unlearn.finetune.num_epochs = 1
+  from test_pipeline import _tiny_config
+  config = _tiny_config()  # tests/test_pipeline.py's tiny run, without its search
   config.search.methods = ()  # a killed study's resume is item 1's test (tests/test_search.py)
-  config.ulira.enabled = False
   return config
 
 
 def _iam_config(workdir):
+  from test_iam_pipeline import _tiny_config
   from jaxmu import data as data_lib
   from jaxmu.configs import iam as iam_configs
-  npz = Path(workdir).parent / "digits_flat.npz"  # tests/test_iam_pipeline.py's tiny run
+  npz = Path(workdir).parent / "digits_flat.npz"  # as tests/test_iam_pipeline.py's npz fixture
   if not npz.exists():
     digits = data_lib.load("digits")
     np.savez(npz, x=digits.inputs.reshape(len(digits.labels), -1), y=digits.labels,
              num_train=digits.num_train)
-  config = iam_configs.get_config("dataset=digits")
-  config.dataset.name = "npz"
-  config.dataset.options = {"path": str(npz)}
-  config.model.name = "purchase_mlp"
-  config.model.options = {"num_features": 64}
-  config.seeds = (42,)
+  config = _tiny_config(npz)  # tests/test_iam_pipeline.py's tiny run
   config.split.forget = "set_random"  # one unlearning type: half the audits
-  config.num_shadows = 2
-  config.train.epochs = config.train.target_epochs = config.ref_in.epochs = 2
-  config.ref_in.batch_size = config.train.batch_size
   config.checkpoint_every = 1
-  config.score_ui.start_models, config.score_ui.breaks, config.score_ui.epochs = 1, 2, 2
-  config.approx.methods = ("finetune",)
-  config.approx.hparams.finetune.num_epochs = 1
+  config.sensitivity = iam_configs.get_config("dataset=digits").sensitivity  # the whole grid
   return config
 
 
 def _ulira_config():
-  from jaxmu.configs import ulira as ulira_configs
-  config = ulira_configs.get_config("cpu")  # tests/test_ulira.py's tiny run
-  lira = config.ulira.lira
-  lira.num_splits, lira.num_forget_draws, lira.forget_ratio = 4, 2, 0.5
-  config.ulira.epochs = 2
-  config.checkpoint_every = 1
-  config.ulira.methods = ("original", "finetune")
-  config.unlearn.finetune.num_epochs = 1
-  return config
+  from test_ulira import _tiny_config
+  return _tiny_config()  # tests/test_ulira.py's tiny run
 
 
 def run(pipeline, workdir):
