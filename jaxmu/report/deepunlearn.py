@@ -171,7 +171,7 @@ def paper_table(summary: Sequence[Mapping[str, Any]],
   [95 % Student t interval over seeds]; Δ vs #1: mean paired per-seed difference to the best
   method [95 % t interval], "≈" when the interval contains 0 (tied, also "(≈1)" after the rank).
   RetDev of means and Indisc: of the seed means (the third-party tables, deepunlearn-spec 9.2).
-  RTE: retraining time / unlearning time per model, one timing per stack (no spread). U-LiRA
+  RTE: retraining / unlearning time per model, one timing per stack, both compiled work only. U-LiRA
   (balanced accuracy with its interval) when ``ulira`` ({method: row}) is given.
   """
   header = ["rank", "method", "RA", "FA", "TA", "RetDev", "Δ vs #1",
@@ -485,7 +485,7 @@ def write_benchmark_report(directory: str | os.PathLike, title: str,
       f"RA/FA/TA: retain/forget/test accuracy; T-MIA: the population MIA, forget vs test (0.5 "
       f"ideal); both mean ± sample std (ddof 1) over seeds. Indisc = 1 − |2·T-MIA − 1| of the "
       f"seed-mean T-MIA. RTE: retraining time / unlearning time per model, one timing per stack "
-      f"of seeds (no spread), compilation excluded" + (
+      f"of seeds (no spread), both timed as compiled work, compilation excluded" + (
           "; U-LiRA: per-sample attack's balanced accuracy with its interval (0.5 = "
           "indistinguishable from retraining)" if ulira else "") + ".")
   tuned_ranked = [s["method"] for s in ranked if s["method"] in tuned]
@@ -523,7 +523,7 @@ def write_benchmark_report(directory: str | os.PathLike, title: str,
   lines += [
       "## This run", "",
       f"Reference models: {times['models']} models (original and retrained per seed) trained as "
-      f"one stack, {times['epochs']} epochs, {times['stack_seconds']:.1f} s wall time "
+      f"one stack, {times['epochs']} epochs, {times['stack_seconds']:.1f} s of compiled epochs "
       f"({times['seconds_per_model']:.2f} s per model, the retraining time of RTE).", "",
       "Stages recomputed in this run: " + (", ".join(
           f"{name} ({why})" for name, why in stages_run.items() if why != "reused") or "none")
