@@ -165,6 +165,7 @@ def save_figure(fig, path: str | os.PathLike) -> None:
 # Each pipeline's rendering, after the shared helpers it imports from here.
 from jaxmu.report.deepunlearn import (FIGURES, REFERENCE_ROWS, benchmark_summary,  # noqa: E402
                                       figure_names, paper_table, plot_forget_accuracy,
-                                      plot_retdev_vs_rte, rank, write_benchmark_report)
+                                      plot_retdev_vs_rte, rank)
+from jaxmu.report.deepunlearn_markdown import write_benchmark_report  # noqa: E402
 from jaxmu.report.ulira import (ULIRA_FIGURE, plot_ulira_roc, read_ulira,  # noqa: E402
                                 ulira_table)
