@@ -46,7 +46,8 @@ import numpy as np
 import threadpoolctl
 from tqdm.auto import tqdm
 
-from jaxmu import checkpoint, models, parallel, report, search, stages, train, validate
+from jaxmu import (checkpoint, distributed, models, parallel, report, search, stages, train,
+                   validate)
 from jaxmu import methods as methods_lib
 from jaxmu.attacks import metrics, mia
 from jaxmu.data import splits as splits_lib
@@ -156,7 +157,7 @@ class _Pipeline:
                                   "models": [f"{g}/{s}" for g in GROUPS for s in self.seeds],
                                   **record})
 
-        result = train.fit(
+        result = distributed.fit(
             self.model, state, self.data, [train_set] * n + [parts["retain"]] * n, self.recipe,
             c.train.epochs, jax.random.key(c.train.data_seed),
             model_ids=[2 * s + g for g in range(2) for s in self.seeds], strategy=self.strategy,
@@ -255,7 +256,7 @@ class _Pipeline:
                        deps=("train",), outputs=(f"unlearned/{name}",)) as st:
       if not st.done:
         ctx = self.context("all")
-        result = methods_lib.get(method).run(ctx, hparams, common.method_key(c.unlearn_seed,
+        result = distributed.unlearn(method, ctx, hparams, common.method_key(c.unlearn_seed,
                                                                              method))
         checkpoint.save(st.tmp / "unlearned" / name, jax.device_get(result.states),
                         metadata={"seconds": result.seconds,
