@@ -83,7 +83,12 @@ def _signature(tree: Any) -> dict[str, dict]:
 
 
 def save(path: str | os.PathLike, tree: Any, metadata: dict | None = None) -> None:
-  """Saves ``tree`` (and JSON ``metadata``) atomically to directory ``path``, replacing it."""
+  """Saves ``tree`` (and JSON ``metadata``) atomically to directory ``path``, replacing it.
+
+  Under ``jax.distributed`` process 0 alone writes (`_local`); on the others this does nothing.
+  """
+  if jax.process_index():
+    return
   path = Path(path).absolute()  # orbax needs absolute paths
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))

@@ -185,10 +185,14 @@ def run_pipeline(pipeline: str, run: Callable[..., Path | None], config, workdir
   (`jaxmu.validate`: every problem on one line, then exit status 2, before any data loads or
   anything is written), quiets orbax (it logs every save and restore at INFO), runs
   ``run(config, workdir, **kwargs)`` and prints the report it returns."""
+  import jax
   from absl import app, logging
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   exit_on_problems(pipeline, config)
+  if pipeline == "deepunlearn":  # its search runs in one process per worker
+    from jaxmu import search
+    search.check_processes(config, Path(workdir))
   logging.set_verbosity(logging.WARNING)
   root = Path(workdir)
   existed = root.exists()
@@ -198,6 +202,8 @@ def run_pipeline(pipeline: str, run: Callable[..., Path | None], config, workdir
   try:
     path = run(config, workdir, **kwargs)
   except Exception:
+    if jax.process_index():  # under jax.distributed process 0 alone writes the workdir
+      raise
     if not existed:  # a new workdir where no stage finished: removed, as if never started
       _remove_unstarted(root)
     else:  # a failed run leaves the config.json (and owner) it found

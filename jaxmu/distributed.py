@@ -1,15 +1,22 @@
-"""Many hosts: every process trains its own contiguous share of a stack; results are gathered.
+"""Many hosts: every process trains or unlearns its own contiguous share of a stack; results are
+gathered.
 
 Start-up is `jaxmu.cli` (``--distributed`` under SLURM, or ``--coordinator_address``,
 ``--num_processes``, ``--process_id``). Models of a stack are independent (no gradient traffic),
 so the stack is split by process, not sharded across hosts: process p trains models
 ``process_models(n)[p]`` on its local devices with any strategy, each model keeping its own id
 (hence its own PRNG stream), so the gathered stack equals the stack trained by one process. Only
-the finished results travel (`multihost_utils.process_allgather`), once per fit.
+the finished results travel (`multihost_utils.process_allgather`), once per `fit` or `unlearn`.
+In one process `fit` and `unlearn` are `train.fit` and the method's ``run``, nothing else.
+
+`agree` and `barrier` are what `jaxmu.stages` needs to run a pipeline's stages on every process
+together (process 0 decides and writes, the others wait).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from typing import Any, Sequence
 
 import jax
@@ -17,6 +24,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from jaxmu import checkpoint, parallel, train
+from jaxmu import methods as methods_lib
 
 
 def process_models(num_models: int, process_count: int | None = None) -> list[range]:
@@ -54,6 +62,59 @@ def gather_models(tree: Any, num_models: int) -> Any:
   return jax.tree.map(lambda g, x: decode(np.asarray(g), x), gathered, tree)
 
 
+def agree(obj: Any) -> Any:
+  """Process 0's ``obj`` (JSON-able) on every process; ``obj`` itself in one process."""
+  if jax.process_count() == 1:
+    return obj
+  data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+  size = int(multihost_utils.broadcast_one_to_all(np.int32(data.size)))
+  buffer = data if jax.process_index() == 0 else np.zeros(size, np.uint8)
+  return json.loads(np.asarray(multihost_utils.broadcast_one_to_all(buffer)).tobytes())
+
+
+def barrier(name: str) -> None:
+  """Waits until every process reaches the barrier ``name`` (nothing in one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def own_share(num_models: int) -> range:
+  """This process's share of a stack of ``num_models`` (`process_models`), or the whole stack
+  when it has fewer models than there are processes: every process then runs all of them (the
+  same numbers) and nothing is gathered."""
+  if num_models < jax.process_count():
+    return range(num_models)
+  return process_models(num_models)[jax.process_index()]
+
+
+def slice_context(ctx: methods_lib.Context, start: int, stop: int) -> methods_lib.Context:
+  """The context of models ``start .. stop - 1`` of the stack (same data, program and each
+  model's key stream)."""
+  part = lambda tree: parallel.slice_models(tree, start, stop)  # noqa: E731
+  return dataclasses.replace(ctx, originals=part(ctx.originals), inits=part(ctx.inits),
+                             retain=ctx.retain[start:stop], forget=ctx.forget[start:stop],
+                             val=ctx.val[start:stop], model_ids=ctx.model_ids[start:stop])
+
+
+def unlearn(method: str, ctx: methods_lib.Context, hparams: dict,
+            key: jax.Array) -> methods_lib.UnlearnResult:
+  """``methods.get(method).run(ctx, hparams, key)`` over all processes: this process unlearns
+  its share of the stack (`slice_context`) and every process returns the whole unlearned stack
+  (NumPy leaves). ``seconds`` and ``compile_seconds`` are the maxima over processes: the wall
+  time of the stack."""
+  run = methods_lib.get(method).run
+  if jax.process_count() == 1:
+    return run(ctx, hparams, key)
+  share = own_share(ctx.num_models)
+  result = run(slice_context(ctx, share.start, share.stop), hparams, key)
+  if len(share) == ctx.num_models:
+    return result
+  times = np.asarray(multihost_utils.process_allgather(
+      np.float32([result.seconds, result.compile_seconds]))).max(0)
+  return methods_lib.UnlearnResult(gather_models(jax.device_get(result.states), ctx.num_models),
+                                   float(times[0]), float(times[1]))
+
+
 def fit(model, state: train.TrainState, data: train.DeviceData, index_sets, recipe: train.Recipe,
         epochs: int, key: jax.Array, *, model_ids: Sequence[int] | None = None, val_sets=None,
         checkpoints: checkpoint.TrainingCheckpoints | None = None, **kw) -> train.FitResult:
@@ -61,27 +122,30 @@ def fit(model, state: train.TrainState, data: train.DeviceData, index_sets, reci
   (`process_models`) and every process returns the whole trained stack (NumPy leaves).
 
   Arguments are those of `train.fit` for the whole stack; every process passes the same ones.
-  ``checkpoints`` are kept per process (``<dir>/process<p>``), so a killed run resumes with the
-  same process count.
+  ``checkpoints`` are process 0's (orbax writes from one process; `jaxmu.checkpoint`), of its
+  share (``<dir>/models<start>-<stop>``): a killed run resumes process 0's share from its last
+  checkpoint and trains the other shares again from the start, with the same numbers.
   """
+  if jax.process_count() == 1:
+    return train.fit(model, state, data, index_sets, recipe, epochs, key, model_ids=model_ids,
+                     val_sets=val_sets, checkpoints=checkpoints, **kw)
   index_sets = train.pad_index_sets(index_sets)
   n = parallel.num_models(state.params)
   if index_sets.shape[0] != n:
     raise ValueError(f"{index_sets.shape[0]} index sets for a stack of {n} models")
   model_ids = np.arange(n) if model_ids is None else np.asarray(model_ids)
-  p = jax.process_index()
-  share = process_models(n)[p]
-  if not len(share):
-    raise ValueError(f"{n} models for {jax.process_count()} processes: every process needs at "
-                     "least one model; use fewer processes")
+  share = own_share(n)
   pick = lambda x: x[share.start:share.stop]  # noqa: E731
   local_val = val_sets if val_sets is None or train._is_shared(val_sets) else pick(
       train.pad_index_sets(val_sets))
   result = train.fit(
       model, jax.tree.map(pick, state), data, index_sets[share.start:share.stop], recipe, epochs,
       key, model_ids=model_ids[share.start:share.stop], val_sets=local_val,
-      checkpoints=checkpoints and checkpoint.TrainingCheckpoints(
-          checkpoints.dir / f"process{p}", checkpoints.keep), **kw)
+      checkpoints=checkpoint.TrainingCheckpoints(
+          checkpoints.dir / f"models{share.start}-{share.stop}", checkpoints.keep)
+      if checkpoints and jax.process_index() == 0 else None, **kw)
+  if len(share) == n:
+    return result
   gathered = gather_models(
       {"state": result.state, "best": result.best, "best_accuracy": result.best_accuracy,
        "history": result.history}, n)

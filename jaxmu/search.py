@@ -41,10 +41,11 @@ import numpy as np
 import optuna
 from tqdm.auto import tqdm
 
-from jaxmu import parallel, train
+from jaxmu import distributed, parallel, train
 
 from jaxmu import methods as methods_lib
 from jaxmu.attacks import metrics, mia
+from jaxmu.errors import ConfigError, Problem
 
 MODES = ("nsga3", "tpe")
 OBJECTIVES = ("retain_gap", "forget_gap", "val_gap", "mia_gap")
@@ -189,10 +190,7 @@ def _retrained_accuracy(ctx: methods_lib.Context, retrained) -> dict[str, np.nda
 
 def seed_context(ctx: methods_lib.Context, m: int) -> methods_lib.Context:
   """The one-model context of model ``m`` of the stack (same data, program and key stream)."""
-  one = lambda tree: parallel.slice_models(tree, m, m + 1)
-  return dataclasses.replace(ctx, originals=one(ctx.originals), inits=one(ctx.inits),
-                             retain=ctx.retain[m:m + 1], forget=ctx.forget[m:m + 1],
-                             val=ctx.val[m:m + 1], model_ids=(ctx.model_ids[m],))
+  return distributed.slice_context(ctx, m, m + 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -576,6 +574,10 @@ def tune(method: str, ctx: methods_lib.Context, retrained, config: ml_collection
   if ctx.train_epochs < 1:
     raise ValueError("ctx.train_epochs is 0: the context must say how many epochs the originals "
                      "were trained (the epoch budget is a fraction of them)")
+  if jax.process_count() > 1:  # a finished search is read; an unfinished one is refused
+    if _finished(directory, spec.name, config.trials):
+      return load_best(directory, spec.name)
+    raise _processes_error([spec.name])
   e_max = epoch_budget(ctx.train_epochs, config.epoch_fraction)
   directory = Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
@@ -603,6 +605,32 @@ def tune(method: str, ctx: methods_lib.Context, retrained, config: ml_collection
               {"mode": config.mode, "trials": config.trials, "epoch_budget": e_max,
                "models": models, "objectives": list(OBJECTIVES)})
   return result
+
+
+def _finished(directory: Path, method: str, trials: int) -> bool:
+  result = load_best(directory, method)
+  return result is not None and result.trials_complete >= trials
+
+
+def _processes_error(methods: Sequence[str]) -> ConfigError:
+  return ConfigError([Problem(
+      "--num_processes", f"the search of {', '.join(methods)} has not finished and does not run "
+      f"over {jax.process_count()} jax.distributed processes", "search with one process or with "
+      "search workers (--worker, README \"On a cluster (SLURM)\"), or stop this run before it "
+      "(--config.stop_after=train)")])
+
+
+def check_processes(config: ml_collections.ConfigDict, workdir: Path) -> None:
+  """Refuses (`ConfigError`) a DeepUnlearn run over several jax.distributed processes that would
+  search (`tune` runs in one process per worker): the tuned methods' results must be finished in
+  ``<workdir>/search`` or the run must stop before the search. Nothing in one process."""
+  if jax.process_count() == 1 or config.stop_after in ("splits", "init", "train"):
+    return
+  methods = {methods_lib.get(m).name for m in config.methods}
+  pending = [m for m in (methods_lib.get(n).name for n in config.search.methods)
+             if m in methods and not _finished(Path(workdir, "search"), m, config.search.trials)]
+  if pending:
+    raise _processes_error(pending)
 
 
 def load_best(directory: Path, method: str) -> SearchResult | None:

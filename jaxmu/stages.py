@@ -9,6 +9,15 @@ with another hash therefore reruns its dependents. While a stage is open it hold
 ``<workdir>/stages/<name>.lock``: a second process on the same workdir waits, then finds the
 stage done and skips it.
 
+Under ``jax.distributed`` (several processes of one run) every process enters every stage
+together: process 0 alone takes the lock and decides whether the stage runs (`distributed.agree`
+sends its decision), every process runs the body (the stacks of `distributed.fit` and
+`distributed.unlearn` split over them; other work is repeated, or skipped on the others with
+``single=True``), process 0 alone publishes the outputs and writes the manifest, workdir files
+and ``metrics.jsonl`` (the others write their writes under ``st.tmp`` to a private temp dir and
+their models' training curves to ``metrics.process<p>.jsonl``), and all wait at a barrier when
+the stage ends, then read what process 0 wrote.
+
 Example::
 
     wd = Workdir("runs/quickstart")
@@ -49,6 +58,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import filelock
+import jax
 
 from jaxmu import tensorboard
 
@@ -127,8 +137,8 @@ class Stage:
   """One open stage; created by :meth:`Workdir.stage`. See the module docstring."""
 
   def __init__(self, workdir: Workdir, name: str, config: Any, deps: Sequence[str],
-               outputs: Sequence[str]):
-    self.workdir, self.name, self.outputs = workdir, name, tuple(outputs)
+               outputs: Sequence[str], single: bool = False):
+    self.workdir, self.name, self.outputs, self.single = workdir, name, tuple(outputs), single
     self.manifest_path = workdir.path("stages", f"{name}.json")
     self.dep_hashes = {d: workdir.stage_hash(d) for d in deps}
     self.config_hash = config_hash(config)
@@ -139,8 +149,9 @@ class Stage:
 
   @property
   def done(self) -> bool:
-    """True when the stage was skipped (or has been committed in this run)."""
-    return self.reason is None or self.committed
+    """True when the stage was skipped (or has been committed in this run); always on processes
+    other than 0 for a ``single`` stage."""
+    return self.reason is None or self.committed or (self.single and not _writer())
 
   @property
   def _tmp_prefix(self) -> str:
@@ -150,7 +161,8 @@ class Stage:
   def tmp(self) -> Path:
     """A fresh directory inside the workdir; outputs written here are published by commit."""
     if self._tmp is None:
-      self._tmp = Path(tempfile.mkdtemp(dir=self.workdir.path(".tmp"), prefix=self._tmp_prefix))
+      self._tmp = Path(tempfile.mkdtemp(dir=self.workdir.path(".tmp") if _writer() else None,
+                                        prefix=self._tmp_prefix))
     return self._tmp
 
   def _remove_stale_tmp(self) -> None:
@@ -181,6 +193,9 @@ class Stage:
     """Publishes the outputs written under ``tmp`` and records the stage as done."""
     if self.done:
       raise RuntimeError(f"stage {self.name!r} is already done; commit only when not done")
+    if not _writer():  # process 0 publishes; the stage's barrier waits for it
+      self.committed = True
+      return
     self.manifest_path.unlink(missing_ok=True)  # a crash below must not look finished
     for out in self.outputs:
       src, dst = (self._tmp / out if self._tmp else None), self.workdir.path(out)
@@ -216,8 +231,8 @@ class Workdir:
                           "directory (created when missing)"])
     self.ran: dict[str, str] = {}  # stage -> why it ran in this process, or "reused"
     self._metrics_keys: set = set()  # (stage, model) whose rows this process has appended
-    self._scalars = tensorboard.Scalars(self.path("tensorboard")) if tensorboard.enabled() \
-        else None
+    self._scalars = (tensorboard.Scalars(self.path("tensorboard"))
+                     if tensorboard.enabled() and _writer() else None)
     self.path("stages").mkdir(parents=True, exist_ok=True)
     self.path(".tmp").mkdir(exist_ok=True)
 
@@ -241,17 +256,22 @@ class Workdir:
 
   @contextlib.contextmanager
   def stage(self, name: str, config: Any = None, deps: Sequence[str] = (),
-            outputs: Sequence[str] = ()) -> Iterator[Stage]:
+            outputs: Sequence[str] = (), single: bool = False) -> Iterator[Stage]:
     """Opens stage ``name`` under its file lock; see the module docstring.
 
-    The body must call ``commit()`` when ``done`` is False (else RuntimeError).
+    The body must call ``commit()`` when ``done`` is False (else RuntimeError). ``single``: under
+    ``jax.distributed`` only process 0 runs the body (its work uses no collective), the others
+    wait at the stage's barrier.
     """
+    from jaxmu import distributed
     lock_path = self.path("stages", f"{name}.lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with filelock.FileLock(lock_path):
-      st = Stage(self, name, config, deps, outputs)
-      st._remove_stale_tmp()
-      st._check()
+    with filelock.FileLock(lock_path) if _writer() else contextlib.nullcontext():
+      st = Stage(self, name, config, deps, outputs, single)
+      if _writer():
+        st._remove_stale_tmp()
+        st._check()
+      st.reason = distributed.agree(st.reason)
       self.ran[name] = st.reason or "reused"
       try:
         yield st
@@ -259,6 +279,8 @@ class Workdir:
         st._cleanup()
       if not st.done:
         raise RuntimeError(f"stage {name!r} ran ({st.reason}) but did not commit()")
+    if st.reason is not None:
+      distributed.barrier(f"jaxmu stage {name}")
 
   def owner(self) -> str | None:
     """The pipeline whose run this workdir holds: ``owner.json``, or for a workdir written before
@@ -284,7 +306,7 @@ class Workdir:
           "--workdir", f"{self.root} holds a run of {owner}; {pipeline} would replace its splits, "
           "models and config.json", f"give {pipeline} its own directory, e.g. "
           f"--workdir={self.root / pipeline}")])
-    if owner is None or not self.path("owner.json").exists():
+    if _writer() and (owner is None or not self.path("owner.json").exists()):
       with atomic_write(self.path("owner.json"), "w") as f:
         f.write(to_json({"pipeline": pipeline}) + "\n")
 
@@ -295,8 +317,9 @@ class Workdir:
     owner = owner or pipeline_of(json.loads(text))
     if owner:
       self.claim(owner)
-    with atomic_write(self.path("config.json"), "w") as f:
-      f.write(text)
+    if _writer():
+      with atomic_write(self.path("config.json"), "w") as f:
+        f.write(text)
 
   def append_metrics(self, record: Mapping[str, Any]) -> None:
     """Appends ``record`` to ``<workdir>/metrics.jsonl``, one JSON line per model and epoch.
@@ -306,11 +329,13 @@ class Workdir:
     ids ``record["model"]`` (`train.fit` passes them), else by position. The first row of a
     (stage, model) in this process drops the file's rows of that (stage, model) from its epoch
     on: a resumed fit repeats the epochs after its last checkpoint, and they are logged once.
+    Under ``jax.distributed`` process p > 0 appends its models' rows to ``metrics.process<p>.jsonl``.
     """
     rows = metric_rows(record)
     keys = {(r.get("stage"), r.get("model")): r["epoch"] for r in rows if "epoch" in r}
     new = {k: e for k, e in keys.items() if k not in self._metrics_keys}
-    path = self.path("metrics.jsonl")
+    p = jax.process_index()
+    path = self.path(f"metrics.process{p}.jsonl" if p else "metrics.jsonl")
     if new and path.exists():
       kept, dropped = [], False
       for line in path.read_text().splitlines():
@@ -330,6 +355,11 @@ class Workdir:
       f.write("".join(to_json(r) + "\n" for r in rows))
     if self._scalars is not None:
       self._scalars.write(rows)
+
+
+def _writer() -> bool:
+  """Whether this process writes the workdir: the only one, or process 0 of several."""
+  return jax.process_index() == 0
 
 
 def metric_rows(record: Mapping[str, Any]) -> list[dict[str, Any]]:

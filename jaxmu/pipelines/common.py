@@ -14,7 +14,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxmu import checkpoint, parallel, stages, train
+from jaxmu import checkpoint, distributed, parallel, stages, train
 from jaxmu import data as data_lib
 from jaxmu import methods as methods_lib
 
@@ -86,7 +86,7 @@ def unlearn_stage(wd: stages.Workdir, name: str, method: str, hparams: dict, see
                 deps=deps, outputs=(f"unlearned/{method}",)) as st:
     if not st.done:
       ctx = make_context()
-      result = methods_lib.get(method).run(ctx, hparams, method_key(seed, method))
+      result = distributed.unlearn(method, ctx, hparams, method_key(seed, method))
       checkpoint.save(st.tmp / "unlearned" / method, jax.device_get(result.states),
                       metadata={"seconds": result.seconds,
                                 "compile_seconds": result.compile_seconds,

@@ -56,7 +56,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxmu import checkpoint, models, parallel, report, stages, train, validate
+from jaxmu import checkpoint, distributed, models, parallel, report, stages, train, validate
 from jaxmu.attacks import iam
 from jaxmu.data import augment as augment_lib
 from jaxmu.data import splits as splits_lib
@@ -169,7 +169,7 @@ class _Pipeline:
     def log(epoch, record):
       self.wd.append_metrics({"stage": name, "epoch": epoch, **record})
 
-    result = train.fit(
+    result = distributed.fit(
         model, state, self.setting.shadow_data if shadow_data else self.data, index_sets, recipe,
         epochs, jax.random.key(c.train.data_seed), model_ids=ids, strategy=self.strategy,
         val_sets=val_sets if c.train.select_best else None,
@@ -383,7 +383,8 @@ class _Pipeline:
     best-so-far states at the B breaks (`score_ui_schedule`: after b * (E // B) epochs), with
     ground-truth membership degree b / B, are audited by every attack of ``score_ui.attacks``
     with each K = 1 shadow group. Per group: Spearman, Pearson, MSE (all and per break) and
-    histogram KL of each attack, averaged over the L start models."""
+    histogram KL of each attack, averaged over the L start models. Under jax.distributed process 0
+    alone runs it (its breaks are read back from its training checkpoints)."""
     c, p = self.config, self.parts
     loops, breaks, epochs = c.score_ui.start_models, c.score_ui.breaks, c.score_ui.epochs
     if not loops:
@@ -391,7 +392,7 @@ class _Pipeline:
     attacks = score_ui_attacks(c)
     with self.wd.stage("score_ui", config={"score_ui": c.score_ui, "audit": c.audit,
                                            **self._train_config()},
-                       deps=("signals",), outputs=("score_ui.csv",)) as st:
+                       deps=("signals",), outputs=("score_ui.csv",), single=True) as st:
       if not st.done:
         start = jax.tree.map(lambda x: x[:loops], self.restore("shadows", c.num_shadows,
                                                                self.shadow_model))

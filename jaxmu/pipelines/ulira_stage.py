@@ -48,7 +48,7 @@ import numpy as np
 import threadpoolctl
 from tqdm.auto import tqdm
 
-from jaxmu import checkpoint, models, parallel, report, stages, train
+from jaxmu import checkpoint, distributed, models, parallel, report, stages, train
 from jaxmu import data as data_lib
 from jaxmu import methods as methods_lib
 from jaxmu.attacks import lira, metrics, mia, signals
@@ -153,7 +153,7 @@ class _ULiRA:
                                     "models": names[start:stop], **record})
 
           begin = time.perf_counter()
-          result = train.fit(
+          result = distributed.fit(
               self.model, state, self.data, index_sets[start:stop], self.recipe, u.epochs,
               jax.random.key(c.train.data_seed), model_ids=range(start, stop),
               strategy=self.strategy,
@@ -208,7 +208,7 @@ class _ULiRA:
           for start, stop in common.chunks(num_models, u.max_models_per_program):
             ctx = chunk_context(c, self.model, self.data, self.dataset.num_classes, references,
                                 sets, self.parts["val"], start, stop, self.strategy)
-            result = methods_lib.get(method).run(ctx, hparams, key)
+            result = distributed.unlearn(method, ctx, hparams, key)
             seconds += result.seconds
             compile_seconds += result.compile_seconds
             parts.append(model_signals(ctx.model, jax.device_get(result.states), ctx.data,

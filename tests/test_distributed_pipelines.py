@@ -1,0 +1,211 @@
+"""Pipelines over several jax.distributed processes: the stages' process-0-only commit and the
+slicing/gathering of stacks (fast, one process, the process index mocked), and tiny IAM and
+DeepUnlearn runs on 2 and 3 CPU processes on localhost giving the CSVs of one process (e2e)."""
+
+import csv
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from jaxmu import checkpoint, distributed, search, stages
+from jaxmu.errors import ConfigError
+from tests import test_iam_pipeline, test_pipeline, test_scale
+from tests.test_iam_pipeline import npz  # noqa: F401 (the flattened digits fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+# Timing columns differ between any two runs.
+TIMING = ("seconds", "rte")
+
+
+@pytest.fixture
+def process(monkeypatch):
+  """Pretends to be process ``p`` of ``count`` (no collectives: `agree` and `barrier` recorded;
+  on a process other than 0 `agree` returns process 0's ``decision``)."""
+  calls = []
+
+  def become(p, count=2, decision="new"):
+    monkeypatch.setattr(jax, "process_index", lambda: p)
+    monkeypatch.setattr(jax, "process_count", lambda: count)
+    monkeypatch.setattr(distributed, "agree",
+                        lambda obj: calls.append(("agree", obj)) or (decision if p else obj))
+    monkeypatch.setattr(distributed, "barrier", lambda name: calls.append(("barrier", name)))
+    return calls
+  return become
+
+
+def _run_stage(wd, name="s", single=False):
+  with wd.stage(name, config={"a": 1}, outputs=("out.txt",), single=single) as st:
+    ran = not st.done
+    if ran:
+      (st.tmp / "out.txt").write_text("x")
+      st.commit()
+  return ran, st
+
+
+def test_only_process_0_publishes_and_every_process_waits_at_the_barrier(tmp_path, process):
+  calls = process(1)
+  wd = stages.Workdir(tmp_path)
+  wd.write_config({"num_shadows": 1})
+  ran, st = _run_stage(wd)
+  assert ran and st.tmp.parent != wd.path(".tmp")  # a private temp dir, outside the workdir
+  assert not wd.path("out.txt").exists() and wd.manifest("s") is None
+  assert not wd.path("config.json").exists() and not wd.path("owner.json").exists()
+  assert calls == [("agree", None), ("barrier", "jaxmu stage s")]  # process 0 decided
+  assert not wd.path("stages", "s.lock").exists()  # process 0 alone takes the lock
+  ran, _ = _run_stage(wd, "t", single=True)  # a single stage: process 0 alone runs the body
+  assert not ran and calls[-1] == ("barrier", "jaxmu stage t")
+  wd.append_metrics({"stage": "train", "epoch": 1, "loss": [0.5], "model": [3]})
+  assert wd.path("metrics.process1.jsonl").exists() and not wd.path("metrics.jsonl").exists()
+  checkpoint.save(tmp_path / "ckpt", {"w": np.zeros(2)})
+  assert not (tmp_path / "ckpt").exists()
+
+  process(0)
+  ran, _ = _run_stage(wd)
+  assert ran and wd.path("out.txt").read_text() == "x" and wd.manifest("s")["reason"] == "new"
+  assert calls[-2:] == [("agree", "new"), ("barrier", "jaxmu stage s")]
+  ran, _ = _run_stage(wd)  # done: no barrier
+  assert not ran and calls[-1] == ("agree", None)
+
+
+def test_unlearn_slices_the_context_and_gathers_the_stack(monkeypatch, process):
+  """Process p runs the method on its share with its models' ids; the shares and the slowest
+  process's times come back."""
+  ctx = _context()
+  seen = []
+
+  class Method:
+    def run(self, ctx, hparams, key):
+      seen.append((ctx.model_ids, ctx.retain.shape, ctx.originals["w"].shape))
+      return distributed.methods_lib.UnlearnResult({"w": ctx.originals["w"] + 1}, 2.0, 1.0)
+
+  monkeypatch.setattr(distributed.methods_lib, "get", lambda name: Method())
+  process(0, 1)
+  alone = distributed.unlearn("m", ctx, {}, jax.random.key(0))
+  assert alone.states["w"] is not None and seen == [((5, 6, 7), (3, 4), (3, 2))]
+  process(1, 2)
+  monkeypatch.setattr(distributed.multihost_utils, "process_allgather",
+                      lambda tree, tiled=False: jax.tree.map(lambda x: np.stack([x, x * 3]), tree))
+  out = distributed.unlearn("m", ctx, {}, jax.random.key(0))
+  assert seen[-1] == ((7,), (1, 4), (1, 2))
+  assert (out.seconds, out.compile_seconds) == (6.0, 3.0)
+  assert out.states["w"].shape == (3, 2)
+  process(1, 4)  # fewer models than processes: every process runs the whole stack
+  assert distributed.unlearn("m", ctx, {}, jax.random.key(0)).seconds == 2.0
+  assert seen[-1][0] == (5, 6, 7)
+
+
+def _context():
+  """A stand-in context of 3 models: what `slice_context` cuts."""
+  from jaxmu import methods
+  return methods.Context(
+      model=None, recipe=None, data=None, originals={"w": np.arange(6.0).reshape(3, 2)},
+      inits={"w": np.zeros((3, 2))}, retain=np.arange(12).reshape(3, 4),
+      forget=np.arange(6).reshape(3, 2), val=np.arange(3).reshape(3, 1), model_ids=(5, 6, 7),
+      num_classes=2, input_shape=(2,))
+
+
+def test_search_refuses_several_processes_until_it_has_finished(tmp_path, process):
+  config = test_pipeline._tiny_config()
+  process(0, 1)
+  search.check_processes(config, tmp_path)  # one process: nothing to check
+  process(0, 2)
+  with pytest.raises(ConfigError, match="--num_processes: the search of ct has not finished"):
+    search.check_processes(config, tmp_path)
+  config.stop_after = "train"
+  search.check_processes(config, tmp_path)
+  config.stop_after = ""
+  (tmp_path / "search").mkdir()
+  result = search.SearchResult("ct", {}, (0.0,) * 4, 0, config.search.trials, 0)
+  search._write_best(tmp_path / "search" / "ct.json", result, {})
+  search.check_processes(config, tmp_path)
+
+
+# ------------------------------------------------------------------------------------------
+# Several processes on localhost (e2e)
+# ------------------------------------------------------------------------------------------
+
+_PROCESS = textwrap.dedent("""
+    import sys, jax
+    port, count, p, kind, workdir, data = sys.argv[1:]
+    if int(count) > 1:
+      jax.distributed.initialize("localhost:" + port, int(count), int(p),
+                                 heartbeat_timeout_seconds=10)
+    import tests.test_distributed_pipelines as t
+    t.run_pipeline(kind, workdir, data)
+""")
+
+
+def run_pipeline(kind, workdir, data):
+  """One tiny run of ``kind`` ("iam" or "deepunlearn") in ``workdir``."""
+  if kind == "iam":
+    from jaxmu.pipelines import iam
+    return iam.run(test_iam_pipeline._tiny_config(data), workdir)
+  from jaxmu.pipelines import deepunlearn
+  config = test_pipeline._tiny_config()
+  config.search.methods = ()  # the search runs in one process per worker
+  config.seeds = (0, 1, 2)
+  return deepunlearn.run(config, workdir)
+
+
+def _start(kind, workdir, data, count):
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  return [subprocess.Popen([sys.executable, "-c", _PROCESS, str(port), str(count), str(p), kind,
+                            str(workdir), str(data)], env=test_scale.ENV, cwd=ROOT,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=p == 0)
+          for p in range(count)]
+
+
+def _run(kind, workdir, data, count):
+  for proc in _start(kind, workdir, data, count):
+    _, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err[-3000:]
+
+
+def _csvs(workdir):
+  """Every CSV of the run, timing columns dropped."""
+  tables = {}
+  for path in sorted(Path(workdir).rglob("*.csv")):
+    with open(path) as f:
+      rows = list(csv.DictReader(f))
+    tables[str(path.relative_to(workdir))] = [
+        {k: v for k, v in row.items() if not any(t in k.lower() for t in TIMING)} for row in rows]
+  return tables
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("kind", ["iam", "deepunlearn"])
+def test_two_and_three_processes_write_the_csvs_of_one(kind, npz, tmp_path):
+  _run(kind, tmp_path / "one", npz, 1)
+  expected = _csvs(tmp_path / "one")
+  assert expected
+  for count in (2, 3):
+    _run(kind, tmp_path / f"p{count}", npz, count)
+    assert _csvs(tmp_path / f"p{count}") == expected, count
+
+
+@pytest.mark.e2e
+def test_killed_process_group_resumes_with_the_same_csvs(npz, tmp_path):
+  """SIGKILL of every process mid-run, then a rerun on the same workdir: the CSVs of one process."""
+  _run("iam", tmp_path / "one", npz, 1)
+  workdir = tmp_path / "two"
+  procs = _start("iam", workdir, npz, 2)
+  deadline = time.time() + 600
+  while not (workdir / "stages" / "targets.json").exists() and time.time() < deadline:
+    time.sleep(0.2)
+  for proc in procs:
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+  assert not (workdir / "stages" / "report.json").exists()
+  _run("iam", workdir, npz, 2)
+  assert _csvs(workdir) == _csvs(tmp_path / "one")
