@@ -1,9 +1,8 @@
 """`jaxmu audit-llm`: saved per-chunk losses in (the reference's text files, generated here),
-results.csv and report.md out; every bad input is one line naming the file, exit status 2, and
-nothing written."""
+results.csv and report.md out. Its bad inputs (`bad_logs`) are cases of tests/test_bad_inputs.py:
+one line naming the file or flag, exit status 2, nothing written."""
 
 import csv
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -79,15 +78,6 @@ def _run_main(**values):
     launcher.main(["audit-llm"])
 
 
-def _error(capsys, **values):
-  with pytest.raises(SystemExit) as exit_:
-    _run_main(**values)
-  assert exit_.value.code == 2
-  err = capsys.readouterr().err.strip()
-  assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
-  return err
-
-
 def test_every_attack_writes_csv_and_report(tmp_path, inputs, capsys):
   d = inputs
   directory = _write(tmp_path / "logs", d)
@@ -147,73 +137,53 @@ def test_reference_population_names_and_prefix_choice(tmp_path, inputs):
   assert llm.audit_files(directory, "other", rounds=ROUNDS).prefix == "other"
 
 
-def _corrupt(directory, name, lines):
-  path = directory / name
-  path.write_text("\n".join(lines) + "\n")
-
-
-@pytest.mark.parametrize("case, match", [
-    ("missing_nll", r"MUSE-News-nlloss\.txt: missing"),
-    ("short_ref", r"MUSE-News-ref_nlloss\.txt: 89 values but MUSE-News-label\.txt has 90"),
-    ("nan", r"MUSE-News-fitRef_nlloss\.txt: line 4 is nan"),
-    ("label_2", r"MUSE-News-label\.txt: line 3 is 2; fix: labels are 1"),
-    ("one_class", r"MUSE-News-label\.txt: every chunk has label 1"),
-    ("word", r"MUSE-News-nlloss\.txt: line 2 \('abc'\) is not a number"),
-    ("negative", r"MUSE-News-nlloss\.txt: negative value on line 1"),
-    ("partial_pop", r"population losses .* without MUSE-News-pop_ref_nlloss\.txt"),
-    ("pop_length", r"MUSE-News-pop_fitRef_nlloss\.txt: 29 values but"),
-    ("npz_shape", r"MUSE-News-tokens\.npz: token_entropy has shape \(90, 19\)"),
-    ("npz_key", r"MUSE-News-tokens\.npz: unknown keys \['logits'\]"),
-    ("no_dir", r"nowhere: no such directory"),
-    ("attack_needs_file", r"MUSE-News-pop_nlloss\.txt: missing, needed by rmia_on"),
-    ("unknown_attack", r"--attacks: unknown \['lira'\]"),
-    ("out_is_a_file", r"--out: .* is a file, not a directory"),
-])
-def test_bad_input_is_one_line_and_writes_nothing(tmp_path, inputs, capsys, case, match):
-  d = inputs
-  directory = _write(tmp_path / "logs", d, pop=case in ("partial_pop", "pop_length"),
-                     tokens=case in ("npz_shape", "npz_key"))
-  values = {"nll_dir": directory, "out": tmp_path / "out"}
-  labels = ["label :"] + [str(v) for v in d["labels"]]
-  if case == "missing_nll":
-    (directory / "MUSE-News-nlloss.txt").unlink()
-  elif case == "short_ref":
-    _column(directory / "MUSE-News-ref_nlloss.txt", d["ref"][:-1])
-  elif case == "nan":
-    _column(directory / "MUSE-News-fitRef_nlloss.txt", np.r_[d["fit"][:2], np.nan, d["fit"][3:]],
-            "fitRef_nlloss :")
-  elif case == "label_2":
-    _corrupt(directory, "MUSE-News-label.txt", labels[:2] + ["2"] + labels[3:])
-  elif case == "one_class":
-    _corrupt(directory, "MUSE-News-label.txt", ["1"] * N)
-  elif case == "word":
-    _corrupt(directory, "MUSE-News-nlloss.txt", ["0.5", "abc"] + ["1.0"] * (N - 2))
-  elif case == "negative":
-    _column(directory / "MUSE-News-nlloss.txt", np.r_[-1.0, d["nll"][1:]])
-  elif case == "partial_pop":
-    (directory / "MUSE-News-pop_ref_nlloss.txt").unlink()
-  elif case == "pop_length":
-    _column(directory / "MUSE-News-pop_fitRef_nlloss.txt", d["pop"][1][:-1])
-  elif case == "npz_shape":
-    np.savez(directory / "MUSE-News-tokens.npz", token_logp=d["logp"],
-             token_entropy=d["entropy"][:, :-1])
-  elif case == "npz_key":
-    np.savez(directory / "MUSE-News-tokens.npz", text=d["text"], logits=d["logp"])
-  elif case == "no_dir":
-    values["nll_dir"] = tmp_path / "nowhere"
-  elif case == "attack_needs_file":
-    values["attacks"] = "iam_on,rmia_on"
-  elif case == "unknown_attack":
-    values["attacks"] = "lira"
-  elif case == "out_is_a_file":
-    (tmp_path / "out").write_text("mine")
-  err = _error(capsys, **values)
-  assert re.search(match, err), err
-  assert "fix:" in err
-  if case == "out_is_a_file":
-    assert (tmp_path / "out").read_text() == "mine"
-  else:
-    assert not (tmp_path / "out").exists()
+def bad_logs(root):
+  """Folders of the reference's files at ``root``, each broken one way (the audit-llm cases of
+  tests/test_bad_inputs.py): "good" is whole; the others replace files of it (lines, bytes,
+  arrays of an .npz, None: removed, ...: a directory in its place) or write fewer files."""
+  d, p = _inputs(), "MUSE-News-"
+  labels, nums = [str(v) for v in d["labels"]], lambda values: [repr(float(v)) for v in values]
+  variants = {
+      "good": {}, "binary_label": {p + "label.txt": b"\xff\xfe not text"},
+      "word": {p + "nlloss.txt": ["0.5", "abc"] + nums(d["nll"][2:])},
+      "nan": {p + "fitRef_nlloss.txt": nums(d["fit"][:3]) + ["nan"] + nums(d["fit"][4:])},
+      "negative": {p + "nlloss.txt": ["-1.0"] + nums(d["nll"][1:])},
+      "label_2": {p + "label.txt": labels[:2] + ["2"] + labels[3:]},
+      "one_class": {p + "label.txt": ["1"] * N}, "nll_is_dir": {p + "nlloss.txt": ...},
+      "short": {p + "ref_nlloss.txt": nums(d["ref"][:-1])},
+      "no_values": {p + "nlloss.txt": ["nlloss :"]}, "ref_zero": {p + "ref_nlloss.txt": ["0"] * N},
+      "partial_pop": {p + "pop_ref_nlloss.txt": None},
+      "pop_length": {p + "pop_fitRef_nlloss.txt": nums(d["pop"][1][:-1])},
+      "no_pop": {p + s: None for s in ("pop_nlloss.txt", "pop_fitRef_nlloss.txt",
+                                        "pop_ref_nlloss.txt")},
+      "two_prefixes": {"other-label.txt": labels},
+      "tokens_empty": {p + "tokens.npz": b""},
+      "tokens_key": {p + "tokens.npz": {"text": d["text"], "logits": d["logp"]}},
+      "tokens_shape": {p + "tokens.npz": {"token_logp": d["logp"],
+                                          "token_entropy": d["entropy"][:, :-1]}},
+      "tokens_str": {p + "tokens.npz": {"token_logp": np.full(d["logp"].shape, "x")}},
+      "tokens_mask": {p + "tokens.npz": {"token_logp": d["logp"], "token_mask": d["mask"] * 0.5}},
+      "tokens_text": {p + "tokens.npz": {"text": np.r_[d["text"][:-1], [""]]}},
+      "few": {p + "label.txt": ["1", "0"] * 3, p + "nlloss.txt": ["1.0"] * 6,
+              p + "tokens.npz": {"text": np.array(["a b c"] * 6)},
+              p + "ref_nlloss.txt": None, p + "fitRef_nlloss.txt": None,
+              **{p + s: None for s in ("pop_nlloss.txt", "pop_fitRef_nlloss.txt",
+                                       "pop_ref_nlloss.txt")}},
+  }
+  for name, files in variants.items():
+    folder = _write(root / name, d)
+    for file, content in files.items():
+      path = folder / file
+      path.unlink(missing_ok=True)
+      if isinstance(content, dict):
+        np.savez(path, **content)
+      elif isinstance(content, bytes):
+        path.write_bytes(content)
+      elif content is ...:
+        path.mkdir()
+      elif content is not None:
+        path.write_text("\n".join(content) + "\n")
+  return root
 
 
 def test_cli_bad_input_exits_2_without_traceback(tmp_path):

@@ -1,4 +1,4 @@
-"""Bad inputs, table-driven: every `jaxmu` subcommand, `data.load` and `audit`.
+"""Bad inputs, table-driven: every `jaxmu` subcommand (the library's: test_bad_inputs_library.py).
 
 Each case runs in-process through `jaxmu.cli.main` (a handful through subprocesses, for the exit
 status and stderr of the real command) and asserts the exit status, that stderr is one
@@ -21,8 +21,6 @@ import numpy as np
 import pytest
 
 from jaxmu import cli, errors
-from jaxmu import data as data_lib
-from jaxmu.attacks.audit import audit_file
 
 ROOT = Path(__file__).resolve().parents[1]
 N, C, K, Z = 40, 4, 2, 20
@@ -108,6 +106,8 @@ QI = "--config=quickstart:iam"
 UL = "--config=ulira:cpu"
 W = "--workdir={w}/new"  # a new workdir: must not appear
 BENCH = "--config=bench"
+LLM = ("audit-llm", "--out={w}/a")  # audit-llm folders: {l}/<name> (test_audit_llm.bad_logs)
+GOOD = "--nll_dir={l}/good"
 
 # id -> (category, argv after `jaxmu`, exit status, texts stderr must hold)
 CASES = {
@@ -273,6 +273,55 @@ CASES = {
     "benchmark/out_dir": ("output", ["benchmark", BENCH, "--out={w}"], 2,
                           ["--out: ", "is a directory"]),
     "benchmark/stray_argument": ("flag", ["benchmark", BENCH, "x"], 2, ["unexpected arguments"]),
+    # audit-llm
+    "audit-llm/no_nll_dir": ("flag", [*LLM], 2, ["--nll_dir: missing; fix:"]),
+    "audit-llm/stray_argument": ("flag", [*LLM, GOOD, "x"], 2, ["unexpected arguments"]),
+    "audit-llm/unknown_flag": ("flag", [*LLM, GOOD, "--atacks=loss"], 2, ["'atacks'"]),
+    "audit-llm/rounds_type": ("flag", [*LLM, GOOD, "--bootstrap_rounds=many"], 2,
+                              ["--bootstrap_rounds=many"]),
+    "audit-llm/rounds": ("value", [*LLM, GOOD, "--bootstrap_rounds=0"], 2,
+                         ["--bootstrap_rounds: 0 is below 1; fix:"]),
+    "audit-llm/iam_batch": ("value", [*LLM, GOOD, "--iam_batch=-1"], 2, ["--iam_batch: -1 is"]),
+    "audit-llm/seed": ("value", [*LLM, GOOD, "--seed=-1"], 2, ["--seed: -1 is below 0; fix:"]),
+    "audit-llm/attack": ("value", [*LLM, GOOD, "--attacks=lira"], 2,
+                         ["--attacks: unknown ['lira']; fix:"]),
+    "audit-llm/attack_twice": ("value", [*LLM, GOOD, "--attacks=loss,loss"], 2,
+                               ["--attacks: ", "names an attack twice; fix:"]),
+    "audit-llm/attack_needs_file": ("file", [*LLM, "--nll_dir={l}/no_pop", "--attacks=rmia_on"],
+                                    2, ["MUSE-News-pop_nlloss.txt: missing, needed by rmia_on"]),
+    "audit-llm/no_dir": ("file", [*LLM, "--nll_dir={w}/nowhere"], 2, ["nowhere: no such dir"]),
+    "audit-llm/dir_is_file": ("file", [*LLM, "--nll_dir={w}/afile"], 2,
+                              ["afile: is a file, not a directory; fix: pass --nll_dir"]),
+    "audit-llm/no_label_file": ("file", [*LLM, "--nll_dir={w}"], 2, ["no <prefix>-label.txt"]),
+    "audit-llm/prefix": ("file", [*LLM, GOOD, "--prefix=nope"], 2, ["nope-label.txt: missing"]),
+    "audit-llm/two_prefixes": ("file", [*LLM, "--nll_dir={l}/two_prefixes"], 2,
+                               ["several prefixes (MUSE-News, other); fix: pass --prefix"]),
+    **{f"audit-llm/{name}": ("file", [*LLM, f"--nll_dir={{l}}/{name}"], 2, [text]) for name, text in {
+        "binary_label": "MUSE-News-label.txt: not a text file",
+        "word": "MUSE-News-nlloss.txt: line 2 ('abc') is not a number",
+        "nan": "MUSE-News-fitRef_nlloss.txt: line 4 is nan",
+        "negative": "MUSE-News-nlloss.txt: negative value on line 1",
+        "label_2": "MUSE-News-label.txt: line 3 is 2; fix: labels are 1",
+        "one_class": "MUSE-News-label.txt: every chunk has label 1",
+        "nll_is_dir": "MUSE-News-nlloss.txt: is a directory",
+        "short": "MUSE-News-ref_nlloss.txt: 89 values but MUSE-News-label.txt has 90",
+        "no_values": "MUSE-News-nlloss.txt: no values",
+        "partial_pop": "without MUSE-News-pop_ref_nlloss.txt",
+        "pop_length": "MUSE-News-pop_fitRef_nlloss.txt: 29 values but",
+        "tokens_empty": "MUSE-News-tokens.npz: not a readable .npz",
+        "tokens_key": "MUSE-News-tokens.npz: unknown keys ['logits']",
+        "tokens_shape": "MUSE-News-tokens.npz: token_entropy has shape (90, 19)"}.items()},
+    **{f"audit-llm/{name}": ("array", [*LLM, f"--nll_dir={{l}}/{name}", *flags], 2, [text])
+       for name, flags, text in (
+           ("tokens_str", (), "MUSE-News-tokens.npz: token_logp holds <U"),
+           ("tokens_mask", (), "MUSE-News-tokens.npz: token_mask is not 0/1"),
+           ("tokens_text", (), "MUSE-News-tokens.npz: text of chunk 89 is empty"),
+           ("ref_zero", ("--attacks=ratio",), "ratio: ref_nll must be > 0"),
+           ("few", ("--attacks=bag_of_words",), "bag_of_words needs >= 5 chunks of each label"))},
+    "audit-llm/out_file": ("output", ["audit-llm", GOOD, "--out={w}/afile"], 2,
+                           ["--out: ", "afile is a file"]),
+    "audit-llm/out_in_file": ("output", ["audit-llm", GOOD, "--out={w}/afile/a"], 2,
+                              ["--out: ", "afile is a file"]),
 }
 
 
@@ -312,6 +361,13 @@ def _no_training(monkeypatch):
   flags.FLAGS.unparse_flags()
 
 
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+  """The audit-llm folders (`test_audit_llm.bad_logs`), read only."""
+  from test_audit_llm import bad_logs
+  return bad_logs(tmp_path_factory.mktemp("llm"))
+
+
 def _run(argv, capsys):
   with pytest.raises(SystemExit) as exit_:
     cli.main(["jaxmu", *argv])
@@ -327,13 +383,13 @@ def _check_lines(err, texts):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_a_bad_input_is_one_line_per_problem_and_writes_nothing(case, world, capsys):
+def test_a_bad_input_is_one_line_per_problem_and_writes_nothing(case, world, llm, capsys):
   _, argv, code, texts = CASES[case]
-  before = _snapshot(world)
-  got, captured = _run([a.format(w=world) for a in argv], capsys)
+  before, inputs = _snapshot(world), _snapshot(llm)
+  got, captured = _run([a.format(w=world, l=llm) for a in argv], capsys)
   assert got == code, captured.err
   _check_lines(captured.err, [t.format(w=world) for t in texts])
-  assert _snapshot(world) == before
+  assert _snapshot(world) == before and _snapshot(llm) == inputs
 
 
 def test_prepare_data_offline_says_so_within_seconds(world, capsys, monkeypatch):
@@ -381,101 +437,6 @@ def test_a_failed_benchmark_row_is_kept_and_the_command_fails(world, capsys):
   assert len(lines) == 1 and lines[0].startswith("error: row model=purchase_mlp:nosuch=1 N=1")
   rows = json.loads((world / "bench.json").read_text())["rows"]
   assert "error" in rows[0] and rows[1]["images_per_s"] > 0
-
-
-# ---------------------------------------------------------------- data.load
-
-
-def _npz(path, **arrays):
-  np.savez(path, **arrays)
-  return path
-
-
-X = np.zeros((6, 4), np.uint8)
-LOAD_CASES = {  # id -> (make the file in tmp_path -> load's kwargs, error type, texts)
-    "npz/empty_arrays": (lambda t: dict(path=_npz(t / "e.npz", x=np.zeros((0, 4), np.uint8),
-                                                  y=np.zeros(0, np.int64))),
-                         errors.InputError, ["are empty (0 samples)", "fix:"]),
-    "npz/empty_file": (lambda t: dict(path=(t / "z.npz", (t / "z.npz").write_bytes(b""))[0]),
-                       errors.InputError, ["z.npz: is not a readable .npz file (empty)"]),
-    "npz/corrupt_file": (lambda t: dict(path=(t / "c.npz", (t / "c.npz").write_bytes(b"xx"))[0]),
-                         errors.InputError, ["c.npz: is not a readable .npz file", "savez"]),
-    "npz/missing_y": (lambda t: dict(path=_npz(t / "m.npz", x=X)), errors.InputError,
-                      ["lacks arrays ['y']"]),
-    "npz/labels_2**40": (lambda t: dict(path=_npz(t / "l.npz", x=X,
-                                                  y=np.array([0, 1, 2, 3, 4, 2 ** 40]))),
-                         errors.InputError, ["reaches 1099511627776", "num_classes"]),
-    "npz/labels_1e9": (lambda t: dict(path=_npz(t / "b.npz", x=X,
-                                                y=np.array([0, 1, 2, 3, 4, 10 ** 9]))),
-                       errors.InputError, ["1000000001 classes"]),
-    "npz/labels_float": (lambda t: dict(path=_npz(t / "f.npz", x=X, y=np.ones(6) * 1e9)),
-                         errors.InputError, ["y: must be integers"]),
-    "npz/labels_negative": (lambda t: dict(path=_npz(t / "n.npz", x=X, y=-np.ones(6, int))),
-                            errors.InputError, ["negative labels"]),
-    "npz/labels_beyond_classes": (lambda t: dict(path=_npz(t / "k.npz", x=X, y=np.arange(6)),
-                                                 num_classes=3),
-                                  errors.InputError, ["beyond num_classes=3"]),
-    "npz/num_train": (lambda t: dict(path=_npz(t / "t.npz", x=X, y=np.arange(6), num_train=9)),
-                      errors.InputError, ["num_train: 9 is not in 0..6"]),
-    "npz/x_dtype": (lambda t: dict(path=_npz(t / "d.npz", x=X.astype(np.float32),
-                                             y=np.arange(6))),
-                    errors.InputError, ["x: must be uint8"]),
-    "npz/missing_file": (lambda t: dict(path=t / "none.npz"), FileNotFoundError,
-                         ["does not exist", "--config.dataset.data_dir"]),
-    "cinic10/no_path": (lambda t: {}, errors.InputError,
-                        ["dataset.data_dir:", "--config.dataset.data_dir=<CINIC-10 folder"]),
-    "purchase100/no_path": (lambda t: {}, errors.InputError, ["--config.dataset.data_dir="]),
-    "utkface/no_path": (lambda t: {}, errors.InputError, ["--config.dataset.data_dir="]),
-    "nosuch/unknown": (lambda t: {}, errors.InputError, ["unknown dataset 'nosuch'", "digits"]),
-    "digits/unknown_option": (lambda t: dict(size=3), errors.InputError,
-                              ["takes no option(s) ['size']"]),
-}
-
-
-@pytest.mark.parametrize("case", LOAD_CASES)
-def test_data_load_names_the_problem(case, tmp_path):
-  make, error, texts = LOAD_CASES[case]
-  kwargs = make(tmp_path)
-  before = _snapshot(tmp_path)
-  with pytest.raises(error) as raised:
-    data_lib.load(case.split("/")[0], **kwargs)
-  message = str(raised.value)
-  assert "\n" not in message
-  for text in texts:
-    assert text in message, (text, message)
-  assert _snapshot(tmp_path) == before
-
-
-# ---------------------------------------------------------------- audit (the library)
-
-
-AUDIT_CASES = {  # file name of AUDIT_FILES -> texts of the InputError
-    name: texts for name, texts in {
-        "nan_original": ["original holds"], "nan_population": ["population_target holds"],
-        "labels_big": ["labels must lie"], "population_labels": ["population_labels must lie"],
-        "shadow_train_labels": ["shadow_train_labels[0]"],
-        "mask_all_one": ["every sample"], "mask_all_zero": ["no sample"],
-        "no_queries": ["no query samples"], "shadows_shape": ["shadows has shape"]}.items()}
-
-
-@pytest.mark.parametrize("name", AUDIT_CASES)
-def test_audit_raises_input_errors_naming_the_array(name):
-  with pytest.raises(errors.InputError) as raised:
-    audit_file(AUDIT_FILES[name])
-  for text in AUDIT_CASES[name]:
-    assert text in str(raised.value)
-  assert "fit " not in str(raised.value) and "target_z" not in str(raised.value)
-
-
-def test_audit_widens_float16_and_bfloat16():
-  import ml_dtypes
-  base = audit_file(_audit_arrays(), attacks=["iam_on", "lira_on"])
-  for dtype in (np.float16, ml_dtypes.bfloat16):
-    low = {k: v.astype(dtype).astype(np.float32).astype(dtype) if v.dtype == np.float32 else v
-           for k, v in _audit_arrays().items()}
-    result = audit_file(low, attacks=["iam_on", "lira_on"])
-    assert set(result.scores) == set(base.scores)
-    assert all(np.isfinite(s).all() for s in result.scores.values())
 
 
 # ---------------------------------------------------------------- the real command

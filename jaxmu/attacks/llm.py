@@ -557,7 +557,8 @@ def find_prefix(directory) -> str:
   """The one ``<prefix>`` with a ``<prefix>-label.txt`` in ``directory``."""
   directory = Path(directory)
   if not directory.is_dir():
-    raise InputError(f"{directory}: no such directory; fix: pass --nll_dir=DIR, the folder with "
+    what = "is a file, not a directory" if directory.exists() else "no such directory"
+    raise InputError(f"{directory}: {what}; fix: pass --nll_dir=DIR, the folder with "
                      "the reference's <prefix>-label.txt and <prefix>-nlloss.txt")
   found = sorted(p.name[:-len("-label.txt")] for p in directory.glob("*-label.txt"))
   if not found:
@@ -572,8 +573,13 @@ def read_column(path, labels=False, nonnegative=False) -> np.ndarray:
   """One number per line (an optional "key :" header first; blank lines at the end ignored)."""
   path = Path(path)
   if not path.is_file():
-    raise InputError(f"{path}: missing; fix: write one number per chunk, in chunk order")
-  lines = path.read_text().splitlines()
+    what = "is a directory" if path.is_dir() else "missing"
+    raise InputError(f"{path}: {what}; fix: write one number per chunk, in chunk order")
+  try:
+    lines = path.read_text().splitlines()
+  except UnicodeDecodeError as e:
+    raise InputError(f"{path}: not a text file ({e.reason} at byte {e.start}); fix: write one "
+                     "number per line, in chunk order") from None
   while lines and not lines[-1].strip():
     lines.pop()
   first = 1 if lines and lines[0].rstrip().endswith(":") else 0
@@ -609,7 +615,7 @@ def _load_tokens(path, n) -> dict[str, Any]:
   try:
     with np.load(path, allow_pickle=False) as f:
       data = {k: f[k] for k in f.files}
-  except (OSError, ValueError) as e:
+  except (OSError, ValueError, EOFError) as e:
     raise InputError(f"{path}: not a readable .npz ({e}); fix: save it with numpy.savez "
                      "(text as a str array)") from None
   unknown = sorted(set(data) - set(TOKEN_KEYS))
@@ -642,7 +648,11 @@ def _load_tokens(path, n) -> dict[str, Any]:
     mask = np.ones(shape, bool) if mask is None else mask.astype(bool)
     for k in token_keys:
       if k != "token_mask":
-        v = np.asarray(data[k], np.float64)
+        try:
+          v = np.asarray(data[k], np.float64)
+        except ValueError:
+          raise InputError(f"{path}: {k} holds {data[k].dtype} values, not numbers; fix: save "
+                           f"{k} as a float array") from None
         if not np.isfinite(v[mask]).all():
           raise InputError(f"{path}: {k} has NaN or infinite values at real tokens; fix: "
                            "recompute them, or mask the padding with token_mask")
@@ -736,6 +746,8 @@ def audit_files(directory, prefix=None, *, attacks=None, rounds=1000, seed=42,
   unknown = [a for a in attacks or () if a not in ATTACKS]
   if unknown:
     raise InputError(f"--attacks: unknown {unknown}; fix: choose from {', '.join(ATTACKS)}")
+  if attacks and len(set(attacks)) < len(attacks):
+    raise InputError(f"--attacks: {list(attacks)} names an attack twice; fix: list each once")
   scores, rows, skipped, shares = {}, [], {}, None
   for name in attacks or ATTACKS:
     missing = [k for k in ATTACKS[name][1] if k not in inputs]
@@ -749,7 +761,8 @@ def audit_files(directory, prefix=None, *, attacks=None, rounds=1000, seed=42,
     try:
       raw = run_attack(name, inputs, batch_size=batch_size, seed=seed, raw=True)
     except ValueError as e:
-      raise InputError(f"{directory / prefix}-*: {name}: {e}") from None
+      raise InputError(f"{directory / prefix}-*: {name}: {e}; fix: correct that input, or leave "
+                       f"{name} out of --attacks") from None
     scores[name] = _orient(name, raw, False)
     if name == "iam_on":
       shares = iam_threshold_shares(raw, labels)

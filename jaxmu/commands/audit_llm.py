@@ -19,6 +19,7 @@ from pathlib import Path
 from absl import app, flags
 
 from jaxmu.attacks import llm
+from jaxmu.errors import InputError, Problem
 
 # "out" and "attacks" are also flags of `jaxmu audit`; allow_override lets both modules load in
 # one process (tests); the CLI loads one command module per process.
@@ -34,20 +35,30 @@ _BATCH = flags.DEFINE_integer("iam_batch", llm.IAM_BATCH,
                               "Chunks per IAM-On sigma pool (the reference's 64; 0 = all chunks).")
 
 
+def _check_flags(out: Path) -> None:
+  """An `InputError` with one line per bad flag value."""
+  problems = []
+  if not _NLL_DIR.value:
+    problems.append(Problem("--nll_dir", "missing", "pass --nll_dir=DIR, the folder with the "
+                            "reference's <prefix>-label.txt and <prefix>-nlloss.txt"))
+  for flag, value, low, example in (("bootstrap_rounds", _ROUNDS.value, 1, 1000),
+                                    ("iam_batch", _BATCH.value, 0, 64), ("seed", _SEED.value, 0, 42)):
+    if value < low:
+      problems.append(Problem(f"--{flag}", f"{value} is below {low}", f"e.g. --{flag}={example}"))
+  blocker = next((p for p in (out, *out.parents) if p.exists()), out)  # out or its parent
+  if blocker.exists() and not blocker.is_dir():
+    problems.append(Problem("--out", f"{blocker} is a file, not a directory",
+                            f"give a directory, e.g. --out={blocker.with_suffix('')}_audit_llm"))
+  if problems:
+    raise InputError(problems)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  out = Path(_OUT.value)
   try:
-    if not _NLL_DIR.value:
-      raise llm.InputError("--nll_dir: missing; fix: pass --nll_dir=DIR, the folder with the "
-                           "reference's <prefix>-label.txt and <prefix>-nlloss.txt")
-    if _ROUNDS.value < 1 or _BATCH.value < 0:
-      raise llm.InputError("--bootstrap_rounds must be >= 1 and --iam_batch >= 0; fix: e.g. "
-                           "--bootstrap_rounds=1000 --iam_batch=64")
-    out = Path(_OUT.value)
-    if out.exists() and not out.is_dir():
-      raise llm.InputError(f"--out: {out} is a file, not a directory; fix: give a directory, "
-                           f"e.g. --out={out.with_suffix('')}_audit_llm")
+    _check_flags(out)
     # Every input error is raised here, before anything is written.
     result = llm.audit_files(_NLL_DIR.value, _PREFIX.value, attacks=_ATTACKS.value,
                              rounds=_ROUNDS.value, seed=_SEED.value,
