@@ -92,6 +92,14 @@ def _names(out, field, names, known, what, allow_empty=True):
   return seen
 
 
+def _references(out, field, methods, references):
+  """The methods of a list that are references the run evaluates anyway (their rows would be
+  doubled or replaced)."""
+  for name in [m for m in methods if m in references]:
+    out.append(Problem(field, f"{name!r} is a reference every run evaluates, not a method to run",
+                       f"drop {name!r} from {field}"))
+
+
 def _known_text(what):
   return ", ".join(sorted(methods_lib.METHODS) if what == "method" else ATTACKS)
 
@@ -182,9 +190,7 @@ def _deepunlearn(config, meta, out):
   _ratio(out, "split.forget_ratio", s.forget_ratio)
   seeds = _seeds(out, config)
   methods = _names(out, "methods", config.methods, _method, "method", allow_empty=False)
-  for group in set(methods) & set(REFERENCE_GROUPS):
-    out.append(Problem("methods", f"{group!r} is a reference group every run trains and "
-                       "evaluates, not an unlearning method", f"drop {group!r} from methods"))
+  _references(out, "methods", methods, REFERENCE_GROUPS)
   tuned = _names(out, "search.methods", config.search.methods, _method, "method")
   if any(m in methods for m in tuned):
     missing = [x for x in config.search.seeds if x not in seeds]
@@ -300,7 +306,8 @@ def _iam(config, meta, out):
   _names(out, "audit.attacks", config.audit.attacks, lambda a: a if a in ATTACKS else None,
          "attack", allow_empty=False)
   _score_ui(config, out)
-  _names(out, "approx.methods", config.approx.methods, _method, "method")
+  approx = _names(out, "approx.methods", config.approx.methods, _method, "method")
+  _references(out, "approx.methods", approx, ("retrain",))  # Table 8's reference row
   _hparams(out, "approx.hparams", config.approx.hparams)
   _setting(config, meta, out)
 

@@ -182,6 +182,7 @@ BROKEN = {  # check: (pipeline, config argument, mutation, field named)
     "duplicate_alias": ("ulira", DU, _set("ulira.methods", ("original", "original")),
                         "ulira.methods"),
     "duplicate_approx": ("iam", IAM, _set("approx.methods", ("ssd", "ssd")), "approx.methods"),
+    "approx_retrain": ("iam", IAM, _set("approx.methods", ("ssd", "retrain")), "approx.methods"),
     # attack names
     "attack": ("iam", IAM, _set("audit.attacks", ("iam",)), "audit.attacks"),
     "score_ui_attack": ("iam", IAM, _set("score_ui.attacks", ("lira",)), "score_ui.attacks"),
