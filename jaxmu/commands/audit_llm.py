@@ -42,7 +42,8 @@ def _check_flags(out: Path) -> None:
     problems.append(Problem("--nll_dir", "missing", "pass --nll_dir=DIR, the folder with the "
                             "reference's <prefix>-label.txt and <prefix>-nlloss.txt"))
   for flag, value, low, example in (("bootstrap_rounds", _ROUNDS.value, 1, 1000),
-                                    ("iam_batch", _BATCH.value, 0, 64), ("seed", _SEED.value, 0, 42)):
+                                    ("iam_batch", _BATCH.value, 0, 64),
+                                    ("seed", _SEED.value, 0, 42)):
     if value < low:
       problems.append(Problem(f"--{flag}", f"{value} is below {low}", f"e.g. --{flag}={example}"))
   blocker = next((p for p in (out, *out.parents) if p.exists()), out)  # out or its parent
