@@ -53,6 +53,14 @@ def _local(**multi) -> dict:
       primary_host=p, active_processes={p}), **multi}
 
 
+def _host(tree: Any) -> Any:
+  """``tree`` with its jax arrays as NumPy arrays under ``jax.distributed`` (orbax refuses to
+  write process-local jax arrays there); ``tree`` itself in one process."""
+  if jax.process_count() == 1:
+    return tree
+  return jax.tree.map(lambda x: x if _is_typed_key(x) else np.asarray(x), tree)
+
+
 def _is_typed_key(x: Any) -> bool:
   return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
@@ -95,7 +103,7 @@ def save(path: str | os.PathLike, tree: Any, metadata: dict | None = None) -> No
   try:
     stored = jax.tree.map(lambda x: jax.random.key_data(x) if _is_typed_key(x) else x, tree)
     with ocp.StandardCheckpointer(**_local()) as ckptr:
-      ckptr.save(tmp / _STATE, stored)
+      ckptr.save(tmp / _STATE, _host(stored))
       ckptr.wait_until_finished()
     meta = {"metadata": metadata or {}, "leaves": _signature(tree)}
     (tmp / _META).write_text(json.dumps(meta, indent=1))
@@ -208,7 +216,7 @@ class TrainingCheckpoints:
   def save(self, epoch: int, tree: Any, metadata: dict | None = None) -> None:
     meta = {"metadata": metadata or {}, "leaves": _signature(tree)}
     self._open().save(epoch, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(tree), metadata=ocp.args.JsonSave(meta)), force=True)
+        state=ocp.args.StandardSave(_host(tree)), metadata=ocp.args.JsonSave(meta)), force=True)
     self._open().wait_until_finished()
 
   def _meta(self, epoch: int) -> dict:

@@ -137,7 +137,7 @@ _PROCESS = textwrap.dedent("""
     port, count, p, kind, workdir, data = sys.argv[1:]
     if int(count) > 1:
       jax.distributed.initialize("localhost:" + port, int(count), int(p),
-                                 heartbeat_timeout_seconds=10)
+                                 heartbeat_timeout_seconds=10, shutdown_timeout_seconds=10)
     import tests.test_distributed_pipelines as t
     t.run_pipeline(kind, workdir, data)
 """)
