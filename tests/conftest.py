@@ -3,6 +3,14 @@
 import dataclasses
 import os
 
+# The suite is dominated by XLA's CPU compile times; LLVM at -O1 compiles these programs about
+# twice as fast as the default -O2 and runs them nearly as fast (measured on 2 cores: bf16 method
+# tests 177 s -> 78 s, the IAM pipeline 56 s -> 70 s). Set before JAX starts its backend;
+# launchers run by tests inherit it. An XLA_FLAGS that already sets the level wins.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_backend_optimization_level=1").strip()
+
 import jax
 import numpy as np
 import pytest
