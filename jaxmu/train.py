@@ -410,7 +410,8 @@ def _fit_stack(model, state, data, index_sets, recipe, epochs, key, model_ids, s
     state, best, best_acc = saved["state"], saved["best"], saved["best_acc"]
     meta = checkpoints.metadata(start)
     history = [{k: np.asarray(v) for k, v in record.items()} for record in meta["history"]]
-    seconds, compile_seconds = meta["seconds"], meta["compile_seconds"]
+    # A checkpoint written before times were stored: the total is unknown (NaN, so no RTE).
+    seconds, compile_seconds = (meta.get(k, float("nan")) for k in ("seconds", "compile_seconds"))
 
   runs = engine.epochs(
       train_step, (model, recipe), state, {"train": engine.Source(index_sets, recipe.batch_size)},

@@ -246,6 +246,11 @@ def test_fit_time_excludes_compilation_and_sums_over_a_resume(tmp_path, monkeypa
   assert resumed.seconds == pytest.approx(first["seconds"] + 2 * 100)  # epoch 1 + epochs 2, 3
   assert resumed.compile_seconds == first["compile_seconds"]
   assert ckpts.metadata(3)["seconds"] == resumed.seconds
+  # A checkpoint written before times were stored resumes with an unknown (NaN) total.
+  old = checkpoint.TrainingCheckpoints(tmp_path / "old")
+  tree = {"state": state, "best": None, "best_acc": None}
+  old.save(1, ckpts.restore(1, tree), metadata={"history": first["history"]})
+  assert np.isnan(fit(checkpoints=old).seconds)
 
 
 def test_bad_inputs_fail_clearly():
