@@ -5,8 +5,9 @@ weights and its own retain/forget/val index sets). It is written as pure per-mod
 (``step(carry, orders, key, hp, inputs, labels, step_index, epoch, lr_factor)``) that `run_epochs`
 hands to the one epoch driver, `jaxmu.engine`, under the context's `parallel.Strategy`. A step
 brings only what is the method's own: its batches (`batch`, `inputs`), its loss over `forward`
-(which applies the recipe's compute dtype), and `descend`, the shared gradient update. Continuous hyper-parameters are per-model float32 arrays (one
-compiled program serves many trials); discrete ones (epochs, batch sizes) are Python ints.
+(which applies the recipe's compute dtype), and `descend`, the shared gradient update.
+Continuous hyper-parameters are per-model float32 arrays (one compiled program serves many
+trials); discrete ones (epochs, batch sizes) are Python ints.
 
 Structural edits (freeze, re-initialise, mask, transpose, prune, add noise) are pytree operations
 on params selected by path (`jaxmu.models.param_groups`, `last_blocks`, `conv_kernel_mask`).
