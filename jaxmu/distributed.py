@@ -146,8 +146,11 @@ def fit(model, state: train.TrainState, data: train.DeviceData, index_sets, reci
       if checkpoints and jax.process_index() == 0 else None, **kw)
   if len(share) == n:
     return result
+  # Float64 history: a share resumed from a checkpoint has its history back from JSON.
+  history = [{k: np.asarray(v, np.float64) if np.issubdtype(np.asarray(v).dtype, np.floating)
+              else v for k, v in record.items()} for record in result.history]
   gathered = gather_models(
       {"state": result.state, "best": result.best, "best_accuracy": result.best_accuracy,
-       "history": result.history}, n)
+       "history": history}, n)
   return train.FitResult(gathered["state"], gathered["best"], gathered["best_accuracy"],
                          gathered["history"])

@@ -144,14 +144,19 @@ _PROCESS = textwrap.dedent("""
 
 
 def run_pipeline(kind, workdir, data):
-  """One tiny run of ``kind`` ("iam" or "deepunlearn") in ``workdir``."""
+  """One tiny run of ``kind``: "iam", or "deepunlearn" with a U-LiRA stage and no search."""
   if kind == "iam":
     from jaxmu.pipelines import iam
     return iam.run(test_iam_pipeline._tiny_config(data), workdir)
   from jaxmu.pipelines import deepunlearn
   config = test_pipeline._tiny_config()
-  config.search.methods = ()  # the search runs in one process per worker
   config.seeds = (0, 1, 2)
+  config.search.methods = ()  # the search runs in one process per worker
+  config.ulira.enabled = True
+  config.ulira.lira.num_splits, config.ulira.lira.num_forget_draws = 4, 2
+  config.ulira.lira.forget_ratio = 0.5
+  config.ulira.epochs = 1
+  config.ulira.methods = ("original", "finetune")
   return deepunlearn.run(config, workdir)
 
 
@@ -161,15 +166,16 @@ def _start(kind, workdir, data, count):
     port = s.getsockname()[1]
   return [subprocess.Popen([sys.executable, "-c", _PROCESS, str(port), str(count), str(p), kind,
                             str(workdir), str(data)], env=test_scale.ENV, cwd=ROOT,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                           start_new_session=p == 0)
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
           for p in range(count)]
 
 
 def _run(kind, workdir, data, count):
-  for proc in _start(kind, workdir, data, count):
-    _, err = proc.communicate(timeout=900)
-    assert proc.returncode == 0, err[-3000:]
+  procs = _start(kind, workdir, data, count)
+  errors = [proc.communicate(timeout=900)[1] for proc in procs]
+  for p, (proc, err) in enumerate(zip(procs, errors)):
+    assert proc.returncode == 0, f"process {p}: {err[-3000:]}"
+  return _csvs(workdir)
 
 
 def _csvs(workdir):
@@ -183,29 +189,34 @@ def _csvs(workdir):
   return tables
 
 
-@pytest.mark.e2e
-@pytest.mark.parametrize("kind", ["iam", "deepunlearn"])
-def test_two_and_three_processes_write_the_csvs_of_one(kind, npz, tmp_path):
-  _run(kind, tmp_path / "one", npz, 1)
-  expected = _csvs(tmp_path / "one")
-  assert expected
-  for count in (2, 3):
-    _run(kind, tmp_path / f"p{count}", npz, count)
-    assert _csvs(tmp_path / f"p{count}") == expected, count
+@pytest.fixture(scope="module")
+def one_process(npz, tmp_path_factory):
+  """The CSVs of one process's run of each pipeline."""
+  return {kind: _run(kind, tmp_path_factory.mktemp(kind), npz, 1)
+          for kind in ("iam", "deepunlearn")}
 
 
 @pytest.mark.e2e
-def test_killed_process_group_resumes_with_the_same_csvs(npz, tmp_path):
-  """SIGKILL of every process mid-run, then a rerun on the same workdir: the CSVs of one process."""
-  _run("iam", tmp_path / "one", npz, 1)
-  workdir = tmp_path / "two"
-  procs = _start("iam", workdir, npz, 2)
+@pytest.mark.parametrize("kind,count", [("iam", 2), ("deepunlearn", 3)])
+def test_several_processes_write_the_csvs_of_one(kind, count, one_process, npz, tmp_path):
+  """Stacks split over the processes (IAM's shadows, targets and approximate methods;
+  DeepUnlearn's references, unlearning, U-LiRA's splits and unlearning) give the same CSVs."""
+  expected = one_process[kind]
+  assert len(expected) >= 2
+  assert _run(kind, tmp_path, npz, count) == expected
+
+
+@pytest.mark.e2e
+def test_killed_process_group_resumes_with_the_same_csvs(one_process, npz, tmp_path):
+  """SIGKILL of every process once process 0 has checkpointed its share of the training, then a
+  rerun on the same workdir: process 0 resumes, process 1 trains again; the CSVs of one process."""
+  procs = _start("deepunlearn", tmp_path, npz, 2)
   deadline = time.time() + 600
-  while not (workdir / "stages" / "targets.json").exists() and time.time() < deadline:
-    time.sleep(0.2)
+  while not list(tmp_path.glob("checkpoints/train/models*/00000001")):
+    assert time.time() < deadline and all(p.poll() is None for p in procs)
+    time.sleep(0.05)
   for proc in procs:
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
-  assert not (workdir / "stages" / "report.json").exists()
-  _run("iam", workdir, npz, 2)
-  assert _csvs(workdir) == _csvs(tmp_path / "one")
+  assert not (tmp_path / "stages" / "train.json").exists()
+  assert _run("deepunlearn", tmp_path, npz, 2) == one_process["deepunlearn"]
