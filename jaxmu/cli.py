@@ -179,6 +179,21 @@ def exit_on_problems(pipeline: str, config) -> None:
     sys.exit(report_error(validate.ConfigError(problems)))
 
 
+def check_processes(pipeline: str, config, workdir: Path) -> None:
+  """Under ``jax.distributed`` with several processes, a `ConfigError` for what does not run over
+  them: ``jaxmu iam-llm``, and a DeepUnlearn search (`search.check_processes`)."""
+  import jax
+  if jax.process_count() == 1:
+    return
+  if pipeline == "iam_llm":
+    from jaxmu.errors import ConfigError, Problem
+    raise ConfigError([Problem("--distributed", "jaxmu iam-llm runs in one process",
+                               "run it without --distributed / --num_processes")])
+  if pipeline == "deepunlearn":
+    from jaxmu import search
+    search.check_processes(config, workdir)
+
+
 def run_pipeline(pipeline: str, run: Callable[..., Path | None], config, workdir: str,
                  argv: list[str], **kwargs) -> None:
   """The body of a pipeline launcher's ``main``: refuses stray arguments, validates the config
@@ -190,9 +205,7 @@ def run_pipeline(pipeline: str, run: Callable[..., Path | None], config, workdir
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   exit_on_problems(pipeline, config)
-  if pipeline == "deepunlearn":  # its search runs in one process per worker
-    from jaxmu import search
-    search.check_processes(config, Path(workdir))
+  check_processes(pipeline, config, Path(workdir))
   logging.set_verbosity(logging.WARNING)
   root = Path(workdir)
   existed = root.exists()

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxmu import checkpoint, distributed, search, stages
+from jaxmu import checkpoint, cli, distributed, search, stages
 from jaxmu.errors import ConfigError
 from tests import test_iam_pipeline, test_pipeline, test_scale
 from tests.test_iam_pipeline import npz  # noqa: F401 (the flattened digits fixture)
@@ -126,6 +126,20 @@ def test_search_refuses_several_processes_until_it_has_finished(tmp_path, proces
   result = search.SearchResult("ct", {}, (0.0,) * 4, 0, config.search.trials, 0)
   search._write_best(tmp_path / "search" / "ct.json", result, {})
   search.check_processes(config, tmp_path)
+
+
+@pytest.mark.parametrize("command,config,text", [
+    ("deepunlearn", "quickstart",
+     "error: --num_processes: the search of msg, ct, neggrad_plus has not finished"),
+    ("iam-llm", "iam_llm", "error: --distributed: jaxmu iam-llm runs in one process")])
+def test_commands_refuse_what_does_not_split_before_anything_runs(command, config, text, tmp_path,
+                                                                  process, capsys):
+  process(0, 2)
+  with pytest.raises(SystemExit) as exit_:
+    cli.main(["jaxmu", command, f"--config={config}", f"--workdir={tmp_path / 'w'}"])
+  assert exit_.value.code == 2
+  assert capsys.readouterr().err.startswith(text)
+  assert not (tmp_path / "w").exists()
 
 
 # ------------------------------------------------------------------------------------------
