@@ -14,9 +14,9 @@ together: process 0 alone takes the lock and decides whether the stage runs (`di
 sends its decision), every process runs the body (the stacks of `distributed.fit` and
 `distributed.unlearn` split over them; other work is repeated, or skipped on the others with
 ``single=True``), process 0 alone publishes the outputs and writes the manifest, workdir files
-and ``metrics.jsonl`` (the others write their writes under ``st.tmp`` to a private temp dir and
-their models' training curves to ``metrics.process<p>.jsonl``), and all wait at a barrier when
-the stage ends, then read what process 0 wrote.
+and ``metrics.jsonl`` (the others' ``st.tmp`` is a private temp dir outside the workdir, their
+models' training curves go to ``metrics.process<p>.jsonl``), and all wait at a barrier when the
+stage ends, then read what process 0 wrote.
 
 Example::
 
@@ -159,7 +159,8 @@ class Stage:
 
   @property
   def tmp(self) -> Path:
-    """A fresh directory inside the workdir; outputs written here are published by commit."""
+    """A fresh directory inside the workdir; outputs written here are published by commit (under
+    jax.distributed, process 0's; the others' is a private one outside the workdir)."""
     if self._tmp is None:
       self._tmp = Path(tempfile.mkdtemp(dir=self.workdir.path(".tmp") if _writer() else None,
                                         prefix=self._tmp_prefix))
