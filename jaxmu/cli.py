@@ -179,19 +179,14 @@ def exit_on_problems(pipeline: str, config) -> None:
     sys.exit(report_error(validate.ConfigError(problems)))
 
 
-def check_processes(pipeline: str, config, workdir: Path) -> None:
-  """Under ``jax.distributed`` with several processes, a `ConfigError` for what does not run over
-  them: ``jaxmu iam-llm``, and a DeepUnlearn search (`search.check_processes`)."""
+def check_processes(pipeline: str) -> None:
+  """Under ``jax.distributed`` with several processes, a `ConfigError` for the pipeline that does
+  not run over them (``jaxmu iam-llm``)."""
   import jax
-  if jax.process_count() == 1:
-    return
-  if pipeline == "iam_llm":
+  if jax.process_count() > 1 and pipeline == "iam_llm":
     from jaxmu.errors import ConfigError, Problem
     raise ConfigError([Problem("--distributed", "jaxmu iam-llm runs in one process",
                                "run it without --distributed / --num_processes")])
-  if pipeline == "deepunlearn":
-    from jaxmu import search
-    search.check_processes(config, workdir)
 
 
 def run_pipeline(pipeline: str, run: Callable[..., Path | None], config, workdir: str,
@@ -205,7 +200,7 @@ def run_pipeline(pipeline: str, run: Callable[..., Path | None], config, workdir
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   exit_on_problems(pipeline, config)
-  check_processes(pipeline, config, Path(workdir))
+  check_processes(pipeline)
   logging.set_verbosity(logging.WARNING)
   root = Path(workdir)
   existed = root.exists()

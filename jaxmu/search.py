@@ -45,7 +45,6 @@ from jaxmu import distributed, parallel, train
 
 from jaxmu import methods as methods_lib
 from jaxmu.attacks import metrics, mia
-from jaxmu.errors import ConfigError, Problem
 
 MODES = ("nsga3", "tpe")
 OBJECTIVES = ("retain_gap", "forget_gap", "val_gap", "mia_gap")
@@ -562,7 +561,9 @@ def tune(method: str, ctx: methods_lib.Context, retrained, config: ml_collection
   Each trial suggests hyper-parameters (epoch budget `epoch_budget`), unlearns every tuning seed
   at once with the key of its trial number (a retried trial: its original's), and reports the four objectives averaged over the
   seeds (NSGA-III) or their Euclidean norm (TPE). Works until the study has ``config.trials``
-  COMPLETE trials, then writes the best of the first ``config.trials`` and returns it.
+  COMPLETE trials, then writes the best of the first ``config.trials`` and returns it. Under
+  jax.distributed every process calls it: process 0 works on the study, each trial's stack is
+  split over the processes (`_shared_objectives`), every process returns the result.
   """
   spec = methods_lib.get(method)
   if not spec.space:
@@ -574,28 +575,37 @@ def tune(method: str, ctx: methods_lib.Context, retrained, config: ml_collection
   if ctx.train_epochs < 1:
     raise ValueError("ctx.train_epochs is 0: the context must say how many epochs the originals "
                      "were trained (the epoch budget is a fraction of them)")
-  if jax.process_count() > 1:  # a finished search is read; an unfinished one is refused
-    if _finished(directory, spec.name, config.trials):
-      return load_best(directory, spec.name)
-    raise _processes_error([spec.name])
   e_max = epoch_budget(ctx.train_epochs, config.epoch_fraction)
   directory = Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   models = [int(m) for m in ctx.model_ids]
   fingerprint = {"method": spec.name, "mode": config.mode, "models": models,
                  "epoch_budget": e_max, "sampler_seed": config.sampler_seed}
-  parts = [(ctx, _retrained_accuracy(ctx, retrained))]
+  retrained_accuracy = _retrained_accuracy(ctx, retrained)
+
+  def run_trial(params: dict, key_trial: int) -> np.ndarray:
+    key = _trial_key(config.sampler_seed, key_trial)
+    if jax.process_count() == 1:
+      return _trial_objectives(spec, [(ctx, retrained_accuracy)], params, key)
+    return _shared_objectives(spec, ctx, retrained_accuracy, params, key)
+
+  if jax.process_index():
+    return _follow(run_trial)
 
   def objective_fn(trial: optuna.Trial) -> np.ndarray:
     params = spec.suggest(trial, e_max)
-    key = _trial_key(config.sampler_seed, trial.user_attrs["key_trial"])
-    per_model = _trial_objectives(spec, parts, params, key)
+    distributed.agree({"params": params, "key_trial": trial.user_attrs["key_trial"]})
+    per_model = run_trial(params, trial.user_attrs["key_trial"])
     trial.set_user_attr("objectives_per_model", per_model.tolist())
     return per_model.mean(0)
 
-  s = _open(config, directory, spec.name, process, fingerprint)
-  _optimize(s, objective_fn, spec.name, progress)
-  chosen = _selection(s)
+  try:
+    s = _open(config, directory, spec.name, process, fingerprint)
+    _optimize(s, objective_fn, spec.name, progress)
+    chosen = _selection(s)
+  except BaseException as e:
+    distributed.agree({"error": f"process 0: {type(e).__name__}: {e}"})
+    raise
   best = chosen[select_best([t.user_attrs["objectives"] for t in chosen])]
   trials = s.study.get_trials(deepcopy=False)
   failed = sum(t.state == optuna.trial.TrialState.FAIL for t in trials)
@@ -604,33 +614,52 @@ def tune(method: str, ctx: methods_lib.Context, retrained, config: ml_collection
   _write_best(directory / f"{spec.name}.json", result,
               {"mode": config.mode, "trials": config.trials, "epoch_budget": e_max,
                "models": models, "objectives": list(OBJECTIVES)})
+  distributed.agree({"result": result._asdict()})
   return result
 
 
-def _finished(directory: Path, method: str, trials: int) -> bool:
-  result = load_best(directory, method)
-  return result is not None and result.trials_complete >= trials
+# Over jax.distributed processes, process 0 alone works on the study; for each trial it sends
+# the parameters, every process unlearns its share of the tuning stack, the objectives are
+# gathered; at the end process 0 sends the result (or its error).
+
+def _shared_objectives(spec: methods_lib.Method, ctx: methods_lib.Context,
+                       retrained_accuracy: dict[str, np.ndarray], params: dict,
+                       key: jax.Array) -> np.ndarray:
+  """`_trial_objectives` of the stack split over the processes: [N, 4] on every process. A
+  share that fails gives NaN rows (every process takes part in the gather); process 0 then
+  raises `TrialFailed`."""
+  share = distributed.own_share(ctx.num_models)
+  accuracy = {k: v[share.start:share.stop] for k, v in retrained_accuracy.items()}
+  error = None
+  try:
+    rows = _trial_objectives(spec, [(distributed.slice_context(ctx, share.start, share.stop),
+                                     accuracy)], params, key)
+  except Exception as e:  # noqa: BLE001  (this process's share fails the trial)
+    error, rows = e, np.full((len(share), len(OBJECTIVES)), np.nan)
+  if len(share) < ctx.num_models:
+    rows = distributed.gather_models(rows, ctx.num_models)
+  if error is not None:
+    raise TrialFailed(f"{type(error).__name__}: {error}")
+  if np.isnan(rows).any():
+    raise TrialFailed("non-finite objectives, or a share failed on another jax.distributed "
+                      "process")
+  return rows
 
 
-def _processes_error(methods: Sequence[str]) -> ConfigError:
-  return ConfigError([Problem(
-      "--num_processes", f"the search of {', '.join(methods)} has not finished and does not run "
-      f"over {jax.process_count()} jax.distributed processes", "search with one process or with "
-      "search workers (--worker, README \"On a cluster (SLURM)\"), or stop this run before it "
-      "(--config.stop_after=train)")])
-
-
-def check_processes(config: ml_collections.ConfigDict, workdir: Path) -> None:
-  """Refuses (`ConfigError`) a DeepUnlearn run over several jax.distributed processes that would
-  search (`tune` runs in one process per worker): the tuned methods' results must be finished in
-  ``<workdir>/search`` or the run must stop before the search. Nothing in one process."""
-  if jax.process_count() == 1 or config.stop_after in ("splits", "init", "train"):
-    return
-  methods = {methods_lib.get(m).name for m in config.methods}
-  pending = [m for m in (methods_lib.get(n).name for n in config.search.methods)
-             if m in methods and not _finished(Path(workdir, "search"), m, config.search.trials)]
-  if pending:
-    raise _processes_error(pending)
+def _follow(run_trial: Callable[[dict, int], np.ndarray]) -> SearchResult:
+  """A process other than 0: runs its share of every trial process 0 sends until process 0
+  sends the result (returned) or its error (raised as `SearchError`)."""
+  while True:
+    message = distributed.agree(None)
+    if "result" in message:
+      result = message["result"]
+      return SearchResult(**result | {"best_values": tuple(result["best_values"])})
+    if "error" in message:
+      raise SearchError(message["error"])
+    try:
+      run_trial(message["params"], message["key_trial"])
+    except TrialFailed:
+      pass  # process 0 fails the trial
 
 
 def load_best(directory: Path, method: str) -> SearchResult | None:

@@ -3,6 +3,7 @@ slicing/gathering of stacks (fast, one process, the process index mocked), and t
 DeepUnlearn runs on 2 and 3 CPU processes on localhost giving the CSVs of one process (e2e)."""
 
 import csv
+import json
 import signal
 import socket
 import subprocess
@@ -16,7 +17,6 @@ import numpy as np
 import pytest
 
 from jaxmu import checkpoint, cli, distributed, search, stages
-from jaxmu.errors import ConfigError
 from tests import test_iam_pipeline, test_pipeline, test_scale
 from tests.test_iam_pipeline import npz  # noqa: F401 (the flattened digits fixture)
 
@@ -112,33 +112,33 @@ def _context():
       num_classes=2, input_shape=(2,))
 
 
-def test_search_refuses_several_processes_until_it_has_finished(tmp_path, process):
-  config = test_pipeline._tiny_config()
-  process(0, 1)
-  search.check_processes(config, tmp_path)  # one process: nothing to check
-  process(0, 2)
-  with pytest.raises(ConfigError, match="--num_processes: the search of ct has not finished"):
-    search.check_processes(config, tmp_path)
-  config.stop_after = "train"
-  search.check_processes(config, tmp_path)
-  config.stop_after = ""
-  (tmp_path / "search").mkdir()
-  result = search.SearchResult("ct", {}, (0.0,) * 4, 0, config.search.trials, 0)
-  search._write_best(tmp_path / "search" / "ct.json", result, {})
-  search.check_processes(config, tmp_path)
+def test_search_followers_run_each_trial_process_0_sends(monkeypatch, process):
+  """A process other than 0 runs its share of every trial sent and returns process 0's result;
+  a share that fails on it is left for process 0 to fail."""
+  process(1)
+  result = search.SearchResult("ct", {"lr": 0.1}, (0.1, 0.2, 0.3, 0.4), 3, 2, 0)
+  messages = iter([{"params": {"lr": 0.5}, "key_trial": 1}, {"params": {"lr": 0.2},
+                   "key_trial": 4}, {"result": result._asdict()}])
+  monkeypatch.setattr(distributed, "agree", lambda obj: next(messages))
+  seen = []
+
+  def run_trial(params, key_trial):
+    seen.append((params, key_trial))
+    raise search.TrialFailed("diverged")
+
+  assert search._follow(run_trial) == result and seen == [({"lr": 0.5}, 1), ({"lr": 0.2}, 4)]
+  monkeypatch.setattr(distributed, "agree", lambda obj: {"error": "process 0: SearchError: x"})
+  with pytest.raises(search.SearchError, match="process 0: SearchError: x"):
+    search._follow(run_trial)
 
 
-@pytest.mark.parametrize("command,config,text", [
-    ("deepunlearn", "quickstart",
-     "error: --num_processes: the search of msg, ct, neggrad_plus has not finished"),
-    ("iam-llm", "iam_llm", "error: --distributed: jaxmu iam-llm runs in one process")])
-def test_commands_refuse_what_does_not_split_before_anything_runs(command, config, text, tmp_path,
-                                                                  process, capsys):
+def test_iam_llm_refuses_several_processes_before_anything_runs(tmp_path, process, capsys):
   process(0, 2)
   with pytest.raises(SystemExit) as exit_:
-    cli.main(["jaxmu", command, f"--config={config}", f"--workdir={tmp_path / 'w'}"])
+    cli.main(["jaxmu", "iam-llm", "--config=iam_llm", f"--workdir={tmp_path / 'w'}"])
   assert exit_.value.code == 2
-  assert capsys.readouterr().err.startswith(text)
+  assert capsys.readouterr().err.startswith(
+      "error: --distributed: jaxmu iam-llm runs in one process")
   assert not (tmp_path / "w").exists()
 
 
@@ -158,14 +158,14 @@ _PROCESS = textwrap.dedent("""
 
 
 def run_pipeline(kind, workdir, data):
-  """One tiny run of ``kind``: "iam", or "deepunlearn" with a U-LiRA stage and no search."""
+  """One tiny run of ``kind``: "iam", or "deepunlearn" with a U-LiRA stage (CT searched)."""
   if kind == "iam":
     from jaxmu.pipelines import iam
     return iam.run(test_iam_pipeline._tiny_config(data), workdir)
   from jaxmu.pipelines import deepunlearn
   config = test_pipeline._tiny_config()
   config.seeds = (0, 1, 2)
-  config.search.methods = ()  # the search runs in one process per worker
+  config.search.seeds = (0, 1, 2)  # split over the processes as the other stacks
   config.ulira.enabled = True
   config.ulira.lira.num_splits, config.ulira.lira.num_forget_draws = 4, 2
   config.ulira.lira.forget_ratio = 0.5
@@ -193,8 +193,9 @@ def _run(kind, workdir, data, count):
 
 
 def _csvs(workdir):
-  """Every CSV of the run, timing columns dropped."""
-  tables = {}
+  """Every CSV of the run, timing columns dropped, and the search results."""
+  tables = {str(p.relative_to(workdir)): json.loads(p.read_text())
+            for p in Path(workdir).glob("search/*.json")}
   for path in sorted(Path(workdir).rglob("*.csv")):
     with open(path) as f:
       rows = list(csv.DictReader(f))
@@ -214,7 +215,8 @@ def one_process(npz, tmp_path_factory):
 @pytest.mark.parametrize("kind,count", [("iam", 2), ("deepunlearn", 3)])
 def test_several_processes_write_the_csvs_of_one(kind, count, one_process, npz, tmp_path):
   """Stacks split over the processes (IAM's shadows, targets and approximate methods;
-  DeepUnlearn's references, unlearning, U-LiRA's splits and unlearning) give the same CSVs."""
+  DeepUnlearn's references, search trials, unlearning, U-LiRA's splits and unlearning) give the
+  same CSVs and search results."""
   expected = one_process[kind]
   assert len(expected) >= 2
   assert _run(kind, tmp_path, npz, count) == expected
