@@ -330,7 +330,8 @@ class Workdir:
     ids ``record["model"]`` (`train.fit` passes them), else by position. The first row of a
     (stage, model) in this process drops the file's rows of that (stage, model) from its epoch
     on: a resumed fit repeats the epochs after its last checkpoint, and they are logged once.
-    Under ``jax.distributed`` process p > 0 appends its models' rows to ``metrics.process<p>.jsonl``.
+    Under ``jax.distributed`` process p > 0 appends its models' rows to
+    ``metrics.process<p>.jsonl``.
     """
     rows = metric_rows(record)
     keys = {(r.get("stage"), r.get("model")): r["epoch"] for r in rows if "epoch" in r}
