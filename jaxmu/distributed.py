@@ -109,10 +109,14 @@ def unlearn(method: str, ctx: methods_lib.Context, hparams: dict,
   result = run(slice_context(ctx, share.start, share.stop), hparams, key)
   if len(share) == ctx.num_models:
     return result
-  times = np.asarray(multihost_utils.process_allgather(
-      np.float32([result.seconds, result.compile_seconds]))).max(0)
   return methods_lib.UnlearnResult(gather_models(jax.device_get(result.states), ctx.num_models),
-                                   float(times[0]), float(times[1]))
+                                   *_slowest(result.seconds, result.compile_seconds))
+
+
+def _slowest(*seconds: float) -> list[float]:
+  """Each time's maximum over processes: the wall time of the whole stack."""
+  return [float(t) for t in np.asarray(multihost_utils.process_allgather(
+      np.float32(seconds))).max(0)]
 
 
 def fit(model, state: train.TrainState, data: train.DeviceData, index_sets, recipe: train.Recipe,
@@ -153,4 +157,4 @@ def fit(model, state: train.TrainState, data: train.DeviceData, index_sets, reci
       {"state": result.state, "best": result.best, "best_accuracy": result.best_accuracy,
        "history": history}, n)
   return train.FitResult(gathered["state"], gathered["best"], gathered["best_accuracy"],
-                         gathered["history"])
+                         gathered["history"], *_slowest(result.seconds, result.compile_seconds))

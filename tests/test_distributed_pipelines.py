@@ -102,6 +102,26 @@ def test_unlearn_slices_the_context_and_gathers_the_stack(monkeypatch, process):
   assert seen[-1][0] == (5, 6, 7)
 
 
+def test_fit_trains_its_share_and_returns_the_slowest_process_s_times(monkeypatch, process):
+  """RTE's retraining time of a stack split over processes is the slowest share's."""
+  seen = []
+
+  def fit(model, state, data, index_sets, recipe, epochs, key, *, model_ids, val_sets,
+          checkpoints):
+    seen.append(tuple(model_ids))
+    return distributed.train.FitResult(state, None, None, [], 2.0, 1.0)
+
+  monkeypatch.setattr(distributed.train, "fit", fit)
+  monkeypatch.setattr(distributed.multihost_utils, "process_allgather",
+                      lambda tree, tiled=False: jax.tree.map(lambda x: np.stack([x, x * 3]), tree))
+  process(1, 2)
+  state = distributed.train.TrainState({"w": np.arange(6.0).reshape(3, 2)}, {}, {}, np.zeros(3), {})
+  out = distributed.fit(None, state, None, np.arange(12).reshape(3, 4), None, 1,
+                        jax.random.key(0), model_ids=(5, 6, 7))
+  assert seen == [(7,)]
+  assert (out.seconds, out.compile_seconds) == (6.0, 3.0)
+
+
 def _context():
   """A stand-in context of 3 models: what `slice_context` cuts."""
   from jaxmu import methods
