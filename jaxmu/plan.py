@@ -159,6 +159,7 @@ class StagePlan:
   arch: str = "model"
   models: int = 0
   chunk: int = 0  # models per program
+  split: int = 0  # models of a stack split over jax.distributed processes (0: not split)
   programs: int = 0
   sample_passes: int = 0  # training (or, estimated, unlearning) sample-passes
   forward_passes: int = 0
@@ -175,6 +176,7 @@ class StagePlan:
 def _train_stage(name, reads, deps, arch, sets, epochs, chunk, forward=0, disk=0, **kw):
   """A stage training one stack: ``sets`` = samples per model."""
   chunk = chunk or len(sets)
+  kw.setdefault("split", len(sets))
   return StagePlan(name, reads, deps, arch, models=len(sets), chunk=min(chunk, len(sets)),
                    programs=-(-len(sets) // chunk) if sets else 0,
                    sample_passes=epochs * sum(sets), forward_passes=forward, disk_bytes=disk, **kw)
@@ -197,6 +199,7 @@ def _unlearn_stage(name, reads, deps, hparams, runs, retain, chunk, disk, forwar
   """A stage unlearning ``runs`` models (estimated sample-passes)."""
   chunk = min(chunk or runs, runs)
   return StagePlan(name, reads, deps, models=runs, chunk=chunk, programs=-(-runs // chunk),
+                   split=runs,
                    sample_passes=runs * _unlearn_passes(hparams, retain), forward_passes=forward,
                    disk_bytes=disk, estimated=True, **kw)
 
@@ -224,6 +227,7 @@ def _deepunlearn(c, info: sources.Metadata, var_bytes: int) -> list[StagePlan]:
   runs = c.search.trials * len(c.search.seeds)
   plans.append(StagePlan(
       "search", ("search",), ("train",), models=runs * len(tuned), chunk=len(c.search.seeds),
+      split=len(c.search.seeds),  # each trial's tuning stack
       programs=runs * len(tuned) // max(len(c.search.seeds), 1), estimated=True,
       sample_passes=runs * sum(_unlearn_passes(common.method_hparams(c, m), retain, e_max)
                                for m in tuned),
@@ -319,7 +323,7 @@ def _iam(c, info: sources.Metadata, var_bytes: dict[str, int]) -> list[StagePlan
   if loops:
     plans.append(_train_stage(
         "score_ui", ("score_ui", "audit") + trains, ("signals",), "shadow", [pool] * loops,
-        c.score_ui.epochs, loops,
+        c.score_ui.epochs, loops, split=0,  # on process 0 alone
         forward=loops * (c.score_ui.epochs * val + (breaks + 1) * (pool + val))))
   methods = tuple(methods_lib.get(m).name for m in c.approx.methods)
   for m in methods:  # a faithful variant (approx.faithful) is named as Table 8 names it
@@ -406,12 +410,26 @@ class Plan:
             "disk_bytes": sum(s.disk_bytes for s in self.stages),
             "max_memory_bytes": max(s.memory_bytes for s in self.stages)}
 
+  def wall_hours(self, processes: int) -> float:
+    """Estimated wall time on ``processes`` processes (one device each): a split stage takes
+    its largest share (contiguous shares, `jaxmu.distributed.process_models`; a stack of fewer
+    models than processes runs whole on each), any other stage all its time."""
+    def share(s):
+      return 1.0 if not s.split or s.split < processes else -(-s.split // processes) / s.split
+    return sum(s.device_seconds * share(s) for s in self.stages) / 3600
+
+  @property
+  def over_processes(self) -> list[dict]:
+    """Wall time and device-hours (wall x processes) on 1, 2, 4, 8 and 16 processes."""
+    return [{"processes": p, "wall_hours": self.wall_hours(p),
+             "device_hours": p * self.wall_hours(p)} for p in PROCESSES]
+
   def to_json(self) -> dict:
     return {"pipeline": self.pipeline, "title": self.title, "rate_tflops": self.rate_tflops,
             "workdir": self.workdir,
             "archs": {k: a._asdict() for k, a in self.archs.items()},
             "stages": [dataclasses.asdict(s) for s in self.stages], "totals": self.totals,
-            "assumptions": ASSUMPTIONS}
+            "over_processes": self.over_processes, "assumptions": ASSUMPTIONS}
 
   def markdown(self) -> str:
     gib = lambda b: f"{b / 2**30:.2f}"
@@ -437,7 +455,12 @@ class Plan:
     t = self.totals
     lines += [f"| **total** | {t['models']} | {t['programs']} | {t['sample_passes']:,} | | "
               f"{t['flops'] / 1e15:.3g} | {t['device_hours']:.3g} | {gib(t['max_memory_bytes'])} "
-              f"(max) | {gib(t['disk_bytes'])} | |", "", "Assumptions:", ""]
+              f"(max) | {gib(t['disk_bytes'])} | |", "",
+              "Over jax.distributed processes (one device each; README \"On a cluster\"):", "",
+              "| processes | wall h | device h |", "|---|---|---|"]
+    lines += [f"| {r['processes']} | {r['wall_hours']:.3g} | {r['device_hours']:.3g} |"
+              for r in self.over_processes]
+    lines += ["", "Assumptions:", ""]
     lines += [f"- {a}" for a in ASSUMPTIONS]
     return "\n".join(lines) + "\n"
 
@@ -465,7 +488,11 @@ ASSUMPTIONS = (
     "checkpoints are temporary and not counted",
     "workdir: the stage records and the config sections each stage reads against config.json; "
     "the run also checks the data's fingerprint",
+    "processes: stages that train or unlearn a stack (and the search's trials) split its models "
+    "over processes, all their work divided by the largest share; evaluation, signals, ScoreUI "
+    "and reports run whole (on every process, or on process 0 while the others wait)",
 )
+PROCESSES = (1, 2, 4, 8, 16)
 
 
 def make(config: ml_collections.ConfigDict, workdir: str | Path | None = None,

@@ -209,3 +209,26 @@ def test_defaults_runs_faithful_variants_and_sensitivity_are_planned():
   p = plan.make(c)
   assert _stage(p, "approx_forsaken").sample_passes == r * 100 * 10 * 128
   assert "sensitivity" not in [s.name for s in p.stages]
+
+
+def test_wall_time_over_processes_divides_the_split_stages_only():
+  """The DeepUnlearn recipe (10 seeds): the 20-model training stack, each unlearning stack of 10
+  and each trial's tuning stack split over processes by their largest share; the evaluation
+  not. Checked against the shares computed here by hand."""
+  p = plan.make(deepunlearn_config.get_config())
+  hours = {s.name: s.device_seconds / 3600 for s in p.stages}
+  seeds, tuning = 10, len(deepunlearn_config.get_config().search.seeds)
+  unlearn = sum(h for n, h in hours.items() if n.startswith("unlearn_"))
+  whole = sum(h for n, h in hours.items() if n not in ("train", "search") and
+              not n.startswith("unlearn_"))
+  assert hours["evaluate"] > 0 and whole >= hours["evaluate"]
+  by_p = {r["processes"]: r for r in p.over_processes}
+  assert by_p[1]["wall_hours"] == pytest.approx(p.totals["device_hours"])
+  for procs, train_share, unlearn_share in ((2, 10 / 20, 5 / 10), (4, 5 / 20, 3 / 10),
+                                            (16, 2 / 20, 1.0)):  # 10 < 16: whole on each
+    search_share = 1.0 if tuning < procs else -(-tuning // procs) / tuning
+    want = (hours["train"] * train_share + unlearn * unlearn_share
+            + hours["search"] * search_share + whole)
+    assert by_p[procs]["wall_hours"] == pytest.approx(want)
+    assert by_p[procs]["device_hours"] == pytest.approx(procs * want)
+  assert "| 4 |" in p.markdown() and p.to_json()["over_processes"][2]["processes"] == 4
