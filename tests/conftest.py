@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny trained stack to unlearn (2 small CNNs on digits)."""
 
 import dataclasses
+import importlib
 import os
 
 # The suite is dominated by XLA's CPU compile times; LLVM at -O1 compiles these programs about
@@ -14,8 +15,11 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 import jax
 import numpy as np
 import pytest
+from absl import flags
+from absl.testing import flagsaver
 
 from jaxmu.configs import iam as iam_configs
+from jaxmu import cli
 from jaxmu import data as data_lib
 from jaxmu import models, stages, train
 from jaxmu import methods as methods_lib
@@ -157,3 +161,16 @@ def iam_recipe(dataset, setting, forget, tmp_path):
     base = iam_configs.get_config(f"dataset={dataset},forget={forget}")
     config.incremental.base_workdir = finished_run(tmp_path / "base", base)
   return config
+
+
+def run_command(command, **values):
+  """``jaxmu <command>``'s ``main`` in this process with just these flags parsed from strings,
+  restored afterwards. The module is (re)imported as `jaxmu.cli.main` does: another command run
+  earlier in this process may have unregistered its flags."""
+  name = f"jaxmu.commands.{command.replace('-', '_')}"
+  cli._forget_other_commands(name)
+  module = importlib.import_module(name)
+  with flagsaver.as_parsed(**{k: str(v) for k, v in values.items()}):
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    module.main([command])

@@ -9,12 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from absl import flags
-from absl.testing import flagsaver
+from conftest import run_command
 
 from jaxmu import errors
 from jaxmu.attacks import llm
-from jaxmu.commands import audit_llm as launcher
 
 ROOT = Path(__file__).resolve().parents[1]
 N, ROUNDS = 90, 40
@@ -68,14 +66,7 @@ def inputs():
 
 
 def _run_main(**values):
-  """``main`` in process with the flags parsed from strings, restored afterwards. (as_parsed
-  parses just these flags: other command modules loaded in the same process may have required
-  flags of their own.)"""
-  values = {"bootstrap_rounds": str(ROUNDS), **{k: str(v) for k, v in values.items()}}
-  with flagsaver.as_parsed(**values):
-    if not flags.FLAGS.is_parsed():
-      flags.FLAGS.mark_as_parsed()
-    launcher.main(["audit-llm"])
+  run_command("audit-llm", bootstrap_rounds=ROUNDS, **values)
 
 
 def test_every_attack_writes_csv_and_report(tmp_path, inputs, capsys):

@@ -8,8 +8,7 @@ import csv
 import jax
 import numpy as np
 import pytest
-from absl import flags
-from absl.testing import flagsaver
+from conftest import run_command
 
 pytest.importorskip("tokenizers")
 pytest.importorskip("safetensors")
@@ -213,14 +212,9 @@ def test_cpu_pipeline_end_to_end(tmp_path, monkeypatch):
   for a, b in zip(*map(jax.tree.leaves, params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # the saved files give the same table through `jaxmu audit-llm`
-  from jaxmu.commands import audit_llm
   out = tmp_path / "reread"
-  values = dict(nll_dir=str(wd / "losses" / "exact_run0"), out=str(out), bootstrap_rounds="60",
-                seed=str(c.audit.seed), iam_batch=str(c.audit.iam_batch))
-  with flagsaver.as_parsed(**values):
-    if not flags.FLAGS.is_parsed():
-      flags.FLAGS.mark_as_parsed()
-    audit_llm.main(["audit-llm"])
+  run_command("audit-llm", nll_dir=wd / "losses" / "exact_run0", out=out, bootstrap_rounds=60,
+              seed=c.audit.seed, iam_batch=c.audit.iam_batch)
   assert _csv(out / "results.csv") == _csv(wd / "audit" / "exact_run0" / "results.csv")
   # the exported Hugging Face checkpoints through the `files` corpus (the MUSE-News path)
   texts = tmp_path / "texts"
