@@ -61,6 +61,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.seeds = (0, 1, 2)  # tuning seeds (a subset of config.seeds), all unlearned in every trial
   c.methods = ()  # names of the methods to tune; the others keep config.unlearn.<method>
   c.population_size = 50  # NSGA-III population (the reference's default)
+  c.tpe_startup_trials = 10  # "tpe": trials drawn at random before TPE proposes (Optuna's default)
   c.max_failed = 10  # the study stops with an error after this many FAIL trials in a row
   c.storage = ""  # "" = Optuna journal file <search dir>/<method>.journal; else a storage URL
   c.study_prefix = ""  # prefix of the study names (set one per experiment sharing a database)
@@ -356,7 +357,7 @@ def _sampler(config: ml_collections.ConfigDict, process: int,
   if config.mode == "nsga3":
     with _quiet():  # "experimental" since optuna 3.2
       return optuna.samplers.NSGAIIISampler(population_size=config.population_size, seed=seed)
-  return optuna.samplers.TPESampler(seed=seed)
+  return optuna.samplers.TPESampler(n_startup_trials=config.tpe_startup_trials, seed=seed)
 
 
 def _draw(trials) -> int:
@@ -580,7 +581,8 @@ def tune(method: str, ctx: methods_lib.Context, retrained, config: ml_collection
   directory.mkdir(parents=True, exist_ok=True)
   models = [int(m) for m in ctx.model_ids]
   fingerprint = {"method": spec.name, "mode": config.mode, "models": models,
-                 "epoch_budget": e_max, "sampler_seed": config.sampler_seed}
+                 "epoch_budget": e_max, "sampler_seed": config.sampler_seed,
+                 "tpe_startup_trials": config.tpe_startup_trials}
   retrained_accuracy = _retrained_accuracy(ctx, retrained)
 
   def run_trial(params: dict, key_trial: int) -> np.ndarray:

@@ -199,6 +199,7 @@ def _deepunlearn(config, meta, out):
                          f"subset of seeds={seeds} (missing {missing})",
                          "add them to seeds or change search.seeds"))
   _at_least(out, "search.trials", config.search.trials, 1)
+  _at_least(out, "search.tpe_startup_trials", config.search.tpe_startup_trials, 0)
   if config.search.mode not in ("nsga3", "tpe"):
     out.append(Problem("search.mode", f"unknown mode {config.search.mode!r}", "use nsga3 or tpe"))
   _ratio(out, "search.epoch_fraction", config.search.epoch_fraction, closed_right=True)

@@ -386,3 +386,12 @@ def test_two_workers_share_one_journal(tmp_path):
              if t.state != optuna.trial.TrialState.COMPLETE)
   assert sorted(t.number for t in trials) == list(range(len(trials)))
   assert {t.user_attrs["pid"] for t in trials} == {os.getpid(), other.pid}
+
+
+def test_tpe_startup_trials_reach_the_sampler():
+  """config.search.tpe_startup_trials: the random trials before TPE proposes (default: Optuna's
+  10)."""
+  assert search.default_config().tpe_startup_trials == 10
+  for n in (0, 4):
+    sampler = search._sampler(_stub_config("tpe", tpe_startup_trials=n), process=0)
+    assert isinstance(sampler, optuna.samplers.TPESampler) and sampler._n_startup_trials == n

@@ -160,6 +160,8 @@ BROKEN = {  # check: (pipeline, config argument, mutation, field named)
     "forget_types": ("iam", IAM, _set("split.forget", "set_random+set_random"), "split.forget"),
     "seeds": ("deepunlearn", DU, _set("seeds", ()), "seeds"),
     "search_seeds": ("deepunlearn", DU, _set("search.seeds", (0, 11)), "search.seeds"),
+    "tpe_startup": ("deepunlearn", DU, _set("search.tpe_startup_trials", -1),
+                    "search.tpe_startup_trials"),
     # batch sizes
     "batch_size": ("deepunlearn", DU, _set("train.batch_size", 0), "train.batch_size"),
     "batch_over_retain": ("deepunlearn", "dataset=digits,model=small_cnn",

@@ -205,7 +205,7 @@ class _Pipeline:
     search_dir = self.wd.path("search", stages.config_hash(
         {"train": self.wd.stage_hash("train"), "seeds": tuple(c.search.seeds),
          **{k: c.search[k] for k in ("mode", "epoch_fraction", "sampler_seed",
-                                     "population_size", "study_prefix")}}))
+                                     "population_size", "tpe_startup_trials", "study_prefix")}}))
     if self.tuned:
       retrained = jax.tree.map(lambda x: x[np.asarray(self.positions)],
                                checkpoint.restore(self.wd.path("models/retrain"), self.like))
