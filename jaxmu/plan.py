@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxmu import models, search, stages, train, validate
+from jaxmu import distributed, models, search, stages, train, validate
 from jaxmu import methods as methods_lib
 from jaxmu.data import sources
 from jaxmu.pipelines import common, iam_setting, iam_tables
@@ -415,14 +415,16 @@ class Plan:
     its largest share (contiguous shares, `jaxmu.distributed.process_models`; a stack of fewer
     models than processes runs whole on each), any other stage all its time."""
     def share(s):
-      return 1.0 if not s.split or s.split < processes else -(-s.split // processes) / s.split
+      if not s.split or s.split < processes:
+        return 1.0
+      return len(distributed.process_models(s.split, processes)[0]) / s.split  # the largest
     return sum(s.device_seconds * share(s) for s in self.stages) / 3600
 
   @property
   def over_processes(self) -> list[dict]:
     """Wall time and device-hours (wall x processes) on 1, 2, 4, 8 and 16 processes."""
-    return [{"processes": p, "wall_hours": self.wall_hours(p),
-             "device_hours": p * self.wall_hours(p)} for p in PROCESSES]
+    return [{"processes": p, "wall_hours": h, "device_hours": p * h}
+            for p, h in ((p, self.wall_hours(p)) for p in PROCESSES)]
 
   def to_json(self) -> dict:
     return {"pipeline": self.pipeline, "title": self.title, "rate_tflops": self.rate_tflops,

@@ -188,11 +188,6 @@ def _retrained_accuracy(ctx: methods_lib.Context, retrained) -> dict[str, np.nda
   return {s: evaluations[s]["accuracy"] for s in _SPLITS}
 
 
-def seed_context(ctx: methods_lib.Context, m: int) -> methods_lib.Context:
-  """The one-model context of model ``m`` of the stack (same data, program and key stream)."""
-  return distributed.slice_context(ctx, m, m + 1)
-
-
 # --------------------------------------------------------------------------------------------
 # Studies: storage, workers, resuming
 # --------------------------------------------------------------------------------------------
@@ -696,7 +691,8 @@ def throughput(method: str, ctx: methods_lib.Context, retrained, trials: int, st
   if trials < 1:
     raise ValueError(f"trials must be >= 1; got {trials}")
   e_max = epoch_budget(ctx.train_epochs, fraction)
-  contexts = [ctx] if stacked else [seed_context(ctx, m) for m in range(ctx.num_models)]
+  contexts = [ctx] if stacked else [distributed.slice_context(ctx, m, m + 1)
+                                     for m in range(ctx.num_models)]
   retrained_parts = [retrained] if stacked else [parallel.slice_models(retrained, m, m + 1)
                                                  for m in range(ctx.num_models)]
   parts = [(c, _retrained_accuracy(c, r)) for c, r in zip(contexts, retrained_parts)]

@@ -70,8 +70,8 @@ from jaxmu.report import iam as iam_report
 
 STAGES = ("splits", "shadows", "ref_in", "targets", "signals", "binui", "scoring", "sensitivity",
           "score_ui", "approx", "report")
-# PRNG namespaces of the model groups (model id = base + index): initialisation and data order.
 FIGURES = ("roc", "auc_vs_k", "iam_hist")  # report figures, each as PNG and PDF
+# PRNG namespaces of the model groups (model id = base + index): initialisation and data order.
 _IDS = {"shadows": 100_000, "shadow_origin": 200_000, "ref_in": 300_000, "original": 400_000,
         "retrain": 500_000, "score_ui": 600_000}
 SIGNAL_FILES = ("query_shadows", "query_original", "query_retrain", "pop_retrain", "pop_shadows",
