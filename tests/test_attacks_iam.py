@@ -47,7 +47,7 @@ def reference_iam(s_unl, s_fit, s_sh, A, dist, fix_variance):
 def _signals(x64, n=60, k=5, online=True, grid=False):
   """Fresh random signals in [0, 1]: target, fit ([N] or scalar), shadows [K, N]. With ``grid``,
   multiples of 1/64 (exact interpolation, deliberate ties) for the step-function ecdf."""
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(0)
   draw = (lambda *s: rng.integers(0, 65, s) / 64) if grid else (lambda *s: rng.beta(2, 2, s))
   dtype = np.float64 if x64 else np.float32
   fit = draw(n) if online else draw()
@@ -122,7 +122,7 @@ def test_edge_cases_are_finite(dist, fix_variance):
 
 
 def test_iam_semantics_fitting_vs_generalising_target():
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(0)
   n, k = 400, 4
   fit = rng.uniform(0.85, 1.0, n)
   shadows = rng.uniform(0.2, 0.6, (k, n))
@@ -135,7 +135,7 @@ def test_iam_semantics_fitting_vs_generalising_target():
 def test_binui_auc_matches_analytic_value(dist):
   # Shadows constant across samples make the score a decreasing function of the target signal,
   # so BinUI's AUC is that of the signals themselves: Phi(d / sqrt 2) for N(d, s) vs N(0, s).
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(0)
   n, d, s = 4000, 1.0, 0.05
   forgotten = np.r_[np.ones(n), np.zeros(n)].astype(int)
   target = np.r_[rng.normal(0.4, s, n), rng.normal(0.4 + d * s, s, n)]
@@ -150,7 +150,7 @@ def test_binui_auc_matches_analytic_value(dist):
 
 
 def test_iam_off_constant_is_mean_of_shadow_means():
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(0)
   per_shadow = [rng.random(m) for m in (10, 25, 7)]
   expected = np.mean([x.mean() for x in per_shadow])
   np.testing.assert_allclose(iam.iam_off_constant(per_shadow), expected, rtol=1e-6)
@@ -161,7 +161,7 @@ def test_iam_off_constant_is_mean_of_shadow_means():
 
 
 def test_score_ui_against_scipy():
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(0)
   degree = np.arange(21) / 20
   scores = np.clip(1 - degree + 0.1 * rng.standard_normal((30, 21)), 0, 1)
   out = iam.score_ui(scores, degree)

@@ -22,7 +22,7 @@ def _hand_roc(labels, scores):
 
 
 def _draw(n_pos=150, n_neg=250, shift=0.7, ties=False):
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(0)
   scores = np.r_[rng.normal(shift, 1, n_pos), rng.normal(0, 1, n_neg)]
   if ties:
     scores = np.round(scores, 1)
@@ -85,7 +85,7 @@ def test_roc_bad_input_raises():
 
 
 def test_accuracy_per_split_over_a_stack_of_models():
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(0)
   logits = {s: rng.standard_normal((3, n, 5)) for s, n in (("retain", 40), ("forget", 10))}
   labels = {s: rng.integers(0, 5, x.shape[1]) for s, x in logits.items()}
   out = metrics.split_accuracies(logits, labels)
@@ -114,7 +114,7 @@ def test_deepunlearn_metrics_reproduce_third_party_cifar10_table():
 
 
 def test_indiscernibility_retention_rte_formulas_and_errors():
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(0)
   mia, new, ref = rng.random(10), rng.random(10), rng.uniform(0.1, 1, 10)
   np.testing.assert_allclose(metrics.indiscernibility(mia), 1 - np.abs(mia - 0.5) / 0.5)
   np.testing.assert_allclose(metrics.retention(new, ref), new / ref)
@@ -127,7 +127,7 @@ def test_indiscernibility_retention_rte_formulas_and_errors():
 
 
 def test_model_distances_match_numpy_and_vmap_over_stacks():
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(0)
   shapes = {"dense": {"kernel": (4, 3), "bias": (3,)}, "out": {"kernel": (3, 2)}}
   draw = lambda: jax.tree.map(lambda s: rng.standard_normal(s), shapes, is_leaf=lambda x: isinstance(x, tuple))
   a, b = draw(), draw()

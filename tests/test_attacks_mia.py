@@ -69,7 +69,7 @@ def _features_np(p, y):
 
 
 def test_mia_features_match_numpy_including_0_and_1():
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(0)
   p = scipy.special.softmax(3 * rng.standard_normal((40, 5)), -1)
   p[0] = [1, 0, 0, 0, 0]
   p[1] = [0, 1, 0, 0, 0]
@@ -84,7 +84,7 @@ def test_mia_features_match_numpy_including_0_and_1():
 
 
 def test_svc_mia_matches_sklearn():
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(0)
   p_in = scipy.special.softmax(4 * rng.standard_normal((120, 4)) + 3 * np.eye(4)[np.r_[:120] % 4], -1)
   p_out = scipy.special.softmax(2 * rng.standard_normal((100, 4)), -1)
   y_in, y_out = np.r_[:120] % 4, rng.integers(0, 4, 100)
