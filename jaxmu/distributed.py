@@ -1,13 +1,14 @@
-"""Many hosts: every process trains or unlearns its own contiguous share of a stack; results are
-gathered.
+"""Many hosts: every process trains, unlearns or predicts its own contiguous share of a stack;
+results are gathered.
 
 Start-up is `jaxmu.cli` (``--distributed`` under SLURM, or ``--coordinator_address``,
 ``--num_processes``, ``--process_id``). Models of a stack are independent (no gradient traffic),
 so the stack is split by process, not sharded across hosts: process p trains models
 ``process_models(n)[p]`` on its local devices with any strategy, each model keeping its own id
 (hence its own PRNG stream), so the gathered stack equals the stack trained by one process. Only
-the finished results travel (`multihost_utils.process_allgather`), once per `fit` or `unlearn`.
-In one process `fit` and `unlearn` are `train.fit` and the method's ``run``, nothing else.
+the finished results travel (`multihost_utils.process_allgather`), once per `fit`, `unlearn` or
+`predict`. In one process `fit`, `unlearn` and `predict` are `train.fit`, the method's ``run``
+and `train.predict`, nothing else.
 
 `agree` and `barrier` are what `jaxmu.stages` needs to run a pipeline's stages on every process
 together (process 0 decides and writes, the others wait).
@@ -111,6 +112,19 @@ def unlearn(method: str, ctx: methods_lib.Context, hparams: dict,
     return result
   return methods_lib.UnlearnResult(gather_models(jax.device_get(result.states), ctx.num_models),
                                    *_slowest(result.seconds, result.compile_seconds))
+
+
+def predict(model, variables, data: train.DeviceData, indices: np.ndarray, recipe: train.Recipe,
+            strategy: parallel.Strategy | str = "auto", batch_size: int = 1024) -> np.ndarray:
+  """`jaxmu.train.predict` of a stack over all processes: this process predicts its share
+  (`own_share`; all of a stack of fewer models than processes) and every process returns the
+  whole stack's [N, len(indices), C] logits, bit for bit."""
+  n = parallel.num_models(variables["params"])
+  share = own_share(n)
+  if len(share) == n:
+    return train.predict(model, variables, data, indices, recipe, strategy, batch_size)
+  part = parallel.slice_models(variables, share.start, share.stop)
+  return gather_models(train.predict(model, part, data, indices, recipe, strategy, batch_size), n)
 
 
 def _slowest(*seconds: float) -> list[float]:

@@ -160,6 +160,9 @@ class StagePlan:
   models: int = 0
   chunk: int = 0  # models per program
   split: int = 0  # models of a stack split over jax.distributed processes (0: not split)
+  # (models, forward passes) of each stack of a stage predicting stacks of several sizes, each
+  # split over the processes (IAM's signals; ``split`` unused)
+  stacks: tuple[tuple[int, int], ...] = ()
   programs: int = 0
   sample_passes: int = 0  # training (or, estimated, unlearning) sample-passes
   forward_passes: int = 0
@@ -239,7 +242,7 @@ def _deepunlearn(c, info: sources.Metadata, var_bytes: int) -> list[StagePlan]:
                            common.method_hparams(c, m), n, retain, n, n * var_bytes)
             for name, m in groups]
   plans.append(StagePlan("evaluate", deps=("train",) + tuple(f"unlearn_{g}" for g, _ in groups),
-                         forward_passes=(2 + len(groups)) * n * total))
+                         split=n, forward_passes=(2 + len(groups)) * n * total))
   if c.ulira.enabled:
     plans += [dataclasses.replace(p, name=f"ulira/{p.name}", outputs_in="ulira", record=p.name)
               for p in _ulira(c, info, var_bytes)[:-1]]
@@ -308,11 +311,15 @@ def _iam(c, info: sources.Metadata, var_bytes: dict[str, int]) -> list[StagePlan
   if c.reuse.targets:
     ref_in, targets = (dataclasses.replace(p, sample_passes=0, forward_passes=0, **taken)
                        for p in (ref_in, targets))
-  logits = (k + o + r) * pool + 2 * r * val + k * r * val + (k + 1) * shadow_pool
+  # the stacks the signals predict: shadows (queries, each target's population, pool), originals,
+  # targets; one model at a time: each target and the IN model on its population, the origin
+  stacks = ((k, k * (pool + r * val + shadow_pool)), (o, o * pool), (r, r * pool),
+            (1, 2 * r * val + shadow_pool))
+  logits = sum(f for _, f in stacks)
   plans = [StagePlan("splits", ("split", "seeds", "num_shadows", "dataset", "setting"),
                      disk_bytes=INDEX_BYTES * (train_part + held + k * shadow_pool)),
            shadows, ref_in, targets,
-           StagePlan("signals", ("signals",), ("shadows", "ref_in", "targets"),
+           StagePlan("signals", ("signals",), ("shadows", "ref_in", "targets"), stacks=stacks,
                      forward_passes=logits, disk_bytes=logits * info.num_classes * LOGIT_BYTES),
            StagePlan("binui", ("audit",), ("signals",))]
   if c.audit.scoring_ablation:
@@ -335,7 +342,7 @@ def _iam(c, info: sources.Metadata, var_bytes: dict[str, int]) -> list[StagePlan
                                 r * var_bytes["model"], record=f"approx_{m}"))
   if methods:
     plans.append(StagePlan("approx", ("audit", "approx"), ("signals",) + tuple(
-        f"approx_{m}" for m in methods), forward_passes=len(methods) * r * pool))
+        f"approx_{m}" for m in methods), split=r, forward_passes=len(methods) * r * pool))
   plans.append(StagePlan("report", ("approx",), ("binui",)))
   return plans
 
@@ -413,12 +420,18 @@ class Plan:
   def wall_hours(self, processes: int) -> float:
     """Estimated wall time on ``processes`` processes (one device each): a split stage takes
     its largest share (contiguous shares, `jaxmu.distributed.process_models`; a stack of fewer
-    models than processes runs whole on each), any other stage all its time."""
-    def share(s):
-      if not s.split or s.split < processes:
+    models than processes runs whole on each), a stage of ``stacks`` each stack's largest share
+    of its forward passes, any other stage all its time."""
+    def share(models):
+      if not models or models < processes:
         return 1.0
-      return len(distributed.process_models(s.split, processes)[0]) / s.split  # the largest
-    return sum(s.device_seconds * share(s) for s in self.stages) / 3600
+      return len(distributed.process_models(models, processes)[0]) / models  # the largest
+
+    def fraction(s):
+      if not s.stacks:
+        return share(s.split)
+      return sum(f * share(m) for m, f in s.stacks) / (sum(f for _, f in s.stacks) or 1)
+    return sum(s.device_seconds * fraction(s) for s in self.stages) / 3600
 
   @property
   def over_processes(self) -> list[dict]:
@@ -490,9 +503,10 @@ ASSUMPTIONS = (
     "checkpoints are temporary and not counted",
     "workdir: the stage records and the config sections each stage reads against config.json; "
     "the run also checks the data's fingerprint",
-    "processes: stages that train or unlearn a stack (and the search's trials) split its models "
-    "over processes, all their work divided by the largest share; evaluation, signals, ScoreUI "
-    "and reports run whole (on every process, or on process 0 while the others wait)",
+    "processes: stages that train, unlearn or predict a stack (and the search's trials) split "
+    "its models over processes, each stack's work divided by its largest share (a stack of fewer "
+    "models than processes runs whole on each); ScoreUI runs whole on process 0 while the others "
+    "wait",
 )
 PROCESSES = (1, 2, 4, 8, 16)
 

@@ -13,10 +13,11 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxmu import checkpoint, cli, distributed, search, stages
+from jaxmu import checkpoint, cli, distributed, models, search, stages, train
 from tests import test_iam_pipeline, test_pipeline, test_scale
 from tests.test_iam_pipeline import npz  # noqa: F401 (the flattened digits fixture)
 
@@ -120,6 +121,46 @@ def test_fit_trains_its_share_and_returns_the_slowest_process_s_times(monkeypatc
                         jax.random.key(0), model_ids=(5, 6, 7))
   assert seen == [(7,)]
   assert (out.seconds, out.compile_seconds) == (6.0, 3.0)
+
+
+def test_predict_predicts_its_share_and_gathers_the_logits_of_one_process(monkeypatch, process):
+  """Each of 2 processes predicts only its share of a stack of 3; the gathered logits equal
+  `train.predict` of the whole stack bit for bit. One process, or a stack smaller than the
+  process count: `train.predict` of the whole stack, nothing gathered."""
+  model = models.get("small_cnn", 3, width=4)
+  variables = train.init_variables(model, jax.random.split(jax.random.key(0), 3), (8, 8, 1))
+  rng = np.random.default_rng(0)
+  data = train.DeviceData(jnp.asarray(rng.integers(0, 256, (20, 8, 8, 1), np.uint8)),
+                          jnp.asarray(rng.integers(0, 3, 20), np.int32))
+  recipe = train.Recipe(batch_size=8, augment="none")
+  indices = np.arange(3, 20)
+  whole = train.predict(model, variables, data, indices, recipe)
+  kernel = np.asarray(variables["params"]["fc"]["kernel"])
+  predicted, sent, predict = [], [], train.predict
+
+  def spy(model, variables, *args):
+    predicted.append(np.asarray(variables["params"]["fc"]["kernel"]))
+    return predict(model, variables, *args)
+
+  monkeypatch.setattr(distributed.train, "predict", spy)
+  monkeypatch.setattr(distributed.multihost_utils, "process_allgather",
+                      lambda tree, tiled=False: sent.append(tree) or np.stack([tree, tree]))
+  for p in range(2):  # each process sends its share, padded to 2 models
+    process(p, 2)
+    distributed.predict(model, variables, data, indices, recipe)
+  assert [k.shape[0] for k in predicted] == [2, 1] and [s.shape[0] for s in sent] == [2, 2]
+  assert np.array_equal(np.concatenate(predicted), kernel)
+  monkeypatch.setattr(distributed.multihost_utils, "process_allgather",
+                      lambda tree, tiled=False: np.stack(sent))
+  for p in range(2):
+    process(p, 2)
+    out = distributed.predict(model, variables, data, indices, recipe)
+    assert out.dtype == whole.dtype and np.array_equal(out, whole)
+  for p, count in ((0, 1), (2, 4)):
+    process(p, count)
+    out = distributed.predict(model, variables, data, indices, recipe)
+    assert np.array_equal(predicted[-1], kernel) and len(sent) == 2
+    assert np.array_equal(out, whole)
 
 
 def _context():

@@ -359,13 +359,13 @@ def stack_metrics(model, variables, references: Mapping[str, Any], data: train.D
     seconds: the method's time per model (None: no time, e.g. nothing ran).
     retrain_seconds: the retrained model's training time per model.
 
-  Accuracies (6.1) from one `train.predict` over the stack and all splits; Val/Test-MIA (6.2)
-  by `mia.val_test_mia` on the per-sample cross-entropy of forget vs val / test samples (one
-  NumPy stream per model, as the reference's evaluator); Indisc (6.3) from Test-MIA as the
-  paper's tables; RR/FR/TR and RetDev (6.4) against the same seed's
-  retrained model (NaN where the retrained model's accuracy is 0); RTE (6.5) = retrain seconds /
-  method seconds; l2, normalized l2 and
-  Golatkar distances (6.6) of the params to the seed's original and retrained model.
+  Accuracies (6.1) from one `distributed.predict` over the stack and all splits (under
+  jax.distributed every process calls it together); Val/Test-MIA (6.2) by `mia.val_test_mia` on
+  the per-sample cross-entropy of forget vs val / test samples (one NumPy stream per model, as
+  the reference's evaluator); Indisc (6.3) from Test-MIA as the paper's tables; RR/FR/TR and
+  RetDev (6.4) against the same seed's retrained model (NaN where the retrained model's accuracy
+  is 0); RTE (6.5) = retrain seconds / method seconds; l2, normalized l2 and Golatkar distances
+  (6.6) of the params to the seed's original and retrained model.
 
   A model with non-finite weights (any variable) or non-finite logits on any evaluated sample
   diverged: its row has ``failure`` = the reason and NaN metrics (its time and RTE kept), so the
@@ -374,7 +374,8 @@ def stack_metrics(model, variables, references: Mapping[str, Any], data: train.D
   """
   labels = np.asarray(data.labels)
   index = np.concatenate([parts[s] for s in SPLITS])
-  logits = np.asarray(train.predict(model, variables, data, index, recipe, strategy), np.float64)
+  logits = np.asarray(distributed.predict(model, variables, data, index, recipe, strategy),
+                      np.float64)
   loss = train.numpy_cross_entropy(logits, labels[index])
   correct = logits.argmax(-1) == labels[index]
   bounds = np.cumsum([0] + [len(parts[s]) for s in SPLITS])

@@ -282,12 +282,14 @@ class _Pipeline:
     view = augment_lib.augment(jax.random.key(c.signals.view_seed), data.inputs, recipe.augment)
     return train.DeviceData(view, data.labels)
 
-  def logits(self, model, variables, indices, data=None, recipe=None):
-    """[M, len(indices), C] eval-mode logits (`train.predict`); the target's data and recipe
-    unless given (shifted shadows read target queries with the target's normalisation, as the
-    reference, iam-spec 12.23)."""
-    return train.predict(model, variables, data or self.data, indices, recipe or self.recipe,
-                         self.strategy).astype(np.float32)
+  def logits(self, model, variables, indices, data=None, recipe=None, alone=False):
+    """[M, len(indices), C] eval-mode logits, the stack split over the processes
+    (`distributed.predict`; every process calls it together) or, ``alone``, on this process
+    (`train.predict`); the target's data and recipe unless given (shifted shadows read target
+    queries with the target's normalisation, as the reference, iam-spec 12.23)."""
+    predict = train.predict if alone else distributed.predict
+    return predict(model, variables, data or self.data, indices, recipe or self.recipe,
+                   self.strategy).astype(np.float32)
 
   def signals(self):
     c, p = self.config, self.parts
@@ -411,8 +413,8 @@ class _Pipeline:
         # Break 0: the shadow itself (degree 0); break b: best-so-far after b * every epochs.
         states = [start] + [ckpts.restore(e, like)["best"] for e in schedule]
         view = self.query_data()
-        queries = [self.logits(self.shadow_model, v, p["pool"], view) for v in states]
-        pops = [self.logits(self.shadow_model, v, p["val_0"]) for v in states]
+        queries = [self.logits(self.shadow_model, v, p["pool"], view, alone=True) for v in states]
+        pops = [self.logits(self.shadow_model, v, p["val_0"], alone=True) for v in states]
         degree = np.arange(breaks + 1) / breaks
         rows = []
         groups = shadow_groups(c.num_shadows, 1, c.audit.max_groups)

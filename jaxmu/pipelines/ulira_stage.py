@@ -320,8 +320,9 @@ def model_signals(model, variables, data: train.DeviceData, num_train: int, reci
                   batch_models: int = 64) -> dict[str, np.ndarray]:
   """Per model, on the training part [0, num_train): the scaled logit (float32) and correctness.
 
-  Predicts ``batch_models`` models at a time (eval-mode BatchNorm, no augmentation), so host
-  memory holds at most batch_models x num_train x classes logits.
+  Predicts ``batch_models`` models at a time (eval-mode BatchNorm, no augmentation; each batch
+  split over the jax.distributed processes, `distributed.predict`), so host memory holds at most
+  batch_models x num_train x classes logits.
   """
   indices = np.arange(num_train)
   labels = np.asarray(data.labels)[:num_train]
@@ -329,7 +330,7 @@ def model_signals(model, variables, data: train.DeviceData, num_train: int, reci
   phi, correct = [], []
   for start in range(0, num, batch_models):
     part = parallel.slice_models(variables, start, min(start + batch_models, num))
-    logits = train.predict(model, part, data, indices, recipe, strategy)
+    logits = distributed.predict(model, part, data, indices, recipe, strategy)
     phi.append(np.asarray(signals.scaled_logit(logits, labels), np.float32))
     correct.append(logits.argmax(-1) == labels)
   return {"scaled_logit": np.concatenate(phi), "correct": np.concatenate(correct)}
