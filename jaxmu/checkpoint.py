@@ -22,6 +22,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -43,9 +44,9 @@ _STATE, _META = "state", "metadata.json"
 
 def _local(**multi) -> dict:
   """Orbax keyword arguments for a checkpoint this process reads or writes alone (plus ``multi``)
-  under ``jax.distributed``, with no barriers with other processes: process 0 alone writes (a
-  pipeline's outputs, the training checkpoints of its share in `jaxmu.distributed.fit`; orbax's
-  array writers skip other processes' data) and every process reads. None in one process."""
+  under ``jax.distributed``, with no barriers with other processes: process 0 alone writes a
+  pipeline's outputs (`save`) and every process reads them; process p writes and reads the
+  training checkpoints of its own share (`jaxmu.distributed.fit`). None in one process."""
   if jax.process_count() == 1:
     return {}
   p = jax.process_index()
@@ -172,10 +173,52 @@ def _abstract(x: Any) -> jax.ShapeDtypeStruct:
                               np.asarray(x).dtype, sharding=_sharding(x))
 
 
+class _ProcessArrays(ocp.CheckpointHandler):
+  """The state of a training checkpoint under ``jax.distributed``: its leaves in one ``.npz``,
+  written by this process alone (orbax's writers of NumPy arrays write on process 0 only, and
+  refuse process-local jax arrays). Typed PRNG keys are stored as their ``key_data``."""
+
+  def save(self, directory, args: _ProcessArraysSave) -> None:
+    leaves = jax.tree.leaves(jax.tree.map(
+        lambda x: np.asarray(jax.random.key_data(x) if _is_typed_key(x) else x), args.item))
+    # The dtype in the name: NumPy reads bfloat16 back as raw bytes.
+    np.savez(Path(directory) / "state.npz",
+             **{f"{i}:{x.dtype.name}": x for i, x in enumerate(leaves)})
+
+  def restore(self, directory, args: _ProcessArraysRestore) -> Any:
+    with np.load(Path(directory) / "state.npz") as f:
+      leaves = [f[k].view(np.dtype(k.partition(":")[2]))
+                for k in sorted(f.files, key=lambda k: int(k.partition(":")[0]))]
+    like, treedef = jax.tree.flatten(args.item)
+    return treedef.unflatten([
+        jax.random.wrap_key_data(x, dtype=y.dtype) if _is_typed_key(y)
+        else jax.device_put(x.astype(_stored(y).dtype), _sharding(y))
+        for x, y in zip(leaves, like)])
+
+  def metadata(self, directory) -> None:
+    return None
+
+  def close(self) -> None:
+    pass
+
+
+@ocp.args.register_with_handler(_ProcessArrays, for_save=True)
+@dataclasses.dataclass
+class _ProcessArraysSave(ocp.args.CheckpointArgs):
+  item: Any
+
+
+@ocp.args.register_with_handler(_ProcessArrays, for_restore=True)
+@dataclasses.dataclass
+class _ProcessArraysRestore(ocp.args.CheckpointArgs):
+  item: Any  # the tree to restore into (structure, dtypes, placement)
+
+
 class TrainingCheckpoints:
   """Periodic checkpoints of a training loop, kept by orbax's `CheckpointManager`:
   ``<dir>/<epoch>/`` (8 digits) holding the state and ``metadata`` (JSON), the last ``keep``
-  kept (``max_to_keep``).
+  kept (``max_to_keep``). Under ``jax.distributed`` each process writes its own alone (the state
+  as one ``.npz``: `_ProcessArrays`).
 
   Orbax writes each step under a temp name and renames it when complete, so an epoch listed by
   :meth:`latest` is always whole; a crash mid-save leaves only that temp directory, which is never
@@ -194,8 +237,10 @@ class TrainingCheckpoints:
           max_to_keep=self.keep, step_format_fixed_length=8, enable_async_checkpointing=False,
           **_local(create=False))
       self.dir.mkdir(parents=True, exist_ok=True)  # orbax's create=True is one process's only
-      self._manager = ocp.CheckpointManager(self.dir, options=options,
-                                            item_names=("state", "metadata"))
+      # The items' handlers given: those orbax would make write on process 0 only.
+      self._manager = ocp.CheckpointManager(self.dir, options=options, item_handlers={
+          "state": _ProcessArrays() if _local() else ocp.StandardCheckpointHandler(),
+          "metadata": ocp.JsonCheckpointHandler(**_local())})
     return self._manager
 
   def path(self, epoch: int) -> Path:
@@ -215,8 +260,9 @@ class TrainingCheckpoints:
 
   def save(self, epoch: int, tree: Any, metadata: dict | None = None) -> None:
     meta = {"metadata": metadata or {}, "leaves": _signature(tree)}
+    state = _ProcessArraysSave(tree) if _local() else ocp.args.StandardSave(tree)
     self._open().save(epoch, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(_host(tree)), metadata=ocp.args.JsonSave(meta)), force=True)
+        state=state, metadata=ocp.args.JsonSave(meta)), force=True)
     self._open().wait_until_finished()
 
   def _meta(self, epoch: int) -> dict:
@@ -225,9 +271,9 @@ class TrainingCheckpoints:
 
   def restore(self, epoch: int, like: Any) -> Any:
     _check_leaves(self.path(epoch), self._meta(epoch)["leaves"], like)
-    abstract = jax.tree.map(_abstract, like)
-    return self._open().restore(epoch, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract)))["state"]
+    state = (_ProcessArraysRestore(like) if _local()
+             else ocp.args.StandardRestore(jax.tree.map(_abstract, like)))
+    return self._open().restore(epoch, args=ocp.args.Composite(state=state))["state"]
 
   def metadata(self, epoch: int) -> dict:
     return self._meta(epoch)["metadata"]

@@ -140,9 +140,10 @@ def fit(model, state: train.TrainState, data: train.DeviceData, index_sets, reci
   (`process_models`) and every process returns the whole trained stack (NumPy leaves).
 
   Arguments are those of `train.fit` for the whole stack; every process passes the same ones.
-  ``checkpoints`` are process 0's (orbax writes from one process; `jaxmu.checkpoint`), of its
-  share (``<dir>/models<start>-<stop>``): a killed run resumes process 0's share from its last
-  checkpoint and trains the other shares again from the start, with the same numbers.
+  Each process writes the ``checkpoints`` of its own share alone (``<dir>/models<start>-<stop>``;
+  `jaxmu.checkpoint`), so a killed run resumes every share from its last checkpoint, with the same
+  numbers. A stack smaller than the process count (each process trains all of it) is
+  checkpointed by process 0 alone; the others train it again from the start.
   """
   if jax.process_count() == 1:
     return train.fit(model, state, data, index_sets, recipe, epochs, key, model_ids=model_ids,
@@ -161,8 +162,9 @@ def fit(model, state: train.TrainState, data: train.DeviceData, index_sets, reci
       key, model_ids=model_ids[share.start:share.stop], val_sets=local_val,
       checkpoints=checkpoint.TrainingCheckpoints(
           checkpoints.dir / f"models{share.start}-{share.stop}", checkpoints.keep)
-      if checkpoints and jax.process_index() == 0 else None, **kw)
+      if checkpoints and (len(share) < n or jax.process_index() == 0) else None, **kw)
   if len(share) == n:
+    barrier("jaxmu fit")  # no process goes on (to remove the checkpoints) while 0 still writes
     return result
   # Float64 history: a share resumed from a checkpoint has its history back from JSON.
   history = [{k: np.asarray(v, np.float64) if np.issubdtype(np.asarray(v).dtype, np.floating)

@@ -134,6 +134,22 @@ def test_training_checkpoints_keep_typed_keys_and_refuse_another_model(tmp_path)
     ckpts.restore(0, {"key": tree["key"], "w": jnp.zeros(5)})
 
 
+def test_training_checkpoints_of_process_1_of_2_are_its_own(tmp_path, monkeypatch):
+  """Under jax.distributed process 1 writes and restores its training checkpoints alone (process
+  index mocked): the arrays too, bf16 and typed keys bit for bit."""
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  ckpts = checkpoint.TrainingCheckpoints(tmp_path / "train", keep=1)
+  tree = {"key": jax.random.split(jax.random.key(3), 2), "step": jnp.int32(4),
+          "w": jnp.arange(4.0, dtype=jnp.bfloat16), "state": _stacked_state()}
+  for epoch in (1, 2):
+    ckpts.save(epoch, tree, {"epoch": epoch})
+  assert ckpts.epochs() == [2] and ckpts.metadata(2) == {"epoch": 2}
+  restored = ckpts.restore(2, tree)
+  _assert_identical(restored, tree)
+  assert restored["w"].dtype == jnp.bfloat16 and isinstance(restored["w"], jax.Array)
+
+
 def test_checkpoint_as_stage_output(tmp_path):
   wd, tree = stages.Workdir(tmp_path), {"w": jnp.arange(6.0).reshape(2, 3)}
   for _ in range(2):

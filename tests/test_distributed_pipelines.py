@@ -103,24 +103,34 @@ def test_unlearn_slices_the_context_and_gathers_the_stack(monkeypatch, process):
   assert seen[-1][0] == (5, 6, 7)
 
 
-def test_fit_trains_its_share_and_returns_the_slowest_process_s_times(monkeypatch, process):
-  """RTE's retraining time of a stack split over processes is the slowest share's."""
+def test_fit_trains_its_share_and_returns_the_slowest_process_s_times(monkeypatch, process,
+                                                                     tmp_path):
+  """RTE's retraining time of a stack split over processes is the slowest share's. Every process
+  checkpoints its own share; a stack smaller than the process count, process 0 alone, and every
+  process waits for it."""
   seen = []
 
   def fit(model, state, data, index_sets, recipe, epochs, key, *, model_ids, val_sets,
           checkpoints):
-    seen.append(tuple(model_ids))
+    seen.append((tuple(model_ids), checkpoints and checkpoints.dir))
     return distributed.train.FitResult(state, None, None, [], 2.0, 1.0)
 
   monkeypatch.setattr(distributed.train, "fit", fit)
   monkeypatch.setattr(distributed.multihost_utils, "process_allgather",
                       lambda tree, tiled=False: jax.tree.map(lambda x: np.stack([x, x * 3]), tree))
-  process(1, 2)
   state = distributed.train.TrainState({"w": np.arange(6.0).reshape(3, 2)}, {}, {}, np.zeros(3), {})
-  out = distributed.fit(None, state, None, np.arange(12).reshape(3, 4), None, 1,
-                        jax.random.key(0), model_ids=(5, 6, 7))
-  assert seen == [(7,)]
+  fit_stack = lambda: distributed.fit(  # noqa: E731
+      None, state, None, np.arange(12).reshape(3, 4), None, 1, jax.random.key(0),
+      model_ids=(5, 6, 7), checkpoints=checkpoint.TrainingCheckpoints(tmp_path))
+  calls = process(1, 2)
+  out = fit_stack()
+  assert seen == [((7,), tmp_path / "models2-3")] and calls == []
   assert (out.seconds, out.compile_seconds) == (6.0, 3.0)
+  for p in (0, 1):
+    process(p, 4)
+    fit_stack()
+    assert seen[-1] == ((5, 6, 7), None if p else tmp_path / "models0-3")
+  assert calls == [("barrier", "jaxmu fit")] * 2
 
 
 def test_predict_predicts_its_share_and_gathers_the_logits_of_one_process(monkeypatch, process):
@@ -285,11 +295,14 @@ def test_several_processes_write_the_csvs_of_one(kind, count, one_process, npz, 
 
 @pytest.mark.e2e
 def test_killed_process_group_resumes_with_the_same_csvs(one_process, npz, tmp_path):
-  """SIGKILL of every process once process 0 has checkpointed its share of the training, then a
-  rerun on the same workdir: process 0 resumes, process 1 trains again; the CSVs of one process."""
+  """SIGKILL of every process once each has checkpointed its share of the training (2 epochs),
+  then a rerun on the same workdir: every share resumes from its checkpoint; the CSVs of one
+  process."""
   procs = _start("deepunlearn", tmp_path, npz, 2)
+  shares = [tmp_path / "checkpoints" / "train" / f"models{s.start}-{s.stop}" / "00000001"
+            for s in distributed.process_models(6, 2)]  # 3 seeds' originals and retrained
   deadline = time.time() + 600
-  while not list(tmp_path.glob("checkpoints/train/models*/00000001")):
+  while not all(s.exists() for s in shares):
     assert time.time() < deadline and all(p.poll() is None for p in procs)
     time.sleep(0.05)
   for proc in procs:
