@@ -1,6 +1,7 @@
 """Pipelines over several jax.distributed processes: the stages' process-0-only commit and the
 slicing/gathering of stacks (fast, one process, the process index mocked), and tiny IAM and
-DeepUnlearn runs on 2 and 3 CPU processes on localhost giving the CSVs of one process (e2e)."""
+DeepUnlearn runs on 2 and 3 CPU processes on localhost (also through the ``jaxmu`` command)
+giving the CSVs of one process (e2e)."""
 
 import csv
 import json
@@ -228,12 +229,9 @@ _PROCESS = textwrap.dedent("""
 """)
 
 
-def run_pipeline(kind, workdir, data):
-  """One tiny run of ``kind``: "iam", or "deepunlearn" with a U-LiRA stage (CT searched)."""
-  if kind == "iam":
-    from jaxmu.pipelines import iam
-    return iam.run(test_iam_pipeline._tiny_config(data), workdir)
-  from jaxmu.pipelines import deepunlearn
+def deepunlearn_config():
+  """The tiny DeepUnlearn config of these runs, with a U-LiRA stage (CT searched); also the
+  ``get_config`` of the config file given to the ``jaxmu`` command."""
   config = test_pipeline._tiny_config()
   config.seeds = (0, 1, 2)
   config.search.seeds = (0, 1, 2)  # split over the processes as the other stacks
@@ -242,24 +240,42 @@ def run_pipeline(kind, workdir, data):
   config.ulira.lira.forget_ratio = 0.5
   config.ulira.epochs = 1
   config.ulira.methods = ("original", "finetune")
-  return deepunlearn.run(config, workdir)
+  return config
+
+
+def run_pipeline(kind, workdir, data):
+  """One tiny run of ``kind``: "iam", or "deepunlearn" (`deepunlearn_config`)."""
+  if kind == "iam":
+    from jaxmu.pipelines import iam
+    return iam.run(test_iam_pipeline._tiny_config(data), workdir)
+  from jaxmu.pipelines import deepunlearn
+  return deepunlearn.run(deepunlearn_config(), workdir)
+
+
+def _port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _spawn(args):
+  return subprocess.Popen([sys.executable, *map(str, args)], env=test_scale.ENV, cwd=ROOT,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 def _start(kind, workdir, data, count):
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
-  return [subprocess.Popen([sys.executable, "-c", _PROCESS, str(port), str(count), str(p), kind,
-                            str(workdir), str(data)], env=test_scale.ENV, cwd=ROOT,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-          for p in range(count)]
+  port = _port()
+  return [_spawn(["-c", _PROCESS, port, count, p, kind, workdir, data]) for p in range(count)]
 
 
-def _run(kind, workdir, data, count):
-  procs = _start(kind, workdir, data, count)
+def _wait(procs):
   errors = [proc.communicate(timeout=900)[1] for proc in procs]
   for p, (proc, err) in enumerate(zip(procs, errors)):
     assert proc.returncode == 0, f"process {p}: {err[-3000:]}"
+
+
+def _run(kind, workdir, data, count):
+  _wait(_start(kind, workdir, data, count))
   return _csvs(workdir)
 
 
@@ -310,3 +326,17 @@ def test_killed_process_group_resumes_with_the_same_csvs(one_process, npz, tmp_p
     proc.communicate()
   assert not (tmp_path / "stages" / "train.json").exists()
   assert _run("deepunlearn", tmp_path, npz, 2) == one_process["deepunlearn"]
+
+
+@pytest.mark.e2e
+def test_jaxmu_command_on_two_processes_writes_the_csvs_of_one(one_process, tmp_path):
+  """``python -m jaxmu deepunlearn --coordinator_address=... --num_processes=2 --process_id=p``
+  (the CLI's start-up of jax.distributed) on a config file: the CSVs of one process."""
+  config = tmp_path / "tiny.py"
+  config.write_text("from tests.test_distributed_pipelines import deepunlearn_config as "
+                    "get_config\n")
+  port = _port()
+  _wait([_spawn(["-m", "jaxmu", "deepunlearn", f"--config={config}", f"--workdir={tmp_path / 'w'}",
+                 f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                 f"--process_id={p}"]) for p in range(2)])
+  assert _csvs(tmp_path / "w") == one_process["deepunlearn"]
