@@ -29,6 +29,7 @@ stack-mates then equals the same model run alone.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -111,6 +112,24 @@ def _fold(keys: jax.Array, salt: int) -> jax.Array:
   return jax.vmap(lambda k: jax.random.fold_in(k, salt))(keys)
 
 
+_step_cap: int | None = None
+
+
+@contextlib.contextmanager
+def step_cap(max_steps: int):
+  """Within the block every epoch stops after its first ``max_steps`` steps: the smoke runs' cost
+  cap (`jaxmu.smoke`), which keeps the real data, split sizes and epochs. Not a training option:
+  a capped epoch sees only part of its data."""
+  global _step_cap
+  if max_steps < 1:
+    raise ValueError(f"step_cap: max_steps must be >= 1, got {max_steps}")
+  saved, _step_cap = _step_cap, max_steps
+  try:
+    yield
+  finally:
+    _step_cap = saved
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled_step(step: Callable, statics: tuple, strategy: parallel.Strategy) -> Callable:
   return strategy.compile(functools.partial(step, *statics), num_per_model=3)
@@ -149,7 +168,8 @@ def epochs(step: Callable, statics: tuple, carry: Any, sources: Mapping[str, Sou
 
   Args:
     carry: stacked per-model state (leading model axis N).
-    sources: name -> `Source`. Steps per epoch follow the first source unless ``num_steps``.
+    sources: name -> `Source`. Steps per epoch follow the first source unless ``num_steps``
+      (at most `step_cap`'s, within one).
     hp: pytree of per-model [N] arrays (hyper-parameters and other per-model numbers).
     keys: [N] per-model keys (`model_keys`); epoch e uses ``fold_in(keys[m], e)``.
     lr_factor: host-side learning-rate multiplier per (0-based) epoch.
@@ -158,6 +178,8 @@ def epochs(step: Callable, statics: tuple, carry: Any, sources: Mapping[str, Sou
   n = parallel.num_models(keys)
   first = next(iter(sources.values()))
   steps = num_steps or steps_per_epoch(first.index_sets, first.batch_size)
+  if _step_cap is not None:
+    steps = min(steps, _step_cap)
   scan = strat.scans(carry)
   if scan:
     program = _compiled_epoch(step, statics, strat, steps)

@@ -1,19 +1,23 @@
 """The smoke override: a shipped recipe at its real structure, at the cost of a CPU test.
 
-`smoke(config, scale, max_epochs)` keeps the recipe's stages, break count, K values, method and
-attack lists and split ratios, and shrinks its cost: 2 seeds, 2 search trials (of the methods
-U-LiRA uses; the others run with their defaults), 2 x 2 U-LiRA splits, 2 ScoreUI start models,
-IAM's absolute pool and split sizes times ``scale`` (to fit mock data of one or two batches per
-epoch: the engine has no cap on steps per epoch), and every training length capped to
-``max_epochs`` (even at one step per epoch, 182-201 epochs of 30-odd models take most of an hour
-on 2 cores; ScoreUI keeps at least one epoch per break). `tiny_models()` swaps the registry's
-ResNet-18 / TinyViT / small CNN / VGG-11/16 for models of the same kind (same stem, classes and
-parameter names) a few channels wide.
+`smoke(config, scale, max_epochs)` keeps the recipe's stages, split sizes, break count, K values,
+method and attack lists and split ratios, and shrinks its cost: 2 seeds, 2 search trials (of the
+methods U-LiRA uses; the others run with their defaults), 2 x 2 U-LiRA splits, 2 ScoreUI start
+models, 2 shadow groups per K, and every training length capped to ``max_epochs`` (ScoreUI keeps
+at least one epoch per break). IAM's absolute pool and split sizes stay real unless ``scale``
+shrinks them for a small data file. `tiny_models()` swaps the registry's ResNet-18 / TinyViT /
+small CNN / VGG-11/16 for models of the same kind (same stem, classes and parameter names) a few
+channels wide.
 
-`run(pipeline, config, workdir)` runs a smoked config in this process with the tiny models (and
-tfds mock data, `mock_tfds`); `fake_utkface`, `fake_cinic10` and `fake_purchase100` write tiny
-files of those datasets' layouts and class counts, so that their real loaders run. Used by
-tests/test_smoke_e2e.py (`make test-e2e`) and tests/test_smoke_structure.py (`make test`).
+`run(pipeline, config, workdir, mock_examples, max_steps)` runs a smoked config in this process
+with the tiny models, tfds mock data (`mock_tfds`: a given size, or every split at its real size)
+and at most ``max_steps`` optimisation steps per epoch (`jaxmu.engine.step_cap`): real data and
+real epochs of one step each. Evaluation is not capped, so at real size it is what a smoke run
+costs (e.g. IAM's best-on-validation pass over each CIFAR shadow's 4,000 held-out samples, every
+epoch). `fake_utkface`, `fake_cinic10` and `fake_purchase100` write tiny files of those
+datasets' layouts and class counts, so that their real loaders run. Used by
+tests/test_smoke_e2e_deepunlearn.py, tests/test_smoke_e2e_iam.py (`make test-e2e`) and
+tests/test_smoke_structure.py (`make test`).
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ class TinyResNet(nn.Module):
   """`jaxmu.models.resnet.ResNet` with two stages ``width`` and ``2 x width`` channels wide."""
   num_classes: int
   stem: str = "imagenet"
-  width: int = 8
+  width: int = 4
 
   @nn.compact
   def __call__(self, x, train: bool, mask=None):
@@ -113,42 +117,58 @@ def tiny_models():
     models._FACTORIES.update(saved)
 
 
+class _MockSplit:
+  """The first ``size`` records of a tfds mock data source, read one by one (the mock's bulk
+  ``__getitems__`` is broken in tfds 4.9.10)."""
+
+  def __init__(self, source, size: int):
+    self.source, self.size = source, size
+
+  def __len__(self):
+    return self.size
+
+  def __getitems__(self, keys):
+    return [self.source[k] for k in keys]
+
+
 @contextlib.contextmanager
-def mock_tfds(num_examples: int):
-  """Within the block, every tfds dataset reads ``num_examples`` random records per split
-  (`tfds.testing.mock_data`: the real shapes and class counts; nothing is downloaded). The mock's
-  bulk ``__getitems__`` is broken in tfds 4.9.10, so bulk reads go through ``__getitem__``."""
+def mock_tfds(num_examples: int | None = None):
+  """Within the block, every tfds dataset reads random records (`tfds.testing.mock_data`: the real
+  shapes and class counts; nothing is downloaded): ``num_examples`` per split, or with None each
+  split's real size (`jaxmu.data.sources.KNOWN`: CIFAR's 50,000 + 10,000)."""
   import tensorflow_datasets as tfds
-  from tensorflow_datasets.core.data_sources import base
-  saved = base.BaseDataSource.__dict__.get("__getitems__")
-  base.BaseDataSource.__getitems__ = lambda self, keys: [self[k] for k in keys]
-  try:
-    with tfds.testing.mock_data(num_examples=num_examples):
+  from jaxmu.data import sources
+  real = tfds.data_source
+
+  def data_source(name, split, **kwargs):
+    size = num_examples
+    if size is None:
+      known = sources.KNOWN[name]
+      size = known.num_train if split == "train" else known.num_test
+    return _MockSplit(real(name, split=split, **kwargs), size)
+
+  with tfds.testing.mock_data(num_examples=num_examples or 1):  # `_MockSplit` sets the sizes
+    tfds.data_source = data_source
+    try:
       yield
-  finally:
-    if saved is None:
-      del base.BaseDataSource.__getitems__
-    else:
-      base.BaseDataSource.__getitems__ = saved
+    finally:
+      tfds.data_source = real
 
 
-def add_xla_flags(flags: str) -> None:
-  """Appends ``flags`` to ``$XLA_FLAGS``: effective in a process whose XLA backend has not started
-  yet (e.g. a fresh worker process's initializer, before `run`)."""
-  import os
-  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
-
-
-def run(pipeline: str, config, workdir, mock_examples: int = 0) -> list[str]:
+def run(pipeline: str, config, workdir, mock_examples: int | None = 0,
+        max_steps: int | None = None) -> list[str]:
   """Runs ``pipeline`` ("deepunlearn", "ulira" or "iam"; `jaxmu.pipelines`) on ``config`` (a
-  ConfigDict or its ``to_dict()``, normally `smoke`'s) in ``workdir`` with `tiny_models`, and tfds
-  mock data of ``mock_examples`` records per split when given; returns the finished stages.
-  A plain function, so that a test may run it in a process of its own (other XLA flags)."""
+  ConfigDict or its ``to_dict()``, normally `smoke`'s) in ``workdir`` with `tiny_models`, tfds
+  mock data (`mock_tfds`: ``mock_examples`` records per split, None = the real sizes, 0 = no
+  mock) and at most ``max_steps`` steps per epoch (`jaxmu.engine.step_cap`); returns the finished
+  stages. A plain function, so that a test may run it in a process of its own."""
   import importlib
+  from jaxmu import engine
   module = importlib.import_module(f"jaxmu.pipelines.{pipeline}")
   config = ml_collections.ConfigDict(config)
-  mock = mock_tfds(mock_examples) if mock_examples else contextlib.nullcontext()
-  with tiny_models(), mock:
+  mock = mock_tfds(mock_examples) if mock_examples != 0 else contextlib.nullcontext()
+  cap = engine.step_cap(max_steps) if max_steps else contextlib.nullcontext()
+  with tiny_models(), mock, cap:
     module.run(config, workdir)
   return sorted(p.stem for p in (pathlib.Path(workdir) / "stages").glob("*.json"))
 
@@ -169,10 +189,10 @@ def _apply(config, fields: Sequence[str], change) -> None:
 def smoke(config: ml_collections.ConfigDict, scale: float = 1.0,
           max_epochs: int | None = None) -> ml_collections.ConfigDict:
   """A copy of a shipped DeepUnlearn, U-LiRA or IAM ``config`` with fewer repeats (2 seeds,
-  2 search trials of U-LiRA's methods, 2 x 2 U-LiRA splits, 2 ScoreUI start models), IAM's
-  absolute pool and split sizes times ``scale`` (incremental's pool: at least one batch), and
-  every training length capped to ``max_epochs`` (ScoreUI keeps its breaks: at least one epoch
-  each, a break every ``epochs // breaks`` epochs)."""
+  2 search trials of U-LiRA's methods, 2 x 2 U-LiRA splits, 2 ScoreUI start models, 2 shadow
+  groups per K), IAM's absolute pool and split sizes times ``scale`` (incremental's pool: at
+  least one batch), and every training length capped to ``max_epochs`` (ScoreUI keeps its breaks:
+  at least one epoch each, a break every ``epochs // breaks`` epochs)."""
   c = ml_collections.ConfigDict(config.to_dict())
   if "seeds" in c:
     c.seeds = tuple(c.seeds)[:2]
@@ -185,8 +205,10 @@ def smoke(config: ml_collections.ConfigDict, scale: float = 1.0,
     c.ulira.lira.num_splits = 2
     c.ulira.lira.num_forget_draws = 2
   if "score_ui" in c:
-    c.score_ui.start_models = 2  # each audited 21 times per K = 1 group: 10 take ~10 min
-    _apply(c, IAM_SIZES, lambda n: max(1, math.ceil(n * scale)))
+    c.score_ui.start_models = 2  # each audited 21 times per K = 1 group
+    c.audit.max_groups = min(c.audit.max_groups, 2)  # every K; ScoreUI's groups: 10 took 3 min
+    if scale != 1:
+      _apply(c, IAM_SIZES, lambda n: max(1, math.ceil(n * scale)))
     if "incremental" in c:  # the new data's pool holds at least one batch (as validation asks)
       c.incremental.pool_size = max(c.incremental.pool_size, c.train.batch_size)
   if max_epochs:

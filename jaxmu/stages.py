@@ -11,9 +11,9 @@ stage done and skips it.
 
 Under ``jax.distributed`` (several processes of one run) every process enters every stage
 together: process 0 alone takes the lock and decides whether the stage runs (`distributed.agree`
-sends its decision), every process runs the body (the stacks of `distributed.fit` and
-`distributed.unlearn` split over them; other work is repeated, or skipped on the others with
-``single=True``), process 0 alone publishes the outputs and writes the manifest, workdir files
+sends its decision), every process runs the body (the stacks of `distributed.fit`,
+`distributed.unlearn` and `distributed.predict` split over them; other work is repeated, or
+skipped on the others with ``single=True``), process 0 alone publishes the outputs and writes the manifest, workdir files
 and ``metrics.jsonl`` (the others' ``st.tmp`` is a private temp dir outside the workdir, their
 models' training curves go to ``metrics.process<p>.jsonl``), and all wait at a barrier when the
 stage ends, then read what process 0 wrote.

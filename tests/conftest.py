@@ -1,7 +1,10 @@
-"""Shared fixtures: a tiny trained stack to unlearn (2 small CNNs on digits)."""
+"""Shared fixtures: a tiny trained stack to unlearn (2 small CNNs on digits), shipped recipes' smoke
+runs in a worker process and the fake dataset files they read."""
 
+import concurrent.futures
 import dataclasses
 import importlib
+import multiprocessing
 import os
 
 # The suite is dominated by XLA's CPU compile times; LLVM at -O1 compiles these programs about
@@ -21,7 +24,7 @@ from absl.testing import flagsaver
 from jaxmu.configs import iam as iam_configs
 from jaxmu import cli
 from jaxmu import data as data_lib
-from jaxmu import models, stages, train
+from jaxmu import models, smoke, stages, train
 from jaxmu import methods as methods_lib
 from jaxmu.data import sources
 from jaxmu.models import resnet, tinyvit
@@ -174,3 +177,25 @@ def run_command(command, **values):
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
     module.main([command])
+
+
+@pytest.fixture(scope="module")
+def smoke_child():
+  """``smoke_child(pipeline, config, workdir, mock_examples, max_steps)``: `jaxmu.smoke.run` in
+  one spawned worker process of the test module (it inherits this process's XLA flags), which
+  keeps its compiled programs between the module's tests."""
+  context = multiprocessing.get_context("spawn")
+  with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+    def run(pipeline, config, workdir, mock_examples=0, max_steps=None):
+      return pool.submit(smoke.run, pipeline, config.to_dict(), str(workdir), mock_examples,
+                         max_steps).result()
+    yield run
+
+
+@pytest.fixture(scope="module")
+def fake_files(tmp_path_factory):
+  """Fake UTKFace and CINIC-10 folders and a Purchase-100 file (`jaxmu.smoke.fake_*`)."""
+  root = tmp_path_factory.mktemp("datasets")
+  return {"utkface": smoke.fake_utkface(root / "utkface"),
+          "cinic10": smoke.fake_cinic10(root / "cinic10"),
+          "purchase100": smoke.fake_purchase100(root / "purchase100")}

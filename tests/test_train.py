@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxmu import checkpoint, models, parallel, timing, train
+from jaxmu import checkpoint, engine, models, parallel, timing, train
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = train.Recipe(batch_size=32, augment="flip", mean=(0.5,), std=(0.25,))
@@ -62,6 +62,22 @@ def test_stack_with_unequal_index_sets_equals_each_model_alone():
     _assert_trees_equal(jax.tree.map(lambda a, m=m: a[m:m + 1], stacked.state), alone.state)
   # ceil(100/32) = 4 and ceil(37/32) = 2 real steps per epoch; padded steps count nothing.
   np.testing.assert_array_equal(stacked.state.step, [8, 4])
+
+
+def test_step_cap_stops_every_epoch_after_its_first_steps():
+  """The smoke runs' cap: one step per epoch of each model; a cap above the epoch's steps changes
+  nothing; the cap ends with its block."""
+  model, state = _setup()
+  x, y = _data()
+  with engine.step_cap(1):
+    capped = _fit(model, state, x, y, SETS, epochs=3, strategy="loop")
+  np.testing.assert_array_equal(capped.state.step, [3, 3])
+  with engine.step_cap(4):
+    loose = _fit(model, state, x, y, SETS, strategy="loop")
+  _assert_trees_equal(loose.state, _fit(model, state, x, y, SETS, strategy="loop").state)
+  with pytest.raises(ValueError, match="max_steps must be >= 1"):
+    with engine.step_cap(0):
+      pass
 
 
 def test_vmap_and_loop_agree():
