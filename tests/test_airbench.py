@@ -226,4 +226,5 @@ def test_scanned_epochs_equal_dispatched_steps(digits, kind):
     np.testing.assert_allclose(a, b, atol=1e-2 * np.abs(b).max(), rtol=0)
   for a, b in zip(scanned.history, steps.history, strict=True):
     np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
-    np.testing.assert_array_equal(a["accuracy"], b["accuracy"])
+    # One prediction of an epoch (384 or 256 samples) may flip with that rounding.
+    np.testing.assert_allclose(a["accuracy"], b["accuracy"], atol=1 / 256 + 1e-6, rtol=0)

@@ -1,6 +1,6 @@
 """Smoke runs of the shipped IAM recipes (jaxmu/configs/iam.py), in process, through the one smoke
 override (`jaxmu.smoke`): the recipe's stages, split sizes, break counts, K values, attack and
-method lists; tiny models of the same kind, 2 seeds, 2 ScoreUI start models, 2 shadow groups per
+method lists; tiny models of the same kind, 2 seeds, 1 ScoreUI start model, 2 shadow groups per
 K, few epochs.
 
 CIFAR-100 (exact) runs every stage and writes every report on mock data of the real size with the
@@ -67,13 +67,13 @@ def test_iam_cifar100_exact_at_the_real_size(tmp_path):
 IAM_SCALE = 0.005  # CIFAR / CINIC shadow pool 100, pool 200 (100), Purchase pool 1,800
 
 
-def _iam(argument, fake_files, stop_after, **sections):
+def _iam(argument, files, stop_after, **sections):
   """jaxmu/configs/iam.py:``argument`` smoked to one epoch, reading the fake files, up to
   ``stop_after``; ``sections``: dotted fields to set (the setting's inputs)."""
   config = smoke.smoke(iam_configs.get_config(argument), scale=IAM_SCALE, max_epochs=1)
   for spec in (config.dataset, config.shadow_dataset):
-    if spec.name in fake_files:
-      spec.data_dir = str(fake_files[spec.name])
+    if spec.name in files:
+      spec.data_dir = str(files[spec.name])
   for field, value in sections.items():
     *parents, leaf = field.split(".")
     node = config
@@ -124,12 +124,13 @@ def iam_cifar10(smoke_child, fake_files, tmp_path_factory):
 
 
 @pytest.mark.parametrize("dataset", IAM_DATASETS)
-def test_iam_dataset_and_unlearning_types(dataset, iam_cifar10, smoke_child, fake_files, tmp_path):
+def test_iam_dataset_and_unlearning_types(dataset, iam_cifar10, smoke_child, fake_files,
+                                          tmp_path):
   argument, num_classes, pool = IAM_DATASETS[dataset]
   if dataset == "cifar10":
     config, workdir, stages = iam_cifar10
   else:
-    config, workdir = _iam(argument, fake_fake_files, "signals"), tmp_path
+    config, workdir = _iam(argument, fake_files, "signals"), tmp_path
     stages = smoke_child("iam", config, workdir, MOCK)
   assert stages == sorted(IAM_STAGES[:IAM_STAGES.index(config.stop_after) + 1])
   _check_signals(config, workdir, num_classes, pool)
@@ -163,7 +164,8 @@ def test_iam_shifted_shadows_on_cinic10(iam_cifar10, smoke_child, fake_files, tm
   on CINIC-10 (the fake folder) with CINIC-10's normalisation."""
   _, base, _ = iam_cifar10
   config = _iam("dataset=cifar10,setting=shifted", fake_files, "signals",
-                **{"shadow_dataset.name": "cinic10", "shadow_dataset.data_dir": str(fake_files["cinic10"]),
+                **{"shadow_dataset.name": "cinic10",
+                   "shadow_dataset.data_dir": str(fake_files["cinic10"]),
                    "reuse.targets": str(base)})
   smoke_child("iam", config, tmp_path, MOCK)
   shadow_size = config.shadow_dataset.shadow_size
@@ -173,7 +175,8 @@ def test_iam_shifted_shadows_on_cinic10(iam_cifar10, smoke_child, fake_files, tm
   assert parts["shadow_pool"].max() < 200  # indices of CINIC-10's training part
 
 
-def test_iam_incremental_cinic10_on_the_cifar10_run(iam_cifar10, smoke_child, fake_files, tmp_path):
+def test_iam_incremental_cinic10_on_the_cifar10_run(iam_cifar10, smoke_child, fake_files,
+                                                    tmp_path):
   """setting=incremental (Table 4): the cifar10 run's original and retrained models keep training
   on a CINIC-10 pool of ``incremental.pool_size``; its shadows are the cifar10 run's."""
   base_config, base, _ = iam_cifar10
