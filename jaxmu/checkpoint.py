@@ -66,6 +66,17 @@ def _is_typed_key(x: Any) -> bool:
   return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
+def _key_data(tree: Any) -> Any:
+  """``tree`` with its typed PRNG keys as their ``key_data`` (what a checkpoint stores)."""
+  return jax.tree.map(lambda x: jax.random.key_data(x) if _is_typed_key(x) else x, tree)
+
+
+def _wrap_keys(like: Any, stored: Any) -> Any:
+  """``stored`` with the leaves that are typed keys in ``like`` wrapped back (``like``'s impl)."""
+  return jax.tree.map(lambda x, r: jax.random.wrap_key_data(r, dtype=x.dtype)
+                      if _is_typed_key(x) else r, like, stored)
+
+
 def _key_str(k: Any) -> str:
   for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey / FlattenedIndexKey
     if hasattr(k, attr):
@@ -102,7 +113,7 @@ def save(path: str | os.PathLike, tree: Any, metadata: dict | None = None) -> No
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
   try:
-    stored = jax.tree.map(lambda x: jax.random.key_data(x) if _is_typed_key(x) else x, tree)
+    stored = _key_data(tree)
     with ocp.StandardCheckpointer(**_local()) as ckptr:
       ckptr.save(tmp / _STATE, _host(stored))
       ckptr.wait_until_finished()
@@ -137,9 +148,7 @@ def restore(path: str | os.PathLike, like: Any) -> Any:
   _check_leaves(path, _read(path)["leaves"], like)
   with ocp.StandardCheckpointer(**_local()) as ckptr:
     restored = ckptr.restore(path / _STATE, jax.tree.map(_stored_abstract, like))
-  return jax.tree.map(
-      lambda x, r: jax.random.wrap_key_data(r, dtype=x.dtype)
-      if _is_typed_key(x) else r, like, restored)
+  return _wrap_keys(like, restored)
 
 
 def _check_leaves(path: Path, leaves: dict, like: Any) -> None:
@@ -179,21 +188,19 @@ class _ProcessArrays(ocp.CheckpointHandler):
   refuse process-local jax arrays). Typed PRNG keys are stored as their ``key_data``."""
 
   def save(self, directory, args: _ProcessArraysSave) -> None:
-    leaves = jax.tree.leaves(jax.tree.map(
-        lambda x: np.asarray(jax.random.key_data(x) if _is_typed_key(x) else x), args.item))
+    leaves = [np.asarray(x) for x in jax.tree.leaves(_key_data(args.item))]
     # The dtype in the name: NumPy reads bfloat16 back as raw bytes.
     np.savez(Path(directory) / "state.npz",
              **{f"{i}:{x.dtype.name}": x for i, x in enumerate(leaves)})
 
   def restore(self, directory, args: _ProcessArraysRestore) -> Any:
     with np.load(Path(directory) / "state.npz") as f:
-      leaves = [f[k].view(np.dtype(k.partition(":")[2]))
+      arrays = [f[k].view(np.dtype(k.partition(":")[2]))
                 for k in sorted(f.files, key=lambda k: int(k.partition(":")[0]))]
     like, treedef = jax.tree.flatten(args.item)
-    return treedef.unflatten([
-        jax.random.wrap_key_data(x, dtype=y.dtype) if _is_typed_key(y)
-        else jax.device_put(x.astype(_stored(y).dtype), _sharding(y))
-        for x, y in zip(leaves, like)])
+    return _wrap_keys(args.item, treedef.unflatten([
+        x if _is_typed_key(y) else jax.device_put(x.astype(_stored(y).dtype), _sharding(y))
+        for x, y in zip(arrays, like)]))
 
   def metadata(self, directory) -> None:
     return None
