@@ -154,6 +154,13 @@ def objectives(ctx: methods_lib.Context, unlearned, retrained, *, recipe: train.
                      {s: reference[s]["accuracy"] for s in _SPLITS})
 
 
+def most_accurate(trials: Sequence[optuna.trial.FrozenTrial]) -> optuna.trial.FrozenTrial:
+  """The trial whose three accuracy objectives (retain, forget, val gaps) have the smallest
+  Euclidean norm, the MIA term left out: set beside the best trial, it shows what objective10's
+  MIA term cost in accuracy (the report tests whether that MIA difference is noise)."""
+  return min(trials, key=lambda t: float(np.linalg.norm(t.user_attrs["objectives"][:3])))
+
+
 def _finite_models(tree) -> np.ndarray:
   """[N] bool: every leaf of model m is finite."""
   flags = [jnp.isfinite(x).reshape(x.shape[0], -1).all(1) for x in jax.tree.leaves(tree)]
@@ -604,13 +611,19 @@ def tune(method: str, ctx: methods_lib.Context, retrained, config: ml_collection
     distributed.agree({"error": f"process 0: {type(e).__name__}: {e}"})
     raise
   best = chosen[select_best([t.user_attrs["objectives"] for t in chosen])]
+  accurate = most_accurate(chosen)
   trials = s.study.get_trials(deepcopy=False)
   failed = sum(t.state == optuna.trial.TrialState.FAIL for t in trials)
   result = SearchResult(spec.name, dict(best.params), tuple(best.user_attrs["objectives"]),
                         best.number, len(_complete(trials)), failed)
   _write_best(directory / f"{spec.name}.json", result,
               {"mode": config.mode, "trials": config.trials, "epoch_budget": e_max,
-               "models": models, "objectives": list(OBJECTIVES)})
+               "models": models, "objectives": list(OBJECTIVES),
+               "best_per_model": best.user_attrs.get("objectives_per_model"),
+               "most_accurate_trial": {
+                   "number": accurate.number, "params": dict(accurate.params),
+                   "values": list(accurate.user_attrs["objectives"]),
+                   "per_model": accurate.user_attrs.get("objectives_per_model")}})
   distributed.agree({"result": result._asdict()})
   return result
 

@@ -313,3 +313,34 @@ def test_tuned_method_against_its_reference_defaults(tmp_path):
   assert "| close@defaults |" in text.split("## Reference defaults")[1]
   colors = report.method_colors(["close", "close@defaults", "msg@defaults"])
   assert colors["close"] == colors["close@defaults"] and colors["msg@defaults"] == colors["msg"]
+
+
+def test_why_each_trial_was_chosen_tests_the_mia_difference_paired_by_seed(tmp_path):
+  """objective10's best trial against the most accurate one: their per-seed MIA terms are
+  compared paired by tuning seed; the interval is computed here with scipy on the differences."""
+  from scipy import stats
+  rng = np.random.default_rng(0)
+  seeds = 6
+  accurate = np.column_stack([np.full((seeds, 3), 0.002), 0.06 + rng.normal(0, 0.01, seeds)])
+  measured = np.column_stack([np.full((seeds, 3), 0.01), accurate[:, 3] - 0.03
+                              + rng.normal(0, 0.002, seeds)])
+  noisy = np.column_stack([np.full((seeds, 3), 0.01), accurate[:, 3] + rng.normal(0, 0.03, seeds)
+                           * np.array([1, -1, 1, -1, 1, -1])])
+  def tuning(best_rows, number=7):
+    return {"trials_complete": 9, "trials_failed": 0, "seeds": tuple(range(seeds)),
+            "mode": "tpe", "best_trial": number, "best_params": {},
+            "best_values": list(best_rows.mean(0)), "best_per_model": best_rows.tolist(),
+            "most_accurate_trial": {"number": 3, "params": {}, "values": list(accurate.mean(0)),
+                                    "per_model": accurate.tolist()}}
+  times = {"models": 4, "epochs": 2, "stack_seconds": 20.0, "seconds_per_model": 5.0}
+  text = report.write_benchmark_report(
+      tmp_path, "T", _rows(), times, {"close": tuning(measured), "tie": tuning(noisy),
+                                      "far": tuning(accurate, number=3)}, {}).read_text()
+  lines = {line.split("**")[1]: line for line in text.splitlines() if line.startswith("- **")}
+  d = accurate[:, 3] - measured[:, 3]
+  half = stats.t.ppf(0.975, seeds - 1) * d.std(ddof=1) / np.sqrt(seeds)
+  assert (f"paired difference {d.mean():+.3f} [{d.mean() - half:+.3f}, {d.mean() + half:+.3f}] "
+          f"over the {seeds} tuning seeds, a difference measured") in lines["close"]
+  assert "objective10 chose trial 7 (accuracy terms' norm 0.017" in lines["close"]
+  assert "within the noise of the MIA term" in lines["tie"]
+  assert lines["far"].endswith("also the study's most accurate trial.")

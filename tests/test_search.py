@@ -134,7 +134,15 @@ def test_short_study_writes_the_best_and_resumes_without_new_trials(
   assert (result.best_trial, result.best_params, result.best_values) == (
       best.number, best.params, tuple(best.user_attrs["objectives"]))
   assert (result.trials_complete, result.trials_failed) == (3, 0)
-  assert json.loads((directory / "search_ft.json").read_text())["mode"] == "tpe"
+  record = json.loads((directory / "search_ft.json").read_text())
+  assert record["mode"] == "tpe"
+  assert record["best_per_model"] == best.user_attrs["objectives_per_model"]
+  accurate = trials[int(np.argmin([np.linalg.norm(t.user_attrs["objectives"][:3])
+                                   for t in trials]))]
+  assert record["most_accurate_trial"] == {
+      "number": accurate.number, "params": accurate.params,
+      "values": accurate.user_attrs["objectives"],
+      "per_model": accurate.user_attrs["objectives_per_model"]}
 
   again = search.tune("search_ft", tiny_ctx, retrained, _config(), directory, progress=False)
   assert again == result

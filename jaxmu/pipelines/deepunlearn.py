@@ -221,10 +221,13 @@ class _Pipeline:
                                          f"{result.trials_complete} complete trials")
       # The current result also at <workdir>/search/<method>.json, where U-LiRA alone reads it
       # (its config.search_dir).
+      record = (search_dir / f"{method}.json").read_bytes()
       with stages.atomic_write(self.wd.path("search", f"{method}.json"), "wb") as f:
-        f.write((search_dir / f"{method}.json").read_bytes())
+        f.write(record)
+      choice = {k: v for k, v in json.loads(record).items()
+                if k in ("best_per_model", "most_accurate_trial")}
       self.tuning[method] = {**result._asdict(), "best_values": list(result.best_values),
-                             "seeds": tuple(c.search.seeds), "mode": c.search.mode}
+                             "seeds": tuple(c.search.seeds), "mode": c.search.mode, **choice}
     return search_dir
 
   def best_params(self, method: str) -> dict | None:

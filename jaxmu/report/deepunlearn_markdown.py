@@ -12,7 +12,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from jaxmu.report import CONFIDENCE, markdown_table
+from jaxmu.report import CONFIDENCE, markdown_table, paired_difference, t_interval
 from jaxmu.report.deepunlearn import (FIGURES, PAPER_METHODS, STACK_COLUMNS, _interval,
                                       _number_cell, _rank_labels, _rte_cell, benchmark_summary,
                                       objective10_of_rows, paper_table, plot_forget_accuracy,
@@ -118,6 +118,42 @@ def _tuning_lines(tuning, rows) -> list[str]:
   return lines + [""]
 
 
+def _choice_lines(tuning) -> list[str]:
+  """Per tuned method: objective10's best trial against the study's most accurate trial (smallest
+  norm of the three accuracy terms); where they differ, the paired per-seed difference of their
+  MIA terms over the tuning seeds says whether the MIA term chose by a measured difference or
+  by noise (a t-interval containing 0)."""
+  lines = []
+  for m, t in tuning.items():
+    accurate, best_rows = t.get("most_accurate_trial"), t.get("best_per_model")
+    if not accurate or best_rows is None or accurate.get("per_model") is None:
+      continue
+    best, other = np.asarray(best_rows, np.float64), np.asarray(accurate["per_model"], np.float64)
+    accuracy_norm = lambda rows: _number_cell(np.linalg.norm(rows.mean(0)[:3]), 3)
+    mia = lambda rows: _interval(*t_interval(rows[:, 3]), digits=3)
+    head = (f"- **{m}**: objective10 chose trial {t.get('best_trial')} (accuracy terms' norm "
+            f"{accuracy_norm(best)}, MIA term {mia(best)})")
+    if accurate["number"] == t.get("best_trial"):
+      lines.append(head + ", also the study's most accurate trial.")
+      continue
+    d = paired_difference(other[:, 3], best[:, 3])
+    verdict = ("a difference measured on these seeds, not noise: objective10 prefers the less "
+               "accurate trial for its lower MIA term" if d["tied"] == 0.0 and d["diff"] > 0
+               else "within the noise of the MIA term on these seeds (the paired interval "
+               "contains 0): more tuning seeds could change the choice" if d["tied"] == 1.0
+               else "undecidable with one tuning seed")
+    lines.append(
+        head + f"; the most accurate trial, {accurate['number']} (accuracy terms' norm "
+        f"{accuracy_norm(other)}, MIA term {mia(other)}), lost on the MIA term: paired "
+        f"difference {_interval(d['diff'], d['diff_low'], d['diff_high'], digits=3, sign='+')} "
+        f"over the {len(best)} tuning seeds, {verdict}.")
+  if not lines:
+    return []
+  return [f"Why each trial was chosen (MIA term: mean [{CONFIDENCE:.0%} t-interval] over the "
+          "tuning seeds; accuracy terms' norm: of the retain, forget and val gaps, the part of "
+          "objective10 that tracks RetDev):", ""] + lines + [""]
+
+
 def write_benchmark_report(directory: str | os.PathLike, title: str,
                            rows: Sequence[Mapping[str, Any]], times: Mapping[str, Any],
                            tuning: Mapping[str, Mapping[str, Any]],
@@ -188,7 +224,7 @@ def write_benchmark_report(directory: str | os.PathLike, title: str,
               ulira_table(list(ulira.values())), "", HPARAMS_NOTE, ""]
   if curves:
     lines += [f"![U-LiRA ROC]({ULIRA_FIGURE})", ""]
-  lines += ["## Hyper-parameters", ""] + _tuning_lines(tuning, rows)
+  lines += ["## Hyper-parameters", ""] + _tuning_lines(tuning, rows) + _choice_lines(tuning)
   untuned = [m for m in default_ranked] + [s["method"] for s in failed if s["method"] not in tuned]
   if untuned:
     lines += [f"Not tuned (the config's hyper-parameters): {', '.join(untuned)}.", ""]
