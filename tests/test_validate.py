@@ -8,7 +8,7 @@ from conftest import finished_run, iam_recipe
 
 from jaxmu.configs import deepunlearn as deepunlearn_configs
 from jaxmu.configs import iam as iam_configs
-from jaxmu.configs import quickstart
+from jaxmu.configs import quickstart, tune_all
 from jaxmu.configs import ulira as ulira_configs
 from jaxmu import cli, plan, stages, validate
 from jaxmu import data as data_lib
@@ -72,6 +72,13 @@ def test_fig4_architectures_validate_and_plan():
 
 def test_quickstart_and_ulira_cpu_are_valid():
   assert _problems("deepunlearn", quickstart.get_config()) == []
+  sixteen = quickstart.get_config("seeds=16")
+  assert sixteen.seeds == sixteen.search.seeds == tuple(range(16))
+  assert _problems("deepunlearn", sixteen) == []
+  assert _problems("deepunlearn", tune_all.get_config()) == []
+  for bad in ("seeds=1", "seeds=x", "seed=4"):
+    with pytest.raises(ValueError, match="'seeds=N'"):
+      quickstart.get_config(bad)
   assert _problems("iam", quickstart.get_config("iam")) == []
   assert _problems("ulira", ulira_configs.get_config("cpu")) == []
   assert _problems("ulira", ulira_configs.get_config()) == []

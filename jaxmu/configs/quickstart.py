@@ -30,12 +30,19 @@ from jaxmu import methods as methods_lib
 
 
 def get_config(arg: str | None = None):
+  """`quickstart` (the demo), `quickstart:iam` (its IAM part) or `quickstart:seeds=N` (the demo
+  with N seeds, every one of them tuning)."""
   if arg == "iam":
     return iam_config()
+  seeds = 4
   if arg:
-    raise ValueError(f"unknown quickstart argument {arg!r}; use nothing or 'iam'")
+    name, _, value = arg.partition("=")
+    if name != "seeds" or not value.isdigit() or int(value) < 2:
+      raise ValueError(f"unknown quickstart argument {arg!r}; use nothing, 'iam' or 'seeds=N' "
+                       f"(N >= 2)")
+    seeds = int(value)
   config = deepunlearn.get_config("dataset=digits,model=small_cnn")
-  config.seeds = (0, 1, 2, 3)
+  config.seeds = tuple(range(seeds))
   config.train.epochs = 30
   config.train.batch_size = 64
   config.train.learning_rate = 0.05
@@ -53,7 +60,7 @@ def get_config(arg: str | None = None):
   config.search.methods = ("msg", "ct", "neggrad_plus")
   config.search.mode = "tpe"  # single objective: the norm of objective10
   config.search.trials = 20
-  config.search.seeds = (0, 1, 2, 3)
+  config.search.seeds = config.seeds
   config.tuned_defaults = True  # each tuned method also with its defaults: "<method>@defaults"
   config.ulira.enabled = True
   ulira.cpu_settings(config.ulira)
