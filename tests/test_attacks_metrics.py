@@ -143,3 +143,24 @@ def test_model_distances_match_numpy_and_vmap_over_stacks():
   np.testing.assert_allclose(per_model, [0.0, metrics.model_distance(b, a)], atol=1e-6)
   with pytest.raises(ValueError, match="structures"):
     metrics.l2_distance(a, {"dense": a["dense"]})
+
+
+def test_mean_interval_is_a_bca_bootstrap_interval_of_the_mean():
+  """Against independently computed intervals: a float64 NumPy percentile bootstrap of a skewed
+  sample (BCa shifts towards the long tail, so its upper end is the larger), the normal interval
+  for a symmetric one; NaN for one value, the value itself for constant values."""
+  rng = np.random.default_rng(0)
+  skewed = rng.exponential(1.0, 400)
+  low, high = metrics.mean_interval(skewed)
+  means = skewed[rng.integers(0, skewed.size, (20000, skewed.size))].mean(1)
+  p_low, p_high = np.quantile(means, [0.025, 0.975])
+  assert low < skewed.mean() < high
+  np.testing.assert_allclose((low, high), (p_low, p_high), atol=0.02)
+  assert high - skewed.mean() > skewed.mean() - low
+  symmetric = rng.uniform(0, 1, 2000)
+  half = 1.96 * symmetric.std(ddof=1) / np.sqrt(symmetric.size)
+  np.testing.assert_allclose(metrics.mean_interval(symmetric),
+                             (symmetric.mean() - half, symmetric.mean() + half), atol=0.1 * half)
+  assert metrics.mean_interval(skewed, seed=1) != (low, high)
+  assert np.isnan(metrics.mean_interval([0.7])).all()
+  assert metrics.mean_interval([0.5, 0.5, 0.5]) == (0.5, 0.5)

@@ -25,7 +25,7 @@ import numpy as np
 from jax.scipy.special import log_ndtr, ndtr
 from jax.scipy.stats import norm
 
-from jaxmu.attacks import _checks
+from jaxmu.attacks import _checks, metrics
 from jaxmu.attacks.iam import SCALE_FLOOR
 
 
@@ -179,7 +179,8 @@ class ULiraResult(NamedTuple):
   accuracy: [S] per-sample balanced accuracy: mean of the hit rates on its unlearned (P > 0.5)
     and its retrained (P <= 0.5) observations, i.e. each sample weighs its two halves equally.
   balanced_accuracy: mean of ``accuracy`` over the scored samples.
-  ci95: normal-approximation 95% interval of ``balanced_accuracy`` over samples.
+  ci95: 95% BCa bootstrap interval of ``balanced_accuracy`` over samples
+    (`metrics.mean_interval`: scipy.stats.bootstrap, seeded); NaN for one scored sample.
   """
   prob_unlearned: jax.Array
   prob_retrained: jax.Array
@@ -283,6 +284,5 @@ def ulira(unlearned, forgot, retrained, never, fix_variance=False, reference=Fal
   fu, nr = np.asarray(forgot)[:, samples], np.asarray(never)[:, samples]
   member_prob = (pu * fu).sum(0) / fu.sum(0)
   accuracy = 0.5 * (((pu > 0.5) & fu).sum(0) / fu.sum(0) + ((pr <= 0.5) & nr).sum(0) / nr.sum(0))
-  mean = float(accuracy.mean())
-  half = 1.96 * float(accuracy.std(ddof=1)) / len(samples)**0.5 if len(samples) > 1 else 0.0
-  return ULiraResult(p_u, p_r, samples, member_prob, accuracy, mean, (mean - half, mean + half))
+  return ULiraResult(p_u, p_r, samples, member_prob, accuracy, float(accuracy.mean()),
+                     metrics.mean_interval(accuracy))

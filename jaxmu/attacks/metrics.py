@@ -8,6 +8,7 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy import stats
 from sklearn.metrics import auc, roc_curve
 
 LEVELS = (1e-5, 1e-4, 1e-3, 1e-2, 0.1)
@@ -40,8 +41,9 @@ def roc_metrics(labels, scores, levels=LEVELS, num_bootstrap=200, confidence=0.9
     labels: [n] 1 = member (for BinUI: a retained sample), 0 = non-member; both must occur.
     scores: [n] higher = more likely a member.
     levels: the FPR (and FNR) operating points.
-    num_bootstrap: stratified bootstrap resamples (members and non-members resampled separately,
-      so class counts stay fixed) for percentile intervals of AUC and TPR at FPR; 0 for none.
+    num_bootstrap: stratified bootstrap resamples (``scipy.stats.bootstrap``, members and
+      non-members resampled separately, so class counts stay fixed) for percentile intervals of
+      AUC and TPR at FPR; 0 for none.
     confidence: the interval's coverage.
     seed: the bootstrap's numpy seed.
 
@@ -68,19 +70,38 @@ def roc_metrics(labels, scores, levels=LEVELS, num_bootstrap=200, confidence=0.9
       "curve": {"fpr": fpr, "tpr": tpr, "thresholds": thresholds},
   }
   if num_bootstrap:
-    rng = np.random.default_rng(seed)
-    pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
-    aucs, tprs = [], []
-    for _ in range(num_bootstrap):
-      idx = np.concatenate([rng.choice(pos, pos.size), rng.choice(neg, neg.size)])
-      f, t, _ = roc_curve(labels[idx], scores[idx])
-      aucs.append(auc(f, t))
-      tprs.append(np.interp(levels, f, t))
-    q = [(1 - confidence) / 2, (1 + confidence) / 2]
-    out["auc_ci"] = tuple(np.quantile(aucs, q).tolist())
-    bounds = np.quantile(np.stack(tprs), q, axis=0).T
-    out["tpr_at_fpr_ci"] = {lv: tuple(b.tolist()) for lv, b in zip(levels.tolist(), bounds)}
+    def auc_and_tprs(members, non_members):
+      f, t, _ = roc_curve(np.repeat([1, 0], [members.size, non_members.size]),
+                          np.concatenate([members, non_members]))
+      return np.concatenate([[auc(f, t)], np.interp(levels, f, t)])
+
+    # Two samples resampled independently (paired=False): the class counts stay fixed.
+    res = stats.bootstrap((scores[labels == 1], scores[labels == 0]), auc_and_tprs,
+                          n_resamples=num_bootstrap, vectorized=False, paired=False,
+                          confidence_level=confidence, method="percentile",
+                          rng=np.random.default_rng(seed))
+    low, high = res.confidence_interval
+    out["auc_ci"] = (float(low[0]), float(high[0]))
+    out["tpr_at_fpr_ci"] = {lv: (float(lo), float(hi))
+                            for lv, lo, hi in zip(levels.tolist(), low[1:], high[1:])}
   return out
+
+
+def mean_interval(values, confidence: float = 0.95, seed: int = 0,
+                  n_resamples: int = 9999) -> tuple[float, float]:
+  """BCa bootstrap interval of the mean of ``values`` (independent samples, e.g. U-LiRA's
+  per-sample accuracies): ``scipy.stats.bootstrap`` with ``n_resamples`` seeded resamples. NaN
+  for fewer than two values (no spread to resample); the value itself when all are equal (BCa
+  is undefined there, and every resample has that mean)."""
+  v = np.asarray(values, np.float64).ravel()
+  if v.size < 2:
+    return float("nan"), float("nan")
+  if np.ptp(v) == 0:
+    return float(v[0]), float(v[0])
+  res = stats.bootstrap((v,), np.mean, n_resamples=n_resamples, batch=1000, vectorized=True,
+                        confidence_level=confidence, method="BCa",
+                        rng=np.random.default_rng(seed))
+  return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
 # DeepUnlearn (deepunlearn-spec 6).

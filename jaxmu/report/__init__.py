@@ -66,6 +66,14 @@ def t_interval(values, confidence: float = CONFIDENCE) -> tuple[float, float, fl
   return mean, mean - half, mean + half
 
 
+def bracket(low: float, high: float, digits: int = 4) -> str:
+  """"[low, high]" of an interval, "—" where it is undefined (NaN: one value, nothing to
+  resample)."""
+  if not (np.isfinite(low) and np.isfinite(high)):
+    return "—"
+  return f"[{low:.{digits}f}, {high:.{digits}f}]"
+
+
 def paired_difference(a, b, confidence: float = CONFIDENCE) -> dict[str, float]:
   """The paired comparison of ``a`` and ``b`` (the same seeds, in the same order): the mean of the
   per-seed differences a - b with its Student t interval (`t_interval`), and ``tied`` = 1.0 when

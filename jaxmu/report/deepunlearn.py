@@ -23,7 +23,7 @@ from matplotlib.lines import Line2D
 from scipy import stats
 
 from jaxmu.attacks import metrics
-from jaxmu.report import (CONFIDENCE, mean_std_cell, method_colors, paired_difference,
+from jaxmu.report import (CONFIDENCE, bracket, mean_std_cell, method_colors, paired_difference,
                           save_figure, summarize, t_interval)
 from jaxmu.report.ulira import ULIRA_FIGURE
 
@@ -195,7 +195,7 @@ def paper_table(summary: Sequence[Mapping[str, Any]],
              _cell(s, "test_mia"), _rte_cell(s)]
     if ulira:
       u = ulira.get(s["method"])
-      cells.append(f"{u['balanced_accuracy']:.3f} [{u['ci_low']:.3f}, {u['ci_high']:.3f}]"
+      cells.append(f"{u['balanced_accuracy']:.3f} {bracket(u['ci_low'], u['ci_high'], 3)}"
                    if u else "—")
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)

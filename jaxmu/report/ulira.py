@@ -11,7 +11,7 @@ from typing import Mapping
 import numpy as np
 from matplotlib.figure import Figure
 
-from jaxmu.report import read_csv
+from jaxmu.report import bracket, read_csv
 
 ULIRA_FIGURE = "ulira_roc.png"
 
@@ -71,7 +71,7 @@ def ulira_table(rows: list[dict]) -> str:
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for r in sorted(rows, key=lambda r: abs(r["balanced_accuracy"] - 0.5)):
     cells = [str(r["method"]), f"{r['balanced_accuracy']:.4f}",
-             f"[{r['ci_low']:.4f}, {r['ci_high']:.4f}]", f"{r['auc']:.4f}",
+             bracket(r["ci_low"], r["ci_high"]), f"{r['auc']:.4f}",
              f"{int(r['num_samples'])}", f"{r['mean_member_prob']:.4f}",
              f"{r['population_mia']:.4f} ± {r['population_mia_std']:.4f}", str(r["hparams"])]
     if reference:
