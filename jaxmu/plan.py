@@ -36,7 +36,7 @@ from jaxmu import distributed, models, search, stages, train, validate
 from jaxmu import methods as methods_lib
 from jaxmu.data import sources
 from jaxmu.pipelines import common, iam_setting, iam_tables
-from jaxmu.pipelines.deepunlearn import DEFAULTS_SUFFIX
+from jaxmu.pipelines.deepunlearn import variant_runs
 
 # The default sustained rate of the device-time estimate (docs/benchmarks.md, "Plan's default
 # rate"): an assumption until issue [9/9] measures it.
@@ -235,9 +235,7 @@ def _deepunlearn(c, info: sources.Metadata, var_bytes: int) -> list[StagePlan]:
       sample_passes=runs * sum(_unlearn_passes(common.method_hparams(c, m), retain, e_max)
                                for m in tuned),
       forward_passes=runs * len(tuned) * total))
-  # with tuned_defaults, each tuned method again with its defaults ("<method>@defaults")
-  groups = [(m, m) for m in methods] + [(f"{m}{DEFAULTS_SUFFIX}", m) for m in tuned
-                                        if c.get("tuned_defaults", False)]
+  groups = [(m, m) for m in methods] + list(variant_runs(c, tuned))
   plans += [_unlearn_stage(f"unlearn_{name}", ("unlearn", "parallel"), ("train",),
                            common.method_hparams(c, m), n, retain, n, n * var_bytes)
             for name, m in groups]

@@ -62,7 +62,7 @@ def test_end_to_end_writes_every_file_method_and_column(tiny_run):
   workdir, path = tiny_run
   assert path == workdir / "report.md"
   rows = report.read_csv(workdir / "results.csv")
-  expected_methods = ("original", "retrain", *METHODS)
+  expected_methods = ("original", "retrain", *METHODS, "ct@accurate")
   assert [(r["method"], r["seed"]) for r in rows] == [(m, s) for m in expected_methods
                                                       for s in (0.0, 1.0)]
   assert list(rows[0]) == ["method", "seed", *deepunlearn.COLUMNS]
@@ -93,6 +93,12 @@ def test_end_to_end_writes_every_file_method_and_column(tiny_run):
   best = json.loads(next((workdir / "search").glob("*/ct.json")).read_text())
   assert json.loads((workdir / "search" / "ct.json").read_text()) == best  # for U-LiRA
   assert {k: hparams[k] for k in best["best_params"]} == best["best_params"]
+  # ct@accurate: CT with its study's most accurate trial, in the tuned table
+  accurate = checkpoint.read_metadata(workdir / "unlearned" / "ct@accurate")["hparams"]
+  trial = best["most_accurate_trial"]["params"]
+  assert {k: accurate[k] for k in trial} == trial
+  assert "**objective10's choice against the most accurate trial**" in text
+  assert "| ct@accurate |" in text.split("## Tuned methods")[1].split("## Reference defaults")[0]
   rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   # one row per model (original and retrained of each seed) and epoch
   assert sorted((r["model"], r["epoch"]) for r in rows) == sorted(
@@ -183,7 +189,8 @@ def test_changed_hparams_rerun_only_that_method_and_the_report_says_so(tiny_run,
   text = (workdir / "report.md").read_text()
   assert ("Stages recomputed in this run: unlearn_finetune (config changed), evaluate "
           "(input 'unlearn_finetune' changed), report (input 'evaluate' changed).") in text
-  assert "Stages reused from earlier runs: splits, init, train, search_ct, unlearn_ct." in text
+  assert ("Stages reused from earlier runs: splits, init, train, search_ct, unlearn_ct, "
+          "unlearn_ct@accurate.") in text
 
 
 def test_ulira_stage_uses_the_search_of_the_run_and_the_report_shows_it(tiny_run, tmp_path):

@@ -187,11 +187,10 @@ def test_arch_costs_follow_the_architecture_not_its_name(monkeypatch):
 
 
 def test_defaults_runs_faithful_variants_and_sensitivity_are_planned():
-  c = quickstart.get_config()  # tuned_defaults: msg, ct, neggrad_plus also at their defaults
+  c = quickstart.get_config()  # msg, ct, neggrad_plus also at their defaults and most accurate
   p = plan.make(c)
-  runs = [f"{m}@defaults" for m in c.search.methods]
-  assert [s.name for s in p.stages if s.name.endswith("@defaults")] == [f"unlearn_{r}"
-                                                                           for r in runs]
+  runs = [f"{m}{v}" for v in ("@defaults", "@accurate") for m in c.search.methods]
+  assert [s.name for s in p.stages if "@" in s.name] == [f"unlearn_{r}" for r in runs]
   evaluate, n = _stage(p, "evaluate"), len(c.seeds)
   assert {f"unlearn_{r}" for r in runs} <= set(evaluate.deps)
   assert evaluate.forward_passes == (2 + len(c.methods) + len(runs)) * n * 1797

@@ -344,3 +344,27 @@ def test_why_each_trial_was_chosen_tests_the_mia_difference_paired_by_seed(tmp_p
   assert "objective10 chose trial 7 (accuracy terms' norm 0.017" in lines["close"]
   assert "within the noise of the MIA term" in lines["tie"]
   assert lines["far"].endswith("also the study's most accurate trial.")
+
+
+def test_most_accurate_trial_row_against_the_tuned_run(tmp_path):
+  """"close@accurate" (close's run with its study's most accurate trial) sits in the tuned table;
+  its paired per-seed difference to the tuned run and to the original are stated (computed here
+  by hand: RetDev 0.01 below close on every seed, so the t interval is a point)."""
+  rows = _rows() + [dict(r, method="close@accurate", retdev=r["retdev"] - 0.01)
+                    for r in _rows() if r["method"] == "close"]
+  summary = {s["method"]: s for s in report.benchmark_summary(rows)}
+  assert summary["close@accurate"]["vs_searched_diff"] == pytest.approx(-0.01)
+  assert "vs_searched_diff" not in summary["close"]
+  times = {"models": 4, "epochs": 2, "stack_seconds": 20.0, "seconds_per_model": 5.0}
+  tuning = {"close": {"trials_complete": 4, "trials_failed": 0, "seeds": (0, 1), "mode": "tpe",
+                      "best_trial": 0, "best_params": {}, "best_values": [0.0] * 4}}
+  text = report.write_benchmark_report(tmp_path, "T", rows, times, tuning, {}).read_text()
+  tuned = text.split("## Tuned methods")[1].split("## Reference defaults")[0]
+  assert "| 1 | close@accurate |" in tuned and "Rows `<method>@accurate`" in tuned
+  original = [r["retdev"] - 0.01 - o["retdev"] for r, o in zip(
+      [r for r in _rows() if r["method"] == "close"],
+      [r for r in _rows() if r["method"] == "original"])]
+  diff, low, high = report.t_interval(original)
+  assert (f"close@accurate rank 1, RetDev" in text and f"Δ vs original {diff:+.4f} "
+          f"[{low:+.4f}, {high:+.4f}]" in text and "against objective10's close: -0.0100 "
+          "[-0.0100, -0.0100]" in text)

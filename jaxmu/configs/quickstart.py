@@ -62,6 +62,7 @@ def get_config(arg: str | None = None):
   config.search.trials = 20
   config.search.seeds = config.seeds
   config.tuned_defaults = True  # each tuned method also with its defaults: "<method>@defaults"
+  config.tuned_accurate = True  # and with its study's most accurate trial: "<method>@accurate"
   config.ulira.enabled = True
   ulira.cpu_settings(config.ulira)
   return config

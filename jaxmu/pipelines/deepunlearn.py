@@ -18,7 +18,9 @@ Stages (``config.stop_after`` names the last one to run):
    stage ``unlearn_<method>`` per method, with ``config.unlearn.<method>`` updated by the search's
    best hyper-parameters when the method was tuned (``unlearned/<method>``, with its run time,
    compilation excluded); with ``config.tuned_defaults`` every tuned method also with its
-   reference defaults (``unlearn_<method>@defaults``, ``unlearned/<method>@defaults``).
+   reference defaults (``unlearn_<method>@defaults``, ``unlearned/<method>@defaults``), with
+   ``config.tuned_accurate`` also with its study's most accurate trial (`search.most_accurate`;
+   ``<method>@accurate``), objective10's choice set beside the trial closest in accuracy.
 6. ``evaluate``: every metric of every (method, seed), ``original`` and ``retrain`` included
    (`stack_metrics`; ``results.csv`` and ``summary.csv``); a model with non-finite weights or
    logits is failed (column ``failure``), not measured.
@@ -52,6 +54,7 @@ from jaxmu import methods as methods_lib
 from jaxmu.attacks import metrics, mia
 from jaxmu.data import splits as splits_lib
 from jaxmu.pipelines import common, ulira_stage
+from jaxmu.report.deepunlearn import ACCURATE_SUFFIX, DEFAULTS_SUFFIX
 
 STAGES = ("splits", "init", "train", "search", "unlearn", "evaluate", "ulira", "report")
 GROUPS = ("original", "retrain")
@@ -64,7 +67,16 @@ DISTANCES = {"l2": metrics.l2_distance, "normalized_l2": metrics.normalized_l2_d
 COLUMNS = (*(f"{s}_acc" for s in SPLITS), "val_mia", "test_mia", "indisc", "rr", "fr", "tr",
            "retdev", "seconds", "rte",
            *(f"{d}_to_{r}" for r in REFERENCES for d in DISTANCES), "failure")
-DEFAULTS_SUFFIX = "@defaults"  # a tuned method's run with its reference defaults
+
+
+def variant_runs(config, tuned: Sequence[str]) -> tuple[tuple[str, str], ...]:
+  """(run name, method) of every tuned method's extra run: "<method>@defaults" with its
+  reference defaults (``config.tuned_defaults``) and "<method>@accurate" with its study's most
+  accurate trial (``config.tuned_accurate``); the report compares each with the tuned run,
+  paired by seed."""
+  return tuple((f"{m}{suffix}", m) for suffix, wanted in (
+      (DEFAULTS_SUFFIX, config.get("tuned_defaults", False)),
+      (ACCURATE_SUFFIX, config.get("tuned_accurate", False))) if wanted for m in tuned)
 
 
 def tuning_positions(seeds: Sequence[int], tuning_seeds: Sequence[int]) -> list[int]:
@@ -96,10 +108,7 @@ class _Pipeline:
     self.tuned = tuple(m for m in (methods_lib.get(n).name for n in config.search.methods)
                        if m in self.methods)
     self.positions = tuning_positions(self.seeds, config.search.seeds) if self.tuned else []
-    # With config.tuned_defaults, every tuned method also runs with its reference defaults, as
-    # the row "<method>@defaults" (the report compares the two, paired by seed).
-    self.default_runs = (tuple(f"{m}{DEFAULTS_SUFFIX}" for m in self.tuned)
-                         if config.get("tuned_defaults", False) else ())
+    self.variant_runs = tuple(name for name, _ in variant_runs(config, self.tuned))
     wd.write_config(config)
     self.dataset = common.load_dataset(config.dataset)
     self.data = train.DeviceData.create(self.dataset)
@@ -235,13 +244,13 @@ class _Pipeline:
 
   def unlearn(self):
     """Every method on the stack of all originals, one stage per method (and per tuned method's
-    reference-defaults run, ``config.tuned_defaults``)."""
+    variant runs, ``config.tuned_defaults`` and ``tuned_accurate``)."""
     c = self.config
-    bar = tqdm(self.methods + self.default_runs, desc="unlearn", leave=False)
+    bar = tqdm(self.methods + self.variant_runs, desc="unlearn", leave=False)
     for method in bar:
       bar.set_postfix_str(method)
-      if method in self.default_runs:
-        self._unlearn_defaults(method)
+      if method in self.variant_runs:
+        self._unlearn_variant(method)
         continue
       common.unlearn_stage(self.wd, f"unlearn_{method}", method,
                            common.method_hparams(c, method, self.best_params(method)),
@@ -249,11 +258,15 @@ class _Pipeline:
                            tuning=self.tuning.get(method))
     return self.wd.path("unlearned")
 
-  def _unlearn_defaults(self, name: str) -> None:
-    """`common.unlearn_stage` of the method of ``name`` ("<method>@defaults") with the config's
-    hyper-parameters (no search), saved as ``unlearned/<name>``; the same key as the tuned run."""
-    c, method = self.config, name[:-len(DEFAULTS_SUFFIX)]
-    hparams = common.method_hparams(c, method, None)
+  def _unlearn_variant(self, name: str) -> None:
+    """The method of ``name`` with the config's hyper-parameters ("<method>@defaults", no
+    search) or its study's most accurate trial's ("<method>@accurate"), saved as
+    ``unlearned/<name>``; the same key as the tuned run."""
+    c = self.config
+    method, _, variant = name.partition("@")
+    searched = (self.tuning[method]["most_accurate_trial"]["params"]
+                if f"@{variant}" == ACCURATE_SUFFIX else None)
+    hparams = common.method_hparams(c, method, searched)
     with self.wd.stage(f"unlearn_{name}", config={"hparams": hparams, "seed": c.unlearn_seed,
                                                   "parallel": c.parallel},
                        deps=("train",), outputs=(f"unlearned/{name}",)) as st:
@@ -270,7 +283,7 @@ class _Pipeline:
   def evaluate(self):
     with self.wd.stage("evaluate", config={"splits": SPLITS, "columns": COLUMNS},
                        deps=("train",) + tuple(f"unlearn_{m}"
-                                               for m in self.methods + self.default_runs),
+                                               for m in self.methods + self.variant_runs),
                        outputs=("results.csv", "summary.csv")) as st:
       if not st.done:
         rows = self._evaluate()
@@ -297,7 +310,7 @@ class _Pipeline:
     c = self.config
     ulira = stages.Workdir(self.wd.path("ulira")).stage_hash("ulira") if c.ulira.enabled else None
     figures = report.figure_names(with_ulira=c.ulira.enabled)
-    with self.wd.stage("report", config={"methods": self.methods + self.default_runs,
+    with self.wd.stage("report", config={"methods": self.methods + self.variant_runs,
                                          "ulira": ulira,
                                          "figures": figures, "tuning": self.tuning},
                        deps=("evaluate",), outputs=("report.md",) + figures) as st:
@@ -318,7 +331,7 @@ class _Pipeline:
     references = {g: checkpoint.restore(self.wd.path("models", g), self.like) for g in GROUPS}
     retrain_seconds = times["seconds_per_model"]
     rows, retrain_accuracy = [], None
-    for group in ("retrain", "original", *self.methods, *self.default_runs):
+    for group in ("retrain", "original", *self.methods, *self.variant_runs):
       if group in GROUPS:  # the original was not unlearned: no time, no RTE
         variables = references[group]
         seconds = times["seconds_per_model"] if group == "retrain" else None
@@ -333,7 +346,7 @@ class _Pipeline:
         retrain_accuracy = {s: np.asarray([r[f"{s}_acc"] for r in group_rows]) for s in SPLITS}
       rows += [{"method": group, "seed": seed, **r} for seed, r in zip(self.seeds, group_rows)]
     order = {g: i for i, g in enumerate(("original", "retrain", *self.methods,
-                                         *self.default_runs))}
+                                         *self.variant_runs))}
     return sorted(rows, key=lambda r: order[r["method"]])  # stable: seeds stay in order
 
 

@@ -32,6 +32,7 @@ FIGURES = ("retdev_vs_rte.png", "forget_accuracy.png")
 # Columns measured once per stack of seeds (every seed's row holds the same value): n = 1.
 STACK_COLUMNS = ("seconds", "rte")
 DEFAULTS_SUFFIX = "@defaults"  # a tuned method's run with its reference defaults (pipeline)
+ACCURATE_SUFFIX = "@accurate"  # a tuned method's run with its study's most accurate trial
 PAPER_METHODS = ("msg", "ct")  # "MSG and CT ... perform better" (deepunlearn-spec 9.1)
 OBJECTIVE_SPLITS = ("retain", "forget", "val")
 
@@ -65,10 +66,10 @@ def benchmark_summary(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]
     (deepunlearn-spec 6.4, 6.7, 9.2);
   - ``failure``: why some of the method's runs failed ("" when none; failed methods are not
     ranked);
-  - ``vs_best_*``, ``vs_original_*`` and ``vs_defaults_*``: `paired_difference` of the per-seed
-    RetDev against the best ranked method, the original and (a tuned method with a
-    "<method>@defaults" row) its own run with the reference defaults (diff, diff_low,
-    diff_high, tied).
+  - ``vs_best_*``, ``vs_original_*``, ``vs_defaults_*`` and ``vs_searched_*``:
+    `paired_difference` of the per-seed RetDev against the best ranked method, the original,
+    (a tuned method with a "<method>@defaults" row) its own run with the reference defaults and
+    (a "<method>@accurate" row) the tuned run of its method (diff, diff_low, diff_high, tied).
   """
   summary = summarize(rows, single=STACK_COLUMNS)
   reference = next((s for s in summary if s["method"] == "retrain"), None)
@@ -88,21 +89,21 @@ def benchmark_summary(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]
     _, s["retdev_ci_low"], s["retdev_ci_high"] = t_interval(values)
     s["failure"] = failures.get(s["method"], "")
   ranked = rank(summary)
-  for name, other in (("best", ranked[0]["method"] if ranked else None), ("original", "original")):
-    for s in summary:
-      if other is None or other not in retdev or s["method"] in REFERENCE_ROWS or s["failure"]:
-        continue
-      seeds = sorted(set(retdev[s["method"]]) & set(retdev[other]))
-      pair = paired_difference([retdev[s["method"]][k] for k in seeds],
-                               [retdev[other][k] for k in seeds])
-      s.update({f"vs_{name}_{k}": v for k, v in pair.items()})
-  for s in summary:  # a tuned method against its own run with the reference defaults
-    other = s["method"] + DEFAULTS_SUFFIX
-    if other in retdev and not s["failure"] and s["method"] not in REFERENCE_ROWS:
-      seeds = sorted(set(retdev[s["method"]]) & set(retdev[other]))
-      pair = paired_difference([retdev[s["method"]][k] for k in seeds],
-                               [retdev[other][k] for k in seeds])
-      s.update({f"vs_defaults_{k}": v for k, v in pair.items()})
+  best = ranked[0]["method"] if ranked else None
+
+  def pair(s, other, name):  # paired per-seed RetDev difference of s's method minus other's
+    if other is None or other not in retdev or s["method"] in REFERENCE_ROWS or s["failure"]:
+      return
+    seeds = sorted(set(retdev[s["method"]]) & set(retdev[other]))
+    s.update({f"vs_{name}_{k}": v for k, v in paired_difference(
+        [retdev[s["method"]][k] for k in seeds], [retdev[other][k] for k in seeds]).items()})
+
+  for s in summary:
+    pair(s, best, "best")
+    pair(s, "original", "original")
+    pair(s, s["method"] + DEFAULTS_SUFFIX, "defaults")  # a tuned method against its defaults
+    if s["method"].endswith(ACCURATE_SUFFIX):  # the most accurate trial against the tuned run
+      pair(s, s["method"][:-len(ACCURATE_SUFFIX)], "searched")
   return summary
 
 

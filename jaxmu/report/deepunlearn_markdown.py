@@ -13,19 +13,24 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from jaxmu.report import CONFIDENCE, markdown_table, paired_difference, t_interval
-from jaxmu.report.deepunlearn import (FIGURES, PAPER_METHODS, STACK_COLUMNS, _interval,
-                                      _number_cell, _rank_labels, _rte_cell, benchmark_summary,
+from jaxmu.report.deepunlearn import (ACCURATE_SUFFIX, FIGURES, PAPER_METHODS, STACK_COLUMNS,
+                                      _interval, _number_cell, _rank_labels, _rte_cell, benchmark_summary,
                                       objective10_of_rows, paper_table, plot_forget_accuracy,
                                       plot_retdev_vs_rte, rank, retdev_cell)
 from jaxmu.report.ulira import (HPARAMS_NOTE, ULIRA_FIGURE, plot_ulira_roc, read_ulira,
                                 ulira_table)
 
 
+def _closeness(s: Mapping[str, Any]) -> str:
+  """Where a method stands against the original by the paired rule."""
+  return ("closer to retraining than the original" if s.get("vs_original_diff_high", 0) < 0
+          else "not distinguishable from the original" if s.get("vs_original_tied") == 1.0
+          else "further from retraining than the original")
+
+
 def _sentence_for(s: Mapping[str, Any], labels: Mapping[str, str], tuned: Sequence[str]) -> str:
   m = s["method"]
-  closer = ("closer to retraining than the original" if s.get("vs_original_diff_high", 0) < 0
-            else "not distinguishable from the original" if s.get("vs_original_tied") == 1.0
-            else "further from retraining than the original")
+  closer = _closeness(s)
   delta = lambda name: _interval(s.get(f"vs_{name}_diff", np.nan),
                                  s.get(f"vs_{name}_diff_low", np.nan),
                                  s.get(f"vs_{name}_diff_high", np.nan), sign="+")
@@ -80,6 +85,19 @@ def _findings(summary, tuned) -> list[str]:
               "MSG and CT consistently perform better\"; here: each tuned and ranked #1 or tied "
               f"with #1 by the paired rule) {verdict}: "
               + "; ".join(_sentence_for(by_name[m], labels, tuned) for m in present) + ".", ""]
+  accurate = [(m, by_name[f"{m}{ACCURATE_SUFFIX}"]) for m in tuned
+              if f"{m}{ACCURATE_SUFFIX}" in labels]
+  if accurate:
+    lines += ["**objective10's choice against the most accurate trial** (row "
+              f"`<method>{ACCURATE_SUFFIX}`: the same method with the hyper-parameters of its "
+              "study's trial with the smallest accuracy terms, MIA term left out; the "
+              "hyper-parameters section says why objective10 chose otherwise): " + "; ".join(
+                  f"{m}{ACCURATE_SUFFIX} rank {labels[s['method']]}, RetDev {retdev_cell(s)}, "
+                  f"Δ vs original "
+                  f"{_interval(s.get('vs_original_diff', np.nan), s.get('vs_original_diff_low', np.nan), s.get('vs_original_diff_high', np.nan), sign='+')}"
+                  f" ({_closeness(s)}), against objective10's {m}: "
+                  f"{_interval(s.get('vs_searched_diff', np.nan), s.get('vs_searched_diff_low', np.nan), s.get('vs_searched_diff_high', np.nan), sign='+')}"
+                  for m, s in accurate) + ".", ""]
   return lines
 
 
@@ -171,9 +189,11 @@ def write_benchmark_report(directory: str | os.PathLike, title: str,
   directory.mkdir(parents=True, exist_ok=True)
   summary = benchmark_summary(rows)
   tuned = tuple(tuning)
+  # The tuned table also holds each tuned method's run with its most accurate trial.
+  searched = tuned + tuple(f"{m}{ACCURATE_SUFFIX}" for m in tuned)
   ulira, curves = read_ulira(ulira_dir) if ulira_dir else ({}, {})
-  plot_retdev_vs_rte(summary, directory / FIGURES[0], tuned)
-  plot_forget_accuracy(summary, directory / FIGURES[1], tuned)
+  plot_retdev_vs_rte(summary, directory / FIGURES[0], searched)
+  plot_forget_accuracy(summary, directory / FIGURES[1], searched)
   if curves:
     plot_ulira_roc(curves, directory / ULIRA_FIGURE,
                    aucs={m: r["auc"] for m, r in ulira.items()})
@@ -196,11 +216,15 @@ def write_benchmark_report(directory: str | os.PathLike, title: str,
       f"of seeds (no spread), both timed as compiled work, compilation excluded" + (
           "; U-LiRA: per-sample attack's balanced accuracy with its interval (0.5 = "
           "indistinguishable from retraining)" if ulira else "") + ".")
-  tuned_ranked = [s["method"] for s in ranked if s["method"] in tuned]
-  default_ranked = [s["method"] for s in ranked if s["method"] not in tuned]
+  tuned_ranked = [s["method"] for s in ranked if s["method"] in searched]
+  default_ranked = [s["method"] for s in ranked if s["method"] not in searched]
   if tuned_ranked:
+    variant = ([f"Rows `<method>{ACCURATE_SUFFIX}`: the tuned method run with its study's most "
+                "accurate trial (smallest accuracy terms, MIA term left out) instead of "
+                "objective10's choice; a diagnostic, not the reference's selection.", ""]
+               if any(m.endswith(ACCURATE_SUFFIX) for m in tuned_ranked) else [])
     lines += [f"## Tuned methods, ranked by closeness to the retrained model ({seeds} seeds)", "",
-              legend, "", paper_table(summary, ulira, tuned_ranked), ""]
+              legend, ""] + variant + [paper_table(summary, ulira, tuned_ranked), ""]
   if default_ranked:
     lines += [f"## Reference defaults (not tuned), ranked by closeness to the retrained model "
               f"({seeds} seeds)", "",
@@ -225,7 +249,7 @@ def write_benchmark_report(directory: str | os.PathLike, title: str,
   if curves:
     lines += [f"![U-LiRA ROC]({ULIRA_FIGURE})", ""]
   lines += ["## Hyper-parameters", ""] + _tuning_lines(tuning, rows) + _choice_lines(tuning)
-  untuned = [m for m in default_ranked] + [s["method"] for s in failed if s["method"] not in tuned]
+  untuned = default_ranked + [s["method"] for s in failed if s["method"] not in searched]
   if untuned:
     lines += [f"Not tuned (the config's hyper-parameters): {', '.join(untuned)}.", ""]
   lines += [
