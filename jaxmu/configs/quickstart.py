@@ -9,20 +9,21 @@ Trains, for each of 4 seeds, an "original" model (retain + forget) and a "retrai
 >= 0.95, retain accuracy near 1.0); tunes MSG, CT (the paper's recommended methods) and NG+ (its
 recommended baseline) with one stated budget: 20 complete TPE trials each (Optuna's first 10 are
 random, the last 10 TPE proposals) on the stack of all 4 seeds; runs every unlearning method of
-the registry on the stack of all originals (the three tuned ones with their best trial and, as
-"<method>@defaults", with the reference defaults; the others with the reference defaults);
-evaluates every (method, seed); runs U-LiRA as its stage with jaxmu/configs/ulira.py's `cpu`
-settings and the searched hyper-parameters (in runs/quickstart/ulira); and writes
-runs/quickstart/report.md (tuned and reference-default tables ranked by per-seed RetDev with 95%
-t-intervals and paired ties, U-LiRA, figures as PNG and PDF), results.csv and summary.csv.
+the registry on the stack of all originals (the three tuned ones with their best trial, again
+as "<method>@defaults" with the reference defaults and as "<method>@accurate" with their
+study's most accurate trial; the others with the reference defaults); evaluates every (method,
+seed); runs U-LiRA as its stage with jaxmu/configs/ulira.py's `cpu` settings and the searched
+hyper-parameters (in runs/quickstart/ulira); and writes runs/quickstart/report.md (tuned and
+reference-default tables ranked by per-seed RetDev with 95% t-intervals and paired ties, why
+each trial was chosen, U-LiRA, figures as PNG and PDF), results.csv and summary.csv.
+`quickstart:seeds=N` is the same on N seeds (docs/methods.md has 16).
 
-Measured on 2026-12-06 (docs/methods.md has the table): msg ranks 1 (RetDev 0.038 [0.014,
-0.061]) but is not distinguishable from the untouched original (0.050 [0.043, 0.056]); tuned CT
-(0.139 [0.111, 0.167]) is worse than the original; each tuned method is at least as good as its
-defaults. The DeepUnlearn part used 539 CPU-seconds and the IAM part 162 (cold compilation
-cache) on a 2-core CPU shared with other jobs (load average 12-17, 26 + 9 min wall); about 480 s
-wall on an idle 2-core CPU, estimated from the CPU time (the machine was never idle), not
-measured.
+Measured on 2026-12-07 (docs/methods.md has the tables), idle 2-core CPU, cold compilation
+cache: tuned MSG 0.038 [0.014, 0.061] has a lower mean RetDev than the untouched original
+(0.050 [0.043, 0.056]) but is not distinguishable from it on 4 seeds; tuned CT (0.139 [0.111,
+0.167]) is further from retraining than the original, while its most accurate trial
+(ct@accurate, 0.043 [0.027, 0.059]) is tied with #1; each tuned method is at least as good as
+its defaults. 227 s wall for this part, 83 s for the IAM part (`make demo`: 310 s).
 """
 
 from jaxmu.configs import deepunlearn, iam, ulira
@@ -71,9 +72,9 @@ def get_config(arg: str | None = None):
 def iam_config():
   """`--config=quickstart:iam`, the IAM part of `make demo`: jaxmu/configs/iam.py's digits variant
   with 8 shadows, 4 seeds (set_random) and 10 classes (class_percentage), three approximate
-  methods (162 CPU-seconds, 9 min wall on a 2-core CPU shared with other jobs, 2026-12-06;
-  set_random K = 1 AUCs: IAM-On 0.65, LiRA-On 0.61, RMIA-On 0.60; class_percentage: 0.69, 0.64,
-  0.68; mean ± sample std over the 8 K = 1 shadow groups in its report)."""
+  methods (83 s wall on the idle 2-core CPU, cold compilation cache, 2026-12-07; set_random
+  K = 1 AUCs: IAM-On 0.652, LiRA-On 0.608, RMIA-On 0.600; class_percentage: 0.689, 0.639,
+  0.683; mean ± sample std over the 8 K = 1 shadow groups in its report)."""
   config = iam.get_config("dataset=digits")
   config.num_shadows = 8
   config.seeds = (42, 43, 44, 45)
