@@ -88,8 +88,7 @@ def benchmark_summary(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]
     values = [v for v in retdev[s["method"]].values() if np.isfinite(v)]
     _, s["retdev_ci_low"], s["retdev_ci_high"] = t_interval(values)
     s["failure"] = failures.get(s["method"], "")
-  ranked = rank(summary)
-  best = ranked[0]["method"] if ranked else None
+  best = best_run(rank(summary))
 
   def pair(s, other, name):  # paired per-seed RetDev difference of s's method minus other's
     if other is None or other not in retdev or s["method"] in REFERENCE_ROWS or s["failure"]:
@@ -156,10 +155,38 @@ def _vs_best_cell(s: Mapping[str, Any], best: str) -> str:
   return cell + (" ≈" if tied == 1.0 else "" if tied == 0.0 else " (n = 1)")
 
 
+def is_diagnostic(method: str) -> bool:
+  """A "<method>@accurate" row (a tuned method with its study's most accurate trial): ranked by
+  its RetDev among the others, but without a rank number and never #1, so that the benchmark's
+  ranks, ties and "Δ vs #1" are those of the runs that follow the reference's procedure."""
+  return method.endswith(ACCURATE_SUFFIX)
+
+
+def best_run(ranked: Sequence[Mapping[str, Any]]) -> str | None:
+  """#1 of a `rank` order: its first run that is not a diagnostic row (`is_diagnostic`)."""
+  return next((s["method"] for s in ranked if not is_diagnostic(s["method"])), None)
+
+
+def _rank_numbers(ranked: Sequence[Mapping[str, Any]]) -> dict[str, int | None]:
+  """{method: its rank among the non-diagnostic runs, None for a diagnostic row}."""
+  numbers, n = {}, 0
+  for s in ranked:
+    n += not is_diagnostic(s["method"])
+    numbers[s["method"]] = None if is_diagnostic(s["method"]) else n
+  return numbers
+
+
 def _rank_labels(summary: Sequence[Mapping[str, Any]]) -> dict[str, str]:
-  """{method: its rank label}: "3" or, tied with #1 by the paired rule, "3 (≈1)"."""
-  return {s["method"]: str(i) + (" (≈1)" if i > 1 and s.get("vs_best_tied") == 1.0 else "")
-          for i, s in enumerate(rank(summary), 1)}
+  """{method: its rank label}: "3" or, tied with #1 by the paired rule, "3 (≈1)"; a diagnostic
+  row "—" or "— (≈1)"."""
+  ranked = rank(summary)
+  numbers = _rank_numbers(ranked)
+  labels = {}
+  for s in ranked:
+    n, tied = numbers[s["method"]], s.get("vs_best_tied") == 1.0
+    labels[s["method"]] = (("—" if n is None else str(n))
+                           + (" (≈1)" if tied and n != 1 else ""))
+  return labels
 
 
 def paper_table(summary: Sequence[Mapping[str, Any]],
@@ -181,7 +208,7 @@ def paper_table(summary: Sequence[Mapping[str, Any]],
     header.append("U-LiRA")
   by_name = {s["method"]: s for s in summary}
   ranked = rank(summary)
-  best = ranked[0]["method"] if ranked else ""
+  best = best_run(ranked) or ""
   labels = _rank_labels(summary)
   chosen = [s for s in ranked if methods is None or s["method"] in methods]
   ordered = [("ref", by_name[ref]) for ref in REFERENCE_ROWS if ref in by_name]
@@ -220,9 +247,10 @@ def objective10_of_rows(rows: Sequence[Mapping[str, Any]], method: str,
 
 
 def _figure_methods(summary):
-  """(ranked methods, {method: rank}) of the figures: what the table ranks."""
+  """(ranked methods, {method: "<rank>. " or "" for a diagnostic row}) of the figures: what
+  the table ranks."""
   ranked = rank(summary)
-  return ranked, {s["method"]: i for i, s in enumerate(ranked, 1)}
+  return ranked, {m: "" if n is None else f"{n}. " for m, n in _rank_numbers(ranked).items()}
 
 
 def plot_retdev_vs_rte(summary: Sequence[Mapping[str, Any]], path: str | os.PathLike,
@@ -261,7 +289,7 @@ def plot_retdev_vs_rte(summary: Sequence[Mapping[str, Any]], path: str | os.Path
                 zorder=3)
     handles.append(Line2D([], [], marker=marker, color=colors[m], markeredgecolor="black",
                           markeredgewidth=0.6, linestyle="",
-                          label=f"{ranks[m]}. {m}" + (" (tuned)" if m in tuned else "")))
+                          label=f"{ranks[m]}{m}" + (" (tuned)" if m in tuned else "")))
   if original is not None and np.isfinite(original["retdev_mean"]):
     ax.axhline(original["retdev_mean"], color=colors["original"], linestyle="--", zorder=1)
     if np.isfinite(original.get("retdev_ci_low", np.nan)):
@@ -295,7 +323,7 @@ def plot_forget_accuracy(summary: Sequence[Mapping[str, Any]], path: str | os.Pa
   (solid line, its interval as a band) and the original's (dashed). The y-range shows the gap
   between the original and the retrained model, the gap that drives FR in RetDev; bars below it
   are cut and carry their value. Also written as PDF."""
-  ranked, _ = _figure_methods(summary)
+  ranked, ranks = _figure_methods(summary)
   by_name = {s["method"]: s for s in summary}
   colors = method_colors([s["method"] for s in summary])
   order = [s["method"] for s in ranked]
@@ -335,8 +363,7 @@ def plot_forget_accuracy(summary: Sequence[Mapping[str, Any]], path: str | os.Pa
         ax.axhspan(s["forget_acc_mean"] - half(s), s["forget_acc_mean"] + half(s), color="gray",
                    alpha=0.2, label=f"retrain {CONFIDENCE:.0%} t-interval")
   ax.set_ylim(bottom, top)
-  ax.set_xticks(x, [f"{i + 1}. {m}" for i, m in enumerate(order)], rotation=60, ha="right",
-                fontsize=8)
+  ax.set_xticks(x, [f"{ranks[m]}{m}" for m in order], rotation=60, ha="right", fontsize=8)
   ax.set_xlabel("method (rank order; hatched: reference defaults, plain: tuned)")
   ax.set_ylabel(f"forget accuracy (mean over seeds, bars: {CONFIDENCE:.0%} t-interval)")
   ax.set_title("Forget accuracy against the retrained model")

@@ -14,7 +14,7 @@ import numpy as np
 
 from jaxmu.report import CONFIDENCE, markdown_table, paired_difference, t_interval
 from jaxmu.report.deepunlearn import (ACCURATE_SUFFIX, FIGURES, PAPER_METHODS, STACK_COLUMNS,
-                                      _interval, _number_cell, _rank_labels, _rte_cell, benchmark_summary,
+                                      _interval, is_diagnostic, _number_cell, _rank_labels, _rte_cell, benchmark_summary,
                                       objective10_of_rows, paper_table, plot_forget_accuracy,
                                       plot_retdev_vs_rte, rank, retdev_cell)
 from jaxmu.report.ulira import (HPARAMS_NOTE, ULIRA_FIGURE, plot_ulira_roc, read_ulira,
@@ -41,7 +41,8 @@ def _sentence_for(s: Mapping[str, Any], labels: Mapping[str, str], tuned: Sequen
 
 def _findings(summary, tuned) -> list[str]:
   """The headline: the best method, the ties, the original, the paper's finding."""
-  ranked = rank(summary)
+  # the headline is the benchmark's: diagnostic rows (`is_diagnostic`) have their own paragraph
+  ranked = [s for s in rank(summary) if not is_diagnostic(s["method"])]
   by_name = {s["method"]: s for s in summary}
   labels = _rank_labels(summary)
   if not ranked:
@@ -92,8 +93,9 @@ def _findings(summary, tuned) -> list[str]:
               f"`<method>{ACCURATE_SUFFIX}`: the same method with the hyper-parameters of its "
               "study's trial with the smallest accuracy terms, MIA term left out; the "
               "hyper-parameters section says why objective10 chose otherwise): " + "; ".join(
-                  f"{m}{ACCURATE_SUFFIX} rank {labels[s['method']]}, RetDev {retdev_cell(s)}, "
-                  f"Δ vs original "
+                  f"{m}{ACCURATE_SUFFIX} RetDev {retdev_cell(s)}, Δ vs #1 "
+                  f"{_interval(s.get('vs_best_diff', np.nan), s.get('vs_best_diff_low', np.nan), s.get('vs_best_diff_high', np.nan), sign='+')}"
+                  f", Δ vs original "
                   f"{_interval(s.get('vs_original_diff', np.nan), s.get('vs_original_diff_low', np.nan), s.get('vs_original_diff_high', np.nan), sign='+')}"
                   f" ({_closeness(s)}), against objective10's {m}: "
                   f"{_interval(s.get('vs_searched_diff', np.nan), s.get('vs_searched_diff_low', np.nan), s.get('vs_searched_diff_high', np.nan), sign='+')}"
