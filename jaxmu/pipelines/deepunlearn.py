@@ -263,9 +263,9 @@ class _Pipeline:
     search) or its study's most accurate trial's ("<method>@accurate"), saved as
     ``unlearned/<name>``; the same key as the tuned run."""
     c = self.config
-    method, _, variant = name.partition("@")
+    method = name.partition("@")[0]
     searched = (self.tuning[method]["most_accurate_trial"]["params"]
-                if f"@{variant}" == ACCURATE_SUFFIX else None)
+                if name.endswith(ACCURATE_SUFFIX) else None)
     hparams = common.method_hparams(c, method, searched)
     with self.wd.stage(f"unlearn_{name}", config={"hparams": hparams, "seed": c.unlearn_seed,
                                                   "parallel": c.parallel},

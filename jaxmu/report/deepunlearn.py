@@ -101,7 +101,7 @@ def benchmark_summary(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]
     pair(s, best, "best")
     pair(s, "original", "original")
     pair(s, s["method"] + DEFAULTS_SUFFIX, "defaults")  # a tuned method against its defaults
-    if s["method"].endswith(ACCURATE_SUFFIX):  # the most accurate trial against the tuned run
+    if is_diagnostic(s["method"]):  # the most accurate trial against the tuned run
       pair(s, s["method"][:-len(ACCURATE_SUFFIX)], "searched")
   return summary
 

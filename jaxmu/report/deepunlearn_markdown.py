@@ -6,6 +6,7 @@ assembles are `jaxmu.report.deepunlearn`'s.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -14,9 +15,10 @@ import numpy as np
 
 from jaxmu.report import CONFIDENCE, markdown_table, paired_difference, t_interval
 from jaxmu.report.deepunlearn import (ACCURATE_SUFFIX, FIGURES, PAPER_METHODS, STACK_COLUMNS,
-                                      _interval, is_diagnostic, _number_cell, _rank_labels, _rte_cell, benchmark_summary,
-                                      objective10_of_rows, paper_table, plot_forget_accuracy,
-                                      plot_retdev_vs_rte, rank, retdev_cell)
+                                      _interval, _number_cell, _rank_labels, _rte_cell,
+                                      benchmark_summary, is_diagnostic, objective10_of_rows,
+                                      paper_table, plot_forget_accuracy, plot_retdev_vs_rte, rank,
+                                      retdev_cell)
 from jaxmu.report.ulira import (HPARAMS_NOTE, ULIRA_FIGURE, plot_ulira_roc, read_ulira,
                                 ulira_table)
 
@@ -28,12 +30,16 @@ def _closeness(s: Mapping[str, Any]) -> str:
           else "further from retraining than the original")
 
 
+def _delta(s: Mapping[str, Any], name: str) -> str:
+  """The paired difference ``vs_<name>_*`` of `benchmark_summary` with its interval."""
+  return _interval(s.get(f"vs_{name}_diff", np.nan), s.get(f"vs_{name}_diff_low", np.nan),
+                   s.get(f"vs_{name}_diff_high", np.nan), sign="+")
+
+
 def _sentence_for(s: Mapping[str, Any], labels: Mapping[str, str], tuned: Sequence[str]) -> str:
   m = s["method"]
   closer = _closeness(s)
-  delta = lambda name: _interval(s.get(f"vs_{name}_diff", np.nan),
-                                 s.get(f"vs_{name}_diff_low", np.nan),
-                                 s.get(f"vs_{name}_diff_high", np.nan), sign="+")
+  delta = functools.partial(_delta, s)
   return (f"{m} ({'tuned' if m in tuned else 'reference defaults'}) rank {labels[m]}, RetDev "
           f"{retdev_cell(s)}, Δ vs #1 {delta('best')}, Δ vs original {delta('original')} "
           f"({closer})")
@@ -93,13 +99,9 @@ def _findings(summary, tuned) -> list[str]:
               f"`<method>{ACCURATE_SUFFIX}`: the same method with the hyper-parameters of its "
               "study's trial with the smallest accuracy terms, MIA term left out; the "
               "hyper-parameters section says why objective10 chose otherwise): " + "; ".join(
-                  f"{m}{ACCURATE_SUFFIX} RetDev {retdev_cell(s)}, Δ vs #1 "
-                  f"{_interval(s.get('vs_best_diff', np.nan), s.get('vs_best_diff_low', np.nan), s.get('vs_best_diff_high', np.nan), sign='+')}"
-                  f", Δ vs original "
-                  f"{_interval(s.get('vs_original_diff', np.nan), s.get('vs_original_diff_low', np.nan), s.get('vs_original_diff_high', np.nan), sign='+')}"
-                  f" ({_closeness(s)}), against objective10's {m}: "
-                  f"{_interval(s.get('vs_searched_diff', np.nan), s.get('vs_searched_diff_low', np.nan), s.get('vs_searched_diff_high', np.nan), sign='+')}"
-                  for m, s in accurate) + ".", ""]
+                  f"{m}{ACCURATE_SUFFIX} RetDev {retdev_cell(s)}, Δ vs #1 {_delta(s, 'best')}, "
+                  f"Δ vs original {_delta(s, 'original')} ({_closeness(s)}), against "
+                  f"objective10's {m}: {_delta(s, 'searched')}" for m, s in accurate) + ".", ""]
   return lines
 
 
@@ -224,7 +226,7 @@ def write_benchmark_report(directory: str | os.PathLike, title: str,
     variant = ([f"Rows `<method>{ACCURATE_SUFFIX}`: the tuned method run with its study's most "
                 "accurate trial (smallest accuracy terms, MIA term left out) instead of "
                 "objective10's choice; a diagnostic, not the reference's selection.", ""]
-               if any(m.endswith(ACCURATE_SUFFIX) for m in tuned_ranked) else [])
+               if any(map(is_diagnostic, tuned_ranked)) else [])
     lines += [f"## Tuned methods, ranked by closeness to the retrained model ({seeds} seeds)", "",
               legend, ""] + variant + [paper_table(summary, ulira, tuned_ranked), ""]
   if default_ranked:

@@ -298,9 +298,11 @@ def write_figures(directory, rows, kept):
   the mean TPR over groups at each FPR (no bands: 19 curves); AUC (mean ± sample std over the
   K = 1 groups, from ``rows``) in the legend; attacks whose curves equal an earlier attack's in
   every group, within one retained sample (the same ranking of samples up to float rounding,
-  e.g. IAM-On and IAM-On without its [0, 1] normalisation) are drawn once, labelled "A ≈ B". AUC against K: mean over groups with
-  the 95 % Student t interval over groups as error bars (none where a K has one group), attacks
-  whose AUCs agree within 1e-4 in every group as one line ("A ≈ B"), and the 0.5 chance line. Colours: one per attack, fixed by its position in `ATTACKS`."""
+  e.g. IAM-On and IAM-On without its [0, 1] normalisation) are drawn once, labelled "A ≈ B".
+  AUC against K: mean over groups with the 95 % Student t interval over groups as error bars
+  (none where a K has one group), attacks whose AUCs agree within 1e-4 in every group as one
+  line ("A ≈ B"), and the 0.5 chance line. Colours: one per attack, fixed by its position in
+  `ATTACKS`."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
